@@ -1,0 +1,57 @@
+"""Export the nn.Module to a relax IRModule (the start of the data path)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from tvm import IRModule
+from tvm.relax.frontend import nn
+from tvm.target import Target
+
+from .config import GPT2Config
+from .model import GPT2LMHeadModel
+from .quantization import QuantScheme, get_scheme
+
+
+@dataclasses.dataclass
+class ExportedModel:
+    """A relax module with its parameter list and the metadata the runtime needs."""
+
+    mod: IRModule
+    named_params: list[tuple[str, nn.Parameter]]
+    config: GPT2Config
+    scheme: QuantScheme
+    metadata: dict[str, Any]
+
+    @property
+    def param_names(self) -> list[str]:
+        return [name for name, _ in self.named_params]
+
+    def param_specs(self) -> list[tuple[str, tuple[int, ...], str]]:
+        """(name, shape, dtype) of every exported parameter, in calling order."""
+        return [(n, tuple(int(d) for d in p.shape), str(p.dtype)) for n, p in self.named_params]
+
+
+def export_model(config: GPT2Config, *, quantization: str, target: Target, debug: bool = False) -> ExportedModel:
+    """Build the model for ``quantization`` and export ``get_default_spec()`` to relax.
+
+    ``target`` is needed at export time because the paged KV cache embeds its attention kernels
+    (CPU and GPU variants differ). ``debug=True`` keeps ``op.print_`` calls working.
+    """
+    scheme = get_scheme(quantization)
+    model = GPT2LMHeadModel(config, scheme, target)
+    mod, named_params = model.export_tvm(spec=model.get_default_spec(), debug=debug)
+    metadata = {
+        "model_type": "gpt2",
+        "quantization": scheme.name,
+        "activation_dtype": scheme.activation_dtype,
+        "context_window_size": config.context_window_size,
+        "prefill_chunk_size": config.prefill_chunk_size,
+        "max_batch_size": config.max_batch_size,
+        "vocab_size": config.vocab_size,
+        "n_embd": config.n_embd,
+        "params": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in
+                   [(n, tuple(int(x) for x in p.shape), str(p.dtype)) for n, p in named_params]],
+    }
+    return ExportedModel(mod=mod, named_params=named_params, config=config, scheme=scheme, metadata=metadata)

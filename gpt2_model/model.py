@@ -1,0 +1,210 @@
+"""GPT-2 in ``tvm.relax.frontend.nn``, attention through TVM's paged KV cache.
+
+Module and parameter names follow Hugging Face (``transformer.h.0.attn.c_attn.weight``...), so
+the loader is an identity map plus the Conv1D transposes. ``lm_head`` is tied to ``wte``: one
+weight is stored and both the embedding lookup and the output projection read it.
+
+Linear layers come from :mod:`gpt2_model.quantization`, which decides the stored form of each
+weight (fp32 / fp16 / 4-bit groups) and how it is turned back into a matrix inside the kernel.
+"""
+
+from __future__ import annotations
+
+from tvm import relax as rx
+from tvm import tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.target import Target
+
+from .config import GPT2Config
+from .quantization import QuantScheme, make_embedding, make_linear
+
+# pylint: disable=invalid-name,missing-function-docstring
+
+
+class GPT2Attention(nn.Module):
+    """Fused-QKV self attention; the attention itself runs in the KV cache's kernels."""
+
+    def __init__(self, config: GPT2Config, scheme: QuantScheme, layer_id: int):
+        self.num_heads = config.n_head
+        self.head_dim = config.head_dim
+        self.layer_id = layer_id
+        embed = config.n_embd
+        self.c_attn = make_linear(scheme, embed, 3 * embed, bias=True)
+        self.c_proj = make_linear(scheme, embed, embed, bias=True)
+        # softmax(q k^T * sm_scale): HF divides by sqrt(head_dim) when scale_attn_weights and,
+        # with scale_attn_by_inverse_layer_idx, also by (layer_idx + 1).
+        scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            scale /= float(layer_id + 1)
+        self.sm_scale = scale
+
+    def forward(self, x: Tensor, kv_cache: PagedKVCache) -> Tensor:
+        b, s, _ = x.shape
+        h, d = self.num_heads, self.head_dim
+        qkv = self.c_attn(x)  # (b, s, 3 * h * d)
+        qkv = op.reshape(qkv, (b, s, 3 * h, d))
+        out = kv_cache.attention_with_fused_qkv(self.layer_id, qkv, h, sm_scale=self.sm_scale)
+        out = op.reshape(out, (b, s, h * d))  # (b, s, h * d)
+        return self.c_proj(out)
+
+
+class GPT2MLP(nn.Module):
+    """c_fc -> gelu (tanh approximation for gelu_new) -> c_proj."""
+
+    def __init__(self, config: GPT2Config, scheme: QuantScheme):
+        self.c_fc = make_linear(scheme, config.n_embd, config.n_inner, bias=True)
+        self.c_proj = make_linear(scheme, config.n_inner, config.n_embd, bias=True)
+        self.activation = config.activation_function
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.c_fc(x)  # (b, s, n_inner)
+        if self.activation in ("gelu_new", "gelu_pytorch_tanh"):
+            x = op.gelu(x, approximate="tanh")
+        elif self.activation == "gelu":
+            x = op.gelu(x)
+        else:
+            x = op.relu(x)
+        return self.c_proj(x)
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, config: GPT2Config, scheme: QuantScheme, layer_id: int):
+        dtype = scheme.activation_dtype
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, dtype=dtype)
+        self.attn = GPT2Attention(config, scheme, layer_id)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, dtype=dtype)
+        self.mlp = GPT2MLP(config, scheme)
+
+    def forward(self, x: Tensor, kv_cache: PagedKVCache) -> Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Model(nn.Module):
+    def __init__(self, config: GPT2Config, scheme: QuantScheme):
+        self.wte = make_embedding(scheme, config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd, dtype=scheme.activation_dtype)
+        self.h = nn.ModuleList([GPT2Block(config, scheme, i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, dtype=scheme.activation_dtype)
+
+    def forward(self, embeds: Tensor, kv_cache: PagedKVCache) -> Tensor:
+        # Positions come from the KV cache: for each query slot, its index in its sequence.
+        positions = kv_cache.get_query_positions(embeds.shape[0] * embeds.shape[1])  # (b*s,)
+        pos = op.reshape(self.wpe(positions), embeds.shape)  # (b, s, n_embd)
+        x = embeds + pos
+        for block in self.h:
+            x = block(x, kv_cache)
+        return self.ln_f(x)
+
+
+class GPT2LMHeadModel(nn.Module):
+    """The exported model: embed / prefill / decode / batch_* / create_paged_kv_cache."""
+
+    def __init__(self, config: GPT2Config, scheme: QuantScheme, target: Target):
+        self.config = config
+        self.scheme = scheme
+        self.target = target
+        self.dtype = scheme.activation_dtype
+        self.transformer = GPT2Model(config, scheme)
+
+    # ---------------------------------------------------------------- pieces
+    def _lm_head(self, hidden: Tensor) -> Tensor:
+        """Tied output projection: hidden @ wte^T, logits in fp32."""
+        logits = self.transformer.wte.lm_head(hidden)  # (b, s, vocab)
+        if logits.dtype != "float32":
+            logits = logits.astype("float32")
+        return logits
+
+    def embed(self, input_ids: Tensor):
+        return self.transformer.wte(input_ids)  # (seq_len, n_embd)
+
+    def prefill(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
+        def _last(x):  # x[:, -1:, :]
+            from tvm import te  # pylint: disable=import-outside-toplevel
+
+            b, s, d = x.shape
+            return te.compute((b, 1, d), lambda i, _, k: x[i, s - 1, k], name="index")
+
+        hidden = self.transformer(input_embed, paged_kv_cache)  # (1, s, n_embd)
+        hidden = op.tensor_expr_op(_last, name_hint="index", args=[hidden])  # (1, 1, n_embd)
+        return self._lm_head(hidden), paged_kv_cache
+
+    def decode(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
+        hidden = self.transformer(input_embed, paged_kv_cache)  # (1, 1, n_embd)
+        return self._lm_head(hidden), paged_kv_cache
+
+    def batch_prefill(self, input_embeds: Tensor, logit_positions: Tensor, paged_kv_cache: PagedKVCache):
+        hidden = self.transformer(input_embeds, paged_kv_cache)  # (1, total, n_embd)
+        hidden = op.take(hidden, logit_positions, axis=1)  # (1, batch, n_embd)
+        return self._lm_head(hidden), paged_kv_cache
+
+    def batch_decode(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
+        hidden = self.transformer(input_embeds, paged_kv_cache)  # (batch, 1, n_embd)
+        return self._lm_head(hidden), paged_kv_cache
+
+    def create_paged_kv_cache(  # pylint: disable=too-many-arguments
+        self,
+        max_batch_size: tirx.Var,
+        max_total_seq_len: tirx.Var,
+        prefill_chunk_size: tirx.Var,
+        page_size: tirx.Var,
+        support_sliding_window: tirx.Var,
+    ) -> PagedKVCache:
+        c = self.config
+        return TIRPagedKVCache(
+            attn_kind="mha",
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            layer_partition=rx.ShapeExpr([0, c.n_layer]),
+            num_hidden_layers=c.n_layer,
+            num_attention_heads=c.n_head,
+            num_key_value_heads=c.n_head,
+            qk_head_dim=c.head_dim,
+            v_head_dim=c.head_dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NONE,  # GPT-2 adds learned positions (wpe) instead of RoPE
+            rope_scale=1,
+            rope_theta=1,
+            rope_scaling={},
+            rope_ext_factors=rx.prim_value(0),
+            rotary_dim=c.head_dim,
+            enable_disaggregation=False,
+            dtype=self.dtype,
+            target=self.target,
+        )
+
+    def get_default_spec(self) -> nn.spec.ModuleSpec:
+        d, dtype = self.config.n_embd, self.dtype
+        packed = {"param_mode": "packed", "effect_mode": "none"}
+        kv = nn.spec.Object(object_type=PagedKVCache)
+        spec = {
+            "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "$": packed},
+            "prefill": {"input_embed": nn.spec.Tensor([1, "seq_len", d], dtype), "paged_kv_cache": kv, "$": packed},
+            "decode": {"input_embed": nn.spec.Tensor([1, 1, d], dtype), "paged_kv_cache": kv, "$": packed},
+            "batch_prefill": {
+                "input_embeds": nn.spec.Tensor([1, "seq_len", d], dtype),
+                "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
+                "paged_kv_cache": kv,
+                "$": packed,
+            },
+            "batch_decode": {
+                "input_embeds": nn.spec.Tensor(["batch_size", 1, d], dtype),
+                "paged_kv_cache": kv,
+                "$": packed,
+            },
+            "create_paged_kv_cache": {
+                "max_batch_size": int,
+                "max_total_seq_len": int,
+                "prefill_chunk_size": int,
+                "page_size": int,
+                "support_sliding_window": int,
+                "$": {"param_mode": "none", "effect_mode": "none"},
+            },
+        }
+        return nn.spec.ModuleSpec.from_raw(spec, self)
