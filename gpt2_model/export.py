@@ -33,15 +33,18 @@ class ExportedModel:
         return [(n, tuple(int(d) for d in p.shape), str(p.dtype)) for n, p in self.named_params]
 
 
-def export_model(config: GPT2Config, *, quantization: str, target: Target, debug: bool = False) -> ExportedModel:
+def export_model(config: GPT2Config, *, quantization: str, target: Target, debug: bool = False,
+                 buckets: dict[str, list[int]] | None = None) -> ExportedModel:
     """Build the model for ``quantization`` and export ``get_default_spec()`` to relax.
 
     ``target`` is needed at export time because the paged KV cache embeds its attention kernels
     (CPU and GPU variants differ). ``debug=True`` keeps ``op.print_`` calls working.
+    ``buckets`` adds static-shape entry points (``batch_decode_b8``, ``prefill_s1024``; see
+    ``GPT2LMHeadModel.get_default_spec``).
     """
     scheme = get_scheme(quantization)
     model = GPT2LMHeadModel(config, scheme, target)
-    mod, named_params = model.export_tvm(spec=model.get_default_spec(), debug=debug)
+    mod, named_params = model.export_tvm(spec=model.get_default_spec(buckets), debug=debug)
     metadata = {
         "model_type": "gpt2",
         "quantization": scheme.name,
@@ -49,6 +52,7 @@ def export_model(config: GPT2Config, *, quantization: str, target: Target, debug
         "context_window_size": config.context_window_size,
         "prefill_chunk_size": config.prefill_chunk_size,
         "max_batch_size": config.max_batch_size,
+        "buckets": {k: list(v) for k, v in (buckets or {}).items()},
         "vocab_size": config.vocab_size,
         "n_embd": config.n_embd,
         "params": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in

@@ -179,7 +179,14 @@ class GPT2LMHeadModel(nn.Module):
             target=self.target,
         )
 
-    def get_default_spec(self) -> nn.spec.ModuleSpec:
+    def get_default_spec(self, buckets: dict[str, list[int]] | None = None) -> nn.spec.ModuleSpec:
+        """The exported interface; ``buckets`` adds static-shape entry points.
+
+        ``buckets={"decode": [8], "prefill": [1024]}`` adds ``batch_decode_b8`` (batch of exactly
+        8) and ``prefill_s1024`` (a chunk of exactly 1024 tokens): the same computation with the
+        symbolic dim bound, so MetaSchedule can tune its kernels and the runtime calls them when
+        the step's shape equals the bucket (the symbolic functions serve every other shape).
+        """
         d, dtype = self.config.n_embd, self.dtype
         packed = {"param_mode": "packed", "effect_mode": "none"}
         kv = nn.spec.Object(object_type=PagedKVCache)
@@ -207,4 +214,17 @@ class GPT2LMHeadModel(nn.Module):
                 "$": {"param_mode": "none", "effect_mode": "none"},
             },
         }
+        for batch in (buckets or {}).get("decode", []):
+            name = bucket_function("decode", batch)
+            object.__setattr__(self, name, self.batch_decode)
+            spec[name] = {"input_embeds": nn.spec.Tensor([batch, 1, d], dtype), "paged_kv_cache": kv, "$": packed}
+        for length in (buckets or {}).get("prefill", []):
+            name = bucket_function("prefill", length)
+            object.__setattr__(self, name, self.prefill)
+            spec[name] = {"input_embed": nn.spec.Tensor([1, length, d], dtype), "paged_kv_cache": kv, "$": packed}
         return nn.spec.ModuleSpec.from_raw(spec, self)
+
+
+def bucket_function(phase: str, value: int) -> str:
+    """Name of the static-shape entry point of a bucket: batch_decode_b8, prefill_s1024."""
+    return f"batch_decode_b{value}" if phase == "decode" else f"prefill_s{value}"
