@@ -21,7 +21,8 @@ import tvm
 from tvm import relax
 
 from .config import GPT2Config, get_config
-from .export import ExportedModel, export_model
+from .export import ExportedModel
+from .model import bucket_function
 from .quantization import convert_params
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,11 @@ class Engine:  # pylint: disable=too-many-instance-attributes
         self._f = {name: tvm.get_global_func(f"vm.builtin.kv_state_{name}") for name in
                    ("add_sequence", "remove_sequence", "begin_forward", "end_forward")}
         self._view = tvm.get_global_func("vm.builtin.reshape")
+        # Static-shape entry points of tuned buckets: used when a step's shape equals the bucket.
+        self.buckets = {phase: sorted(int(v) for v in values)
+                        for phase, values in (exported.metadata.get("buckets") or {}).items()}
+        self._bucket_fns = {(phase, v): self.vm[bucket_function(phase, v)]
+                            for phase, values in self.buckets.items() for v in values}
         self._lengths: dict[int, int] = {}
         self._next_seq = 0
 
@@ -149,16 +155,18 @@ class Engine:  # pylint: disable=too-many-instance-attributes
         **kwargs,
     ) -> "Engine":
         """Export, compile and load; ``params_fp32`` None means random weights."""
-        from tuning.compile import build  # pylint: disable=import-outside-toplevel
+        from tuning.compile import build_model  # pylint: disable=import-outside-toplevel
 
         target = target_for(device, arch)
-        exported = export_model(config, quantization=quantization, target=target)
-        executable = build(exported, target=target, database=database, cuda_graph=cuda_graph)
+        result = build_model(config, quantization=quantization, target=target, database=database, cuda_graph=cuda_graph)
+        exported, executable = result.exported, result.executable
         if params_fp32 is None:
             params = random_params(exported, seed=seed)
         else:
             params = convert_params(params_fp32, exported.scheme)
-        return cls(exported=exported, executable=executable, params=params, device=device, target=target, **kwargs)
+        engine = cls(exported=exported, executable=executable, params=params, device=device, target=target, **kwargs)
+        engine.build_result = result
+        return engine
 
     @classmethod
     def from_hf(cls, model_dir: str | Path, *, device: str = "cpu", quantization: str = "q0f32", **kwargs) -> "Engine":
@@ -226,14 +234,22 @@ class Engine:  # pylint: disable=too-many-instance-attributes
     def end_forward(self) -> None:
         self._f["end_forward"](self.kv_cache)
 
-    def run_prefill(self, embeds):
+    def prefill_function(self, length: int):
+        """The function a prefill chunk of ``length`` tokens runs: its bucket's, else the symbolic one."""
+        return self._bucket_fns.get(("prefill", length)) or self.vm["prefill"]
+
+    def decode_function(self, batch: int):
+        """The function a decode step of ``batch`` sequences runs: its bucket's, else the symbolic one."""
+        return self._bucket_fns.get(("decode", batch)) or self.vm["batch_decode"]
+
+    def run_prefill(self, embeds, length: int):
         """One prefill call (after begin_forward): embeds (1, n, d) -> logits tensor (1, 1, vocab)."""
-        logits, self.kv_cache = self.vm["prefill"](embeds, self.kv_cache, self.params)
+        logits, self.kv_cache = self.prefill_function(length)(embeds, self.kv_cache, self.params)
         return logits
 
-    def run_batch_decode(self, embeds):
+    def run_batch_decode(self, embeds, batch: int):
         """One batched decode call (after begin_forward): embeds (b, 1, d) -> logits (b, 1, vocab)."""
-        logits, self.kv_cache = self.vm["batch_decode"](embeds, self.kv_cache, self.params)
+        logits, self.kv_cache = self.decode_function(batch)(embeds, self.kv_cache, self.params)
         return logits
 
     def view(self, tensor, shape: Sequence[int]):
@@ -256,7 +272,7 @@ class Engine:  # pylint: disable=too-many-instance-attributes
             part = ids[start:start + chunk]
             embeds = self.view(self.embed(part), (1, part.size, self.config.n_embd))
             self.begin_forward([seq], [part.size])
-            logits = self.run_prefill(embeds)
+            logits = self.run_prefill(embeds, part.size)
             self.end_forward()
             self._lengths[seq] += part.size
         return logits.numpy().reshape(-1)
@@ -274,7 +290,7 @@ class Engine:  # pylint: disable=too-many-instance-attributes
             self._check_room(seq, 1)
         embeds = self.view(self.embed(ids), (len(seqs), 1, self.config.n_embd))
         self.begin_forward(seqs, [1] * len(seqs))
-        logits = self.run_batch_decode(embeds)
+        logits = self.run_batch_decode(embeds, len(seqs))
         self.end_forward()
         for seq in seqs:
             self._lengths[seq] += 1

@@ -107,13 +107,12 @@ def compile_model(  # pylint: disable=too-many-arguments
     The tuned database is ``database`` when given; otherwise ``database_dir/ARCH/MODEL-QUANT`` when
     it exists (unless ``no_tuning``). Without one the build is the untuned default (dlight on GPUs).
     """
-    from tuning.compile import build  # pylint: disable=import-outside-toplevel
+    from tuning.compile import build_model  # pylint: disable=import-outside-toplevel
 
     from .runtime import target_for  # pylint: disable=import-outside-toplevel
 
     chat, config = read_chat_config(chat_config)
     target = target_for(device, arch)
-    exported = export_model(config, quantization=chat["quantization"], target=target)
     db = None
     if not no_tuning:
         from tuning.apply import find_database  # pylint: disable=import-outside-toplevel
@@ -122,10 +121,21 @@ def compile_model(  # pylint: disable=too-many-arguments
             database=database, database_dir=database_dir, target=target,
             model=chat.get("model_name", "gpt2"), quantization=chat["quantization"],
         )
-    executable = build(exported, target=target, database=db, cuda_graph=cuda_graph)
+    result = build_model(config, quantization=chat["quantization"], target=target, database=db, cuda_graph=cuda_graph)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    executable.export_library(str(output))
+    result.executable.export_library(str(output))
+    # Sidecar: what the loader needs to know about the library (its bucket entry points).
+    side = {"target": str(target.kind.name), "arch": target.attrs.get("arch", "") if target.kind.name == "cuda" else "",
+            "quantization": chat["quantization"], "database": str(db) if db else None,
+            "buckets": result.buckets,
+            "coverage": result.coverage.lines() if result.coverage else None}
+    Path(str(output) + ".json").write_text(json.dumps(side, indent=1, default=str))
+    if result.coverage:
+        for line in result.coverage.lines():
+            print(line)
+    else:
+        print(f"untuned build ({'--no-tuning' if no_tuning else 'no tuned database found'})")
     logger.info("wrote %s (%s, %s)", output, target.kind.name, "tuned" if db else "untuned")
     return output
 
@@ -140,8 +150,11 @@ def load_engine(dist: str | Path, *, model_lib: str | Path, device: str = "cpu",
     if not Path(model_lib).is_file():
         raise WorkflowError(f"no compiled library at {model_lib}: run `gpt2k compile` first")
     executable = tvm.runtime.load_module(str(model_lib))
-    # Parameter order/shapes do not depend on the target: export once for the spec only.
-    exported = export_model(config, quantization=chat["quantization"], target=tvm.target.Target({"kind": "llvm"}))
+    side_path = Path(str(model_lib) + ".json")
+    buckets = json.loads(side_path.read_text()).get("buckets", {}) if side_path.is_file() else {}
+    # Parameter order/shapes do not depend on the target: export once for the spec and buckets.
+    exported = export_model(config, quantization=chat["quantization"], target=tvm.target.Target({"kind": "llvm"}),
+                            buckets=buckets)
     return Engine(exported=exported, executable=executable, params=params, device=device, **kwargs)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -69,22 +70,66 @@ def build(exported, *, target: Target, database=None, cuda_graph: bool = False) 
     Parameters
     ----------
     exported : ExportedModel
-        The exported relax module.
+        The exported relax module (with bucket entry points when a database is applied).
     target : Target
         The build target (``tuning.targets.make_target``).
-    database : path-like or None
-        A tuned database directory; ``None`` is the untuned build (dlight on GPUs, the default
-        LLVM pipeline on CPUs).
+    database : ms.database.Database or None
+        An opened tuned database (``tuning.database.open_database``); ``None`` is the untuned
+        build: dlight on GPUs, the default LLVM pipeline on CPUs.
     cuda_graph : bool
         Capture static-shape regions into CUDA graphs (GPU targets).
     """
-    start = time.time()
-    mod = prepare(exported.mod, target=target)
-    if database is not None:
-        from .apply import apply_tuned  # pylint: disable=import-outside-toplevel
+    return _build_prepared(prepare(exported.mod, target=target), target=target, database=database,
+                           cuda_graph=cuda_graph)
 
-        mod = apply_tuned(mod, database=Path(database), target=target, exported=exported)
+
+def _build_prepared(mod: IRModule, *, target: Target, database, cuda_graph: bool) -> tvm.runtime.Executable:
+    from .apply import apply_database  # pylint: disable=import-outside-toplevel
+
+    start = time.time()
+    if database is not None:
+        mod = apply_database(mod, database=database, target=target)
     mod = apply_dlight(mod, target=target)
     ex = build_module(mod, target=target, cuda_graph=cuda_graph, scheduled=mod)
-    logger.info("built %s for %s in %.1f s", exported.scheme.name, target.kind.name, time.time() - start)
+    logger.info("built for %s in %.1f s", target.kind.name, time.time() - start)
     return ex
+
+
+@dataclasses.dataclass
+class BuildResult:
+    """What :func:`build_model` made: the exported model, the library, and the tuning coverage."""
+
+    exported: object
+    executable: tvm.runtime.Executable
+    database: Path | None
+    coverage: object | None  # tuning.apply.Coverage
+    buckets: dict[str, list[int]]
+
+
+def build_model(config, *, quantization: str, target: Target, database: str | Path | None = None,
+                cuda_graph: bool = False, debug: bool = False) -> BuildResult:
+    """Export + build; with a tuned database, its buckets become static entry points.
+
+    The database directory is opened with its integrity checks (``tuning.database``): a database
+    for another arch is refused, corrupt lines are quarantined, a TVM version mismatch warns.
+    """
+    from gpt2_model.export import export_model  # pylint: disable=import-outside-toplevel
+
+    from .apply import coverage  # pylint: disable=import-outside-toplevel
+    from .partition import tasks_of  # pylint: disable=import-outside-toplevel
+
+    db, buckets, cov = None, {}, None
+    if database is not None:
+        from .database import open_database, read_meta  # pylint: disable=import-outside-toplevel
+
+        db = open_database(Path(database), target=target)
+        buckets = {k: [int(v) for v in vals] for k, vals in (read_meta(Path(database)).get("buckets") or {}).items()}
+    exported = export_model(config, quantization=quantization, target=target, buckets=buckets, debug=debug)
+    prepared = prepare(exported.mod, target=target)
+    if db is not None:
+        cov = coverage(tasks_of(prepared, buckets), db, target)
+        for line in cov.lines():
+            logger.info(line)
+    executable = _build_prepared(prepared, target=target, database=db, cuda_graph=cuda_graph)
+    return BuildResult(exported=exported, executable=executable, database=Path(database) if database else None,
+                       coverage=cov, buckets=buckets)
