@@ -1,0 +1,359 @@
+"""Build (or fetch from the on-disk cache) the untuned and tuned libraries, and load engines.
+
+``bench`` never tunes: it compiles through ``tuning.compile.build`` (untuned: dlight / default
+LLVM; tuned: the same plus the records of a database) and loads the result into
+``gpt2_model.runtime.Engine``.
+
+Library cache
+-------------
+Building a GPT-2 library takes from seconds (tiny, CPU) to minutes (gpt2-xl, CUDA), so each
+library is exported once to ``<cache-dir>/<key>/lib.so`` (default ``~/.cache/gpt2k/libs``,
+``$GPT2K_CACHE_DIR`` or ``--cache-dir``) next to a ``meta.json`` describing it. The key is a
+SHA-256 over everything that changes the compiled code:
+
+* the model config (``GPT2Config.to_dict()``) and the quantization,
+* the target JSON (``Target.export()``),
+* the database content hash (``None`` for untuned),
+* the TVM version and git commit,
+* the CUDA-graph setting,
+* a hash of the Python sources of ``gpt2_model/`` and ``tuning/`` (the export and pipeline
+  code is part of "the compiler": a changed pass order must not reuse a stale library).
+
+A second run with the same inputs loads ``lib.so`` instead of rebuilding (``cache_hit`` in
+the result's ``build`` record). Writes are atomic (temp dir + rename), so concurrent runs at
+worst both build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_CACHE_DIR",
+    "default_cache_dir",
+    "source_hash",
+    "library_key",
+    "DatabaseInfo",
+    "DatabaseError",
+    "find_database",
+    "tune_command",
+    "BuiltEngine",
+    "load_engine",
+]
+
+DEFAULT_CACHE_DIR = "~/.cache/gpt2k/libs"
+_CACHE_FORMAT = 1
+
+
+class DatabaseError(ValueError):
+    """A tuning database that cannot be used (wrong arch, model, quantization, corrupt)."""
+
+
+def default_cache_dir() -> Path:
+    """``$GPT2K_CACHE_DIR`` or ``~/.cache/gpt2k/libs``."""
+    return Path(os.environ.get("GPT2K_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser()
+
+
+def _hash_files(paths: list[Path], *, root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(str(p.relative_to(root)).encode())
+        h.update(b"\0")
+        h.update(p.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def source_hash() -> str:
+    """SHA-256 of the ``.py`` sources of ``gpt2_model`` and ``tuning`` (the compile path)."""
+    import gpt2_model
+    import tuning
+
+    files: list[Path] = []
+    root = Path(gpt2_model.__file__).resolve().parent.parent
+    for pkg in (gpt2_model, tuning):
+        files.extend(Path(pkg.__file__).resolve().parent.rglob("*.py"))
+    return _hash_files(files, root=root)
+
+
+def _tvm_version() -> str:
+    import tvm
+
+    commit = ""
+    try:
+        commit = str(tvm.support.libinfo().get("GIT_COMMIT_HASH", ""))
+    except Exception:
+        pass
+    return f"{tvm.__version__}+{commit}" if commit else str(tvm.__version__)
+
+
+def target_json(target) -> str:
+    """Canonical JSON-ish text of a target (``Target.export()``)."""
+    try:
+        exported = target.export()
+        return json.dumps(json.loads(str(exported).replace("(", "[").replace(")", "]")), sort_keys=True)
+    except Exception:
+        return str(target.export()) if hasattr(target, "export") else str(target)
+
+
+def library_key(*, config, quantization: str, target, database_hash: str | None, cuda_graph: bool,
+                code_hash: str | None = None) -> tuple[str, dict[str, Any]]:
+    """Cache key of one library.
+
+    Returns
+    -------
+    (key, parts)
+        ``key`` is a 24-hex-digit SHA-256 prefix, ``parts`` the JSON-ready inputs hashed.
+    """
+    parts = {
+        "format": _CACHE_FORMAT,
+        "config": config.to_dict(),
+        "quantization": quantization,
+        "target": target_json(target),
+        "database_hash": database_hash,
+        "tvm": _tvm_version(),
+        "cuda_graph": bool(cuda_graph),
+        "code": code_hash if code_hash is not None else source_hash(),
+    }
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:24], parts
+
+
+# ---------------------------------------------------------------------------------------------
+# Databases
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class DatabaseInfo:
+    """A tuning database selected for the tuned variant.
+
+    Attributes
+    ----------
+    path : Path
+    hash : str
+        Content hash (of every file in the directory, names and bytes).
+    meta : dict
+        ``meta.json`` content when present.
+    """
+
+    path: Path
+    hash: str
+    meta: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form for results."""
+        return {"path": str(self.path), "hash": self.hash, "meta": self.meta}
+
+
+def database_hash(path: Path) -> str:
+    """SHA-256 over the names and bytes of the files of a database directory."""
+    files = [p for p in Path(path).rglob("*") if p.is_file()]
+    return _hash_files(files, root=Path(path))
+
+
+def tune_command(*, arch: str, model: str, quantization: str, database_dir: str | Path | None = None) -> str:
+    """The ``tune`` invocation that would create the missing database."""
+    cmd = f"tune --arch {arch} --model {model} --quantization {quantization}"
+    if database_dir is not None and Path(database_dir) != Path("databases"):
+        cmd += f" --database-dir {database_dir}"
+    return cmd
+
+
+def _validate_database(path: Path, *, arch: str, model: str, quantization: str) -> dict[str, Any]:
+    """Check a database belongs to (arch, model, quantization); raise DatabaseError otherwise.
+
+    Uses ``tuning.database`` (the owner of the layout and its integrity checks) when available,
+    and always checks ``meta.json``'s ``arch``/``model``/``quantization`` fields when present.
+    """
+    meta: dict[str, Any] = {}
+    try:
+        from tuning import database as tdb  # type: ignore
+    except ImportError:
+        tdb = None
+    if tdb is not None:
+        fn = getattr(tdb, "open_database", None) or getattr(tdb, "load_database", None)
+        if fn is not None:
+            try:
+                fn(path, arch=arch)
+            except TypeError:
+                fn(path)
+            except Exception as e:  # the tuning package's refusal, passed on verbatim
+                raise DatabaseError(f"database {path} refused: {e}") from e
+    meta_file = path / "meta.json"
+    if meta_file.is_file():
+        try:
+            meta = json.loads(meta_file.read_text())
+        except json.JSONDecodeError as e:
+            raise DatabaseError(f"database {path}: meta.json is not valid JSON: {e}") from e
+        db_arch = meta.get("arch")
+        if db_arch is not None and str(db_arch) != arch:
+            raise DatabaseError(
+                f"database {path} was tuned for arch {db_arch}, this device is {arch}: "
+                f"tuned records do not transfer between architectures; run "
+                f"`{tune_command(arch=arch, model=model, quantization=quantization)}`"
+            )
+        for key, want in (("model", model), ("quantization", quantization)):
+            have = meta.get(key)
+            if have is not None and str(have) != want:
+                raise DatabaseError(f"database {path} is for {key} {have}, not {want}")
+    return meta
+
+
+def find_database(*, database_dir: str | Path, arch: str, model: str, quantization: str,
+                  explicit: str | Path | None = None) -> tuple[DatabaseInfo | None, str | None]:
+    """Locate and validate the database of the tuned variant.
+
+    Parameters
+    ----------
+    database_dir : path
+        Root of the database tree (``databases/``); looked up as
+        ``<database_dir>/<arch>/<model>-<quantization>/``.
+    arch, model, quantization : str
+    explicit : path, optional
+        ``--database PATH``: use this directory instead of the tree lookup.
+
+    Returns
+    -------
+    (DatabaseInfo or None, message or None)
+        ``(None, message)`` when no database exists; the message names the path looked at and
+        the tune command that would create it.
+
+    Raises
+    ------
+    DatabaseError
+        The database exists but belongs to another arch/model/quantization or is corrupt.
+    """
+    path = Path(explicit) if explicit is not None else Path(database_dir) / arch / f"{model}-{quantization}"
+    if not path.is_dir() or not any(path.iterdir()):
+        if explicit is not None:
+            raise DatabaseError(f"--database {path}: no such database directory")
+        msg = (f"no tuned database for {model}-{quantization} on {arch} at {path}; "
+               f"benchmarking the untuned build only. Create one with: "
+               f"`{tune_command(arch=arch, model=model, quantization=quantization, database_dir=database_dir)}`")
+        return None, msg
+    meta = _validate_database(path, arch=arch, model=model, quantization=quantization)
+    return DatabaseInfo(path=path, hash=database_hash(path), meta=meta), None
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class BuiltEngine:
+    """An engine plus how its library was obtained.
+
+    Attributes
+    ----------
+    engine : gpt2_model.runtime.Engine
+    info : dict
+        ``key, library, cache_hit, build_s, load_s, database`` (JSON-ready).
+    """
+
+    engine: Any
+    info: dict[str, Any]
+
+
+def _build_library(*, exported, target, database: DatabaseInfo | None, cuda_graph: bool, out: Path) -> None:
+    from tuning.compile import build
+
+    ex = build(exported, target=target, database=database.path if database else None, cuda_graph=cuda_graph)
+    ex.export_library(str(out))
+
+
+def load_engine(*, config, quantization: str, device: str, target, params_fp32: dict[str, np.ndarray],
+                database: DatabaseInfo | None = None, cuda_graph: bool = False,
+                cache_dir: str | Path | None = None, use_cache: bool = True,
+                max_batch_size: int | None = None, max_total_seq_len: int | None = None) -> BuiltEngine:
+    """Export, build-or-fetch the library, and load an Engine with ``params_fp32``.
+
+    Parameters
+    ----------
+    config : GPT2Config
+    quantization : str
+    device : str
+        ``cpu`` or ``cuda:N``.
+    target : tvm.target.Target
+    params_fp32 : dict
+        fp32 weights under our names; converted to the scheme's stored form here.
+    database : DatabaseInfo, optional
+        ``None`` builds the untuned library.
+    cuda_graph : bool
+        Capture decode into CUDA graphs (ignored on CPU by the compiler).
+    cache_dir : path, optional
+        Library cache root (default :func:`default_cache_dir`).
+    use_cache : bool
+        ``False`` always rebuilds (and does not write the cache).
+    max_batch_size, max_total_seq_len : int, optional
+        KV-cache capacity of the engine.
+
+    Returns
+    -------
+    BuiltEngine
+    """
+    import tvm
+
+    from gpt2_model.export import export_model
+    from gpt2_model.quantization import convert_params
+    from gpt2_model.runtime import Engine
+
+    cuda_graph = bool(cuda_graph) and target.kind.name == "cuda"  # meaningless elsewhere: one cache entry
+    exported = export_model(config, quantization=quantization, target=target)
+    key, parts = library_key(config=config, quantization=quantization, target=target,
+                             database_hash=database.hash if database else None, cuda_graph=cuda_graph)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    lib_dir = root / key
+    lib = lib_dir / "lib.so"
+    hit = use_cache and lib.is_file()
+    build_s = 0.0
+    if not hit:
+        t0 = time.perf_counter()
+        if use_cache:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+            try:
+                _build_library(exported=exported, target=target, database=database, cuda_graph=cuda_graph,
+                               out=tmp / "lib.so")
+                meta = dict(parts, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                            database_path=str(database.path) if database else None)
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+                try:
+                    os.replace(tmp, lib_dir)
+                except OSError:  # another run won the race: keep theirs
+                    shutil.rmtree(tmp, ignore_errors=True)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            lib_dir = Path(tempfile.mkdtemp(prefix="gpt2k-lib-"))
+            lib = lib_dir / "lib.so"
+            _build_library(exported=exported, target=target, database=database, cuda_graph=cuda_graph, out=lib)
+        build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    module = tvm.runtime.load_module(str(lib))
+    params = convert_params(params_fp32, exported.scheme)
+    kwargs = {}
+    if max_batch_size is not None:
+        kwargs["max_batch_size"] = max_batch_size
+    if max_total_seq_len is not None:
+        kwargs["max_total_seq_len"] = max_total_seq_len
+    engine = Engine(exported=exported, executable=module, params=params, device=device, target=target, **kwargs)
+    load_s = time.perf_counter() - t0
+    info = {
+        "key": key,
+        "library": str(lib),
+        "cache_hit": bool(hit),
+        "build_s": build_s,
+        "load_s": load_s,
+        "cuda_graph": bool(cuda_graph),
+        "database": database.to_dict() if database else None,
+    }
+    return BuiltEngine(engine=engine, info=info)

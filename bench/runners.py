@@ -1,0 +1,130 @@
+"""TVM engine runners: one decode step / one prefill, as the benchmark times them.
+
+A *decode step* is what a serving loop does per generated token, minus sampling: upload the
+batch's token ids, embed them, ``begin_forward`` on the paged KV cache, ``batch_decode``,
+``end_forward``. Logits stay on the device (no host copy), like the PyTorch peers.
+
+A *prefill* appends ``seq_len`` tokens to each of ``batch`` empty sequences, in chunks of at
+most ``prefill_chunk_size`` tokens, one sequence after the other, through the engine's
+``run_prefill`` (what ``Engine.prefill`` runs, so the static-shape bucket kernels of the tuned
+build are used whenever a chunk has a bucket's length). Logits stay on the device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["TvmDecodeRunner", "TvmPrefillRunner", "engine_weight_bytes", "kv_bytes_per_token"]
+
+
+def engine_weight_bytes(engine) -> int:
+    """Bytes of weights one forward step reads from memory.
+
+    Every parameter once (``lm_head`` is tied to ``wte``: one array), except ``wpe`` (position
+    table) of which only the rows of the current positions are read. Stored sizes, so a
+    quantized model counts its packed codes and scales.
+    """
+    total = 0
+    for (name, _, _), arr in zip(engine.exported.param_specs(), engine.params):
+        if name.endswith("wpe.weight"):
+            continue
+        shape = tuple(int(s) for s in arr.shape)
+        total += int(np.prod(shape)) * np.dtype(str(arr.dtype)).itemsize
+    return total
+
+
+def kv_bytes_per_token(config, dtype: str) -> int:
+    """KV-cache bytes of one cached token of one sequence (K and V of every layer)."""
+    return 2 * config.n_layer * config.n_embd * np.dtype(dtype).itemsize
+
+
+class TvmDecodeRunner:
+    """Times batched decode steps of an :class:`gpt2_model.runtime.Engine`.
+
+    Parameters
+    ----------
+    engine : Engine
+    variant : str
+        ``untuned`` or ``tuned`` (label only).
+    seed : int
+        Seed of the random prompt tokens.
+    """
+
+    def __init__(self, engine, *, variant: str, seed: int = 0):
+        self.engine = engine
+        self.variant = variant
+        self.seed = seed
+        self.weight_bytes = engine_weight_bytes(engine)
+        self.kv_bytes_per_token = kv_bytes_per_token(engine.config, engine.exported.scheme.activation_dtype)
+        self._seqs: list[int] = []
+        self._ids = None
+
+    def start(self, *, batch: int, prompt_len: int, gen_len: int) -> None:
+        """Add ``batch`` sequences and prefill ``prompt_len`` random tokens each (untimed)."""
+        e = self.engine
+        if prompt_len + gen_len > e.config.context_window_size:
+            raise ValueError(f"prompt-len {prompt_len} + gen-len {gen_len} exceeds the context window "
+                             f"{e.config.context_window_size}")
+        rng = np.random.default_rng(self.seed)
+        self._seqs = [e.add_sequence() for _ in range(batch)]
+        for s in self._seqs:
+            e.prefill(s, rng.integers(0, e.config.vocab_size, prompt_len))
+        self._ids = rng.integers(0, e.config.vocab_size, batch).astype(np.int32)
+        e.device.sync()
+
+    def step(self):
+        """One decode step for every sequence; returns the logits tensor (on the device)."""
+        e = self.engine
+        b = len(self._seqs)
+        embeds = e.view(e.embed(self._ids), (b, 1, e.config.n_embd))
+        e.begin_forward(self._seqs, [1] * b)
+        logits = e.run_batch_decode(embeds)
+        e.end_forward()
+        return logits
+
+    def stop(self) -> None:
+        """Remove the sequences (frees their KV pages)."""
+        for s in self._seqs:
+            self.engine.remove_sequence(s)
+        self._seqs = []
+
+
+class TvmPrefillRunner:
+    """Times the prefill of ``batch`` fresh sequences of ``seq_len`` tokens."""
+
+    def __init__(self, engine, *, variant: str, seed: int = 0):
+        self.engine = engine
+        self.variant = variant
+        self.seed = seed
+        self._seqs: list[int] = []
+        self._ids: list[np.ndarray] = []
+
+    def prepare(self, *, batch: int, seq_len: int) -> None:
+        """Add the sequences and draw their tokens (untimed)."""
+        e = self.engine
+        if seq_len > e.config.context_window_size:
+            raise ValueError(f"seq-len {seq_len} exceeds the context window {e.config.context_window_size}")
+        rng = np.random.default_rng(self.seed)
+        self._seqs = [e.add_sequence() for _ in range(batch)]
+        self._ids = [rng.integers(0, e.config.vocab_size, seq_len).astype(np.int32) for _ in range(batch)]
+
+    def run(self):
+        """The timed prefill; returns the last chunk's logits tensor (on the device)."""
+        e = self.engine
+        d = e.config.n_embd
+        chunk = e.config.prefill_chunk_size
+        logits = None
+        for seq, ids in zip(self._seqs, self._ids):
+            for start in range(0, ids.size, chunk):
+                part = ids[start:start + chunk]
+                embeds = e.view(e.embed(part), (1, part.size, d))
+                e.begin_forward([seq], [part.size])
+                logits = e.run_prefill(embeds)
+                e.end_forward()
+        return logits
+
+    def cleanup(self) -> None:
+        """Remove the sequences."""
+        for s in self._seqs:
+            self.engine.remove_sequence(s)
+        self._seqs, self._ids = [], []

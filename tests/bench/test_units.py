@@ -1,0 +1,350 @@
+"""Unit tests of the bench layers that need no compiled model: env, timing, report, cache keys,
+database lookup, FLOP/byte counts, the PyTorch peers."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+
+from bench import env as envmod
+from bench import report
+from bench.build import DatabaseError, find_database, library_key, tune_command
+from bench.common import BenchError, check_logits, decode_bytes, parse_int_list, parse_variants, prefill_flops
+from bench.timing import Timer, stats
+from gpt2_model.config import get_config
+
+
+# ---------------------------------------------------------------------------------------------- env
+@pytest.mark.parametrize("name, bw, f16, f32", [
+    ("NVIDIA H100 80GB HBM3", 3350.0, 989.4, 66.9),
+    ("NVIDIA H100 PCIe", 2000.0, 756.0, 51.2),
+    ("NVIDIA H200", 4800.0, 989.4, 66.9),
+    ("NVIDIA H200 NVL", 4800.0, 835.0, 60.0),
+    ("NVIDIA A100-SXM4-80GB", 2039.0, 312.0, 19.5),
+    ("NVIDIA A100-SXM4-40GB", 1555.0, 312.0, 19.5),
+    ("NVIDIA L40S", 864.0, 362.0, 91.6),
+    ("NVIDIA L4", 300.0, 121.0, 30.3),
+])
+def test_peak_table_matches_datasheets(name, bw, f16, f32):
+    p16 = envmod.peak_for(name, dtype="float16")
+    p32 = envmod.peak_for(name, dtype="float32")
+    assert (p16.mem_gb_s, p16.tflops) == (bw, f16)
+    assert (p32.mem_gb_s, p32.tflops) == (bw, f32)
+
+
+def test_unknown_device_has_no_peak_and_overrides_win():
+    assert envmod.peak_for("AMD EPYC 7B13") is None
+    assert envmod.peak_for(None) is None
+    cpu_env = {"gpu": None}
+    assert envmod.resolve_peak(cpu_env, dtype="float32") is None
+    p = envmod.resolve_peak(cpu_env, dtype="float32", peak_bw=100.0)
+    assert p.mem_gb_s == 100.0 and p.tflops is None
+    gpu_env = {"gpu": {"name": "NVIDIA H100 80GB HBM3"}}
+    p = envmod.resolve_peak(gpu_env, dtype="float16", peak_tflops=500.0)
+    assert (p.mem_gb_s, p.tflops) == (3350.0, 500.0)
+    with pytest.raises(ValueError, match="positive"):
+        envmod.resolve_peak(gpu_env, dtype="float16", peak_bw=-1.0)
+
+
+def test_resolve_device():
+    import tvm
+
+    assert envmod.resolve_device("cpu") == envmod.DeviceSpec("cpu", 0)
+    auto = envmod.resolve_device("auto")
+    assert auto.kind == ("cuda" if tvm.cuda(0).exist else "cpu")
+    with pytest.raises(ValueError, match="--device must be"):
+        envmod.resolve_device("tpu:0")
+    if not tvm.cuda(0).exist:
+        with pytest.raises(ValueError, match="no CUDA device 0"):
+            envmod.resolve_device("cuda:0")
+
+
+def test_throttle_reason_bits():
+    assert envmod.decode_throttle_reasons(0) == []
+    assert envmod.decode_throttle_reasons(0x4 | 0x40) == ["SwPowerCap", "HwThermalSlowdown"]
+    assert envmod.decode_throttle_reasons(0x1000 | 0x1) == ["GpuIdle", "other(0x1000)"]
+
+
+def test_nvml_snapshot_reads_and_never_sets(monkeypatch):
+    """A fake pynvml records every call: the snapshot maps units and calls no setter."""
+    calls = []
+
+    def rec(name, value):
+        def f(*args):
+            calls.append(name)
+            return value
+        return f
+
+    fake = types.ModuleType("pynvml")
+    fake.NVML_CLOCK_SM, fake.NVML_CLOCK_MEM, fake.NVML_TEMPERATURE_GPU = 1, 2, 0
+    clocks = {1: 1980, 2: 2619}
+    fake.nvmlInit = rec("nvmlInit", None)
+    fake.nvmlShutdown = rec("nvmlShutdown", None)
+    fake.nvmlDeviceGetHandleByIndex = rec("nvmlDeviceGetHandleByIndex", "h")
+    fake.nvmlDeviceGetHandleByUUID = rec("nvmlDeviceGetHandleByUUID", "h")
+    fake.nvmlDeviceGetName = rec("nvmlDeviceGetName", b"NVIDIA H100 80GB HBM3")
+    fake.nvmlDeviceGetUUID = rec("nvmlDeviceGetUUID", "GPU-1234")
+    fake.nvmlSystemGetDriverVersion = rec("nvmlSystemGetDriverVersion", "550.54.15")
+    fake.nvmlSystemGetCudaDriverVersion = rec("nvmlSystemGetCudaDriverVersion", 12040)
+    fake.nvmlDeviceGetClockInfo = lambda h, kind: (calls.append("clock"), clocks[kind])[1]
+    fake.nvmlDeviceGetMaxClockInfo = lambda h, kind: (calls.append("maxclock"), clocks[kind] + 1)[1]
+    fake.nvmlDeviceGetTemperature = rec("nvmlDeviceGetTemperature", 41)
+    fake.nvmlDeviceGetPowerUsage = rec("nvmlDeviceGetPowerUsage", 123456)
+    fake.nvmlDeviceGetEnforcedPowerLimit = rec("nvmlDeviceGetEnforcedPowerLimit", 700000)
+    fake.nvmlDeviceGetMemoryInfo = rec("nvmlDeviceGetMemoryInfo", types.SimpleNamespace(total=80 << 30))
+    fake.nvmlDeviceGetCudaComputeCapability = rec("nvmlDeviceGetCudaComputeCapability", (9, 0))
+    fake.nvmlDeviceGetCurrentClocksEventReasons = rec("nvmlDeviceGetCurrentClocksEventReasons", 0x4)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    snap = envmod.nvml_snapshot(0)
+    assert snap["name"] == "NVIDIA H100 80GB HBM3"
+    assert snap["driver"] == "550.54.15"
+    assert (snap["sm_clock_mhz"], snap["mem_clock_mhz"]) == (1980, 2619)
+    assert snap["power_w"] == pytest.approx(123.456)
+    assert snap["power_limit_w"] == pytest.approx(700.0)
+    assert snap["memory_total_mib"] == 80 * 1024
+    assert snap["compute_capability"] == "9.0"
+    assert snap["throttle_reasons"] == ["SwPowerCap"]
+    assert not [c for c in calls if "Set" in c]
+    assert calls[0] == "nvmlInit" and calls[-1] == "nvmlShutdown"
+
+
+def test_collect_env_cpu():
+    e = envmod.collect_env(envmod.DeviceSpec("cpu"), database={"path": "x", "hash": "y"})
+    assert e["device"] == "cpu" and e["arch"] == "cpu" and e["gpu"] is None
+    assert e["cpu"]["model"] and e["cpu"]["logical_cores"] >= 1
+    assert e["versions"]["tvm"] and e["database"] == {"path": "x", "hash": "y"}
+    json.dumps(e)  # JSON-ready
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def test_stats_match_numpy_percentiles():
+    data = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0]
+    s = stats(data)
+    assert s.median == pytest.approx(np.median(data))
+    assert s.p20 == pytest.approx(np.percentile(data, 20))
+    assert s.p80 == pytest.approx(np.percentile(data, 80))
+    assert (s.min, s.max, s.n) == (1.0, 10.0, 6)
+    inv = s.map(lambda x: 1.0 / x)  # decreasing: percentiles swap
+    assert inv.p20 == pytest.approx(1.0 / s.p80) and inv.p80 == pytest.approx(1.0 / s.p20)
+    assert inv.p20 <= inv.median <= inv.p80
+    with pytest.raises(ValueError):
+        stats([])
+    with pytest.raises(ValueError):
+        stats([1.0, float("nan")])
+
+
+def test_cpu_timer_measures_wall_time():
+    t = Timer(kind="cpu")
+    ms = t.wall(lambda: time.sleep(0.02))
+    assert 19.0 <= ms < 500.0
+    call = t.time_call(lambda: None)
+    assert call.gpu_ms is None and call.wall_ms >= 0.0
+    assert t.gpu(lambda: None) == (None, None)
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _row(variant, test, tok, status="ok"):
+    from bench.common import make_row
+
+    s = types.SimpleNamespace(model_label="tiny", quantization="q0f32", device=envmod.DeviceSpec("cpu"), arch="cpu")
+    if status != "ok":
+        return make_row(s, variant=variant, phase="decode", batch=int(test.split("@b")[1]), prompt_len=8,
+                        gen_len=4, seq_len=None, status=status, error="RuntimeError: boom\nmore")
+    st = stats(tok).to_dict()
+    ms = stats([1e3 / t for t in tok]).to_dict()
+    return make_row(s, variant=variant, phase="decode", batch=int(test.split("@b")[1]), prompt_len=8, gen_len=4,
+                    seq_len=None, tok_s=st, ms=ms, samples={"wall_ms": [1.0], "gpu_ms": None, "tok_s": tok})
+
+
+def _doc(rows, command="decode"):
+    return report.make_result(command=command, args={}, env={"gpu": None}, peak=None, timer="perf_counter",
+                              rows=rows, notes=["a note"])
+
+
+def test_speedups_table_and_json_roundtrip(tmp_path):
+    rows = [_row("untuned", "tg4@b1", [100.0, 110.0, 90.0]), _row("tuned", "tg4@b1", [200.0, 220.0, 180.0]),
+            _row("torch-eager", "tg4@b2", [50.0]), _row("torch-compile", "tg4@b1", [], status="error")]
+    report.add_speedups(rows)
+    assert rows[0]["speedup_vs_untuned"] == pytest.approx(1.0)
+    assert rows[1]["speedup_vs_untuned"] == pytest.approx(2.0)
+    assert rows[2]["speedup_vs_untuned"] is None  # no untuned row for tg4@b2
+    assert rows[3]["speedup_vs_untuned"] is None
+    doc = _doc(rows)
+    report.validate_result(doc)
+    table = report.format_table(doc)
+    assert "2.00x" in table and "tg4@b1" in table and "ERROR" in table and "RuntimeError: boom" in table
+    assert "more" not in table  # first line only
+    assert "note: a note" in table
+    path = tmp_path / "sub" / "r.json"
+    report.write_json(doc, path)
+    back = report.read_json(path)
+    assert back["rows"][1]["tok_s"]["median"] == pytest.approx(200.0)
+
+
+def test_validate_rejects_bad_documents():
+    good = _doc([_row("untuned", "tg4@b1", [100.0, 120.0])])
+    report.validate_result(good)
+    bad = json.loads(json.dumps(good))
+    del bad["rows"][0]["gb_s"]
+    with pytest.raises(ValueError, match="missing"):
+        report.validate_result(bad)
+    bad = json.loads(json.dumps(good))
+    bad["rows"][0]["tok_s"]["p20"] = 1e9
+    with pytest.raises(ValueError, match="out of order"):
+        report.validate_result(bad)
+    bad = json.loads(json.dumps(good))
+    bad["schema"] = "other/9"
+    with pytest.raises(ValueError, match="schema"):
+        report.validate_result(bad)
+    bad = json.loads(json.dumps(good))
+    del bad["env"]
+    with pytest.raises(ValueError, match="env"):
+        report.validate_result(bad)
+
+
+def test_plot_sweep_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [_row(v, f"tg4@b{b}", [b * k, b * k * 1.1]) for v, k in (("untuned", 10.0), ("tuned", 20.0))
+            for b in (1, 2, 4)]
+    out = report.plot_sweep(_doc(rows), tmp_path / "p.png")
+    data = open(out, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    with pytest.raises(ValueError, match="nothing to plot"):
+        report.plot_sweep(_doc([_row("untuned", "tg4@b1", [], status="error")]), tmp_path / "q.png")
+
+
+def test_test_labels():
+    assert report.test_label(phase="decode", batch=8, prompt_len=128, gen_len=128) == "tg128@b8"
+    assert report.test_label(phase="prefill", batch=1, seq_len=1024) == "pp1024"
+    assert report.test_label(phase="prefill", batch=4, seq_len=512) == "pp512@b4"
+
+
+# ---------------------------------------------------------------------------------------------- options
+def test_option_parsing():
+    cpu, gpu = envmod.DeviceSpec("cpu"), envmod.DeviceSpec("cuda", 0)
+    assert parse_int_list("1,8,32", name="batch") == [1, 8, 32]
+    assert parse_int_list(8, name="batch") == [8]
+    with pytest.raises(BenchError, match="--batch"):
+        parse_int_list("1,x", name="batch")
+    with pytest.raises(BenchError, match="positive"):
+        parse_int_list("0", name="batch")
+    assert parse_variants(None, device=cpu) == ["untuned", "tuned", "torch-eager"]
+    assert parse_variants(None, device=gpu) == ["untuned", "tuned", "torch-eager", "torch-compile"]
+    assert parse_variants("untuned,tuned,torch", device=cpu) == ["untuned", "tuned", "torch-eager", "torch-compile"]
+    with pytest.raises(BenchError, match="unknown variant"):
+        parse_variants("fast", device=cpu)
+
+
+# ---------------------------------------------------------------------------------------------- cache / db
+def test_library_key_changes_with_every_input():
+    import tvm
+
+    cfg = get_config("tiny")
+    tgt = tvm.target.Target({"kind": "llvm"})
+    base = dict(config=cfg, quantization="q0f32", target=tgt, database_hash=None, cuda_graph=False, code_hash="c")
+    k0, parts = library_key(**base)
+    assert library_key(**base)[0] == k0
+    assert parts["tvm"].startswith(tvm.__version__)
+    for change in (dict(quantization="q0f16"), dict(database_hash="abc"), dict(cuda_graph=True),
+                   dict(code_hash="d"), dict(config=get_config("tiny", n_layer=3)),
+                   dict(target=tvm.target.Target({"kind": "llvm", "mcpu": "skylake"}))):
+        assert library_key(**{**base, **change})[0] != k0, change
+
+
+def test_missing_database_names_the_tune_command(empty_db_dir):
+    db, msg = find_database(database_dir=empty_db_dir, arch="sm_90", model="gpt2", quantization="q0f16")
+    assert db is None
+    assert str(empty_db_dir / "sm_90" / "gpt2-q0f16") in msg
+    assert "tune --arch sm_90 --model gpt2 --quantization q0f16" in msg
+    assert tune_command(arch="cpu", model="tiny", quantization="q0f32") == \
+        "tune --arch cpu --model tiny --quantization q0f32"
+    with pytest.raises(DatabaseError, match="no such database"):
+        find_database(database_dir=empty_db_dir, arch="cpu", model="tiny", quantization="q0f32",
+                      explicit=empty_db_dir / "nope")
+
+
+def test_database_of_another_arch_is_refused(empty_db_dir):
+    path = empty_db_dir / "cpu" / "tiny-q0f32"
+    path.mkdir(parents=True)
+    (path / "meta.json").write_text(json.dumps({"arch": "sm_90", "model": "tiny", "quantization": "q0f32"}))
+    with pytest.raises(DatabaseError, match="tuned for arch sm_90.*this device is cpu"):
+        find_database(database_dir=empty_db_dir, arch="cpu", model="tiny", quantization="q0f32")
+
+
+# ---------------------------------------------------------------------------------------------- figures
+def test_prefill_flops_against_torch_flop_counter():
+    """Linear + LM-head FLOPs agree with torch's FlopCounterMode on the HF model; attention is
+    counted causally here and fully there, so that term is compared separately."""
+    torch = pytest.importorskip("torch")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.peers import build_hf_model, random_params
+
+    cfg = get_config("tiny")
+    model = build_hf_model(cfg, params=random_params(cfg, seed=0), dtype="float32", device="cpu")
+    model.config._attn_implementation = "eager"  # plain matmuls the counter sees
+    batch, seq = 2, 24
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(batch, seq, dtype=torch.long), logits_to_keep=1, use_cache=False)
+    full_attn = batch * cfg.n_layer * 4 * cfg.n_embd * seq * seq
+    causal_attn = batch * cfg.n_layer * 2 * cfg.n_embd * seq * (seq + 1)
+    ours = prefill_flops(cfg, batch=batch, seq_len=seq)
+    assert ours - causal_attn == pytest.approx(counter.get_total_flops() - full_attn, rel=1e-9)
+
+
+def test_decode_bytes_and_check_logits():
+    assert decode_bytes(weight_bytes=1000, kv_bytes_per_token=10, batch=2, prompt_len=8, gen_len=4) == \
+        pytest.approx(1000 + 2 * 10 * (8 + 2.5))
+    ref = np.array([1.0, -2.0, 4.0])
+    assert check_logits(ref + 1e-4, ref, dtype="float32")["ok"]
+    res = check_logits(ref + 0.1, ref, dtype="float32")
+    assert not res["ok"] and res["rel_err"] == pytest.approx(0.025)
+    assert check_logits(ref + 0.1, ref, dtype="float16")["ok"]
+    assert not check_logits(ref[:2], ref, dtype="float32")["ok"]
+
+
+# ---------------------------------------------------------------------------------------------- peers
+def test_random_params_are_seeded_and_hf_layout_is_transposed():
+    pytest.importorskip("transformers")
+    from bench.peers import build_hf_model, random_params, torch_weight_bytes
+
+    cfg = get_config("tiny")
+    a, b, c = random_params(cfg, seed=0), random_params(cfg, seed=0), random_params(cfg, seed=1)
+    w = "transformer.h.0.attn.c_attn.weight"
+    assert np.array_equal(a[w], b[w]) and not np.array_equal(a[w], c[w])
+    assert a[w].shape == (3 * cfg.n_embd, cfg.n_embd)
+    model = build_hf_model(cfg, params=a, dtype="float32", device="cpu")
+    assert np.array_equal(model.transformer.h[0].attn.c_attn.weight.detach().numpy(), a[w].T)
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    d, inner, v, L = cfg.n_embd, cfg.n_inner, cfg.vocab_size, cfg.n_layer
+    n_params = v * d + L * (4 * d + 3 * d * d + 3 * d + d * d + d + 2 * d * inner + inner + d) + 2 * d
+    assert torch_weight_bytes(model) == 4 * n_params  # wpe excluded, lm_head counted once
+
+
+def test_torch_decode_runner_matches_full_forward():
+    """A step through the KV cache gives the logits of a forward over the whole sequence."""
+    torch = pytest.importorskip("torch")
+    from bench.peers import TorchDecodeRunner, TorchPrefillRunner, build_hf_model, random_params
+
+    cfg = get_config("tiny")
+    model = build_hf_model(cfg, params=random_params(cfg, seed=3), dtype="float32", device="cpu")
+    runner = TorchDecodeRunner(model, device="cpu", compiled=False, seed=5)
+    runner.start(batch=2, prompt_len=6, gen_len=2)
+    ids = runner._tokens(2, 6)
+    full = torch.cat([ids, ids[:, -1:]], dim=1)  # the step feeds the prompt's last token again
+    step_logits = runner.step()[:, -1]
+    runner.stop()
+    with torch.no_grad():
+        ref = model(full).logits[:, -1]
+    assert torch.allclose(step_logits, ref, atol=1e-4)
+    pre = TorchPrefillRunner(model, device="cpu", compiled=False, seed=5)
+    pre.prepare(batch=2, seq_len=6)
+    out = pre.run()
+    with torch.no_grad():
+        assert torch.allclose(out[:, -1], model(ids).logits[:, -1], atol=1e-4)
