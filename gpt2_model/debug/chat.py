@@ -1,0 +1,168 @@
+"""DebugChat: greedy generation that dumps every kernel call of every step to ``.npz`` files."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .dump import DebugError, Step, save_step, trace
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- loading
+def _target(device: str):
+    """The build target of ``device``; plain LLVM for the CPU while ``tuning.targets`` is absent."""
+    import tvm  # pylint: disable=import-outside-toplevel
+
+    from ..runtime import parse_device, target_for  # pylint: disable=import-outside-toplevel
+
+    try:
+        return target_for(device)
+    except ImportError:
+        if parse_device(device)[0] == "cpu":
+            return tvm.target.Target({"kind": "llvm"})
+        raise
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """A Hugging Face checkpoint directory (config.json + weights)."""
+    path = Path(path)
+    return path.is_dir() and (path / "config.json").is_file() and any(
+        (path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    )
+
+
+def load_engine(
+    model: str | Path,
+    *,
+    model_lib: str | Path | None = None,
+    device: str = "cpu",
+    quantization: str | None = None,
+):
+    """An engine for the debug tools.
+
+    Parameters
+    ----------
+    model : path
+        A dist directory (``mlc-chat-config.json`` + converted weights) or a Hugging Face
+        checkpoint directory.
+    model_lib : path or None
+        A compiled library. Required with a dist directory; with a Hugging Face directory it is
+        optional (None builds the library now, untuned).
+    device : str
+        ``cpu``, ``cuda`` or ``cuda:N``.
+    quantization : str or None
+        Weight format when ``model`` is a Hugging Face directory (default ``q0f32``); ignored for
+        a dist directory, whose chat config names it.
+    """
+    import tvm  # pylint: disable=import-outside-toplevel
+
+    from ..config import get_config  # pylint: disable=import-outside-toplevel
+    from ..export import export_model  # pylint: disable=import-outside-toplevel
+    from ..loader import load_hf_params  # pylint: disable=import-outside-toplevel
+    from ..quantization import convert_params  # pylint: disable=import-outside-toplevel
+    from ..runtime import Engine  # pylint: disable=import-outside-toplevel
+
+    model = Path(model)
+    if not model.exists():
+        raise DebugError(f"no model at {model}")
+    if is_hf_dir(model):
+        quantization = quantization or "q0f32"
+        config = get_config(model)
+        params = load_hf_params(model, config)
+        if model_lib is None:
+            return _build_engine(config, params, quantization=quantization, device=device)
+        lib = Path(model_lib)
+        if not lib.is_file():
+            raise DebugError(f"no compiled library at {lib}")
+        exported = export_model(config, quantization=quantization, target=tvm.target.Target({"kind": "llvm"}))
+        return Engine(exported=exported, executable=tvm.runtime.load_module(str(lib)),
+                      params=convert_params(params, exported.scheme), device=device)
+    if model_lib is None:
+        raise DebugError(f"{model} is not a Hugging Face directory: a dist directory needs --model-lib")
+    from ..workflow import load_engine as load_dist  # pylint: disable=import-outside-toplevel
+
+    return load_dist(model, model_lib=model_lib, device=device)
+
+
+def _build_engine(config, params, *, quantization: str, device: str):
+    from tuning.compile import build  # pylint: disable=import-outside-toplevel
+
+    from ..export import export_model  # pylint: disable=import-outside-toplevel
+    from ..quantization import convert_params  # pylint: disable=import-outside-toplevel
+    from ..runtime import Engine  # pylint: disable=import-outside-toplevel
+
+    target = _target(device)
+    exported = export_model(config, quantization=quantization, target=target)
+    executable = build(exported, target=target)
+    return Engine(exported=exported, executable=executable, params=convert_params(params, exported.scheme),
+                  device=device, target=target)
+
+
+def load_tokenizer(model: str | Path):
+    """``tokenizers.Tokenizer`` from ``model/tokenizer.json``, or None when there is none."""
+    path = Path(model)
+    path = (path if path.is_dir() else path.parent) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+
+    return Tokenizer.from_file(str(path))
+
+
+# ----------------------------------------------------------------------------- DebugChat
+@dataclasses.dataclass
+class DebugChatResult:
+    """What :meth:`DebugChat.generate` produced: new tokens, their text and the step folders."""
+
+    prompt_ids: list[int]
+    tokens: list[int]
+    text: str | None
+    step_dirs: list[Path]
+    logits: list[np.ndarray]
+
+
+class DebugChat:
+    """Greedy generation with a dump of every kernel call.
+
+    ``generate`` runs one prefill and ``generate_len - 1`` decode steps (``generate_len`` new
+    tokens) and writes ``debug_dir/prefill/``, ``debug_dir/decode_1/``, ... Each folder holds
+    ``f{i}_{kernel}.npz`` per kernel call in call order (``arg_0``, ``arg_1``, ...: every argument
+    after the call ran, the last one is the output), ``logits.npz`` (``logits``: (vocab,) fp32)
+    and ``manifest.json`` (kernel names, argument shapes/dtypes, which arguments are parameters).
+    A step's folder starts with the token-embedding kernel (``take``) of its input tokens.
+    """
+
+    def __init__(self, engine, *, debug_dir: str | Path, tokenizer=None):
+        self.engine = engine
+        self.debug_dir = Path(debug_dir)
+        self.tokenizer = tokenizer
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise DebugError("a text prompt needs tokenizer.json in the model directory; give token ids instead")
+            return list(self.tokenizer.encode(prompt).ids)
+        return [int(t) for t in prompt]
+
+    def generate(self, prompt: str | Sequence[int], *, generate_len: int = 5) -> DebugChatResult:
+        """Generate ``generate_len`` tokens greedily, dumping every step (see the class doc)."""
+        if generate_len < 1:
+            raise DebugError(f"generate_len must be >= 1, got {generate_len}")
+        ids = self.encode(prompt)
+        self.debug_dir.mkdir(parents=True, exist_ok=True)
+        step_dirs: list[Path] = []
+
+        def write(step: Step) -> None:
+            step_dirs.append(save_step(step, self.debug_dir))
+            logger.info("wrote %d kernel calls to %s", len(step.calls), step_dirs[-1])
+
+        steps = trace(self.engine, ids, decode_steps=generate_len - 1, on_step=write)
+        tokens = [s.next_token for s in steps]
+        text = self.tokenizer.decode(tokens) if self.tokenizer is not None else None
+        return DebugChatResult(ids, tokens, text, step_dirs, [s.logits for s in steps])
