@@ -168,26 +168,14 @@ def tune_command(*, arch: str, model: str, quantization: str, database_dir: str 
     return cmd
 
 
-def _validate_database(path: Path, *, arch: str, model: str, quantization: str) -> dict[str, Any]:
+def _validate_database(path: Path, *, arch: str, model: str, quantization: str, target=None) -> dict[str, Any]:
     """Check a database belongs to (arch, model, quantization); raise DatabaseError otherwise.
 
-    Uses ``tuning.database`` (the owner of the layout and its integrity checks) when available,
-    and always checks ``meta.json``'s ``arch``/``model``/``quantization`` fields when present.
+    ``meta.json``'s ``arch``/``model``/``quantization`` are compared first (a clear message with
+    the tune command); then ``tuning.database.open_database`` (the owner of the layout and its
+    integrity checks) opens it for ``target`` and its refusal is passed on.
     """
     meta: dict[str, Any] = {}
-    try:
-        from tuning import database as tdb  # type: ignore
-    except ImportError:
-        tdb = None
-    if tdb is not None:
-        fn = getattr(tdb, "open_database", None) or getattr(tdb, "load_database", None)
-        if fn is not None:
-            try:
-                fn(path, arch=arch)
-            except TypeError:
-                fn(path)
-            except Exception as e:  # the tuning package's refusal, passed on verbatim
-                raise DatabaseError(f"database {path} refused: {e}") from e
     meta_file = path / "meta.json"
     if meta_file.is_file():
         try:
@@ -195,6 +183,13 @@ def _validate_database(path: Path, *, arch: str, model: str, quantization: str) 
         except json.JSONDecodeError as e:
             raise DatabaseError(f"database {path}: meta.json is not valid JSON: {e}") from e
         db_arch = meta.get("arch")
+        if db_arch is None and isinstance(meta.get("target"), dict):
+            try:
+                from tuning.targets import arch_of
+
+                db_arch = arch_of(meta["target"])
+            except (ImportError, ValueError):
+                db_arch = None
         if db_arch is not None and str(db_arch) != arch:
             raise DatabaseError(
                 f"database {path} was tuned for arch {db_arch}, this device is {arch}: "
@@ -205,11 +200,22 @@ def _validate_database(path: Path, *, arch: str, model: str, quantization: str) 
             have = meta.get(key)
             if have is not None and str(have) != want:
                 raise DatabaseError(f"database {path} is for {key} {have}, not {want}")
+    if target is not None:
+        try:
+            from tuning.database import open_database
+        except ImportError:
+            open_database = None
+        if open_database is not None:
+            try:
+                open_database(path, target=target)
+            except Exception as e:  # the tuning package's refusal, passed on
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise DatabaseError(f"database {path} refused: {msg}") from e
     return meta
 
 
 def find_database(*, database_dir: str | Path, arch: str, model: str, quantization: str,
-                  explicit: str | Path | None = None) -> tuple[DatabaseInfo | None, str | None]:
+                  explicit: str | Path | None = None, target=None) -> tuple[DatabaseInfo | None, str | None]:
     """Locate and validate the database of the tuned variant.
 
     Parameters
@@ -220,6 +226,8 @@ def find_database(*, database_dir: str | Path, arch: str, model: str, quantizati
     arch, model, quantization : str
     explicit : path, optional
         ``--database PATH``: use this directory instead of the tree lookup.
+    target : tvm.target.Target, optional
+        When given, the database is also opened by ``tuning.database.open_database`` for it.
 
     Returns
     -------
@@ -232,7 +240,15 @@ def find_database(*, database_dir: str | Path, arch: str, model: str, quantizati
     DatabaseError
         The database exists but belongs to another arch/model/quantization or is corrupt.
     """
-    path = Path(explicit) if explicit is not None else Path(database_dir) / arch / f"{model}-{quantization}"
+    if explicit is not None:
+        path = Path(explicit)
+    else:
+        try:
+            from tuning.database import database_path
+        except ImportError:  # layout: <dir>/<arch>/<model>-<quant>
+            path = Path(database_dir) / arch / f"{model}-{quantization}"
+        else:
+            path = Path(database_path(database_dir, arch=arch, model=model, quantization=quantization))
     if not path.is_dir() or not any(path.iterdir()):
         if explicit is not None:
             raise DatabaseError(f"--database {path}: no such database directory")
@@ -240,7 +256,7 @@ def find_database(*, database_dir: str | Path, arch: str, model: str, quantizati
                f"benchmarking the untuned build only. Create one with: "
                f"`{tune_command(arch=arch, model=model, quantization=quantization, database_dir=database_dir)}`")
         return None, msg
-    meta = _validate_database(path, arch=arch, model=model, quantization=quantization)
+    meta = _validate_database(path, arch=arch, model=model, quantization=quantization, target=target)
     return DatabaseInfo(path=path, hash=database_hash(path), meta=meta), None
 
 
@@ -262,18 +278,25 @@ class BuiltEngine:
     info: dict[str, Any]
 
 
-def _build_library(*, exported, target, database: DatabaseInfo | None, cuda_graph: bool, out: Path) -> None:
-    from tuning.compile import build
+def _build_library(*, config, quantization: str, target, database: DatabaseInfo | None, cuda_graph: bool,
+                   out: Path) -> tuple[dict[str, Any], Any]:
+    """Build through ``tuning.compile.build_model`` and export to ``out``; returns what a later
+    load needs to rebuild the matching ``ExportedModel`` (the bucket entry points) plus the
+    tuning coverage lines."""
+    from tuning.compile import build_model
 
-    ex = build(exported, target=target, database=database.path if database else None, cuda_graph=cuda_graph)
-    ex.export_library(str(out))
+    res = build_model(config, quantization=quantization, target=target,
+                      database=database.path if database else None, cuda_graph=cuda_graph)
+    res.executable.export_library(str(out))
+    return {"buckets": {k: [int(v) for v in vals] for k, vals in (res.buckets or {}).items()},
+            "coverage": res.coverage.lines() if res.coverage is not None else None}, res.exported
 
 
 def load_engine(*, config, quantization: str, device: str, target, params_fp32: dict[str, np.ndarray],
                 database: DatabaseInfo | None = None, cuda_graph: bool = False,
                 cache_dir: str | Path | None = None, use_cache: bool = True,
                 max_batch_size: int | None = None, max_total_seq_len: int | None = None) -> BuiltEngine:
-    """Export, build-or-fetch the library, and load an Engine with ``params_fp32``.
+    """Build-or-fetch the library, and load an Engine with ``params_fp32``.
 
     Parameters
     ----------
@@ -291,7 +314,7 @@ def load_engine(*, config, quantization: str, device: str, target, params_fp32: 
     cache_dir : path, optional
         Library cache root (default :func:`default_cache_dir`).
     use_cache : bool
-        ``False`` always rebuilds (and does not write the cache).
+        ``False`` always rebuilds (in a temporary directory, not the cache).
     max_batch_size, max_total_seq_len : int, optional
         KV-cache capacity of the engine.
 
@@ -306,37 +329,43 @@ def load_engine(*, config, quantization: str, device: str, target, params_fp32: 
     from gpt2_model.runtime import Engine
 
     cuda_graph = bool(cuda_graph) and target.kind.name == "cuda"  # meaningless elsewhere: one cache entry
-    exported = export_model(config, quantization=quantization, target=target)
     key, parts = library_key(config=config, quantization=quantization, target=target,
                              database_hash=database.hash if database else None, cuda_graph=cuda_graph)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     lib_dir = root / key
     lib = lib_dir / "lib.so"
-    hit = use_cache and lib.is_file()
+    hit = use_cache and lib.is_file() and (lib_dir / "meta.json").is_file()
     build_s = 0.0
-    if not hit:
+    exported = None
+    if hit:
+        meta = json.loads((lib_dir / "meta.json").read_text())
+    else:
         t0 = time.perf_counter()
         if use_cache:
             root.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
             try:
-                _build_library(exported=exported, target=target, database=database, cuda_graph=cuda_graph,
-                               out=tmp / "lib.so")
-                meta = dict(parts, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                built, exported = _build_library(config=config, quantization=quantization, target=target, database=database,
+                                       cuda_graph=cuda_graph, out=tmp / "lib.so")
+                meta = dict(parts, **built, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
                             database_path=str(database.path) if database else None)
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
                 try:
                     os.replace(tmp, lib_dir)
-                except OSError:  # another run won the race: keep theirs
-                    shutil.rmtree(tmp, ignore_errors=True)
+                except OSError:  # another run won the race: use theirs
+                    pass
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
         else:
             lib_dir = Path(tempfile.mkdtemp(prefix="gpt2k-lib-"))
             lib = lib_dir / "lib.so"
-            _build_library(exported=exported, target=target, database=database, cuda_graph=cuda_graph, out=lib)
+            meta, exported = _build_library(config=config, quantization=quantization, target=target, database=database,
+                                  cuda_graph=cuda_graph, out=lib)
         build_s = time.perf_counter() - t0
+    if exported is None:  # cache hit: the same export (bucket entry points included) as the build
+        exported = export_model(config, quantization=quantization, target=target,
+                                buckets=meta.get("buckets") or None)
     t0 = time.perf_counter()
     module = tvm.runtime.load_module(str(lib))
     params = convert_params(params_fp32, exported.scheme)
@@ -355,5 +384,7 @@ def load_engine(*, config, quantization: str, device: str, target, params_fp32: 
         "load_s": load_s,
         "cuda_graph": bool(cuda_graph),
         "database": database.to_dict() if database else None,
+        "buckets": meta.get("buckets") or {},
+        "coverage": meta.get("coverage"),
     }
     return BuiltEngine(engine=engine, info=info)

@@ -194,7 +194,7 @@ def setup(*, model: str, quantization: str, device: str, arch: str, variants, da
     db = None
     if "tuned" in vs:
         db, msg = find_database(database_dir=database_dir, arch=arch_name, model=label,
-                                quantization=quantization, explicit=database)
+                                quantization=quantization, explicit=database, target=target)
         if db is None:
             notes.append(msg)
             log(msg)

@@ -30,9 +30,12 @@ JSON schema (``schema: "gpt2k-bench/1"``; the full field list is in ``bench/SCHE
       notes [...]
 
     kernels ROW:
-      name, kind, shape, phase, bucket, weight, share, flops, bytes,
-      untuned_us, tuned_us, speedup, cublas_us, achieved ("GB/s"|"TFLOP/s"), achieved_value,
-      pct_peak, status, error, samples {"untuned_us": [...], "tuned_us": [...], "cublas_us": [...]}
+      name, kind, shape, phase, bucket, weight (calls per step), flops, bytes,
+      untuned_us, tuned_us, speedup, cublas_us (medians, microseconds per call),
+      achieved ("GB/s"|"TFLOP/s"), achieved_value, pct_peak (of the best of tuned/untuned),
+      share, share_tuned (fraction of the weighted kernel time of the step),
+      tuned_record (database has a record), untuned_from ("symbolic:<name>"|"static"),
+      status, error, notes, samples {"untuned_us": [...], "tuned_us": [...]|null, "cublas_us": [...]|null}
 """
 
 from __future__ import annotations
@@ -102,9 +105,13 @@ KERNEL_ROW_KEYS = (
     "achieved",
     "achieved_value",
     "pct_peak",
+    "share_tuned",
+    "tuned_record",
+    "untuned_from",
     "status",
     "error",
     "samples",
+    "notes",
 )
 STATS_KEYS = ("median", "p20", "p80", "mean", "min", "max", "n")
 TOP_KEYS = ("schema", "command", "args", "env", "peak", "timer", "notes", "rows")
@@ -244,7 +251,7 @@ def format_kernel_table(result: dict[str, Any], *, tablefmt: str = "github", top
     rows = sorted(result["rows"], key=lambda r: -(r.get("share") or 0.0))
     if top:
         rows = rows[:top]
-    headers = ["kernel", "kind", "shape", "weight", "untuned us", "tuned us", "speedup", "cuBLAS us",
+    headers = ["kernel", "kind", "shape", "calls", "untuned us", "tuned us", "speedup", "cuBLAS us",
                "achieved (%pk)", "share"]
     body = []
     for r in rows:
@@ -260,7 +267,8 @@ def format_kernel_table(result: dict[str, Any], *, tablefmt: str = "github", top
                 ach += f" ({r['pct_peak']:.0f}%)"
         body.append([
             r["name"], r["kind"], r.get("shape", ""), r.get("weight", ""),
-            _fmt(r.get("untuned_us")), _fmt(r.get("tuned_us")),
+            _fmt(r.get("untuned_us")),
+            _fmt(r.get("tuned_us")) + ("" if r.get("tuned_record") in (None, True) else " (dlight)"),
             f"{r['speedup']:.2f}x" if r.get("speedup") else "-",
             _fmt(r.get("cublas_us")), ach,
             f"{100 * r['share']:.1f}%" if r.get("share") is not None else "-",

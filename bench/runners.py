@@ -78,7 +78,7 @@ class TvmDecodeRunner:
         b = len(self._seqs)
         embeds = e.view(e.embed(self._ids), (b, 1, e.config.n_embd))
         e.begin_forward(self._seqs, [1] * b)
-        logits = e.run_batch_decode(embeds)
+        logits = e.run_batch_decode(embeds, b)
         e.end_forward()
         return logits
 
@@ -119,7 +119,7 @@ class TvmPrefillRunner:
                 part = ids[start:start + chunk]
                 embeds = e.view(e.embed(part), (1, part.size, d))
                 e.begin_forward([seq], [part.size])
-                logits = e.run_prefill(embeds)
+                logits = e.run_prefill(embeds, part.size)
                 e.end_forward()
         return logits
 

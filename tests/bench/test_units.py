@@ -260,7 +260,7 @@ def test_library_key_changes_with_every_input():
 def test_missing_database_names_the_tune_command(empty_db_dir):
     db, msg = find_database(database_dir=empty_db_dir, arch="sm_90", model="gpt2", quantization="q0f16")
     assert db is None
-    assert str(empty_db_dir / "sm_90" / "gpt2-q0f16") in msg
+    assert str(empty_db_dir / "sm_90" / "gpt2-q0f16") in msg and "untuned build only" in msg
     assert "tune --arch sm_90 --model gpt2 --quantization q0f16" in msg
     assert tune_command(arch="cpu", model="tiny", quantization="q0f32") == \
         "tune --arch cpu --model tiny --quantization q0f32"
@@ -270,10 +270,16 @@ def test_missing_database_names_the_tune_command(empty_db_dir):
 
 
 def test_database_of_another_arch_is_refused(empty_db_dir):
-    path = empty_db_dir / "cpu" / "tiny-q0f32"
+    from tuning.database import database_path
+
+    path = database_path(empty_db_dir, arch="cpu", model="tiny", quantization="q0f32")
     path.mkdir(parents=True)
     (path / "meta.json").write_text(json.dumps({"arch": "sm_90", "model": "tiny", "quantization": "q0f32"}))
     with pytest.raises(DatabaseError, match="tuned for arch sm_90.*this device is cpu"):
+        find_database(database_dir=empty_db_dir, arch="cpu", model="tiny", quantization="q0f32")
+    # the same refusal through meta.json's target (the layout tuning.database writes)
+    (path / "meta.json").write_text(json.dumps({"target": {"kind": "cuda", "arch": "sm_86"}}))
+    with pytest.raises(DatabaseError, match="tuned for arch sm_86"):
         find_database(database_dir=empty_db_dir, arch="cpu", model="tiny", quantization="q0f32")
 
 

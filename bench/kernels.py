@@ -1,0 +1,345 @@
+"""``bench kernels``: every kernel of one decode step or prefill chunk, untuned vs tuned vs cuBLAS.
+
+Usage::
+
+    bench kernels --phase decode --batch 8          # kernels of a decode step of 8 sequences
+    bench kernels --phase prefill --seq-len 1024    # kernels of a 1024-token prefill chunk
+    bench kernels --model tiny --device cpu --phase decode --batch 2 --json k.json
+
+Python API::
+
+    from bench.kernels import run_kernels
+    result = run_kernels(model="tiny", device="cpu", phase="decode", batch=2, repeats=3)
+
+The kernels are the tasks of ``tuning.partition`` at one bucket: the static-shape PrimFuncs of
+``batch_decode_b<B>`` / ``prefill_s<S>`` after the shared preparation pipeline, each with its
+call count per step (``weight``), FLOPs and minimal bytes. For each kernel:
+
+``untuned``
+    What the untuned library runs at this shape: the *symbolic-shape* kernel of
+    ``batch_decode`` / ``prefill`` that computes the same thing (found by specializing each
+    symbolic kernel to the bucket and comparing structurally), scheduled by dlight on GPUs
+    (default LLVM pipeline on CPUs) and called with the bucket's shapes. When fusion differs
+    between the symbolic and the static function and no counterpart exists, the static kernel
+    under dlight is used (``untuned_from: "static"``).
+``tuned``
+    What the tuned library runs: the database's schedule of the static kernel
+    (``tuning.apply.apply_database``), dlight where the database has no record
+    (``tuned_record`` false).
+``cuBLAS``
+    ``torch.matmul`` of the same (M, N, K) in the activation dtype, for GEMM/GEMV kernels, when
+    torch sees the CUDA device (the fused bias/activation epilogue is not included).
+
+Times come from TVM's ``time_evaluator`` (device timers, back-to-back calls: caches are
+warm; a kernel whose bytes fit in L2 can show more than DRAM bandwidth, flagged in the notes).
+``share`` is the kernel's fraction of the summed weighted kernel time of the step (untuned;
+``share_tuned`` for the tuned build). KV-cache attention runs inside the cache's own
+pre-built kernels and is not part of the partition, so shares are of the partitioned kernels.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from . import env as envmod
+from .build import find_database
+from .common import BenchError, _log_default, first_line, pct
+from .env import peak_to_dict
+from .report import make_result
+from .timing import stats
+
+__all__ = ["run_kernels", "symbolic_counterparts", "time_kernel", "random_args"]
+
+_SYMBOLIC_FN = {"decode": "batch_decode", "prefill": "prefill"}
+
+
+def _specialize(func, value: int):
+    """Bind every symbolic dim of ``func`` to ``value`` (one buffer binds the var everywhere)."""
+    from tvm import tirx
+
+    for p in func.params:
+        shape = getattr(p, "shape", None)
+        if shape is not None and any(isinstance(d, tirx.Var) for d in shape):
+            new = [tirx.IntImm("int64", value) if isinstance(d, tirx.Var) else d for d in shape]
+            return func.specialize({p: tirx.decl_buffer(new, p.dtype, p.name, elem_offset=p.elem_offset)})
+    return func
+
+
+def symbolic_counterparts(prepared, *, phase: str, bucket: int, names: list[str]) -> dict[str, str]:
+    """Map static kernel names of a bucket function to the symbolic kernels computing the same.
+
+    Parameters
+    ----------
+    prepared : IRModule
+        Prepared module with both the symbolic and the bucket entry points.
+    phase : str
+        ``decode`` or ``prefill``.
+    bucket : int
+        The bucket value the static kernels were specialized to.
+    names : list of str
+        Static kernel names (the partition's tasks).
+
+    Returns
+    -------
+    dict
+        ``static name -> symbolic name`` for every static kernel with a structurally equal
+        specialized counterpart.
+    """
+    import tvm_ffi
+
+    from tuning.partition import call_counts
+
+    symbolic = [n for n in call_counts(prepared[_SYMBOLIC_FN[phase]]) if n in
+                {gv.name_hint for gv in prepared.get_global_vars()}]
+    special = {}
+    for n in symbolic:
+        f = prepared[n]
+        if hasattr(f, "params"):
+            special[n] = _specialize(f, bucket).without_attr("global_symbol")
+    out = {}
+    for name in names:
+        static = prepared[name].without_attr("global_symbol")
+        for n, f in special.items():
+            if tvm_ffi.structural_equal(f, static):
+                out[name] = n
+                break
+    return out
+
+
+def random_args(func, *, device, seed: int = 0) -> list:
+    """Device tensors for every buffer parameter of a static PrimFunc.
+
+    Floats ~ N(0, 0.1) (finite in fp16), unsigned ints random bits (packed 4-bit codes), signed
+    ints zero (gather indices must be in range).
+    """
+    import tvm
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for p in func.params:
+        if not hasattr(p, "shape"):
+            raise BenchError(f"kernel parameter {p} is not a buffer")
+        shape = tuple(int(d) for d in p.shape)
+        dt = str(p.dtype)
+        if dt.startswith("float"):
+            a = (rng.standard_normal(shape) * 0.1).astype(dt)
+        elif dt.startswith("uint"):
+            a = rng.integers(0, np.iinfo(dt).max, shape, dtype=dt, endpoint=True)
+        else:
+            a = np.zeros(shape, dt)
+        out.append(tvm.runtime.tensor(a, device))
+    return out
+
+
+def _compile(func, *, target, scheduled_mod=None):
+    import tvm
+
+    mod = scheduled_mod if scheduled_mod is not None else tvm.IRModule({"main": func})
+    mod = tvm.IRModule({"main": mod["main"].with_attr("global_symbol", "main")})
+    ex = tvm.compile(mod, target=target)
+    return ex.jit() if hasattr(ex, "jit") else ex  # a runtime Module (has time_evaluator)
+
+
+def time_kernel(lib, args, *, device, repeats: int, min_repeat_ms: float) -> list[float]:
+    """Microseconds per call of ``lib["main"](*args)``, one value per repeat (device timers).
+
+    One warm-up call first; ``time_evaluator`` raises the call count until a repeat lasts at
+    least ``min_repeat_ms``.
+    """
+    lib["main"](*args)
+    device.sync()
+    te = lib.time_evaluator("main", device, number=1, repeat=repeats, min_repeat_ms=int(min_repeat_ms))
+    return [float(x) * 1e6 for x in te(*args).results]
+
+
+def _mnk(func) -> tuple[int, int, int, str] | None:
+    """(M, N, K, dtype) of a matmul kernel: first input (..., K), output (..., N)."""
+    bufs = [p for p in func.params if hasattr(p, "shape")]
+    if len(bufs) < 2:
+        return None
+    x, out = bufs[0], bufs[-1]
+    if not str(x.dtype).startswith("float") or len(x.shape) < 1:
+        return None
+    k = int(x.shape[-1])
+    m = int(np.prod([int(d) for d in x.shape[:-1]])) if len(x.shape) > 1 else 1
+    n = int(out.shape[-1])
+    return m, n, k, str(x.dtype)
+
+
+def _shape_str(func) -> str:
+    return " ".join("x".join(str(int(d)) for d in p.shape) for p in func.params if hasattr(p, "shape"))
+
+
+def run_kernels(*, model: str = "gpt2", quantization: str = "q0f16", phase: str = "decode", batch: int = 8,
+                seq_len: int = 1024, device: str = "auto", arch: str = "auto", cuda_graph: bool = True,
+                repeats: int = 5, warmup: int = 1, database_dir: str = "databases", database: str | None = None,
+                cache_dir: str | None = None, seed: int = 0, peak_bw: float | None = None,
+                peak_tflops: float | None = None, log: Callable[[str], None] = _log_default) -> dict[str, Any]:
+    """Time every kernel of one step at one bucket: untuned, tuned, cuBLAS.
+
+    Parameters
+    ----------
+    model, quantization, device, arch, database_dir, database, seed, peak_bw, peak_tflops, log
+        As in :func:`bench.decode.run_decode`.
+    phase : str
+        ``decode`` (bucket = ``batch``) or ``prefill`` (bucket = ``seq_len``, a chunk length of
+        at most the model's ``prefill_chunk_size``).
+    batch, seq_len : int
+        The bucket.
+    repeats : int
+        Timed repeats per kernel (each at least a few ms of back-to-back calls).
+    cuda_graph, warmup, cache_dir
+        Accepted for a uniform CLI; kernels are timed one by one (one warm-up call each).
+
+    Returns
+    -------
+    dict
+        Result document with ``command: "kernels"`` (row schema in ``bench/SCHEMA.md``).
+    """
+    del cuda_graph, warmup, cache_dir
+    import tvm
+
+    from gpt2_model.config import ConfigError, get_config, model_name
+    from gpt2_model.export import export_model
+    from gpt2_model.quantization import QuantizationError, get_scheme
+    from gpt2_model.runtime import target_for
+    from tuning.compile import apply_dlight
+    from tuning.partition import tasks_of
+    from tuning.pipeline import prepare
+
+    if phase not in _SYMBOLIC_FN:
+        raise BenchError(f"--phase must be decode or prefill, got {phase!r}")
+    if repeats < 1:
+        raise BenchError("--repeats must be >= 1")
+    try:
+        dev = envmod.resolve_device(device)
+        config = get_config(model)
+        scheme = get_scheme(quantization)
+    except (ValueError, ConfigError, QuantizationError) as e:
+        raise BenchError(str(e)) from None
+    label = model_name(model)
+    bucket = int(batch if phase == "decode" else seq_len)
+    if bucket < 1:
+        raise BenchError("--batch and --seq-len must be positive")
+    if phase == "prefill" and bucket > config.prefill_chunk_size:
+        raise BenchError(f"--seq-len {bucket}: prefill runs in chunks of at most {config.prefill_chunk_size} tokens "
+                         f"for {label}; the kernels of a chunk are what a --seq-len <= {config.prefill_chunk_size} "
+                         "shows")
+    if phase == "decode" and bucket > config.max_batch_size:
+        raise BenchError(f"--batch {bucket} exceeds the max batch size {config.max_batch_size}")
+    if dev.kind == "cpu":
+        if arch not in ("auto", "cpu", None):
+            raise BenchError(f"--arch {arch} applies to CUDA devices; this run is on the CPU")
+        arch_name = "cpu"
+    else:
+        arch_name = envmod.detect_arch(dev) if arch in ("auto", None) else str(arch)
+    target = target_for(dev.name, None if dev.kind == "cpu" else arch_name)
+    notes: list[str] = []
+    db_info, msg = find_database(database_dir=database_dir, arch=arch_name, model=label, quantization=quantization,
+                                 explicit=database, target=target)
+    db = None
+    if db_info is None:
+        notes.append(msg)
+        log(msg)
+    else:
+        from tuning.database import open_database
+
+        db = open_database(db_info.path, target=target)
+        log(f"tuned kernels from {db_info.path} (hash {db_info.hash[:12]})")
+    env = envmod.collect_env(dev, database=db_info.to_dict() if db_info else None)
+    env["arch"] = arch_name
+    try:
+        peak = envmod.resolve_peak(env, dtype=scheme.activation_dtype, peak_bw=peak_bw, peak_tflops=peak_tflops)
+    except ValueError as e:
+        raise BenchError(str(e)) from None
+    if peak is None:
+        notes.append("no peak figures for this device: % of roofline omitted (set --peak-bw/--peak-tflops)")
+    tdev = dev.tvm_device()
+    buckets = {phase: [bucket]}
+    t0 = time.perf_counter()
+    exported = export_model(config, quantization=quantization, target=target, buckets=buckets)
+    prepared = prepare(exported.mod, target=target)
+    tasks = tasks_of(prepared, buckets)
+    pairs = symbolic_counterparts(prepared, phase=phase, bucket=bucket, names=[t.kernel for t in tasks])
+    log(f"bench kernels: {label} {quantization} {phase} {'b' if phase == 'decode' else 's'}{bucket} on {dev.name} "
+        f"({arch_name}): {len(tasks)} kernels, partitioned in {time.perf_counter() - t0:.1f} s")
+    min_ms = 10 if dev.kind == "cuda" else 1
+    l2 = None
+    if dev.kind == "cuda":
+        try:
+            l2 = int(tdev.l2_cache_size_bytes)
+        except Exception:
+            l2 = None
+    rows = []
+    for i, task in enumerate(tasks):
+        row = {k: None for k in ("untuned_us", "tuned_us", "speedup", "cublas_us", "achieved", "achieved_value",
+                                 "pct_peak", "share", "share_tuned", "tuned_record", "untuned_from", "error")}
+        row.update(name=task.kernel, kind=task.kind, shape=_shape_str(task.func), phase=phase, bucket=bucket,
+                   weight=int(task.weight), flops=float(task.flops), bytes=int(task.bytes), status="ok",
+                   samples={"untuned_us": None, "tuned_us": None, "cublas_us": None}, notes=[])
+        try:
+            args = random_args(task.func, device=tdev, seed=seed + i)
+            sym = pairs.get(task.kernel)
+            row["untuned_from"] = f"symbolic:{sym}" if sym else "static"
+            base = prepared[sym] if sym else task.func
+            unt_mod = apply_dlight(tvm.IRModule({"main": base.with_attr("global_symbol", "main")}), target=target)
+            unt = time_kernel(_compile(None, target=target, scheduled_mod=unt_mod), args, device=tdev,
+                              repeats=repeats, min_repeat_ms=min_ms)
+            row["samples"]["untuned_us"] = unt
+            row["untuned_us"] = stats(unt).median
+            if db is not None:
+                from tuning.apply import apply_database, coverage
+
+                row["tuned_record"] = coverage([task], db, target).tuned == 1
+                tmod = apply_database(task.mod(), database=db, target=target)
+                tmod = apply_dlight(tmod, target=target)
+                tun = time_kernel(_compile(None, target=target, scheduled_mod=tmod), args, device=tdev,
+                                  repeats=repeats, min_repeat_ms=min_ms)
+                row["samples"]["tuned_us"] = tun
+                row["tuned_us"] = stats(tun).median
+                row["speedup"] = row["untuned_us"] / row["tuned_us"]
+            if task.kind in ("gemm", "gemv"):
+                mnk = _mnk(task.func)
+                if mnk is not None:
+                    from .peers import cublas_matmul_us
+
+                    m, n, k, dt = mnk
+                    cub = cublas_matmul_us(m=m, n=n, k=k, dtype=dt, device=dev.name, repeats=max(repeats, 10))
+                    if cub:
+                        row["samples"]["cublas_us"] = cub
+                        row["cublas_us"] = stats(cub).median
+            best = row["tuned_us"] or row["untuned_us"]
+            if task.kind == "gemm":
+                row["achieved"], row["achieved_value"] = "TFLOP/s", task.flops / (best * 1e-6) / 1e12
+                row["pct_peak"] = pct(row["achieved_value"], peak.tflops if peak else None)
+            else:
+                row["achieved"], row["achieved_value"] = "GB/s", task.bytes / (best * 1e-6) / 1e9
+                row["pct_peak"] = pct(row["achieved_value"], peak.mem_gb_s if peak else None)
+                if l2 and task.bytes < l2:
+                    row["notes"].append("working set fits in L2: GB/s may exceed DRAM bandwidth")
+        except Exception as e:  # noqa: BLE001 - one broken kernel is a row, not a crash
+            row["status"], row["error"] = "error", first_line(e)
+            log(f"{task.kernel}: {first_line(e)}")
+        rows.append(row)
+        if row["status"] == "ok":
+            log(f"{task.kernel:>44} x{task.weight}: untuned {row['untuned_us']:9.2f} us"
+                + (f"  tuned {row['tuned_us']:9.2f} us" if row["tuned_us"] else "")
+                + (f"  cuBLAS {row['cublas_us']:8.2f} us" if row["cublas_us"] else ""))
+    for key, src in (("share", "untuned_us"), ("share_tuned", "tuned_us")):
+        total = sum(r["weight"] * r[src] for r in rows if r["status"] == "ok" and r[src])
+        for r in rows:
+            if r["status"] == "ok" and r[src] and total:
+                r[key] = r["weight"] * r[src] / total
+    if any(r["status"] == "ok" and r["cublas_us"] is None and r["kind"] in ("gemm", "gemv") for r in rows):
+        if dev.kind == "cpu":
+            notes.append("cuBLAS column needs a CUDA device")
+    notes.append("attention runs inside the KV cache's own kernels and is not part of the partition")
+    args_doc = {"model": model, "quantization": quantization, "phase": phase, "batch": batch, "seq_len": seq_len,
+                "bucket": bucket, "device": device, "arch": arch, "repeats": repeats,
+                "database_dir": str(database_dir), "database": database, "seed": seed, "peak_bw": peak_bw,
+                "peak_tflops": peak_tflops}
+    return make_result(command="kernels", args=args_doc, env=env, peak=peak_to_dict(peak),
+                       timer="tvm-time_evaluator", rows=rows, notes=notes)

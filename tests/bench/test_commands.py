@@ -1,0 +1,224 @@
+"""End-to-end tests of bench decode / prefill / kernels on the tiny preset (CPU, llvm, q0f32).
+
+One tiny library is built for the whole session (shared cache directory); every later engine
+is a cache hit. Runs are kept minimal: gen-len 4, repeats 2.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bench import report
+from bench.cli import main
+from bench.common import prefill_flops
+from gpt2_model.config import get_config
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+TINY = dict(model="tiny", quantization="q0f32", device="cpu", repeats=2, warmup=1)
+
+
+def _weight_bytes_fp32(cfg) -> int:
+    d, inner, v, n = cfg.n_embd, cfg.n_inner, cfg.vocab_size, cfg.n_layer
+    per_layer = 2 * d + 3 * d * d + 3 * d + d * d + d + 2 * d + inner * d + inner + d * inner + d
+    return 4 * (v * d + n * per_layer + 2 * d)  # wte (tied head) + layers + ln_f; wpe not read
+
+
+def _hf(params):
+    from bench.peers import build_hf_model
+
+    return build_hf_model(get_config("tiny"), params=params, dtype="float32", device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------- runners
+def test_runners_compute_the_model(tiny_engine):
+    """What the benchmark times is the real computation: runner logits equal HF's."""
+    from bench.runners import TvmDecodeRunner, TvmPrefillRunner
+
+    built, params = tiny_engine
+    engine = built.engine
+    model = _hf(params)
+    dec = TvmDecodeRunner(engine, variant="untuned", seed=7)
+    dec.start(batch=2, prompt_len=6, gen_len=2)
+    prompts = [np.random.default_rng(7).integers(0, 1000, 6) for _ in range(1)]  # first draw = seq 0 prompt
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, 1000, 6) for _ in range(2)]
+    nxt = rng.integers(0, 1000, 2)
+    logits = dec.step().numpy().reshape(2, -1)
+    dec.stop()
+    with torch.no_grad():
+        for i in range(2):
+            ids = torch.tensor([list(prompts[i]) + [int(nxt[i])]])
+            ref = model(ids).logits[0, -1].numpy()
+            assert np.abs(logits[i] - ref).max() <= 1e-4 * np.abs(ref).max()
+    pre = TvmPrefillRunner(engine, variant="untuned", seed=3)
+    pre.prepare(batch=2, seq_len=40)
+    ids = pre._ids[-1].copy()
+    out = pre.run().numpy().reshape(-1)
+    pre.cleanup()
+    with torch.no_grad():
+        ref = model(torch.tensor([ids.tolist()])).logits[0, -1].numpy()
+    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert engine._lengths == {}  # every sequence was removed
+
+
+def test_library_cache_hit(tiny_engine, bench_cache):
+    from bench.build import load_engine
+    from gpt2_model.runtime import target_for
+
+    built, params = tiny_engine
+    again = load_engine(config=get_config("tiny"), quantization="q0f32", device="cpu", target=target_for("cpu"),
+                        params_fp32=params, cache_dir=bench_cache)
+    assert again.info["cache_hit"] and again.info["build_s"] == 0.0
+    assert again.info["key"] == built.info["key"]
+    meta = json.loads((bench_cache / again.info["key"] / "meta.json").read_text())
+    assert meta["quantization"] == "q0f32" and meta["database_hash"] is None and meta["tvm"]
+
+
+# ---------------------------------------------------------------------------------------------- decode
+def test_decode_sweep_end_to_end(bench_cache, empty_db_dir):
+    from bench.decode import run_decode
+
+    messages = []
+    res = run_decode(batch="1,2", prompt_len=8, gen_len=4, variants="untuned,tuned,torch-eager",
+                     database_dir=str(empty_db_dir), cache_dir=str(bench_cache), log=messages.append, **TINY)
+    report.validate_result(res)
+    assert res["command"] == "decode"
+    # no database: tuned dropped, said plainly with the tune command, in the result and the log
+    assert [r["variant"] for r in res["rows"]] == ["untuned", "untuned", "torch-eager", "torch-eager"]
+    assert any("tune --arch cpu --model tiny --quantization q0f32" in n for n in res["notes"])
+    assert any("tune --arch cpu" in m for m in messages)
+    cfg = get_config("tiny")
+    for r in res["rows"]:
+        assert r["status"] == "ok", r["error"]
+        b = r["batch"]
+        assert r["test"] == f"tg4@b{b}"
+        # per-run tokens/s follow from the per-step wall times
+        steps = np.array(r["samples"]["wall_ms"]).reshape(2, 4)
+        assert np.allclose(r["samples"]["tok_s"], b * 4 / (steps.sum(axis=1) / 1e3))
+        assert r["tok_s"]["median"] > 0 and r["ms"]["median"] > 0
+        kv = 2 * cfg.n_layer * cfg.n_embd * 4 * b * (8 + 2.5)
+        assert r["bytes_per_step"] == pytest.approx(_weight_bytes_fp32(cfg) + kv)
+        assert r["gb_s"] == pytest.approx(r["bytes_per_step"] / (r["ms"]["median"] / 1e3) / 1e9)
+        assert r["pct_bw"] is None  # no peak known for a CPU
+    unt = [r for r in res["rows"] if r["variant"] == "untuned"]
+    assert all(r["speedup_vs_untuned"] == pytest.approx(1.0) for r in unt)
+    check = unt[0]["build"]["check"]
+    assert check["ok"] and check["reference"] == "hf-fp32-cpu" and check["rel_err"] < 1e-4
+    eager = [r for r in res["rows"] if r["variant"] == "torch-eager"]
+    for e, u in zip(eager, unt):
+        assert e["speedup_vs_untuned"] == pytest.approx(e["tok_s"]["median"] / u["tok_s"]["median"])
+    assert res["env"]["device"] == "cpu" and res["env"]["cpu"]["model"]
+
+
+def test_torch_compile_failure_is_a_row(bench_cache, empty_db_dir, monkeypatch):
+    from bench.decode import run_decode
+
+    def broken_compile(model, **kw):
+        def fwd(*a, **k):
+            raise RuntimeError("inductor exploded\n  long traceback here")
+        return fwd
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    res = run_decode(batch=1, prompt_len=4, gen_len=2, variants="torch-compile", database_dir=str(empty_db_dir),
+                     cache_dir=str(bench_cache), log=lambda m: None, **TINY)
+    report.validate_result(res)
+    (row,) = res["rows"]
+    assert row["status"] == "error" and row["error"] == "RuntimeError: inductor exploded"
+    assert "RuntimeError: inductor exploded" in report.format_table(res)
+
+
+# ---------------------------------------------------------------------------------------------- prefill
+def test_prefill_sweep_end_to_end(bench_cache, empty_db_dir):
+    from bench.prefill import run_prefill
+
+    res = run_prefill(seq_len="16,32", batch="1,2", variants="untuned,torch-eager", database_dir=str(empty_db_dir),
+                      cache_dir=str(bench_cache), log=lambda m: None, **TINY)
+    report.validate_result(res)
+    tests = [(r["variant"], r["test"]) for r in res["rows"]]
+    assert tests == [(v, t) for v in ("untuned", "torch-eager") for t in ("pp16", "pp32", "pp16@b2", "pp32@b2")]
+    cfg = get_config("tiny")
+    for r in res["rows"]:
+        assert r["status"] == "ok", r["error"]
+        assert r["flops"] == prefill_flops(cfg, batch=r["batch"], seq_len=r["seq_len"])
+        assert r["tflops"] == pytest.approx(r["flops"] / (r["ms"]["median"] / 1e3) / 1e12)
+        assert np.allclose(r["samples"]["tok_s"], r["batch"] * r["seq_len"] / (np.array(r["samples"]["wall_ms"]) / 1e3))
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+def test_kernels_end_to_end(empty_db_dir):
+    from bench.kernels import run_kernels
+    from gpt2_model.runtime import target_for
+    from tuning.partition import partition
+
+    res = run_kernels(model="tiny", quantization="q0f32", device="cpu", phase="decode", batch=2, repeats=2,
+                      database_dir=str(empty_db_dir), log=lambda m: None)
+    report.validate_result(res)
+    tasks = partition(get_config("tiny"), quantization="q0f32", target=target_for("cpu"), buckets={"decode": [2]})
+    assert sorted(r["name"] for r in res["rows"]) == sorted(t.kernel for t in tasks)
+    assert all(r["status"] == "ok" for r in res["rows"]), [r["error"] for r in res["rows"]]
+    assert sum(r["share"] for r in res["rows"]) == pytest.approx(1.0)
+    assert all(r["untuned_us"] > 0 and r["tuned_us"] is None for r in res["rows"])
+    # every matmul kernel is timed as the untuned library runs it: its symbolic-shape twin
+    assert all(r["untuned_from"].startswith("symbolic:") for r in res["rows"] if "matmul" in r["name"])
+    for r in res["rows"]:
+        unit = "TFLOP/s" if r["kind"] == "gemm" else "GB/s"
+        assert r["achieved"] == unit and r["achieved_value"] > 0
+    assert any("tune --arch cpu" in n for n in res["notes"])
+    table = report.format_kernel_table(res)
+    assert all(r["name"] in table for r in res["rows"])
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_decode_json_and_plot(tmp_path, bench_cache, empty_db_dir, capsys):
+    pytest.importorskip("matplotlib")
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    rc = main(["decode", "--model", "tiny", "--quantization", "q0f32", "--device", "cpu", "--batch", "1,2",
+               "--prompt-len", "8", "--gen-len", "4", "--repeats", "2", "--variants", "untuned,tuned",
+               "--database-dir", str(empty_db_dir), "--cache-dir", str(bench_cache),
+               "--json", str(out_json), "--plot", str(out_png)])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "tg4@b1" in cap.out and "tg4@b2" in cap.out and "tok/s" in cap.out
+    assert "tune --arch cpu --model tiny --quantization q0f32" in cap.out  # note under the table
+    doc = report.read_json(out_json)
+    assert len(doc["rows"]) == 2 and doc["args"]["batch"] == [1, 2]
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_refuses_database_of_another_arch(tmp_path, bench_cache, capsys):
+    from tuning.database import database_path
+
+    root = tmp_path / "databases"
+    path = database_path(root, arch="cpu", model="tiny", quantization="q0f32")
+    path.mkdir(parents=True)
+    (path / "meta.json").write_text(json.dumps({"target": {"kind": "cuda", "arch": "sm_90"}}))
+    (path / "database_workload.json").write_text("")
+    (path / "database_tuning_record.json").write_text("")
+    rc = main(["decode", "--model", "tiny", "--quantization", "q0f32", "--device", "cpu", "--gen-len", "2",
+               "--batch", "1", "--database-dir", str(root), "--cache-dir", str(bench_cache)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "sm_90" in err and "cpu" in err and "bench: error:" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["decode", "--prompt-len", "250", "--gen-len", "10"], "exceeds the context window"),
+    (["decode", "--device", "cuda:7"], "no CUDA device 7"),
+    (["prefill", "--seq-len", "16,x"], "comma-separated list of integers"),
+    (["decode", "--variants", "fastest"], "unknown variant"),
+    (["decode", "--quantization", "q3"], "unknown quantization"),
+])
+def test_cli_bad_options_exit_2(argv, message, capsys, empty_db_dir):
+    import tvm
+
+    if "cuda:7" in argv and tvm.cuda(7).exist:
+        pytest.skip("this machine has a CUDA device 7")
+    rc = main(argv + ["--model", "tiny", "--database-dir", str(empty_db_dir)]
+              + ([] if "--device" in argv else ["--device", "cpu"]))
+    assert rc == 2
+    assert message in capsys.readouterr().err
