@@ -89,7 +89,7 @@ def run_decode(*, model: str = "gpt2", quantization: str = "q0f16", batch=(8,), 
     Returns
     -------
     dict
-        Result document (schema in ``bench/report.py`` / ``bench/SCHEMA.md``).
+        Result document (schema in ``bench/report.py`` and ``bench/SCHEMA.md``).
 
     Raises
     ------

@@ -26,6 +26,8 @@ call count per step (``weight``), FLOPs and minimal bytes. For each kernel:
     What the tuned library runs: the database's schedule of the static kernel
     (``tuning.apply.apply_database``), dlight where the database has no record
     (``tuned_record`` false).
+    Before it is timed, the tuned kernel's output is compared with the untuned kernel's on the
+    same random inputs (:data:`KERNEL_RTOL`); a mismatch makes the row an error.
 ``cuBLAS``
     ``torch.matmul`` of the same (M, N, K) in the activation dtype, for GEMM/GEMV kernels, when
     torch sees the CUDA device (the fused bias/activation epilogue is not included).
@@ -51,7 +53,7 @@ from .env import peak_to_dict
 from .report import make_result
 from .timing import stats
 
-__all__ = ["run_kernels", "symbolic_counterparts", "time_kernel", "random_args"]
+__all__ = ["run_kernels", "symbolic_counterparts", "time_kernel", "random_args", "compare_outputs"]
 
 _SYMBOLIC_FN = {"decode": "batch_decode", "prefill": "prefill"}
 
@@ -153,6 +155,33 @@ def time_kernel(lib, args, *, device, repeats: int, min_repeat_ms: float) -> lis
     device.sync()
     te = lib.time_evaluator("main", device, number=1, repeat=repeats, min_repeat_ms=int(min_repeat_ms))
     return [float(x) * 1e6 for x in te(*args).results]
+
+
+#: max |tuned - untuned| / max |untuned| over a kernel's buffers, per dtype of its outputs
+KERNEL_RTOL = {"float32": 1e-3, "float16": 2e-2}
+
+
+def compare_outputs(lib_a, lib_b, func, *, device, seed: int = 0) -> float:
+    """Run two builds of one kernel on identical random inputs; max relative difference.
+
+    Every buffer is compared after the call (inputs are untouched, outputs must agree):
+    ``max |a - b| / max |a|`` over the buffers written, 0.0 when identical.
+    """
+    args_a = random_args(func, device=device, seed=seed)
+    args_b = random_args(func, device=device, seed=seed)
+    before = [x.numpy() for x in args_a]
+    lib_a["main"](*args_a)
+    lib_b["main"](*args_b)
+    worst = 0.0
+    for x0, a, b in zip(before, args_a, args_b):
+        a, b = a.numpy(), b.numpy()
+        if np.array_equal(a, x0) and np.array_equal(b, x0):
+            continue  # an input
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        denom = max(float(np.abs(a64).max()), 1e-30)
+        err = float(np.abs(a64 - b64).max()) / denom
+        worst = max(worst, err if np.isfinite(err) else float("inf"))
+    return worst
 
 
 def _mnk(func) -> tuple[int, int, int, str] | None:
@@ -286,8 +315,8 @@ def run_kernels(*, model: str = "gpt2", quantization: str = "q0f16", phase: str 
             row["untuned_from"] = f"symbolic:{sym}" if sym else "static"
             base = prepared[sym] if sym else task.func
             unt_mod = apply_dlight(tvm.IRModule({"main": base.with_attr("global_symbol", "main")}), target=target)
-            unt = time_kernel(_compile(None, target=target, scheduled_mod=unt_mod), args, device=tdev,
-                              repeats=repeats, min_repeat_ms=min_ms)
+            unt_lib = _compile(None, target=target, scheduled_mod=unt_mod)
+            unt = time_kernel(unt_lib, args, device=tdev, repeats=repeats, min_repeat_ms=min_ms)
             row["samples"]["untuned_us"] = unt
             row["untuned_us"] = stats(unt).median
             if db is not None:
@@ -296,8 +325,14 @@ def run_kernels(*, model: str = "gpt2", quantization: str = "q0f16", phase: str 
                 row["tuned_record"] = coverage([task], db, target).tuned == 1
                 tmod = apply_database(task.mod(), database=db, target=target)
                 tmod = apply_dlight(tmod, target=target)
-                tun = time_kernel(_compile(None, target=target, scheduled_mod=tmod), args, device=tdev,
-                                  repeats=repeats, min_repeat_ms=min_ms)
+                tun_lib = _compile(None, target=target, scheduled_mod=tmod)
+                # llm.c habit: check the tuned kernel against the untuned one before timing it
+                err = compare_outputs(unt_lib, tun_lib, task.func, device=tdev, seed=seed + i)
+                rtol = KERNEL_RTOL.get(scheme.activation_dtype, 2e-2)
+                if not err <= rtol:
+                    raise RuntimeError(f"tuned kernel output differs from untuned: rel err {err:.3g} > {rtol:.0e}")
+                row["notes"].append(f"tuned output matches untuned (rel err {err:.1e})")
+                tun = time_kernel(tun_lib, args, device=tdev, repeats=repeats, min_repeat_ms=min_ms)
                 row["samples"]["tuned_us"] = tun
                 row["tuned_us"] = stats(tun).median
                 row["speedup"] = row["untuned_us"] / row["tuned_us"]

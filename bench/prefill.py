@@ -60,7 +60,7 @@ def run_prefill(*, model: str = "gpt2", quantization: str = "q0f16", seq_len=(12
     Returns
     -------
     dict
-        Result document (schema in ``bench/report.py`` / ``bench/SCHEMA.md``).
+        Result document (schema in ``bench/report.py`` and ``bench/SCHEMA.md``).
 
     Raises
     ------

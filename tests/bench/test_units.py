@@ -354,3 +354,24 @@ def test_torch_decode_runner_matches_full_forward():
     out = pre.run()
     with torch.no_grad():
         assert torch.allclose(out[:, -1], model(ids).logits[:, -1], atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+def test_compare_outputs_catches_a_wrong_kernel():
+    import tvm
+    from tvm import te
+
+    from bench.kernels import _compile, compare_outputs
+
+    def kernel(op):
+        a = te.placeholder((4, 8), "float32", name="a")
+        b = te.placeholder((4, 8), "float32", name="b")
+        c = te.compute((4, 8), lambda i, j: op(a[i, j], b[i, j]), name="c")
+        return te.create_prim_func([a, b, c])
+
+    tgt = tvm.target.Target({"kind": "llvm"})
+    add, add2, sub = (_compile(kernel(f), target=tgt) for f in (lambda x, y: x + y, lambda x, y: y + x,
+                                                                 lambda x, y: x - y))
+    f = kernel(lambda x, y: x + y)
+    assert compare_outputs(add, add2, f, device=tvm.cpu()) <= 1e-7
+    assert compare_outputs(add, sub, f, device=tvm.cpu()) > 0.1
