@@ -53,7 +53,8 @@ from .env import peak_to_dict
 from .report import make_result
 from .timing import stats
 
-__all__ = ["run_kernels", "symbolic_counterparts", "time_kernel", "random_args", "compare_outputs"]
+__all__ = ["run_kernels", "bucket_tasks", "symbolic_counterparts", "untuned_kernel", "tuned_kernel", "time_kernel",
+           "random_args", "compare_outputs"]
 
 _SYMBOLIC_FN = {"decode": "batch_decode", "prefill": "prefill"}
 
@@ -184,6 +185,51 @@ def compare_outputs(lib_a, lib_b, func, *, device, seed: int = 0) -> float:
     return worst
 
 
+def bucket_tasks(config, *, quantization: str, target, phase: str, bucket: int):
+    """The partition's tasks of one bucket, the prepared module, and their symbolic twins.
+
+    Returns
+    -------
+    (tasks, prepared, twins)
+        ``tasks``: list of ``tuning.partition.Task``; ``prepared``: the prepared module with the
+        symbolic and the bucket entry points; ``twins``: static kernel name -> symbolic kernel
+        name (:func:`symbolic_counterparts`).
+    """
+    from gpt2_model.export import export_model
+    from tuning.partition import tasks_of
+    from tuning.pipeline import prepare
+
+    buckets = {phase: [bucket]}
+    exported = export_model(config, quantization=quantization, target=target, buckets=buckets)
+    prepared = prepare(exported.mod, target=target)
+    tasks = tasks_of(prepared, buckets)
+    twins = symbolic_counterparts(prepared, phase=phase, bucket=bucket, names=[t.kernel for t in tasks])
+    return tasks, prepared, twins
+
+
+def untuned_kernel(task, *, prepared, twin: str | None, target):
+    """Compiled kernel the untuned library runs for ``task``: its symbolic twin (or, without one,
+    the static kernel) under dlight on GPUs / the default pipeline on CPUs."""
+    import tvm
+
+    from tuning.compile import apply_dlight
+
+    base = prepared[twin] if twin else task.func
+    mod = apply_dlight(tvm.IRModule({"main": base.with_attr("global_symbol", "main")}), target=target)
+    return _compile(None, target=target, scheduled_mod=mod)
+
+
+def tuned_kernel(task, *, database, target):
+    """Compiled kernel the tuned library runs for ``task``: the database's schedule of the static
+    kernel, dlight where there is no record. Returns ``(module, has_record)``."""
+    from tuning.apply import apply_database, coverage
+    from tuning.compile import apply_dlight
+
+    has = coverage([task], database, target).tuned == 1
+    mod = apply_dlight(apply_database(task.mod(), database=database, target=target), target=target)
+    return _compile(None, target=target, scheduled_mod=mod), has
+
+
 def _mnk(func) -> tuple[int, int, int, str] | None:
     """(M, N, K, dtype) of a matmul kernel: first input (..., K), output (..., N)."""
     bufs = [p for p in func.params if hasattr(p, "shape")]
@@ -229,15 +275,9 @@ def run_kernels(*, model: str = "gpt2", quantization: str = "q0f16", phase: str 
         Result document with ``command: "kernels"`` (row schema in ``bench/SCHEMA.md``).
     """
     del cuda_graph, warmup, cache_dir
-    import tvm
-
     from gpt2_model.config import ConfigError, get_config, model_name
-    from gpt2_model.export import export_model
     from gpt2_model.quantization import QuantizationError, get_scheme
     from gpt2_model.runtime import target_for
-    from tuning.compile import apply_dlight
-    from tuning.partition import tasks_of
-    from tuning.pipeline import prepare
 
     if phase not in _SYMBOLIC_FN:
         raise BenchError(f"--phase must be decode or prefill, got {phase!r}")
@@ -287,12 +327,9 @@ def run_kernels(*, model: str = "gpt2", quantization: str = "q0f16", phase: str 
     if peak is None:
         notes.append("no peak figures for this device: % of roofline omitted (set --peak-bw/--peak-tflops)")
     tdev = dev.tvm_device()
-    buckets = {phase: [bucket]}
     t0 = time.perf_counter()
-    exported = export_model(config, quantization=quantization, target=target, buckets=buckets)
-    prepared = prepare(exported.mod, target=target)
-    tasks = tasks_of(prepared, buckets)
-    pairs = symbolic_counterparts(prepared, phase=phase, bucket=bucket, names=[t.kernel for t in tasks])
+    tasks, prepared, pairs = bucket_tasks(config, quantization=quantization, target=target, phase=phase,
+                                          bucket=bucket)
     log(f"bench kernels: {label} {quantization} {phase} {'b' if phase == 'decode' else 's'}{bucket} on {dev.name} "
         f"({arch_name}): {len(tasks)} kernels, partitioned in {time.perf_counter() - t0:.1f} s")
     min_ms = 10 if dev.kind == "cuda" else 1
@@ -313,19 +350,12 @@ def run_kernels(*, model: str = "gpt2", quantization: str = "q0f16", phase: str 
             args = random_args(task.func, device=tdev, seed=seed + i)
             sym = pairs.get(task.kernel)
             row["untuned_from"] = f"symbolic:{sym}" if sym else "static"
-            base = prepared[sym] if sym else task.func
-            unt_mod = apply_dlight(tvm.IRModule({"main": base.with_attr("global_symbol", "main")}), target=target)
-            unt_lib = _compile(None, target=target, scheduled_mod=unt_mod)
+            unt_lib = untuned_kernel(task, prepared=prepared, twin=sym, target=target)
             unt = time_kernel(unt_lib, args, device=tdev, repeats=repeats, min_repeat_ms=min_ms)
             row["samples"]["untuned_us"] = unt
             row["untuned_us"] = stats(unt).median
             if db is not None:
-                from tuning.apply import apply_database, coverage
-
-                row["tuned_record"] = coverage([task], db, target).tuned == 1
-                tmod = apply_database(task.mod(), database=db, target=target)
-                tmod = apply_dlight(tmod, target=target)
-                tun_lib = _compile(None, target=target, scheduled_mod=tmod)
+                tun_lib, row["tuned_record"] = tuned_kernel(task, database=db, target=target)
                 # llm.c habit: check the tuned kernel against the untuned one before timing it
                 err = compare_outputs(unt_lib, tun_lib, task.func, device=tdev, seed=seed + i)
                 rtol = KERNEL_RTOL.get(scheme.activation_dtype, 2e-2)
