@@ -282,8 +282,10 @@ class TorchPrefillRunner(_Common):
     """Prefill of ``batch`` sequences of ``seq_len`` tokens from an empty cache (HF model).
 
     ``prepare(batch=, seq_len=)`` makes the inputs (untimed), ``run()`` is the timed prefill
-    (last-token logits, like the TVM engine), ``cleanup()`` drops the cache. ``torch-compile``
-    compiles the prefill forward with static shapes (one graph per tested shape).
+    (last-token logits, like the TVM engine) into a fresh ``DynamicCache``, ``cleanup()`` drops
+    it. ``torch-compile`` compiles the prefill forward with static shapes (one graph per tested
+    shape) and runs it without a cache object (``use_cache=False``: K/V are computed but not
+    stored, which keeps Python cache objects out of the compiled graph).
     """
 
     def __init__(self, model, *, device: str, compiled: bool, seed: int = 0, cuda_graph: bool = True):
@@ -308,8 +310,11 @@ class TorchPrefillRunner(_Common):
         from transformers import DynamicCache
 
         with torch.inference_mode():
-            cache = DynamicCache(config=self.model.config)
-            out = self._fwd(self._ids, use_cache=True, logits_to_keep=1, **{self._kw: cache})
+            if self.compiled:  # no Python cache object inside the compiled graph (static, graph-safe)
+                out = self._fwd(self._ids, use_cache=False, logits_to_keep=1)
+            else:
+                cache = DynamicCache(config=self.model.config)
+                out = self._fwd(self._ids, use_cache=True, logits_to_keep=1, **{self._kw: cache})
         return out.logits
 
     def cleanup(self) -> None:

@@ -13,9 +13,9 @@ Method
   blocked by a short device-side spin (``torch.cuda._sleep``) so the whole call is enqueued
   before the GPU reaches the start event; the spin is lengthened until the host finished
   enqueueing before the start event fired. When the call synchronises internally (a blocking
-  host<->device copy) that cannot hold; the gap is then included and ``blocked`` is reported
-  ``False``. Without torch, GPU time is not measured (``None``) and only wall time with
-  ``Device.sync()`` is reported.
+  host<->device copy) that cannot hold: spinning is switched off, the gaps after the last
+  synchronisation are included and ``blocked`` is reported ``False``. Without torch, GPU time
+  is not measured (``None``) and only wall time with ``Device.sync()`` is reported.
 * **Statistics**: median with 20th/80th percentiles (linear interpolation), robust against the
   occasional preempted sample; every raw sample is kept for the JSON output.
 """
@@ -163,7 +163,7 @@ class Timer:
     method: str = "perf_counter"
     _tvm_dev: Any = None
     _torch: Any = None
-    _spin_cycles: int = 1_000_000
+    _spin_cycles: int = 2_000_000  # ~1 ms at ~2 GHz; adapted by gpu(), 0 = spinning off
     info: dict[str, Any] = field(default_factory=dict)
 
     def sync(self) -> None:
@@ -199,6 +199,13 @@ class Timer:
     def gpu(self, fn: Callable[[], Any]) -> tuple[float | None, bool | None]:
         """Device time of ``fn()`` in ms via CUDA events, host launch gaps excluded if possible.
 
+        The stream is held by a device-side spin (``torch.cuda._sleep``) while the host enqueues
+        ``fn``; ``blocked`` says whether the whole call was enqueued before the start event fired
+        (then the figure is pure device time). The spin grows with the observed host issue time.
+        If the spin already outlasted the host issue time and the start event still fired first,
+        ``fn`` synchronises internally (a blocking copy): spinning cannot help, so it is switched
+        off for this timer and the figure includes the host gaps after that synchronisation.
+
         Returns
         -------
         (gpu_ms, blocked)
@@ -207,26 +214,33 @@ class Timer:
         if self.method != "cuda-events":
             return None, None
         torch = self._torch
-        stream = torch.cuda.default_stream(self.index)  # legacy default stream (handle 0)
+        stream = torch.cuda.default_stream(self.index)  # legacy default stream: TVM launches there too
+        spin0 = torch.cuda.Event(enable_timing=True)
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         self.sync()
+        spinning = self._spin_cycles > 0
         with torch.cuda.device(self.index), torch.cuda.stream(stream):
-            torch.cuda._sleep(self._spin_cycles)  # hold the GPU while the host enqueues fn
+            if spinning:
+                spin0.record(stream)
+                torch.cuda._sleep(self._spin_cycles)  # hold the GPU while the host enqueues fn
             start.record(stream)
             t0 = time.perf_counter()
             fn()
             end.record(stream)
-            issue_s = time.perf_counter() - t0
-            blocked = not start.query()  # start still pending => everything was enqueued in time
+            issue_ms = (time.perf_counter() - t0) * 1e3
+            blocked = spinning and not start.query()  # start pending => all of fn was enqueued in time
         end.synchronize()
         ms = float(start.elapsed_time(end))
-        if not blocked:
-            # Spin was too short for this call's host issue time; lengthen it for next time
-            # (bounded: ~2x the observed issue time at ~1 GHz, at most ~0.5 s).
-            want = int(min(5e8, max(self._spin_cycles * 2, issue_s * 2e9)))
-            self._spin_cycles = want
-        return ms, blocked
+        if spinning and not blocked:
+            spin_ms = float(spin0.elapsed_time(start))
+            if spin_ms > issue_ms:  # spun longer than the host needed, still not blocked: fn syncs
+                self._spin_cycles = 0
+                self.info["spin"] = "off: the timed call synchronises with the device internally"
+            else:  # lengthen: cycles per ms measured on this spin, 3x the issue time, at most ~0.2 s
+                per_ms = self._spin_cycles / max(spin_ms, 1e-3)
+                self._spin_cycles = int(min(per_ms * 200.0, max(2 * self._spin_cycles, per_ms * 3 * issue_ms)))
+        return ms, bool(blocked)
 
 
 def make_timer(device) -> Timer:

@@ -375,3 +375,74 @@ def test_compare_outputs_catches_a_wrong_kernel():
     f = kernel(lambda x, y: x + y)
     assert compare_outputs(add, add2, f, device=tvm.cpu()) <= 1e-7
     assert compare_outputs(add, sub, f, device=tvm.cpu()) > 0.1
+
+
+class _FakeCuda:
+    """Just enough of torch.cuda for Timer.gpu: events whose completion and timings a test sets."""
+
+    def __init__(self, *, start_pending: bool, spin_ms: float, kernel_ms: float):
+        self.start_pending, self.spin_ms, self.kernel_ms = start_pending, spin_ms, kernel_ms
+        self.slept = []
+        self.events = []
+        fake = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.index = len(fake.events) % 3  # spin0, start, end per call
+                fake.events.append(self)
+
+            def record(self, stream=None):
+                pass
+
+            def query(self):
+                return not fake.start_pending
+
+            def synchronize(self):
+                pass
+
+            def elapsed_time(self, other):
+                return fake.spin_ms if self.index == 0 else fake.kernel_ms
+
+        class _Ctx:
+            def __init__(self, *a):
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *a):
+                return False
+
+        self.Event = Event
+        self.device = _Ctx
+        self.stream = _Ctx
+        self.default_stream = lambda index=0: "stream0"
+        self.synchronize = lambda index=0: None
+        self._sleep = lambda cycles: self.slept.append(cycles)
+
+
+def _fake_timer(**kw):
+    cuda = _FakeCuda(**kw)
+    return Timer(kind="cuda", method="cuda-events", _torch=types.SimpleNamespace(cuda=cuda)), cuda
+
+
+def test_gpu_timer_blocked_measurement():
+    t, cuda = _fake_timer(start_pending=True, spin_ms=1.0, kernel_ms=0.25)
+    assert t.gpu(lambda: None) == (0.25, True)
+    assert cuda.slept == [2_000_000] and t._spin_cycles == 2_000_000  # enqueued in time: spin kept
+
+
+def test_gpu_timer_lengthens_spin_for_slow_host_issue():
+    t, cuda = _fake_timer(start_pending=False, spin_ms=1.0, kernel_ms=0.25)
+    ms, blocked = t.gpu(lambda: time.sleep(0.005))  # host needs ~5 ms > 1 ms of spin
+    assert (ms, blocked) == (0.25, False)
+    assert t._spin_cycles >= 3 * 2_000_000 * 5  # ~3x the issue time at the measured cycle rate
+    assert t._spin_cycles <= 2_000_000 * 200  # capped at ~0.2 s
+
+
+def test_gpu_timer_turns_spin_off_when_the_call_syncs():
+    t, cuda = _fake_timer(start_pending=False, spin_ms=50.0, kernel_ms=0.5)
+    assert t.gpu(lambda: None) == (0.5, False)  # spun 50 ms, issue took ~0: fn synchronised inside
+    assert t._spin_cycles == 0 and "synchronises" in t.info["spin"]
+    t.gpu(lambda: None)
+    assert cuda.slept == [2_000_000]  # no further spinning
