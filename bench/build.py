@@ -97,13 +97,23 @@ def _tvm_version() -> str:
     return f"{tvm.__version__}+{commit}" if commit else str(tvm.__version__)
 
 
+def _plain(x: Any) -> Any:
+    """TVM containers (Map, Array, String, IntImm) -> plain JSON-able Python values."""
+    if hasattr(x, "items"):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)) or (hasattr(x, "__len__") and hasattr(x, "__getitem__")
+                                         and not isinstance(x, (str, bytes))):
+        return [_plain(v) for v in x]
+    if isinstance(x, (bool, int, float)) or x is None:
+        return x
+    if hasattr(x, "value"):  # IntImm / FloatImm
+        return x.value
+    return str(x)
+
+
 def target_json(target) -> str:
-    """Canonical JSON-ish text of a target (``Target.export()``)."""
-    try:
-        exported = target.export()
-        return json.dumps(json.loads(str(exported).replace("(", "[").replace(")", "]")), sort_keys=True)
-    except Exception:
-        return str(target.export()) if hasattr(target, "export") else str(target)
+    """Canonical JSON of a target (``Target.export()`` as plain values, keys sorted)."""
+    return json.dumps(_plain(target.export()), sort_keys=True)
 
 
 def library_key(*, config, quantization: str, target, database_hash: str | None, cuda_graph: bool,
