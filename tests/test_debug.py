@@ -327,3 +327,41 @@ def test_op_print_in_model(builds, capfd):
     ref = builds["a"].decode([ref_seq], [token])[0]
     builds["a"].remove_sequence(ref_seq)
     np.testing.assert_allclose(out_logits.numpy().reshape(-1), ref, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- other formats / GPU
+def test_compare_hf_q4f16_1(hf):
+    """4-bit build: kernels found through q_weight params, reference weights rounded the same way."""
+    from gpt2_model.debug import HF_RTOL, load_engine  # pylint: disable=import-outside-toplevel
+
+    engine = load_engine(hf[0], device="cpu", quantization="q4f16_1")
+    assert any(n.endswith("mlp.c_fc.q_weight") for n in engine.exported.param_names)
+    result = compare_hf(engine=engine, hf_model=hf[1], prompt_ids=PROMPT, decode_steps=1)
+    assert result.ok, result.table()
+    assert result.rows[0].rtol == HF_RTOL["q4f16_1"]
+    # fp16 activations: visibly not bit-exact, yet far inside the tolerance.
+    assert 1e-6 < max(r.rel for r in result.rows) < HF_RTOL["q4f16_1"] / 2
+
+
+@pytest.mark.gpu
+def test_debug_tools_on_cuda(tmp_path):
+    """CUDA: dumps, compare-hf (fp16, dlight kernels) and kernel replay on device tensors.
+
+    head_dim 64 as in every GPT-2 preset: with head_dim 16 TVM's paged-KV decode kernel launches
+    with blockDim.z = 128 (> 64) and fails with CUDA_ERROR_INVALID_VALUE.
+    """
+    from gpt2_model.debug import load_engine  # pylint: disable=import-outside-toplevel
+
+    hf_dir = tmp_path / "hf"
+    hf_model = save_hf_checkpoint(hf_dir, seed=4, n_embd=128, n_head=2, n_inner=256)
+    engine = load_engine(hf_dir, device="cuda", quantization="q0f16")
+    result = DebugChat(engine, debug_dir=tmp_path / "dump").generate(PROMPT, generate_len=2)
+    assert result.tokens == engine.generate(PROMPT, 2)
+    with np.load(tmp_path / "dump" / "decode_1" / "logits.npz") as lg:
+        assert lg["logits"].shape == (hf_model.config.vocab_size,)
+    hf_result = compare_hf(engine=engine, hf_model=hf_model, prompt_ids=PROMPT, decode_steps=1)
+    print(hf_result.table())
+    assert hf_result.ok, hf_result.table()
+    same = compare_builds(engine_a=engine, engine_b=engine, prompt_ids=PROMPT, decode_steps=1)
+    assert same.ok and all(r.replay_rel is None or r.replay_rel <= 1e-6 for r in same.rows), same.table()
+    assert sum(r.replay_rel is not None for r in same.rows) > 10

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -72,15 +73,21 @@ def load_engine(
     if not model.exists():
         raise DebugError(f"no model at {model}")
     if is_hf_dir(model):
-        quantization = quantization or "q0f32"
         config = get_config(model)
         params = load_hf_params(model, config)
         if model_lib is None:
-            return _build_engine(config, params, quantization=quantization, device=device)
+            return _build_engine(config, params, quantization=quantization or "q0f32", device=device)
         lib = Path(model_lib)
         if not lib.is_file():
             raise DebugError(f"no compiled library at {lib}")
-        exported = export_model(config, quantization=quantization, target=tvm.target.Target({"kind": "llvm"}))
+        # `gpt2k compile` writes LIB.so.json beside the library: its quantization and bucket entry points.
+        side_path = Path(str(lib) + ".json")
+        side = json.loads(side_path.read_text()) if side_path.is_file() else {}
+        if quantization and side.get("quantization") and side["quantization"] != quantization:
+            raise DebugError(f"{lib} was compiled for {side['quantization']}, not --quantization {quantization}")
+        quantization = quantization or side.get("quantization") or "q0f32"
+        exported = export_model(config, quantization=quantization, target=tvm.target.Target({"kind": "llvm"}),
+                                buckets=side.get("buckets") or None)
         return Engine(exported=exported, executable=tvm.runtime.load_module(str(lib)),
                       params=convert_params(params, exported.scheme), device=device)
     if model_lib is None:
