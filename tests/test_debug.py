@@ -256,6 +256,25 @@ def test_compare_builds_identical_is_clean(builds):
     assert sum(r.replay_rel is not None for r in result.rows) > 10
 
 
+def test_compare_builds_aligns_renamed_kernels(builds):
+    """A build with static-shape bucket entry points runs other kernels (other names, extra
+    reshapes); calls are paired by parameters and shapes, and the builds agree."""
+    from gpt2_model.export import export_model  # pylint: disable=import-outside-toplevel
+    from tuning.compile import build  # pylint: disable=import-outside-toplevel
+
+    base = builds["exported"]
+    exported = export_model(base.config, quantization="q0f32", target=_target(),
+                            buckets={"prefill": [len(PROMPT)], "decode": [1]})
+    engine_b = _engine(exported, build(exported, target=_target()), builds["params"])
+    assert engine_b.buckets == {"prefill": [len(PROMPT)], "decode": [1]}
+    result = compare_builds(engine_a=builds["a"], engine_b=engine_b, prompt_ids=PROMPT, decode_steps=1)
+    assert result.ok, result.table()
+    renamed = [r for r in result.rows if " | " in r.kernel]
+    assert any(r.note == "h.1.mlp.c_fc" for r in renamed)
+    # Every parameter-reading kernel of A found its counterpart in B.
+    assert not [u for u in result.unmatched if " A " in u and "[]" not in u], result.unmatched
+
+
 def test_compare_builds_cli_and_dumps(hf, builds, tmp_path, capsys):
     path, _ = hf
     out = tmp_path / "builds.json"
