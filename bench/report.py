@@ -268,7 +268,7 @@ def format_kernel_table(result: dict[str, Any], *, tablefmt: str = "github", top
         body.append([
             r["name"], r["kind"], r.get("shape", ""), r.get("weight", ""),
             _fmt(r.get("untuned_us")),
-            _fmt(r.get("tuned_us")) + ("" if r.get("tuned_record") in (None, True) else " (dlight)"),
+            _fmt(r.get("tuned_us")) + ("" if r.get("tuned_record") in (None, True) else " (no record)"),
             f"{r['speedup']:.2f}x" if r.get("speedup") else "-",
             _fmt(r.get("cublas_us")), ach,
             f"{100 * r['share']:.1f}%" if r.get("share") is not None else "-",

@@ -222,3 +222,42 @@ def test_cli_bad_options_exit_2(argv, message, capsys, empty_db_dir):
               + ([] if "--device" in argv else ["--device", "cpu"]))
     assert rc == 2
     assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- tuned
+def test_tuned_variant_end_to_end(tiny_db_root, bench_cache):
+    """With a database: untuned and tuned in one run, the tuned build has the bucket entry points,
+    passes the logits check, and the speedup is the ratio of the medians."""
+    from bench.decode import run_decode
+    from tuning.database import database_path
+
+    res = run_decode(batch="1,2", prompt_len=8, gen_len=4, variants="untuned,tuned", database_dir=str(tiny_db_root),
+                     cache_dir=str(bench_cache), log=lambda m: None, **TINY)
+    report.validate_result(res)
+    path = str(database_path(tiny_db_root, arch="cpu", model="tiny", quantization="q0f32"))
+    assert res["env"]["database"]["path"] == path and len(res["env"]["database"]["hash"]) == 64
+    rows = {(r["variant"], r["batch"]): r for r in res["rows"]}
+    assert set(rows) == {("untuned", 1), ("untuned", 2), ("tuned", 1), ("tuned", 2)}
+    assert all(r["status"] == "ok" for r in rows.values()), [r["error"] for r in rows.values()]
+    tuned = rows[("tuned", 2)]
+    assert tuned["build"]["database"]["path"] == path
+    assert tuned["build"]["buckets"] == {"decode": [2]} and rows[("untuned", 2)]["build"]["buckets"] == {}
+    assert tuned["build"]["check"]["ok"]
+    for b in (1, 2):
+        assert rows[("tuned", b)]["speedup_vs_untuned"] == pytest.approx(
+            rows[("tuned", b)]["tok_s"]["median"] / rows[("untuned", b)]["tok_s"]["median"])
+    assert not any("tune --arch" in n for n in res["notes"])
+
+
+def test_kernels_with_database(tiny_db_root):
+    from bench.kernels import run_kernels
+
+    res = run_kernels(model="tiny", quantization="q0f32", device="cpu", phase="decode", batch=2, repeats=2,
+                      database_dir=str(tiny_db_root), log=lambda m: None)
+    report.validate_result(res)
+    assert all(r["status"] == "ok" for r in res["rows"]), [r["error"] for r in res["rows"]]
+    for r in res["rows"]:
+        assert r["tuned_us"] > 0 and isinstance(r["tuned_record"], bool)
+        assert r["speedup"] == pytest.approx(r["untuned_us"] / r["tuned_us"])
+        assert any("tuned output matches untuned" in n for n in r["notes"])
+    assert sum(r["share_tuned"] for r in res["rows"]) == pytest.approx(1.0)
