@@ -188,7 +188,10 @@ def setup(*, model: str, quantization: str, device: str, arch: str, variants, da
             arch_name = str(arch)
     from gpt2_model.runtime import target_for
 
-    target = target_for(dev.name, None if dev.kind == "cpu" else arch_name)
+    try:
+        target = target_for(dev.name, None if dev.kind == "cpu" else arch_name)
+    except ValueError as e:  # unknown arch (tuning.targets.UnknownArchError), bad device
+        raise BenchError(f"--arch {arch_name}: {e}") from None
     vs = parse_variants(variants, device=dev)
     notes: list[str] = []
     db = None

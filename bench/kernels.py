@@ -305,7 +305,10 @@ def run_kernels(*, model: str = "gpt2", quantization: str = "q0f16", phase: str 
         arch_name = "cpu"
     else:
         arch_name = envmod.detect_arch(dev) if arch in ("auto", None) else str(arch)
-    target = target_for(dev.name, None if dev.kind == "cpu" else arch_name)
+    try:
+        target = target_for(dev.name, None if dev.kind == "cpu" else arch_name)
+    except ValueError as e:  # unknown arch (tuning.targets.UnknownArchError), bad device
+        raise BenchError(f"--arch {arch_name}: {e}") from None
     notes: list[str] = []
     db_info, msg = find_database(database_dir=database_dir, arch=arch_name, model=label, quantization=quantization,
                                  explicit=database, target=target)

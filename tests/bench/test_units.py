@@ -446,3 +446,16 @@ def test_gpu_timer_turns_spin_off_when_the_call_syncs():
     assert t._spin_cycles == 0 and "synchronises" in t.info["spin"]
     t.gpu(lambda: None)
     assert cuda.slept == [2_000_000]  # no further spinning
+
+
+def test_cli_help_through_a_subprocess():
+    import subprocess
+
+    for cmd in ("decode", "prefill", "kernels"):
+        out = subprocess.run([sys.executable, "-m", "bench.cli", cmd, "--help"], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "--device" in out.stdout and "--json" in out.stdout and "--database-dir" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "bench.cli", "decode", "--cuda-graph", "maybe"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "expected on or off" in out.stderr
