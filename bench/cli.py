@@ -50,9 +50,9 @@ def _add_common(p: argparse.ArgumentParser, *, variants: bool = True) -> None:
                    help="preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, tiny) or a Hugging Face "
                         "model directory (its config.json; weights are random and seeded: throughput does not "
                         "depend on their values). Default: gpt2")
-    g.add_argument("--quantization", default="q0f16",
+    g.add_argument("--quantization", default=None,
                    help="weight format: q0f16 (fp16), q0f32 (fp32), q4f16_1 (4-bit groups of 32, fp16 "
-                        "activations). Default: q0f16")
+                        "activations). Default: q0f16 on CUDA, q0f32 on CPU (no native fp16 arithmetic)")
     g.add_argument("--device", default="auto",
                    help="auto (CUDA device 0 if TVM sees one, else CPU), cpu, cuda or cuda:N. Default: auto")
     g.add_argument("--arch", default="auto",

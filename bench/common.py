@@ -35,6 +35,7 @@ __all__ = [
     "default_variants",
     "parse_variants",
     "parse_int_list",
+    "default_quantization",
     "Setup",
     "setup",
     "make_row",
@@ -147,7 +148,13 @@ def _log_default(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def setup(*, model: str, quantization: str, device: str, arch: str, variants, database_dir: str,
+def default_quantization(device: envmod.DeviceSpec) -> str:
+    """``q0f16`` on CUDA; ``q0f32`` on CPUs, which have no native fp16 arithmetic (LLVM emulates it,
+    several times slower than fp32), so the default run stays quick there."""
+    return "q0f16" if device.kind == "cuda" else "q0f32"
+
+
+def setup(*, model: str, quantization: str | None, device: str, arch: str, variants, database_dir: str,
           database: str | None, seed: int, peak_bw: float | None, peak_tflops: float | None,
           log: Callable[[str], None] = _log_default) -> Setup:
     """Resolve device, arch, target, config, database, variants, environment and peak.
@@ -170,6 +177,7 @@ def setup(*, model: str, quantization: str, device: str, arch: str, variants, da
         config = get_config(model)
     except ConfigError as e:
         raise BenchError(str(e)) from None
+    quantization = quantization or default_quantization(dev)
     try:
         scheme = get_scheme(quantization)
     except QuantizationError as e:

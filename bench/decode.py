@@ -2,7 +2,7 @@
 
 Usage::
 
-    bench decode --batch 8                          # gpt2 q0f16 on the detected device
+    bench decode --batch 8                          # gpt2 on the detected device (q0f16 on CUDA)
     bench decode --batch 1,8,32 --plot tg.png       # sweep, one line per variant
     bench decode --model tiny --device cpu --gen-len 4 --repeats 2 --json out.json
 
@@ -40,7 +40,7 @@ from .report import add_speedups, make_result
 __all__ = ["run_decode"]
 
 
-def run_decode(*, model: str = "gpt2", quantization: str = "q0f16", batch=(8,), prompt_len=(128,),
+def run_decode(*, model: str = "gpt2", quantization: str | None = None, batch=(8,), prompt_len=(128,),
                gen_len: int = 128, device: str = "auto", arch: str = "auto", variants=None,
                cuda_graph: bool = True, repeats: int = 5, warmup: int = 1, database_dir: str = "databases",
                database: str | None = None, cache_dir: str | None = None, seed: int = 0,
@@ -53,8 +53,8 @@ def run_decode(*, model: str = "gpt2", quantization: str = "q0f16", batch=(8,), 
     model : str
         Preset name (``gpt2``, ``gpt2-medium``, ..., ``tiny``) or a Hugging Face directory
         (its config is used; weights are random and seeded: throughput does not depend on them).
-    quantization : str
-        ``q0f16``, ``q0f32`` or ``q4f16_1``.
+    quantization : str, optional
+        ``q0f16``, ``q0f32`` or ``q4f16_1``; default ``q0f16`` on CUDA, ``q0f32`` on CPU.
     batch, prompt_len : int or list of int or "1,8,32"
         Sweep axes; one row per (variant, prompt_len, batch).
     gen_len : int
@@ -115,7 +115,7 @@ def run_decode(*, model: str = "gpt2", quantization: str = "q0f16", batch=(8,), 
                          f"{s.model_label} ({window} tokens)")
     if max(batches) > s.config.max_batch_size:
         raise BenchError(f"--batch {max(batches)} exceeds the engine's max batch size {s.config.max_batch_size}")
-    log(f"bench decode: {s.model_label} {quantization} on {s.device.name} ({s.arch}), variants "
+    log(f"bench decode: {s.model_label} {s.quantization} on {s.device.name} ({s.arch}), variants "
         f"{','.join(s.variants)}, batch {batches}, prompt {prompts}, gen {gen_len}, repeats {repeats}, "
         f"cuda-graph {'on' if cuda_graph else 'off'}, timer {s.timer.method}")
     points = [dict(phase="decode", batch=b, prompt_len=p, gen_len=gen_len, seq_len=None)
@@ -137,7 +137,7 @@ def run_decode(*, model: str = "gpt2", quantization: str = "q0f16", batch=(8,), 
                 max_tokens=max(batches) * (max(prompts) + gen_len + 16) + 64, check=check)
     rows = drive(s, phase="decode", points=points, measure=measure, figures=figures, opts=opts, log=log)
     add_speedups(rows)
-    args = {"model": model, "quantization": quantization, "batch": batches, "prompt_len": prompts,
+    args = {"model": model, "quantization": s.quantization, "batch": batches, "prompt_len": prompts,
             "gen_len": gen_len, "device": device, "arch": arch, "variants": s.variants, "cuda_graph": cuda_graph,
             "repeats": repeats, "warmup": warmup, "database_dir": str(database_dir), "database": database,
             "cache_dir": cache_dir, "seed": seed, "peak_bw": peak_bw, "peak_tflops": peak_tflops, "check": check}

@@ -48,7 +48,7 @@ import numpy as np
 
 from . import env as envmod
 from .build import find_database
-from .common import BenchError, _log_default, first_line, pct
+from .common import BenchError, _log_default, default_quantization, first_line, pct
 from .env import peak_to_dict
 from .report import make_result
 from .timing import stats
@@ -248,7 +248,7 @@ def _shape_str(func) -> str:
     return " ".join("x".join(str(int(d)) for d in p.shape) for p in func.params if hasattr(p, "shape"))
 
 
-def run_kernels(*, model: str = "gpt2", quantization: str = "q0f16", phase: str = "decode", batch: int = 8,
+def run_kernels(*, model: str = "gpt2", quantization: str | None = None, phase: str = "decode", batch: int = 8,
                 seq_len: int = 1024, device: str = "auto", arch: str = "auto", cuda_graph: bool = True,
                 repeats: int = 5, warmup: int = 1, database_dir: str = "databases", database: str | None = None,
                 cache_dir: str | None = None, seed: int = 0, peak_bw: float | None = None,
@@ -286,6 +286,7 @@ def run_kernels(*, model: str = "gpt2", quantization: str = "q0f16", phase: str 
     try:
         dev = envmod.resolve_device(device)
         config = get_config(model)
+        quantization = quantization or default_quantization(dev)
         scheme = get_scheme(quantization)
     except (ValueError, ConfigError, QuantizationError) as e:
         raise BenchError(str(e)) from None

@@ -2,7 +2,7 @@
 
 Usage::
 
-    bench prefill --seq-len 128,512,1024                  # gpt2 q0f16, batch 1
+    bench prefill --seq-len 128,512,1024                  # gpt2, batch 1 (q0f16 on CUDA)
     bench prefill --seq-len 1024 --batch 4 --json pp.json
     bench prefill --model tiny --device cpu --seq-len 16,32 --repeats 2 --plot pp.png
 
@@ -39,7 +39,7 @@ from .report import add_speedups, make_result
 __all__ = ["run_prefill"]
 
 
-def run_prefill(*, model: str = "gpt2", quantization: str = "q0f16", seq_len=(128, 512, 1024), batch=(1,),
+def run_prefill(*, model: str = "gpt2", quantization: str | None = None, seq_len=(128, 512, 1024), batch=(1,),
                 device: str = "auto", arch: str = "auto", variants=None, cuda_graph: bool = True,
                 repeats: int = 5, warmup: int = 1, database_dir: str = "databases", database: str | None = None,
                 cache_dir: str | None = None, seed: int = 0, peak_bw: float | None = None,
@@ -81,7 +81,7 @@ def run_prefill(*, model: str = "gpt2", quantization: str = "q0f16", seq_len=(12
         raise BenchError(f"--seq-len {max(seqs)} exceeds the context window of {s.model_label} ({window} tokens)")
     if max(batches) > s.config.max_batch_size:
         raise BenchError(f"--batch {max(batches)} exceeds the engine's max batch size {s.config.max_batch_size}")
-    log(f"bench prefill: {s.model_label} {quantization} on {s.device.name} ({s.arch}), variants "
+    log(f"bench prefill: {s.model_label} {s.quantization} on {s.device.name} ({s.arch}), variants "
         f"{','.join(s.variants)}, seq-len {seqs}, batch {batches}, repeats {repeats}, timer {s.timer.method}")
     points = [dict(phase="prefill", batch=b, prompt_len=None, gen_len=None, seq_len=n)
               for b in batches for n in seqs]
@@ -101,7 +101,7 @@ def run_prefill(*, model: str = "gpt2", quantization: str = "q0f16", seq_len=(12
                 max_tokens=max(batches) * (max(seqs) + 16) + 64, check=check)
     rows = drive(s, phase="prefill", points=points, measure=measure, figures=figures, opts=opts, log=log)
     add_speedups(rows)
-    args = {"model": model, "quantization": quantization, "seq_len": seqs, "batch": batches, "device": device,
+    args = {"model": model, "quantization": s.quantization, "seq_len": seqs, "batch": batches, "device": device,
             "arch": arch, "variants": s.variants, "cuda_graph": cuda_graph, "repeats": repeats, "warmup": warmup,
             "database_dir": str(database_dir), "database": database, "cache_dir": cache_dir, "seed": seed,
             "peak_bw": peak_bw, "peak_tflops": peak_tflops, "check": check}

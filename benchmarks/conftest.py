@@ -21,7 +21,8 @@ import pytest
 def pytest_addoption(parser):
     g = parser.getgroup("gpt2k", "gpt2-kernels micro-benchmarks")
     g.addoption("--gpt2k-model", default=None, help="preset or HF dir (default: gpt2 on CUDA, tiny on CPU)")
-    g.addoption("--gpt2k-quantization", default="q0f16", help="q0f16 (default), q0f32, q4f16_1")
+    g.addoption("--gpt2k-quantization", default=None,
+                help="q0f16, q0f32, q4f16_1 (default: q0f16 on CUDA, q0f32 on CPU)")
     g.addoption("--gpt2k-device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     g.addoption("--gpt2k-batch", default="8", help="decode batch buckets, comma list (default 8)")
     g.addoption("--gpt2k-seq-len", default="128", help="prefill chunk buckets, comma list (default 128)")
@@ -42,7 +43,9 @@ class Suite:
         opt = config.getoption
         self.device = envmod.resolve_device(opt("--gpt2k-device"))
         model = opt("--gpt2k-model") or ("gpt2" if self.device.kind == "cuda" else "tiny")
-        self.quantization = opt("--gpt2k-quantization")
+        from bench.common import default_quantization
+
+        self.quantization = opt("--gpt2k-quantization") or default_quantization(self.device)
         self.arch = envmod.detect_arch(self.device)
         self.target = target_for(self.device.name, None if self.device.kind == "cpu" else self.arch)
         self.config = get_config(model)

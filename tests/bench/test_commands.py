@@ -177,7 +177,7 @@ def test_kernels_end_to_end(empty_db_dir):
 def test_cli_decode_json_and_plot(tmp_path, bench_cache, empty_db_dir, capsys):
     pytest.importorskip("matplotlib")
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
-    rc = main(["decode", "--model", "tiny", "--quantization", "q0f32", "--device", "cpu", "--batch", "1,2",
+    rc = main(["decode", "--model", "tiny", "--device", "cpu", "--batch", "1,2",  # default quantization: q0f32 on CPU
                "--prompt-len", "8", "--gen-len", "4", "--repeats", "2", "--variants", "untuned,tuned",
                "--database-dir", str(empty_db_dir), "--cache-dir", str(bench_cache),
                "--json", str(out_json), "--plot", str(out_png)])
@@ -187,6 +187,7 @@ def test_cli_decode_json_and_plot(tmp_path, bench_cache, empty_db_dir, capsys):
     assert "tune --arch cpu --model tiny --quantization q0f32" in cap.out  # note under the table
     doc = report.read_json(out_json)
     assert len(doc["rows"]) == 2 and doc["args"]["batch"] == [1, 2]
+    assert doc["args"]["quantization"] == "q0f32" and all(r["quantization"] == "q0f32" for r in doc["rows"])
     assert out_png.read_bytes()[:4] == b"\x89PNG"
 
 
