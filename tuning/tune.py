@@ -756,10 +756,60 @@ def _fmt_opt(v) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
 
+_MS_LOGGER = "tvm.s_tir.meta_schedule"
+
+
+def _setup_logs(work_dir: Path, names: list[str], *, quiet: bool):
+    """Per-task log files and the scheduler log under ``work_dir/logs`` (MetaSchedule's names).
+
+    MetaSchedule's own ``get_loggers_from_work_dir`` reconfigures logging globally through
+    ``dictConfig`` and fails when called again in a process whose logger has unnamed handlers;
+    this attaches plain file handlers for the run and returns a function that removes them.
+    """
+    log_dir = work_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S")
+    added: list[tuple[logging.Logger, logging.Handler]] = []
+
+    def attach(lg: logging.Logger, file: Path) -> None:
+        handler = logging.FileHandler(file, mode="a")
+        handler.setFormatter(fmt)
+        handler.setLevel(logging.DEBUG)
+        lg.addHandler(handler)
+        added.append((lg, handler))
+
+    ms_logger = logging.getLogger(_MS_LOGGER)
+    saved = (ms_logger.level, ms_logger.propagate)
+    ms_logger.setLevel(logging.DEBUG)
+    if quiet:  # its per-batch tables stay in the log file
+        ms_logger.propagate = False
+    attach(ms_logger, log_dir / f"{_MS_LOGGER}.logging.task_scheduler.log")
+    width = len(str(len(names) - 1))
+    loggers = []
+    for i, name in enumerate(names):
+        lg = logging.getLogger(f"{_MS_LOGGER}.logging.task_{i:0{width}d}_{name[:100]}")
+        lg.setLevel(logging.DEBUG)
+        lg.propagate = False
+        for h in [h for h in lg.handlers if getattr(h, "_tuning_run", False)]:
+            lg.removeHandler(h)
+        attach(lg, log_dir / f"{lg.name}.log")
+        loggers.append(lg)
+    for _, h in added:
+        h._tuning_run = True
+
+    def restore() -> None:
+        for lg, h in added:
+            lg.removeHandler(h)
+            h.close()
+        ms_logger.setLevel(saved[0])
+        ms_logger.propagate = saved[1]
+
+    return loggers, restore
+
+
 def _search(tasks, *, target, work_dir, database, builder, runner, max_trials_global,
             max_trials_per_task, num_trials_per_iter, space, seed, cost_model, progress,
             strategy_options, num_tuning_cores, module_equality, quiet) -> None:
-    from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
     from tvm.s_tir.meta_schedule.utils import fork_seed
 
     stored = {}
@@ -785,53 +835,55 @@ def _search(tasks, *, target, work_dir, database, builder, runner, max_trials_gl
     if not todo or global_left == 0:
         return
 
-    if quiet:  # MetaSchedule's console handler takes this level; its log files stay DEBUG
-        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-    loggers = get_loggers_from_work_dir(str(work_dir), [t.name for t, _ in todo])
-    shared = _SharedBudget(global_left)
-    ctxs = []
-    for (task, task_space), task_logger, rand in zip(todo, loggers,
-                                                     fork_seed(seed, n=len(todo))):
-        inner = ms.search_strategy.EvolutionarySearch(**strategy_options)
-        ctxs.append(ms.TuneContext(
-            mod=_normalize(task.mod),
-            target=target,
-            space_generator=task_space,
-            search_strategy=_BudgetedSearch(inner, caps[task.name], shared),
-            task_name=task.name,
-            rand_state=rand,
-            num_threads=num_tuning_cores,
-            logger=task_logger,
-        ))
-    state = {
-        "ids": [t.name for t, _ in todo],
-        "all": [t.name for t in tasks],
-        "round": 0,
-        "used": {t.name: 0 for t in tasks},
-        "cap": caps,
-        "stored": stored,
-        "best": best,
-        "budget": min(max_trials_global, max_trials_per_task * len(tasks)),
-        "global_left0": global_left,
-        "t0": time.monotonic(),
-    }
-    callbacks = [*ms.measure_callback.MeasureCallback.create("default"),
-                 _ProgressCallback(state, progress)]
-    ms.tune_tasks(
-        tasks=ctxs,
-        task_weights=[float(t.weight) for t, _ in todo],
-        work_dir=str(work_dir),
-        max_trials_global=global_left,
-        max_trials_per_task=max(caps[t.name] for t, _ in todo),
-        num_trials_per_iter=num_trials_per_iter,
-        builder=builder,
-        runner=runner,
-        database=database,
-        cost_model=cost_model,
-        measure_callbacks=callbacks,
-        task_scheduler=ms.task_scheduler.GradientBased(seed=-1 if seed is None else int(seed)),
-        module_equality=module_equality,
-    )
+    loggers, restore = _setup_logs(work_dir, [t.name for t, _ in todo], quiet=quiet)
+    try:
+        shared = _SharedBudget(global_left)
+        ctxs = []
+        for (task, task_space), task_logger, rand in zip(todo, loggers,
+                                                         fork_seed(seed, n=len(todo))):
+            inner = ms.search_strategy.EvolutionarySearch(**strategy_options)
+            ctxs.append(ms.TuneContext(
+                mod=_normalize(task.mod),
+                target=target,
+                space_generator=task_space,
+                search_strategy=_BudgetedSearch(inner, caps[task.name], shared),
+                task_name=task.name,
+                rand_state=rand,
+                num_threads=num_tuning_cores,
+                logger=task_logger,
+            ))
+        state = {
+            "ids": [t.name for t, _ in todo],
+            "all": [t.name for t in tasks],
+            "round": 0,
+            "used": {t.name: 0 for t in tasks},
+            "cap": caps,
+            "stored": stored,
+            "best": best,
+            "budget": min(max_trials_global, max_trials_per_task * len(tasks)),
+            "global_left0": global_left,
+            "t0": time.monotonic(),
+        }
+        callbacks = [*ms.measure_callback.MeasureCallback.create("default"),
+                     _ProgressCallback(state, progress)]
+        ms.tune_tasks(
+            tasks=ctxs,
+            task_weights=[float(t.weight) for t, _ in todo],
+            work_dir=str(work_dir),
+            max_trials_global=global_left,
+            max_trials_per_task=max(caps[t.name] for t, _ in todo),
+            num_trials_per_iter=num_trials_per_iter,
+            builder=builder,
+            runner=runner,
+            database=database,
+            cost_model=cost_model,
+            measure_callbacks=callbacks,
+            task_scheduler=ms.task_scheduler.GradientBased(
+                seed=-1 if seed is None else int(seed)),
+            module_equality=module_equality,
+        )
+    finally:
+        restore()
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,77 @@
+"""tuning.rpc: tracker/server processes on loopback, tracker checks, tuning through RPC."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tuning.database import open_database, record_latency_s
+from tuning.rpc import (
+    LocalRPC,
+    RPCTrackerError,
+    check_tracker,
+    free_port,
+    make_rpc_runner,
+    no_device_help,
+    parse_tracker,
+)
+from tuning.tune import TuneTask, stored_trials, tune_tasks, verify_record
+
+from .conftest import FAST, matmul_bias
+
+KEY = "toy-cpu"
+
+
+def test_parse_tracker():
+    assert parse_tracker("10.0.0.5:9191") == ("10.0.0.5", 9191)
+    assert parse_tracker("gpu-box") == ("gpu-box", 9190)
+    assert parse_tracker("[::1]:9000") == ("::1", 9000)
+    for bad in ("", ":9190", "host:port", "host:70000"):
+        with pytest.raises(ValueError, match="HOST:PORT"):
+            parse_tracker(bad)
+
+
+def test_no_device_help_names_both_commands_and_the_tune_form():
+    msg = no_device_help("sm_86")
+    assert "python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port 9190" in msg
+    assert "python -m tvm.exec.rpc_server --tracker 127.0.0.1:9190 --key sm_86" in msg
+    assert "tune ... --arch sm_86 --rpc-tracker GPU_HOST:9190 --rpc-key sm_86" in msg
+
+
+def test_unreachable_tracker_fails_clearly():
+    port = free_port()
+    with pytest.raises(RPCTrackerError, match=f"127.0.0.1:{port} is unreachable"):
+        check_tracker("127.0.0.1", port, "x", timeout=2)
+
+
+@pytest.fixture(scope="module")
+def rpc():
+    with LocalRPC(key=KEY) as r:
+        pids = [r.tracker.proc.pid] + [s.proc.pid for s in r.servers]
+        yield r
+    for pid in pids:  # the context manager stopped them
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_tracker_lists_the_server(rpc):
+    assert check_tracker(rpc.host, rpc.port, KEY, timeout=10)["free"] == 1
+    with pytest.raises(RPCTrackerError, match=f"no server registered under key 'sm_90'.*{KEY}"):
+        check_tracker(rpc.host, rpc.port, "sm_90", timeout=1)
+
+
+@pytest.mark.slow  # ~40 s on 2 busy cores: RPC servers link every candidate before running it
+def test_tune_through_rpc_produces_records(rpc, tmp_path, cpu_target, measure):
+    runner = make_rpc_runner(rpc.host, rpc.port, KEY, number=2, min_repeat_ms=20)
+    db = tune_tasks([TuneTask("mm", matmul_bias())], target=cpu_target, work_dir=tmp_path,
+                    max_trials_global=4, max_trials_per_task=4, builder=measure["builder"],
+                    runner=runner, **FAST)
+    n_search, n_base, best = stored_trials(db, matmul_bias())
+    assert (n_search, n_base) == (4, 1)
+    assert 0 < best < 1.0  # real timings, not the 1e10 of a failed candidate
+    db = open_database(tmp_path, target=cpu_target)
+    rec = db.query_tuning_record(matmul_bias(), cpu_target, "main")
+    assert rec is not None and record_latency_s(rec) == pytest.approx(best)
+    # the numerical check runs through the same tracker
+    assert verify_record(rec, target=cpu_target, device_or_rpc=(rpc.host, rpc.port, KEY))

@@ -1,0 +1,237 @@
+"""tuning.tune: the MetaSchedule driver on CPU (llvm) with a toy matmul+bias and few trials."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tvm
+import tvm_ffi
+from tvm.s_tir import Schedule
+from tvm.s_tir import meta_schedule as ms
+
+from tuning.database import (
+    RECORD_FILE,
+    open_database,
+    prune_best,
+    read_meta,
+    record_latency_s,
+)
+from tuning.targets import make_target
+from tuning.tune import (
+    TuneTask,
+    is_search_record,
+    make_verifier,
+    stored_trials,
+    tune_tasks,
+    untuned_schedule,
+    verify_record,
+)
+
+from .conftest import FAST, TRIALS, matmul_bias, matmul_bias_reference
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run_numpy(mod, target, seed=0):
+    """Build ``mod`` for ``target``, run on CPU, compare with NumPy; returns max abs error."""
+    rng = np.random.default_rng(seed)
+    a = rng.uniform(-1, 1, (64, 64)).astype("float32")
+    b = rng.uniform(-1, 1, (64, 64)).astype("float32")
+    bias = rng.uniform(-1, 1, (64,)).astype("float32")
+    lib = tvm.compile(mod, target=target)
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros((64, 64), "float32"), device=dev)
+    lib["main"](*(tvm.runtime.tensor(x, device=dev) for x in (a, b, bias)), out)
+    return float(np.abs(out.numpy() - matmul_bias_reference(a, b, bias)).max())
+
+
+def test_tune_writes_database_with_meta_and_records(tuned, cpu_target):
+    work_dir, _ = tuned
+    meta = read_meta(work_dir)
+    assert meta["arch"] == "cpu" and meta["model"] == "toy"
+    assert meta["trials"] == TRIALS and meta["tasks"] == ["mm"]
+    assert meta["tvm_version"] == tvm.__version__
+    db = open_database(work_dir, target=cpu_target)
+    n_search, n_base, best = stored_trials(db, matmul_bias())
+    assert (n_search, n_base) == (TRIALS, 1)
+    rec = db.query_tuning_record(matmul_bias(), cpu_target, "main")
+    assert rec is not None and record_latency_s(rec) == pytest.approx(best)
+    # the stored best schedule computes the right thing (NumPy reference, fp32 tolerance)
+    sch = db.query_schedule(matmul_bias(), cpu_target, "main")
+    assert _run_numpy(sch.mod, cpu_target) < 1e-4
+
+
+def test_progress_is_reported_per_batch(tuned):
+    _, reports = tuned
+    assert len(reports) == TRIALS // FAST["num_trials_per_iter"]
+    used = [r.trials_used for r in reports]
+    assert used == sorted(used) and used[-1] == TRIALS
+    last = reports[-1]
+    assert last.trials_budget == TRIALS and last.tasks_done == last.n_tasks == 1
+    assert reports[0].eta_s is not None and reports[0].eta_s >= 0
+    assert last.best_us["mm"] is not None and last.best_us["mm"] > 0
+    line = last.format()
+    assert "trials 8/8" in line and "tasks done 1/1" in line and "mm=" in line and "ETA" in line
+
+
+def test_untuned_baseline_is_measured_and_stored(tuned, cpu_target):
+    work_dir, _ = tuned
+    table = json.loads((work_dir / "untuned.json").read_text())["mm"]
+    assert table["candidates_us"]["static"] > 0
+    assert table["candidates_us"]["symbolic"] > 0  # the symbolic variant, run at n=64
+    assert table["untuned_us"] == table["candidates_us"]["symbolic"]
+    db = open_database(work_dir, target=cpu_target)
+    base = [r for r in db.get_all_tuning_records() if not is_search_record(r)]
+    assert len(base) == 1
+    assert len(base[0].trace.insts) == 0  # llvm: the unscheduled function
+    assert record_latency_s(base[0]) * 1e6 == pytest.approx(table["baseline_record_us"], rel=1e-5)
+
+
+def test_pruned_form_has_one_verified_record_not_slower_than_untuned(tuned, cpu_target, tmp_path):
+    work_dir, _ = tuned
+    db = open_database(work_dir, target=cpu_target)
+    base = next(r for r in db.get_all_tuning_records() if not is_search_record(r))
+    summary = prune_best(work_dir, out_path=tmp_path, verify=make_verifier(target=cpu_target))
+    pruned = open_database(tmp_path, target=cpu_target)
+    recs = pruned.get_all_tuning_records()
+    assert len(recs) == 1 and summary[0] is not None
+    assert record_latency_s(recs[0]) <= record_latency_s(base)
+    assert record_latency_s(recs[0]) == pytest.approx(
+        min(record_latency_s(r) for r in db.get_all_tuning_records()))
+    assert read_meta(tmp_path)["pruned"] is True
+
+
+def _bad_record(db, mod, target, secs):
+    """A record whose schedule silently keeps the accumulator in float16 (numerically wrong)."""
+    sch = Schedule(mod)
+    sch.unsafe_set_dtype(sch.get_sblock("C"), 0, "float16")
+    rec = ms.database.TuningRecord(sch.trace, db.commit_workload(mod),
+                                   [tvm.tirx.FloatImm("float32", secs)], target,
+                                   ms.arg_info.ArgInfo.from_prim_func(mod["main"]))
+    db.commit_tuning_record(rec)
+    return rec
+
+
+def test_verify_record_rejects_wrong_schedule_and_prune_falls_back(tmp_path, cpu_target):
+    mod = matmul_bias()
+    db = open_database(tmp_path, target=cpu_target, create=True)
+    bad = _bad_record(db, mod, cpu_target, 1e-6)
+    sch = Schedule(mod)
+    i, _, _ = sch.get_loops(sch.get_sblock("C"))
+    sch.split(i, factors=[None, 8])
+    good = ms.database.TuningRecord(sch.trace, db.commit_workload(mod),
+                                    [tvm.tirx.FloatImm("float32", 5e-6)], cpu_target,
+                                    ms.arg_info.ArgInfo.from_prim_func(mod["main"]))
+    db.commit_tuning_record(good)
+    assert verify_record(good, target=cpu_target, rtol=1e-5, atol=1e-5) is True
+    assert verify_record(bad, target=cpu_target, rtol=1e-5, atol=1e-5) is False
+    summary = prune_best(tmp_path, out_path=tmp_path / "out",
+                         verify=make_verifier(target=cpu_target, rtol=1e-5, atol=1e-5))
+    assert summary[0] == pytest.approx(5e-6)  # the faster, wrong record was skipped
+    kept = open_database(tmp_path / "out", target=cpu_target).get_all_tuning_records()
+    assert len(kept) == 1
+    assert [i.kind.name for i in kept[0].trace.insts][-1] == "Split"  # the good record
+
+
+def test_resume_spends_only_the_remaining_budget(tuned_copy, cpu_target, measure):
+    untuned_before = (tuned_copy / "untuned.json").read_text()
+    reports = []
+    db = tune_tasks([TuneTask("mm", matmul_bias())], target=cpu_target, work_dir=tuned_copy,
+                    max_trials_global=12, max_trials_per_task=12, progress=reports.append,
+                    **measure, **FAST)
+    assert stored_trials(db, matmul_bias())[:2] == (12, 1)  # baseline not measured again
+    assert reports[-1].session_trials == 4 and reports[-1].trials_used == 12
+    assert (tuned_copy / "untuned.json").read_text() == untuned_before
+    # budgets already spent: nothing is measured
+    reports.clear()
+    db = tune_tasks([TuneTask("mm", matmul_bias())], target=cpu_target, work_dir=tuned_copy,
+                    max_trials_global=100, max_trials_per_task=12, progress=reports.append,
+                    **measure, **FAST)
+    assert reports == [] and stored_trials(db, matmul_bias())[:2] == (12, 1)
+
+
+_KILL_SCRIPT = """
+import sys
+from tests.tuning.conftest import FAST, matmul_bias
+from tuning.targets import make_target
+from tuning.tune import TuneTask, tune_tasks
+tune_tasks([TuneTask("mm", matmul_bias())], target=make_target("cpu", num_cores=1),
+           work_dir=sys.argv[1], max_trials_global=400, max_trials_per_task=400, **FAST)
+"""
+
+
+@pytest.mark.slow  # ~50 s: a second process starts TVM and tunes before it is killed
+def test_sigkill_mid_run_then_resume(tmp_path, cpu_target, measure):
+    work_dir = tmp_path / "db"
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(work_dir)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    records = work_dir / RECORD_FILE
+    deadline = time.monotonic() + 240
+    try:
+        # wait for the untuned record and some search records, then kill the whole run
+        while time.monotonic() < deadline and proc.poll() is None:
+            if records.exists() and len(records.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    lines = records.read_text().splitlines()
+    assert len(lines) >= 3
+    # a kill inside a write leaves half a line: make it so
+    with open(records, "a") as f:
+        f.write(lines[-1][: len(lines[-1]) // 2])
+    with pytest.warns(UserWarning, match="quarantined"):
+        db = tune_tasks([TuneTask("mm", matmul_bias())], target=cpu_target, work_dir=work_dir,
+                        max_trials_global=8, max_trials_per_task=8, **measure, **FAST)
+    n_search, n_base, _ = stored_trials(db, matmul_bias())
+    assert n_base == 1  # the untuned record survived the kill and was not measured again
+    assert n_search == max(8, len(lines) - 1)  # resumed up to the budget (or past it already)
+    db = open_database(work_dir, target=cpu_target)  # loads cleanly now
+    assert db.query_tuning_record(matmul_bias(), cpu_target, "main") is not None
+
+
+def test_bad_tasks_are_rejected(tmp_path, cpu_target):
+    with pytest.raises(ValueError, match="symbolic dims.*bucket"):
+        tune_tasks([TuneTask("sym", matmul_bias(symbolic=True))], target=cpu_target,
+                   work_dir=tmp_path, max_trials_global=4, max_trials_per_task=4)
+    with pytest.raises(ValueError, match="duplicate task name"):
+        tune_tasks([TuneTask("a", matmul_bias()), TuneTask("a", matmul_bias(32, 32, 32))],
+                   target=cpu_target, work_dir=tmp_path, max_trials_global=4,
+                   max_trials_per_task=4)
+    with pytest.raises(ValueError, match="no tasks"):
+        tune_tasks([], target=cpu_target, work_dir=tmp_path, max_trials_global=4,
+                   max_trials_per_task=4)
+
+
+def test_gpu_untuned_schedule_is_a_replayable_dlight_trace(tmp_path):
+    target = make_target("sm_90")
+    mod = matmul_bias()
+    sch = untuned_schedule(mod, target=target)
+    kinds = [i.kind.name for i in sch.trace.insts]
+    assert "Bind" in kinds and "EnterPostproc" not in kinds
+    replay = Schedule(mod)
+    sch.trace.apply_to_schedule(replay, remove_postproc=False)
+    assert tvm_ffi.structural_equal(replay.mod, sch.mod)
+    # through a JSON database and back
+    db = ms.database.JSONDatabase(work_dir=str(tmp_path))
+    rec = ms.database.TuningRecord(sch.trace, db.commit_workload(mod),
+                                   [tvm.tirx.FloatImm("float32", 1e-5)], target,
+                                   ms.arg_info.ArgInfo.from_prim_func(mod["main"]))
+    db.commit_tuning_record(rec)
+    assert not is_search_record(rec)
+    loaded = open_database(tmp_path, target=target).query_schedule(mod, target, "main")
+    assert tvm_ffi.structural_equal(loaded.mod, sch.mod)
