@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phases", default="decode,prefill", help="which phases to tune (default decode,prefill)")
     p.add_argument("--kinds", default=None, help="only these kernel kinds, e.g. gemv,gemm (default all)")
     p.add_argument("--database-dir", type=Path, default=Path("databases"), help="root of the databases (default databases/)")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="full record log, what resumes a run (default .tune-work/ARCH/MODEL-QUANT)")
     p.add_argument("--rpc-tracker", default=None, help="HOST:PORT of a TVM RPC tracker to measure on remote cards")
     p.add_argument("--rpc-key", default=None, help="device key the RPC servers registered with")
     p.add_argument("--workers", type=int, default=None, help="parallel build workers (default: CPU count)")

@@ -19,6 +19,7 @@ import dataclasses
 from collections import Counter
 
 import tvm
+import tvm_ffi
 from tvm import IRModule, relax, tirx
 from tvm.target import Target
 
@@ -48,6 +49,14 @@ class Task:  # pylint: disable=too-many-instance-attributes
 
     def mod(self) -> IRModule:
         return IRModule({"main": self.func.with_attr("global_symbol", "main")})
+
+    twin: tirx.PrimFunc | None = None  # the symbolic kernel the untuned build runs, specialized
+
+    def untuned_mod(self) -> IRModule | None:
+        """The kernel the dynamic-shape untuned build runs at this shape (see :func:`attach_twins`)."""
+        if self.twin is None:
+            return None
+        return IRModule({"main": self.twin.with_attr("global_symbol", "main")})
 
     def shapes(self) -> list[tuple[int, ...]]:
         return [tuple(int(d) for d in p.shape) for p in self.func.params if hasattr(p, "shape")]
@@ -139,13 +148,47 @@ def tasks_of(prepared: IRModule, buckets: dict[str, list[int]]) -> list[Task]:
     return out
 
 
+def specialize(func: tirx.PrimFunc, value: int) -> tirx.PrimFunc:
+    """Bind the symbolic dim of ``func`` to ``value`` (one buffer binds the var everywhere)."""
+    for param in func.params:
+        shape = getattr(param, "shape", None)
+        if shape is not None and any(isinstance(d, tirx.Var) for d in shape):
+            new = [tirx.IntImm("int64", value) if isinstance(d, tirx.Var) else d for d in shape]
+            buf = tirx.decl_buffer(new, param.dtype, param.name, elem_offset=param.elem_offset)
+            return func.specialize({param: buf})
+    return func
+
+
+SYMBOLIC_FUNCTION = {"decode": "batch_decode", "prefill": "prefill"}
+
+
+def attach_twins(prepared: IRModule, task_list: list[Task]) -> list[Task]:
+    """Set each task's ``twin``: the symbolic kernel of the dynamic-shape function that computes
+    the same thing, specialized to the task's bucket (matched by structural equality).
+
+    dlight picks its rule from the function it sees (``LowBatchGEMV`` for a symbolic batch, the
+    SIMT ``Matmul`` for a static 8), so the untuned time of a task is its twin's.
+    """
+    symbolic = {phase: [n for n in call_counts(prepared[fn]) if isinstance(prepared[n], tirx.PrimFunc)]
+                for phase, fn in SYMBOLIC_FUNCTION.items()}
+    for task in task_list:
+        static = task.func.without_attr("global_symbol")
+        for name in symbolic[task.phase]:
+            candidate = specialize(prepared[name], task.bucket).without_attr("global_symbol")
+            if tvm_ffi.structural_equal(candidate, static):
+                task.twin = candidate
+                break
+    return task_list
+
+
 def partition(config, *, quantization: str, target: Target, buckets: dict[str, list[int]] | None = None) -> list[Task]:
-    """Export ``config`` with bucket entry points, prepare it, and list the tasks."""
+    """Export ``config`` with bucket entry points, prepare it, and list the tasks (with twins)."""
     from gpt2_model.export import export_model  # pylint: disable=import-outside-toplevel
 
     buckets = buckets or buckets_for(config)
     exported = export_model(config, quantization=quantization, target=target, buckets=buckets)
-    return tasks_of(prepare(exported.mod, target=target), buckets)
+    prepared = prepare(exported.mod, target=target)
+    return attach_twins(prepared, tasks_of(prepared, buckets))
 
 
 def table(task_list: list[Task]) -> str:
