@@ -34,20 +34,23 @@ class ExportedModel:
 
 
 def export_model(config: GPT2Config, *, quantization: str, target: Target, debug: bool = False,
-                 buckets: dict[str, list[int]] | None = None) -> ExportedModel:
+                 buckets: dict[str, list[int]] | None = None, model_cls: type = GPT2LMHeadModel) -> ExportedModel:
     """Build the model for ``quantization`` and export ``get_default_spec()`` to relax.
 
     ``target`` is needed at export time because the paged KV cache embeds its attention kernels
-    (CPU and GPU variants differ). ``debug=True`` keeps ``op.print_`` calls working.
+    (CPU and GPU variants differ). ``debug=True`` makes ``op.print_`` calls in the model print at
+    run time (the functions then thread IO effects; :class:`~gpt2_model.runtime.Engine` handles
+    that). ``model_cls`` lets a subclass (one with prints, say) be exported the same way.
     ``buckets`` adds static-shape entry points (``batch_decode_b8``, ``prefill_s1024``; see
     ``GPT2LMHeadModel.get_default_spec``).
     """
     scheme = get_scheme(quantization)
-    model = GPT2LMHeadModel(config, scheme, target)
-    mod, named_params = model.export_tvm(spec=model.get_default_spec(buckets), debug=debug)
+    model = model_cls(config, scheme, target)
+    mod, named_params = model.export_tvm(spec=model.get_default_spec(buckets, debug=debug), debug=debug)
     metadata = {
         "model_type": "gpt2",
         "quantization": scheme.name,
+        "debug": bool(debug),
         "activation_dtype": scheme.activation_dtype,
         "context_window_size": config.context_window_size,
         "prefill_chunk_size": config.prefill_chunk_size,

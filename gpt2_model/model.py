@@ -179,16 +179,20 @@ class GPT2LMHeadModel(nn.Module):
             target=self.target,
         )
 
-    def get_default_spec(self, buckets: dict[str, list[int]] | None = None) -> nn.spec.ModuleSpec:
+    def get_default_spec(self, buckets: dict[str, list[int]] | None = None, *, debug: bool = False) -> nn.spec.ModuleSpec:
         """The exported interface; ``buckets`` adds static-shape entry points.
 
         ``buckets={"decode": [8], "prefill": [1024]}`` adds ``batch_decode_b8`` (batch of exactly
         8) and ``prefill_s1024`` (a chunk of exactly 1024 tokens): the same computation with the
         symbolic dim bound, so MetaSchedule can tune its kernels and the runtime calls them when
         the step's shape equals the bucket (the symbolic functions serve every other shape).
+
+        ``debug=True`` exports the compute functions with ``effect_mode="packed"``: they take the
+        IO effects (from ``_initialize_effect``) after their inputs and return ``(outputs,
+        effects)``, which is what lets ``op.print_`` print at run time (the Engine threads them).
         """
         d, dtype = self.config.n_embd, self.dtype
-        packed = {"param_mode": "packed", "effect_mode": "none"}
+        packed = {"param_mode": "packed", "effect_mode": "packed" if debug else "none"}
         kv = nn.spec.Object(object_type=PagedKVCache)
         spec = {
             "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "$": packed},

@@ -105,6 +105,8 @@ class Engine:  # pylint: disable=too-many-instance-attributes
         self.device = tvm_device(device)
         self.vm = relax.VirtualMachine(executable, self.device)
         self.params = self._upload(params)
+        # A debug export threads IO effects (op.print_) through every compute function.
+        self._effects = self.vm["_initialize_effect"]() if exported.metadata.get("debug") else None
         c = self.config
         self.max_batch_size = max_batch_size or c.max_batch_size
         self.max_total_seq_len = max_total_seq_len or c.context_window_size * min(self.max_batch_size, 8)
@@ -224,9 +226,16 @@ class Engine:  # pylint: disable=too-many-instance-attributes
             )
 
     # ------------------------------------------------------------------ low-level steps
+    def call(self, func, *args):
+        """Call a compute function of the library (params appended, effects threaded if debug)."""
+        if self._effects is None:
+            return func(*args, self.params)
+        out, self._effects = func(*args, self._effects, self.params)
+        return out
+
     def embed(self, ids: np.ndarray):
         """Token embeddings on the device: (n, n_embd)."""
-        return self.vm["embed"](tvm.runtime.tensor(ids, self.device), self.params)
+        return self.call(self.vm["embed"], tvm.runtime.tensor(ids, self.device))
 
     def begin_forward(self, seqs: Sequence[int], lengths: Sequence[int]) -> None:
         self._f["begin_forward"](self.kv_cache, tvm.runtime.ShapeTuple(list(seqs)), tvm.runtime.ShapeTuple(list(lengths)))
@@ -244,12 +253,12 @@ class Engine:  # pylint: disable=too-many-instance-attributes
 
     def run_prefill(self, embeds, length: int):
         """One prefill call (after begin_forward): embeds (1, n, d) -> logits tensor (1, 1, vocab)."""
-        logits, self.kv_cache = self.prefill_function(length)(embeds, self.kv_cache, self.params)
+        logits, self.kv_cache = self.call(self.prefill_function(length), embeds, self.kv_cache)
         return logits
 
     def run_batch_decode(self, embeds, batch: int):
         """One batched decode call (after begin_forward): embeds (b, 1, d) -> logits (b, 1, vocab)."""
-        logits, self.kv_cache = self.decode_function(batch)(embeds, self.kv_cache, self.params)
+        logits, self.kv_cache = self.call(self.decode_function(batch), embeds, self.kv_cache)
         return logits
 
     def view(self, tensor, shape: Sequence[int]):

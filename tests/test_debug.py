@@ -298,42 +298,32 @@ def test_op_print_in_model(builds, capfd):
     """op.print_ inside the model prints at run time (debug=True, effect_mode='packed')."""
     from tvm.relax.frontend.nn import op  # pylint: disable=import-outside-toplevel
 
-    from gpt2_model.export import ExportedModel  # pylint: disable=import-outside-toplevel
+    from gpt2_model.export import export_model  # pylint: disable=import-outside-toplevel
     from gpt2_model.model import GPT2LMHeadModel  # pylint: disable=import-outside-toplevel
     from tuning.compile import build  # pylint: disable=import-outside-toplevel
 
     class PrintingGPT2(GPT2LMHeadModel):
-        def decode(self, input_embed, paged_kv_cache):
-            hidden = self.transformer(input_embed, paged_kv_cache)  # ln_f output (1, 1, n_embd)
+        def batch_decode(self, input_embeds, paged_kv_cache):
+            hidden = self.transformer(input_embeds, paged_kv_cache)  # ln_f output (b, 1, n_embd)
             op.print_(hidden)
             return self._lm_head(hidden), paged_kv_cache
 
     base = builds["exported"]
     model = PrintingGPT2(base.config, base.scheme, _target())
-    # With the default spec (effect_mode="none") the print has no IO effect to thread through.
+    # Without debug=True the print has no IO effect to thread through.
     with pytest.raises(Exception, match="_io"):
         model.export_tvm(spec=model.get_default_spec(), debug=True)
 
-    model = PrintingGPT2(base.config, base.scheme, _target())
-    spec = model.get_default_spec()
-    for method in spec.method_specs:
-        if method.method.__name__ == "decode":
-            method.effect_mode = "packed"
-    mod, named_params = model.export_tvm(spec=spec, debug=True)
-    exported = ExportedModel(mod=mod, named_params=named_params, config=base.config, scheme=base.scheme,
-                             metadata=base.metadata)
+    exported = export_model(base.config, quantization=base.scheme.name, target=_target(), debug=True,
+                            model_cls=PrintingGPT2)
     engine = _engine(exported, build(exported, target=_target()), builds["params"])
 
     seq = engine.add_sequence()
     logits = engine.prefill(seq, PROMPT)
     token = int(np.argmax(logits))
-    effects = engine.vm["_initialize_effect"]()
     capfd.readouterr()
     with KernelRecorder(engine) as rec:
-        embeds = engine.view(engine.embed(np.array([token], "int32")), (1, 1, engine.config.n_embd))
-        engine.begin_forward([seq], [1])
-        (out_logits, engine.kv_cache), _ = engine.vm["decode"](embeds, engine.kv_cache, effects, engine.params)
-        engine.end_forward()
+        out_logits = engine.decode([seq], [token])
     printed = capfd.readouterr().out
     assert re.search(r"test_debug\.py:\d+: shape = \(1, 1, 64\), dtype = float32, data =", printed), printed
     values = np.array([float(x) for x in re.findall(r"-?\d+\.\d*(?:e[-+]\d+)?", printed.split("data =", 1)[1])])
@@ -345,7 +335,7 @@ def test_op_print_in_model(builds, capfd):
     builds["a"].prefill(ref_seq, PROMPT)
     ref = builds["a"].decode([ref_seq], [token])[0]
     builds["a"].remove_sequence(ref_seq)
-    np.testing.assert_allclose(out_logits.numpy().reshape(-1), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out_logits.reshape(-1), ref, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- other formats / GPU
