@@ -99,8 +99,9 @@ class TuneTask:
         where ``weight × latency`` can drop the most.
     untuned_mod : IRModule, optional
         The function the untuned (dynamic-shape) build really runs at this shape, e.g. the same
-        kernel with a symbolic batch. dlight may pick another rule for it; it is measured at the
-        task's shape and the better of the two becomes the untuned baseline.
+        kernel with a symbolic batch. dlight may pick another rule for it. Its kernel is measured
+        at the task's shape (``untuned_us`` in ``untuned.json``: what users get today), and its
+        schedule, where the trace replays on ``mod``, is stored as one more untuned record.
     """
 
     name: str
@@ -154,9 +155,12 @@ def _normalize(mod: IRModule | tvm.tirx.PrimFunc) -> IRModule:
 
 
 def _check_tasks(tasks: Sequence[TuneTask]) -> None:
+    import tvm_ffi
+
     if not tasks:
         raise ValueError("no tasks to tune")
     seen = set()
+    by_hash: dict[int, list[tuple[str, IRModule]]] = {}
     for task in tasks:
         if not isinstance(task, TuneTask):
             raise TypeError(f"expected TuneTask, got {type(task).__name__}")
@@ -171,6 +175,13 @@ def _check_tasks(tasks: Sequence[TuneTask]) -> None:
                 f"task {task.name!r} has symbolic dims ({', '.join(sym)}); MetaSchedule can only "
                 "measure static shapes: bind them to a bucket first"
             )
+        # Two tasks of one workload would share (and double-count) their records.
+        mod = _normalize(task.mod)
+        for other, other_mod in by_hash.setdefault(tvm_ffi.structural_hash(mod), []):
+            if tvm_ffi.structural_equal(mod, other_mod):
+                raise ValueError(f"tasks {other!r} and {task.name!r} are the same workload; "
+                                 "merge them into one task (add their weights)")
+        by_hash[tvm_ffi.structural_hash(mod)].append((task.name, mod))
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,21 +380,27 @@ def stored_trials(database: ms.database.Database, mod: IRModule) -> tuple[int, i
         Search trials (failed ones included, as MetaSchedule counts them), untuned baseline
         records, and the best valid mean latency in seconds (``inf`` if none).
     """
-    mod = _normalize(mod)
-    if not database.has_workload(mod):
-        return 0, 0, float("inf")
-    workload = database.commit_workload(mod)
-    search = base = 0
-    best = float("inf")
-    for rec in database.get_all_tuning_records():
-        if not rec.workload.same_as(workload):
-            continue
-        if is_search_record(rec):
-            search += 1
-        else:
-            base += 1
-        best = min(best, record_latency_s(rec))
-    return search, base, best
+    return _stored_trials_all(database, [mod])[0]
+
+
+def _stored_trials_all(database, mods) -> list[tuple[int, int, float]]:
+    """:func:`stored_trials` of many workloads in one pass over the records."""
+    keys = []
+    for mod in mods:
+        mod = _normalize(mod)
+        # commit_workload returns the stored Workload object, so records hash to the same handle
+        keys.append(hash(database.commit_workload(mod)) if database.has_workload(mod) else None)
+    wanted = {k for k in keys if k is not None}
+    stats: dict[int, list] = {}
+    if wanted:
+        for rec in database.get_all_tuning_records():
+            key = hash(rec.workload)
+            if key not in wanted:
+                continue
+            st = stats.setdefault(key, [0, 0, float("inf")])
+            st[0 if is_search_record(rec) else 1] += 1
+            st[2] = min(st[2], record_latency_s(rec))
+    return [tuple(stats.get(k, (0, 0, float("inf")))) for k in keys]
 
 
 def _device_type(target: Target) -> str:
@@ -438,7 +455,7 @@ def _measure_untuned(task: TuneTask, *, target, database, builder, runner, rules
                 try:
                     replay = Schedule(mod)
                     sym_sch.trace.apply_to_schedule(replay, remove_postproc=False)
-                    if not tvm_structural_equal(replay.mod, sch.mod):
+                    if not _structurally_equal(replay.mod, sch.mod):
                         cands.append(("symbolic-replayed", replay))
                 except Exception as err:  # other rule, other loops: not replayable here
                     logger.debug("task %s: symbolic dlight trace does not replay: %s",
@@ -467,7 +484,7 @@ def _measure_untuned(task: TuneTask, *, target, database, builder, runner, rules
     return entry
 
 
-def tvm_structural_equal(a, b) -> bool:
+def _structurally_equal(a, b) -> bool:
     import tvm_ffi
 
     return bool(tvm_ffi.structural_equal(a, b))
@@ -677,7 +694,9 @@ def tune_tasks(
     module_equality : str
         MetaSchedule workload equality.
     meta : dict, optional
-        Extra ``meta.json`` fields (model, quantization, buckets, ...).
+        Extra ``meta.json`` fields (model, quantization, buckets, trials, ...). The driver itself
+        records the budgets, the task names and, at the end, ``trials_used`` (search trials
+        stored over all tasks).
     quiet : bool
         Keep MetaSchedule's per-batch tables out of the console (they still go to ``logs/``).
 
@@ -721,9 +740,24 @@ def tune_tasks(
     finally:
         if own_builder:
             builder.shutdown()
-    used = sum(stored_trials(database, t.mod)[0] for t in tasks)
-    write_meta(work_dir, trials=used)
+    counts = _stored_trials_all(database, [t.mod for t in tasks])
+    write_meta(work_dir, trials_used=sum(n for n, _, _ in counts))
+    _warn_if_slower_than_untuned(tasks, counts, work_dir)
     return database
+
+
+def _warn_if_slower_than_untuned(tasks, counts, work_dir: Path) -> None:
+    """The stored best can still lose to the untuned *symbolic* kernel when that one's schedule
+    does not replay on the static function (then it could not be stored as a record)."""
+    file = work_dir / UNTUNED_FILE
+    table = json.loads(file.read_text()) if file.exists() else {}
+    for task, (_, _, best) in zip(tasks, counts):
+        untuned = (table.get(task.name) or {}).get("untuned_us")
+        if untuned and best * 1e6 > untuned:
+            logger.warning(
+                "task %s: best stored record %.2f us is slower than the untuned dynamic-shape "
+                "kernel %.2f us; keep the untuned kernel at this shape", task.name, best * 1e6,
+                untuned)
 
 
 def _cores(num: int | str) -> int:
@@ -740,8 +774,8 @@ def _baselines(tasks, *, target, database, builder, runner, rules, work_dir: Pat
         table = json.loads(file.read_text()) if file.exists() else {}
     except json.JSONDecodeError:
         table = {}
-    for task in tasks:
-        _, base, _ = stored_trials(database, task.mod)
+    counts = _stored_trials_all(database, [t.mod for t in tasks])
+    for task, (_, base, _) in zip(tasks, counts):
         if base > 0 and task.name in table:
             continue
         t0 = time.monotonic()
@@ -814,8 +848,7 @@ def _search(tasks, *, target, work_dir, database, builder, runner, max_trials_gl
 
     stored = {}
     best = {}
-    for task in tasks:
-        n_search, _, b = stored_trials(database, task.mod)
+    for task, (n_search, _, b) in zip(tasks, _stored_trials_all(database, [t.mod for t in tasks])):
         stored[task.name], best[task.name] = n_search, b
     global_left = max(0, max_trials_global - sum(stored.values()))
     caps = {t.name: max(0, max_trials_per_task - stored[t.name]) for t in tasks}

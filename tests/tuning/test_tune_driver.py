@@ -57,7 +57,8 @@ def test_tune_writes_database_with_meta_and_records(tuned, cpu_target):
     work_dir, _ = tuned
     meta = read_meta(work_dir)
     assert meta["arch"] == "cpu" and meta["model"] == "toy"
-    assert meta["trials"] == TRIALS and meta["tasks"] == ["mm"]
+    assert meta["trials_used"] == TRIALS and meta["tasks"] == ["mm"]
+    assert meta["max_trials_global"] == meta["max_trials_per_task"] == TRIALS
     assert meta["tvm_version"] == tvm.__version__
     db = open_database(work_dir, target=cpu_target)
     n_search, n_base, best = stored_trials(db, matmul_bias())
@@ -210,6 +211,10 @@ def test_bad_tasks_are_rejected(tmp_path, cpu_target):
                    work_dir=tmp_path, max_trials_global=4, max_trials_per_task=4)
     with pytest.raises(ValueError, match="duplicate task name"):
         tune_tasks([TuneTask("a", matmul_bias()), TuneTask("a", matmul_bias(32, 32, 32))],
+                   target=cpu_target, work_dir=tmp_path, max_trials_global=4,
+                   max_trials_per_task=4)
+    with pytest.raises(ValueError, match="same workload"):
+        tune_tasks([TuneTask("a", matmul_bias()), TuneTask("b", matmul_bias())],
                    target=cpu_target, work_dir=tmp_path, max_trials_global=4,
                    max_trials_per_task=4)
     with pytest.raises(ValueError, match="no tasks"):
