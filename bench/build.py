@@ -26,6 +26,7 @@ worst both build.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -74,8 +75,13 @@ def _hash_files(paths: list[Path], *, root: Path) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
 def source_hash() -> str:
-    """SHA-256 of the ``.py`` sources of ``gpt2_model`` and ``tuning`` (the compile path)."""
+    """SHA-256 of the ``.py`` sources of ``gpt2_model`` and ``tuning`` (the compile path).
+
+    Computed once per process: the library must match the code this process imported, even if
+    the files change on disk while it runs.
+    """
     import gpt2_model
     import tuning
 

@@ -142,4 +142,4 @@ def run_decode(*, model: str = "gpt2", quantization: str | None = None, batch=(8
             "repeats": repeats, "warmup": warmup, "database_dir": str(database_dir), "database": database,
             "cache_dir": cache_dir, "seed": seed, "peak_bw": peak_bw, "peak_tflops": peak_tflops, "check": check}
     return make_result(command="decode", args=args, env=s.env, peak=peak_to_dict(s.peak), timer=s.timer.method,
-                       rows=rows, notes=s.notes)
+                       rows=rows, notes=s.notes + [f"GPU timer: {v}" for v in s.timer.info.values()])

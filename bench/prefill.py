@@ -106,4 +106,4 @@ def run_prefill(*, model: str = "gpt2", quantization: str | None = None, seq_len
             "database_dir": str(database_dir), "database": database, "cache_dir": cache_dir, "seed": seed,
             "peak_bw": peak_bw, "peak_tflops": peak_tflops, "check": check}
     return make_result(command="prefill", args=args, env=s.env, peak=peak_to_dict(s.peak), timer=s.timer.method,
-                       rows=rows, notes=s.notes)
+                       rows=rows, notes=s.notes + [f"GPU timer: {v}" for v in s.timer.info.values()])
