@@ -585,6 +585,11 @@ def _run_variant(s: Setup, variant: str, *, phase: str, points: list[dict], meas
         if m["gpu_blocked"] is not None and m["gpu_blocked"] < 1.0:
             notes.append(f"GPU time includes host gaps in {100 * (1 - m['gpu_blocked']):.0f}% of samples "
                          "(the call synchronises internally)")
+        if variant == "tuned" and info is not None:
+            miss = _untuned_shapes(s, p, info.get("buckets") or {})
+            if miss:
+                notes.append(f"{miss} not among the database's buckets {info.get('buckets')}: the tuned build "
+                             "runs the untuned (symbolic-shape) kernels there")
         row = make_row(s, variant=variant, **p, tok_s=m["tok_s"].to_dict(), ms=m["ms"].to_dict(),
                        gpu_ms=m["gpu_ms"].to_dict() if m["gpu_ms"] else None, samples=m["samples"],
                        build=info, notes=notes, **fig)
@@ -594,6 +599,19 @@ def _run_variant(s: Setup, variant: str, *, phase: str, points: list[dict], meas
             + f": {m['tok_s'].median:12.1f} tok/s  {m['ms'].median:9.3f} ms"
             + (f"  gpu {m['gpu_ms'].median:.3f} ms" if m["gpu_ms"] else ""))
     return rows
+
+
+def _untuned_shapes(s: Setup, p: dict, buckets: dict) -> str | None:
+    """Which shapes of a test point have no tuned bucket entry point (None when all do)."""
+    if p["phase"] == "decode":
+        return None if p["batch"] in buckets.get("decode", []) else f"decode batch {p['batch']}"
+    chunk = s.config.prefill_chunk_size
+    n = p["seq_len"]
+    lengths = {chunk} if n >= chunk else set()
+    if n % chunk:
+        lengths.add(n % chunk)
+    missing = sorted(x for x in lengths if x not in buckets.get("prefill", []))
+    return f"prefill chunk length(s) {missing}" if missing else None
 
 
 def drive(s: Setup, *, phase: str, points: list[dict], measure, figures, opts: dict, log) -> list[dict[str, Any]]:

@@ -322,6 +322,11 @@ def run_kernels(*, model: str = "gpt2", quantization: str | None = None, phase: 
 
         db = open_database(db_info.path, target=target)
         log(f"tuned kernels from {db_info.path} (hash {db_info.hash[:12]})")
+        have = ((db_info.meta or {}).get("buckets") or {}).get(phase)
+        if have is not None and bucket not in have:
+            notes.append(f"the database has no {phase} bucket {bucket} (it has {have}): the tuned build runs "
+                         "the untuned kernels at this shape; the tuned column shows what its records give "
+                         "for the static kernel")
     env = envmod.collect_env(dev, database=db_info.to_dict() if db_info else None)
     env["arch"] = arch_name
     try:

@@ -248,6 +248,9 @@ def test_tuned_variant_end_to_end(tiny_db_root, bench_cache):
         assert rows[("tuned", b)]["speedup_vs_untuned"] == pytest.approx(
             rows[("tuned", b)]["tok_s"]["median"] / rows[("untuned", b)]["tok_s"]["median"])
     assert not any("tune --arch" in n for n in res["notes"])
+    # batch 1 is not a tuned bucket: said on its row; batch 2 is
+    assert any("decode batch 1 not among the database's buckets" in n for n in rows[("tuned", 1)]["notes"])
+    assert not any("buckets" in n for n in rows[("tuned", 2)]["notes"])
 
 
 def test_kernels_with_database(tiny_db_root):

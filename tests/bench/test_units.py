@@ -459,3 +459,15 @@ def test_cli_help_through_a_subprocess():
     out = subprocess.run([sys.executable, "-m", "bench.cli", "decode", "--cuda-graph", "maybe"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and "expected on or off" in out.stderr
+
+
+def test_shapes_without_a_tuned_bucket():
+    from bench.common import _untuned_shapes
+
+    s = types.SimpleNamespace(config=types.SimpleNamespace(prefill_chunk_size=128))
+    b = {"decode": [1, 8], "prefill": [128, 256]}
+    assert _untuned_shapes(s, {"phase": "decode", "batch": 8}, b) is None
+    assert _untuned_shapes(s, {"phase": "decode", "batch": 4}, b) == "decode batch 4"
+    assert _untuned_shapes(s, {"phase": "prefill", "seq_len": 256}, b) is None  # two full chunks of 128
+    assert _untuned_shapes(s, {"phase": "prefill", "seq_len": 300}, b) == "prefill chunk length(s) [44]"
+    assert _untuned_shapes(s, {"phase": "prefill", "seq_len": 64}, {}) == "prefill chunk length(s) [64]"
