@@ -95,7 +95,7 @@ def is_reshape(name: str) -> bool:
 
 
 def classify(name: str, func: tirx.PrimFunc) -> str:
-    """gemm / gemv / reduction / elementwise, from the kernel's name and its output rows."""
+    """gemm / gemv / reduction / gather / elementwise, from the kernel's name and its output rows."""
     lowered = name.lower()
     if "matmul" in lowered:
         out = [p for p in func.params if hasattr(p, "shape")][-1]
@@ -105,6 +105,8 @@ def classify(name: str, func: tirx.PrimFunc) -> str:
         return "gemv" if rows <= 64 else "gemm"
     if "norm" in lowered or "softmax" in lowered:
         return "reduction"
+    if lowered.startswith("take") or "_take" in lowered:
+        return "gather"
     return "elementwise"
 
 
