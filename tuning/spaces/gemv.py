@@ -1,0 +1,134 @@
+"""Tunable design spaces for decode GEMV / low-batch GEMM (rows 1..64), fp16 and q4f16_1.
+
+The structure is dlight's ``LowBatchGEMV`` / ``GEMV`` inner-reduction schedule (split K over the
+threads of a row group, reduce across threads, keep the whole batch of a weight element in
+registers), with its constants turned into sampled decisions so MetaSchedule searches them:
+
+======================  =======================================  ==============================
+knob                    instruction                               dlight's fixed choice (CUDA)
+======================  =======================================  ==============================
+``vec``  K elements a   ``sample_categorical`` (fp16: 1,2,4,8;    4 (``VEC_C``)
+thread loads per step   q4: 8,16,32 = 1,2,4 packed words)
+``tr`` threads along K  ``sample_perfect_tile`` of K/vec (≤128)   32 or 64
+(split-K width;         → cross-thread reduction (warp shuffles)
+cross-thread reduce)
+``ts`` rows per block   ``sample_categorical`` 1,2,4,8,16          4 or 16
+(threadIdx.y)
+``tile_n`` rows per     ``sample_categorical`` 1,2,4                2 (``TILE_S``)
+thread
+batch tile              ``sample_perfect_tile`` of the batch       whole padded batch
+(rows per block;        (outer part → blockIdx.y)
+rest → blockIdx.y)
+unroll                  ``sample_categorical`` 0,16,64,256,1024    256
+                        (``meta_schedule.unroll_explicit``)
+x staging               two design spaces: activations read from  shared (``LOAD_V_SHARED``)
+                        global or staged through shared memory
+======================  =======================================  ==============================
+
+Weights are read once per step with a vectorized load into registers (up to 16 bytes); for
+q4f16_1 the packed words and the group scale are cached and dequantized in registers (the
+``dequantize`` stage is inlined into the matmul). Epilogues (bias, GELU, residual add) run on
+the reduced value in registers.
+
+Only structure-independent values are sampled: the trace of every design space is the same
+sequence of primitives whatever the decisions, so MetaSchedule can re-sample and mutate it and
+the database can replay it.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+
+from ._analysis import normalize_gemv
+
+__all__ = ["GEMV_VARIANTS", "schedule_gemv"]
+
+#: The structural variants (one design space each): activations staged in shared or not.
+GEMV_VARIANTS = ("x_global", "x_shared")
+
+_UNROLL = [0, 16, 64, 256, 1024]
+
+
+def _uniform(n: int) -> list[float]:
+    return [1.0 / n] * n
+
+
+def schedule_gemv(sch: s_tir.Schedule, *, variant: str = "x_global", quantized: bool | None = None):
+    """Apply the tunable GEMV schedule to ``sch`` in place.
+
+    Parameters
+    ----------
+    sch : tvm.s_tir.Schedule
+        A traced schedule of an unscheduled GEMV-like function.
+    variant : {"x_global", "x_shared"}
+        Where each thread reads its activation chunk from.
+    quantized : bool, optional
+        Whether the weight is packed 4-bit (vector choices in units of 8 elements); detected
+        from the number of weight operands when ``None``.
+
+    Raises
+    ------
+    NotApplicable
+        If the function is not a K-innermost GEMV.
+    """
+    if variant not in GEMV_VARIANTS:
+        raise ValueError(f"variant must be one of {GEMV_VARIANTS}, got {variant!r}")
+    g = normalize_gemv(sch)
+    if quantized is None:
+        quantized = len(g.w_indices) > 1
+    main = g.main
+
+    # ---- knobs ----------------------------------------------------------------------------
+    vec_choices = [8, 16, 32] if quantized else [1, 2, 4, 8]
+    vec = sch.sample_categorical(vec_choices, _uniform(len(vec_choices)))
+    ts = sch.sample_categorical([1, 2, 4, 8, 16], _uniform(5))
+    tile_n = sch.sample_categorical([1, 2, 4], _uniform(3))
+    unroll = sch.sample_categorical(_UNROLL, _uniform(len(_UNROLL)))
+    b_tile = sch.sample_perfect_tile(g.b, n=2, max_innermost_factor=64)
+
+    # ---- tiling ---------------------------------------------------------------------------
+    bo, bi = sch.split(g.b, b_tile, preserve_unit_iters=True)
+    nb, nts, ntile = sch.split(g.n, [None, ts, tile_n], preserve_unit_iters=True)
+    ko, kvec = sch.split(g.k, [None, vec], preserve_unit_iters=True)
+    tr_tile = sch.sample_perfect_tile(ko, n=2, max_innermost_factor=128)
+    ko, ktr = sch.split(ko, tr_tile, preserve_unit_iters=True)
+    sch.reorder(nb, bo, nts, ktr, ko, bi, ntile, kvec)
+
+    # partial sums per K-thread, then a cross-thread reduction over threadIdx.x
+    rf = sch.rfactor(ktr, factor_axis=0)
+    rnb, rbo, rnts, rtr, rko, _, _, _ = sch.get_loops(rf)
+    sch.bind(rnb, "blockIdx.x")
+    sch.bind(rbo, "blockIdx.y")
+    sch.bind(rnts, "threadIdx.y")
+    sch.bind(rtr, "threadIdx.x")
+    sch.reverse_compute_at(main, rnts, preserve_unit_loops=True)
+    # the write-back's loops follow its iters: (tr, [b], n); no b iter for a single row
+    l_tr, *l_rest = sch.get_loops(main)[3:]
+    sch.reorder(*l_rest, l_tr)
+    sch.bind(l_tr, "threadIdx.x")
+    if g.epilogue is not None:
+        sch.reverse_compute_at(g.epilogue, rnts, preserve_unit_loops=True)
+        sch.set_scope(main, 0, "local")
+    sch.set_scope(rf, 0, "local")
+
+    # ---- operand caches ---------------------------------------------------------------------
+    # Cache the weights first: cache_read shifts nothing (indices refer to rf's reads).
+    for wi in g.w_indices:
+        w_local = sch.cache_read(rf, wi, "local")
+        sch.compute_at(w_local, rko, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(w_local)[-1])
+    x_local = sch.cache_read(rf, g.x_index, "local")
+    sch.compute_at(x_local, rko, preserve_unit_loops=True)
+    x_vec = sch.get_loops(x_local)[-1]
+    if quantized:  # vec is 8..32 halves; load in 16-byte pieces
+        _, x_vec = sch.split(x_vec, [None, 8], preserve_unit_iters=True)
+    sch.vectorize(x_vec)
+    if variant == "x_shared":
+        x_shared = sch.cache_read(x_local, 0, "shared")
+        sch.compute_at(x_shared, rko, preserve_unit_loops=True)
+        sch.annotate(x_shared, "meta_schedule.cooperative_fetch",
+                     tirx.IntImm("int32", 8) if quantized else vec)
+
+    sch.decompose_reduction(rf, rko)
+    sch.annotate(rf, "meta_schedule.unroll_explicit", unroll)
+    return sch
