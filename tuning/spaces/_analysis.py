@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import tvm
+import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
@@ -164,12 +165,7 @@ def has_reduction(func_or_mod) -> bool:
 
 def _all_blocks(func: tirx.PrimFunc) -> list:
     out = []
-
-    def visit(node):
-        if isinstance(node, s_tir.SBlock):
-            out.append(node)
-
-    tirx.stmt_functor.post_order_visit(func.body, visit)
+    tvm_ffi.structural_walk(func.body, (s_tir.SBlock, out.append), order="post")
     return [b for b in out if b.name_hint != "root"]
 
 

@@ -37,7 +37,7 @@ the database can replay it.
 
 from __future__ import annotations
 
-from tvm import s_tir, tirx
+from tvm import s_tir
 
 from ._analysis import normalize_gemv
 
@@ -126,8 +126,10 @@ def schedule_gemv(sch: s_tir.Schedule, *, variant: str = "x_global", quantized: 
     if variant == "x_shared":
         x_shared = sch.cache_read(x_local, 0, "shared")
         sch.compute_at(x_shared, rko, preserve_unit_loops=True)
-        sch.annotate(x_shared, "meta_schedule.cooperative_fetch",
-                     tirx.IntImm("int32", 8) if quantized else vec)
+        # The annotation value must be a sampled variable: a constant would come back from the
+        # database's JSON as a plain int, which RewriteCooperativeFetch rejects on replay.
+        fetch_vec = vec if not quantized else sch.sample_categorical([2, 4, 8], _uniform(3))
+        sch.annotate(x_shared, "meta_schedule.cooperative_fetch", fetch_vec)
 
     sch.decompose_reduction(rf, rko)
     sch.annotate(rf, "meta_schedule.unroll_explicit", unroll)
