@@ -443,12 +443,21 @@ def _measure_untuned(task: TuneTask, *, target, database, builder, runner, rules
     rules = default_dlight_rules(target) if rules is None else list(rules)
     args_info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
     cands: list[tuple[str, Schedule]] = []
-    sch = untuned_schedule(mod, target=target, rules=rules)
+
+    def schedule_of(label, m):
+        try:
+            return untuned_schedule(m, target=target, rules=rules)
+        except Exception as err:  # the untuned build of this function would fail the same way
+            logger.warning("task %s: no untuned %s schedule: %s: %s", task.name, label,
+                           type(err).__name__, str(err).strip().splitlines()[-1][:200])
+            return None
+
+    sch = schedule_of("static", mod)
     if sch is not None:
         cands.append(("static", sch))
     extra: list[tuple[str, IRModule]] = []
     if task.untuned_mod is not None:
-        sym_sch = untuned_schedule(task.untuned_mod, target=target, rules=rules)
+        sym_sch = schedule_of("symbolic", task.untuned_mod)
         if sym_sch is not None:
             extra.append(("symbolic", sym_sch.mod))
             if sch is not None and rules:  # try the symbolic schedule on the static func

@@ -26,11 +26,14 @@ TRIALS = 8  # search trials of the shared run
 
 def matmul_bias(n=64, k=64, m=64, *, symbolic: bool = False) -> tvm.IRModule:
     """IRModule {"main": D = A @ B + bias}; with ``symbolic`` the row count is a variable ``n``."""
-    rows = tirx.Var("n", "int64") if symbolic else n
+    if symbolic:  # int64 dims throughout, as in relax-generated kernels
+        rows, k, m = tirx.Var("n", "int64"), tirx.IntImm("int64", k), tirx.IntImm("int64", m)
+    else:
+        rows = n
     a = te.placeholder((rows, k), name="A")
     b = te.placeholder((k, m), name="B")
     bias = te.placeholder((m,), name="bias")
-    r = te.reduce_axis((0, k), name="k")
+    r = te.reduce_axis((tirx.IntImm("int64", 0) if symbolic else 0, k), name="k")
     c = te.compute((rows, m), lambda i, j: te.sum(a[i, r] * b[r, j], axis=r), name="C")
     d = te.compute((rows, m), lambda i, j: c[i, j] + bias[j], name="D")
     return tvm.IRModule({"main": te.create_prim_func([a, b, bias, d])})

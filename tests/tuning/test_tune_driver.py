@@ -240,3 +240,41 @@ def test_gpu_untuned_schedule_is_a_replayable_dlight_trace(tmp_path):
     assert not is_search_record(rec)
     loaded = open_database(tmp_path, target=target).query_schedule(mod, target, "main")
     assert tvm_ffi.structural_equal(loaded.mod, sch.mod)
+
+
+@pytest.mark.gpu
+def test_gpu_tune_verify_prune(tmp_path):
+    """On a local GPU: dlight baseline stored, search, numerical check on the GPU, pruned best."""
+    from tuning.targets import KNOWN_ARCHS, detect_local_cuda_arch
+
+    arch = detect_local_cuda_arch()
+    if arch not in KNOWN_ARCHS:
+        pytest.skip(f"local GPU arch {arch} has no target preset")
+    target = make_target(arch)
+    mod = matmul_bias(256, 256, 256)
+    reports = []
+    db = tune_tasks([TuneTask("mm", mod, untuned_mod=matmul_bias(256, 256, 256, symbolic=True))],
+                    target=target, work_dir=tmp_path / "work", max_trials_global=16,
+                    max_trials_per_task=16, num_trials_per_iter=8, seed=0,
+                    progress=reports.append)
+    n_search, n_base, best = stored_trials(db, mod)
+    assert n_search == 16 and n_base >= 1 and best < 1.0
+    assert reports[-1].trials_used == 16
+    base = [r for r in db.get_all_tuning_records() if not is_search_record(r)]
+    assert all("Bind" in [i.kind.name for i in r.trace.insts] for r in base)  # dlight schedules
+    table = json.loads((tmp_path / "work" / "untuned.json").read_text())["mm"]
+    assert table["candidates_us"]["static"] > 0 and table["candidates_us"]["symbolic"] > 0
+    summary = prune_best(tmp_path / "work", out_path=tmp_path / "db",
+                         verify=make_verifier(target=target, rtol=1e-3, atol=1e-3))
+    assert summary[0] is not None
+    assert summary[0] <= min(record_latency_s(r) for r in base)
+    # the committed schedule against NumPy, on the GPU
+    sch = open_database(tmp_path / "db", target=target).query_schedule(mod, target, "main")
+    rng = np.random.default_rng(1)
+    a, b = (rng.uniform(-1, 1, (256, 256)).astype("float32") for _ in range(2))
+    bias = rng.uniform(-1, 1, (256,)).astype("float32")
+    dev = tvm.cuda(0)
+    lib = tvm.compile(sch.mod, target=target)
+    out = tvm.runtime.tensor(np.zeros((256, 256), "float32"), device=dev)
+    lib["main"](*(tvm.runtime.tensor(x, device=dev) for x in (a, b, bias)), out)
+    np.testing.assert_allclose(out.numpy(), matmul_bias_reference(a, b, bias), rtol=1e-4, atol=1e-4)
