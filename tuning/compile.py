@@ -106,9 +106,26 @@ class BuildResult:
     buckets: dict[str, list[int]]
 
 
+def default_buckets(config, target: Target) -> dict[str, list[int]]:
+    """Static entry points every build gets, tuned or not.
+
+    On GPUs: every decode batch and prefill chunk bucket, so a step of that shape runs a
+    static-shape function that CUDA graphs can capture (a symbolic batch cannot be captured).
+    The untuned build has them too: tuned and untuned differ only in kernel schedules. On CPUs:
+    none (no graphs to capture; a tuned database brings its own buckets).
+    """
+    from .partition import buckets_for  # pylint: disable=import-outside-toplevel
+
+    if not is_gpu(target):
+        return {}
+    return buckets_for(config, prefill=[b for b in (128, 256, 512, 1024, 2048)])
+
+
 def build_model(config, *, quantization: str, target: Target, database: str | Path | None = None,
-                cuda_graph: bool = False, debug: bool = False) -> BuildResult:
-    """Export + build; with a tuned database, its buckets become static entry points.
+                cuda_graph: bool = False, debug: bool = False,
+                buckets: dict[str, list[int]] | None = None) -> BuildResult:
+    """Export + build with static bucket entry points (:func:`default_buckets` unless given,
+    plus the tuned database's buckets).
 
     The database directory is opened with its integrity checks (``tuning.database``): a database
     for another arch is refused, corrupt lines are quarantined, a TVM version mismatch warns.
@@ -118,12 +135,14 @@ def build_model(config, *, quantization: str, target: Target, database: str | Pa
     from .apply import coverage  # pylint: disable=import-outside-toplevel
     from .partition import tasks_of  # pylint: disable=import-outside-toplevel
 
-    db, buckets, cov = None, {}, None
+    db, cov = None, None
+    buckets = {k: list(v) for k, v in (default_buckets(config, target) if buckets is None else buckets).items()}
     if database is not None:
         from .database import open_database, read_meta  # pylint: disable=import-outside-toplevel
 
         db = open_database(Path(database), target=target)
-        buckets = {k: [int(v) for v in vals] for k, vals in (read_meta(Path(database)).get("buckets") or {}).items()}
+        for phase, values in ((read_meta(Path(database)) or {}).get("buckets") or {}).items():
+            buckets[phase] = sorted(set(buckets.get(phase, [])) | {int(v) for v in values})
     exported = export_model(config, quantization=quantization, target=target, buckets=buckets, debug=debug)
     prepared = prepare(exported.mod, target=target)
     if db is not None:
