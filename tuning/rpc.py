@@ -6,7 +6,7 @@ to the server, which runs and times them::
 
     # on the GPU box
     python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port 9190
-    python -m tvm.exec.rpc_server --tracker 127.0.0.1:9190 --key sm_90
+    python -m tvm.exec.rpc_server --tracker 127.0.0.1:9190 --key sm_90 --no-fork
     # here
     tune ... --arch sm_90 --rpc-tracker GPU_BOX:9190 --rpc-key sm_90
 
@@ -76,7 +76,7 @@ def no_device_help(arch: str) -> str:
         f"card, so attach one through TVM RPC. On the machine with the {arch} GPU run:\n"
         f"    python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port {DEFAULT_TRACKER_PORT}\n"
         f"    python -m tvm.exec.rpc_server --tracker 127.0.0.1:{DEFAULT_TRACKER_PORT} "
-        f"--key {key}\n"
+        f"--key {key} --no-fork\n"
         f"then here:\n"
         f"    tune ... --arch {arch} --rpc-tracker GPU_HOST:{DEFAULT_TRACKER_PORT} --rpc-key {key}\n"
         f"(GPU_HOST is that machine's address; check it with "
@@ -161,7 +161,7 @@ def check_tracker(host: str, port: int, key: str, *, timeout: float = 10.0) -> d
         )
     raise RPCTrackerError(
         f"RPC tracker {host}:{port}: {detail}. Start one on the GPU machine with "
-        f"`python -m tvm.exec.rpc_server --tracker {host}:{port} --key {key}`."
+        f"`python -m tvm.exec.rpc_server --tracker {host}:{port} --key {key} --no-fork`."
     )
 
 
@@ -303,14 +303,20 @@ class RPCTrackerProcess(_Process):
 
 
 class RPCServerProcess(_Process):
-    """``python -m tvm.exec.rpc_server`` registered with a tracker under ``key``."""
+    """``python -m tvm.exec.rpc_server`` registered with a tracker under ``key``.
 
-    def __init__(self, *, tracker_host: str, tracker_port: int, key: str, host: str = "127.0.0.1"):
+    ``fork=False`` (``--no-fork``) serves each session from a freshly started process: a forked
+    session inherits the server's CUDA state and fails with ``cudaErrorInitializationError``.
+    """
+
+    def __init__(self, *, tracker_host: str, tracker_port: int, key: str, host: str = "127.0.0.1",
+                 fork: bool = False):
         self.tracker_host, self.tracker_port, self.key = tracker_host, tracker_port, key
         port = free_port(host)
         super().__init__(
             ["tvm.exec.rpc_server", "--tracker", f"{tracker_host}:{tracker_port}", "--key", key,
-             "--host", host, "--port", str(port), "--port-end", str(port + 10), "--silent"],
+             "--host", host, "--port", str(port), "--port-end", str(port + 10), "--silent",
+             *([] if fork else ["--no-fork"])],
             f"RPC server {key!r}",
         )
 
@@ -344,6 +350,7 @@ class LocalRPC:
     n_servers: int = 1
     host: str = "127.0.0.1"
     port: int | None = None
+    fork: bool = False
     tracker: RPCTrackerProcess | None = field(default=None, init=False)
     servers: list = field(default_factory=list, init=False)
 
@@ -353,7 +360,8 @@ class LocalRPC:
             self.port = self.tracker.port
             for _ in range(self.n_servers):
                 server = RPCServerProcess(
-                    tracker_host=self.host, tracker_port=self.port, key=self.key, host=self.host
+                    tracker_host=self.host, tracker_port=self.port, key=self.key, host=self.host,
+                    fork=self.fork,
                 )
                 self.servers.append(server)
                 server.start()

@@ -35,7 +35,7 @@ def test_parse_tracker():
 def test_no_device_help_names_both_commands_and_the_tune_form():
     msg = no_device_help("sm_86")
     assert "python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port 9190" in msg
-    assert "python -m tvm.exec.rpc_server --tracker 127.0.0.1:9190 --key sm_86" in msg
+    assert "python -m tvm.exec.rpc_server --tracker 127.0.0.1:9190 --key sm_86 --no-fork" in msg
     assert "tune ... --arch sm_86 --rpc-tracker GPU_HOST:9190 --rpc-key sm_86" in msg
 
 
