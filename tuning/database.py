@@ -307,7 +307,8 @@ def _parse_database(path: Path, *, fix: bool) -> _Parsed:
             continue
         try:
             obj = json.loads(line)
-            if not (isinstance(obj, list) and len(obj) == 2 and all(isinstance(x, str) for x in obj)):
+            pair = isinstance(obj, list) and len(obj) == 2
+            if not (pair and all(isinstance(x, str) for x in obj)):
                 raise ValueError("not a [hash, module] pair")
             workload = ms.database.Workload.from_json(obj)
         except Exception as err:  # json or TVM deserialization error
@@ -410,7 +411,8 @@ def _check_target(path: Path, target: Target, parsed: _Parsed) -> None:
     if meta:
         import tvm_ffi
 
-        for key, have in (("tvm_version", tvm.__version__), ("tvm_ffi_version", tvm_ffi.__version__)):
+        running = (("tvm_version", tvm.__version__), ("tvm_ffi_version", tvm_ffi.__version__))
+        for key, have in running:
             if meta.get(key) and meta[key] != have:
                 msg = (
                     f"database {path} was made with {key}={meta[key]}, running {have}; records "

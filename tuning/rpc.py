@@ -78,7 +78,8 @@ def no_device_help(arch: str) -> str:
         f"    python -m tvm.exec.rpc_server --tracker 127.0.0.1:{DEFAULT_TRACKER_PORT} "
         f"--key {key} --no-fork\n"
         f"then here:\n"
-        f"    tune ... --arch {arch} --rpc-tracker GPU_HOST:{DEFAULT_TRACKER_PORT} --rpc-key {key}\n"
+        f"    tune ... --arch {arch} --rpc-tracker GPU_HOST:{DEFAULT_TRACKER_PORT} "
+        f"--rpc-key {key}\n"
         f"(GPU_HOST is that machine's address; check it with "
         f"`python -m tvm.exec.query_rpc_tracker --host GPU_HOST --port {DEFAULT_TRACKER_PORT}`)."
     )

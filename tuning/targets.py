@@ -208,7 +208,7 @@ def detect_cpu() -> dict:
 
 
 def sanitize(name: str) -> str:
-    """Lower-case ``name`` and keep only ``[a-z0-9.]`` runs joined by ``-`` (for directory names)."""
+    """Lower-case ``name``, keeping ``[a-z0-9.]`` runs joined by ``-`` (for directory names)."""
     return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-") or "unknown"
 
 

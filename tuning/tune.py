@@ -53,7 +53,6 @@ from .database import (
     _atomic_write_text,
     is_failed_run,
     open_database,
-    read_meta,
     record_latency_s,
     write_meta,
 )

@@ -1,4 +1,4 @@
-"""Fixtures of the tuning tests: a toy static matmul+bias kernel, a CPU target, one shared tuning run.
+"""Fixtures of the tuning tests: a toy matmul+bias kernel, a CPU target, one shared tuning run.
 
 Everything runs on the host CPU (llvm) with tiny trial counts. The one shared tuning run
 (`tuned`) is reused by the tests that only read a database; tests that tune again copy it.
@@ -52,7 +52,7 @@ def cpu_target():
 
 @pytest.fixture(scope="session")
 def measure(cpu_target):
-    """Builder and runner shared by the in-process tuning runs (their worker processes start once)."""
+    """Builder and runner shared by in-process tuning runs (their workers start only once)."""
     from tuning.tune import PersistentLocalBuilder, make_local_runner
 
     builder = PersistentLocalBuilder(max_workers=1)

@@ -61,7 +61,7 @@ def test_tracker_lists_the_server(rpc):
         check_tracker(rpc.host, rpc.port, "sm_90", timeout=1)
 
 
-@pytest.mark.slow  # ~40 s on 2 busy cores: RPC servers link every candidate before running it
+@pytest.mark.slow  # 20-40 s (machine load): the RPC server links and loads every candidate
 def test_tune_through_rpc_produces_records(rpc, tmp_path, cpu_target, measure):
     runner = make_rpc_runner(rpc.host, rpc.port, KEY, number=2, min_repeat_ms=20)
     db = tune_tasks([TuneTask("mm", matmul_bias())], target=cpu_target, work_dir=tmp_path,

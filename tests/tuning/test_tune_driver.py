@@ -169,7 +169,7 @@ tune_tasks([TuneTask("mm", matmul_bias())], target=make_target("cpu", num_cores=
 """
 
 
-@pytest.mark.slow  # ~50 s: a second process starts TVM and tunes before it is killed
+@pytest.mark.slow  # 17-50 s (machine load): a second process starts TVM and tunes, then dies
 def test_sigkill_mid_run_then_resume(tmp_path, cpu_target, measure):
     work_dir = tmp_path / "db"
     proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(work_dir)], cwd=REPO,
