@@ -7,6 +7,7 @@ never run. Numerical checks of the spaces live in ``tools/gpu_spaces_check.py`` 
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -15,12 +16,14 @@ import tvm
 import tvm_ffi
 from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
+from tvm.support import nvcc
 
 from tuning import spaces
 from tuning.spaces import workloads as wl
 from tuning.targets import make_target
 
 TARGET = make_target("sm_90")
+NVCC = shutil.which("nvcc") is not None
 
 # GPT-2-small shapes: decode GEMVs (qkv, fc1 with gelu, lm_head), a q4f16_1 GEMV, prefill GEMMs
 # (qkv, lm_head with odd N), a layer norm, a softmax over the vocabulary, an elementwise op.
@@ -135,10 +138,18 @@ def test_samples_postprocess_and_build(samples, name):
     assert stats["invalid"] <= stats["attempts"] // 2, stats
     assert stats["by_space"].get("dlight") == 1
     assert TUNABLE_SPACES[EXPECTED_CLASS[name]] <= set(stats["by_space"]), stats
+    compiled = set()
     for cand in cands:
         ex = tvm.compile(cand.sch.mod, target=TARGET)
-        source = ex.mod.imports[0].inspect_source() if hasattr(ex, "mod") else ex.imports[0].inspect_source()
+        source = ex.mod.imports[0].inspect_source()
         assert "__global__" in source, cand.space
+        # tvm.compile keeps CUDA *source* (compiled when loaded on a GPU); compile one kernel
+        # of every space with nvcc for sm_90 so a bad kernel fails here, not on the GPU box
+        if NVCC and cand.space not in compiled:
+            with TARGET:
+                cubin = nvcc.compile_cuda(source, target_format="cubin", compiler="nvcc")
+            assert len(cubin) > 0
+            compiled.add(cand.space)
 
 
 @pytest.mark.parametrize("name", ["gemv_b8_qkv", "q4_gemv_b8", "gemm_s128_lm_head", "layer_norm_s1024"])

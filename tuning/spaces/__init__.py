@@ -120,19 +120,24 @@ def classify(func) -> str:
 def default_dlight_rules(target: Target) -> list:
     """The dlight rules of the untuned build.
 
-    Taken from ``tuning.tune.default_dlight_rules`` when that module is importable (one source
-    of truth for "untuned"), else MLC-LLM's order (Matmul, GEMV, Reduction, GeneralReduction,
-    Fallback).
+    Taken from ``tuning.compile.dlight_rules`` (what the untuned library is built with) when
+    importable, else ``tuning.tune.default_dlight_rules``, else MLC-LLM's order.
     """
     try:
-        from tuning.tune import default_dlight_rules as team_rules
+        from tuning.compile import dlight_rules as compile_rules
 
-        return list(team_rules(target))
+        return list(compile_rules(target))
+    except ImportError:
+        pass
+    try:
+        from tuning.tune import default_dlight_rules as tune_rules
+
+        return list(tune_rules(target))
     except ImportError:
         from tvm.s_tir import dlight as dl
 
-        return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
-                dl.gpu.Fallback()]
+        return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(),
+                dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
 
 
 def dlight_schedule(func, *, target: Target, rules: Sequence | None = None) -> s_tir.Schedule | None:
@@ -263,7 +268,9 @@ def _named_spaces(kind: str, info: MatmulInfo | None, target: Target) -> list[tu
     return []
 
 
-def design_spaces(func, *, target: Target, include_dlight: bool = True) -> list[tuple[str, s_tir.Schedule]]:
+def design_spaces(
+    func, *, target: Target, include_dlight: bool = True, include_generic: bool = False
+) -> list[tuple[str, s_tir.Schedule]]:
     """Build the named design spaces of ``func`` (what :func:`space_for` generates).
 
     Parameters
@@ -274,6 +281,9 @@ def design_spaces(func, *, target: Target, include_dlight: bool = True) -> list[
         A CUDA target.
     include_dlight : bool
         Append the dlight schedule as a fixed design space.
+    include_generic : bool
+        Append MetaSchedule's generic spaces (``PostOrderApply`` with the ``cuda-tensorcore``
+        rules), named ``generic/<i>``.
 
     Returns
     -------
@@ -281,8 +291,20 @@ def design_spaces(func, *, target: Target, include_dlight: bool = True) -> list[
         Traced schedules with the decisions of one sample each; empty if nothing applies.
     """
     mod = as_module(func)
-    return _build_spaces(s_tir.Schedule(mod, debug_mask=0), target=target,
-                         include_dlight=include_dlight)
+    out = _build_spaces(s_tir.Schedule(mod, debug_mask=0), target=target,
+                        include_dlight=include_dlight)
+    if include_generic:
+        ctx = ms.TuneContext(
+            mod=mod,
+            target=target,
+            space_generator=ms.space_generator.PostOrderApply(
+                sch_rules="cuda-tensorcore", postprocs=postprocs_for(target),
+                mutator_probs="cuda-tensorcore"),
+            task_name="generic",
+            num_threads=1,
+        )
+        out.extend((f"generic/{i}", s) for i, s in enumerate(ctx.generate_design_space()))
+    return out
 
 
 def _build_spaces(sch: s_tir.Schedule, *, target: Target, include_dlight: bool):
@@ -409,6 +431,8 @@ def sample_candidates(
     num: int,
     seed: int = 1,
     include_dlight: bool = True,
+    include_generic: bool = False,
+    only: Sequence[str] | None = None,
     max_attempts: int | None = None,
 ) -> tuple[list[Candidate], dict]:
     """Draw random valid candidates from the design spaces of ``func``.
@@ -429,6 +453,11 @@ def sample_candidates(
         Base seed (>= 1); draw ``i`` uses ``seed + i``.
     include_dlight : bool
         Include the (single, fixed) dlight candidate first.
+    include_generic : bool
+        Also draw from MetaSchedule's generic spaces (see :func:`design_spaces`).
+    only : sequence of str, optional
+        Draw only from spaces whose name starts with one of these prefixes (e.g.
+        ``("generic/",)``); the dlight candidate is kept if ``include_dlight``.
     max_attempts : int, optional
         Draws before giving up (default ``8 * num + 8``).
 
@@ -444,7 +473,8 @@ def sample_candidates(
     if seed < 1:
         raise ValueError("seed must be >= 1")
     mod = as_module(func)
-    spaces = design_spaces(mod, target=target, include_dlight=include_dlight)
+    spaces = design_spaces(mod, target=target, include_dlight=include_dlight,
+                           include_generic=include_generic)
     postprocs = postprocs_for(target)
     ctx = ms.TuneContext(
         mod=mod,
@@ -458,7 +488,8 @@ def sample_candidates(
     postprocs = ctx.space_generator.postprocs
     out: list[Candidate] = []
     stats = {"attempts": 0, "invalid": 0, "by_space": {}, "errors": {}}
-    tunable = [(n, s) for n, s in spaces if n != "dlight"]
+    tunable = [(n, s) for n, s in spaces
+               if n != "dlight" and (only is None or any(n.startswith(p) for p in only))]
     fixed = [(n, s) for n, s in spaces if n == "dlight"]
     order = list(fixed)  # the dlight space once, then round-robin over the tunable spaces
     max_attempts = 8 * num + 8 if max_attempts is None else max_attempts

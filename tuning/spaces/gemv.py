@@ -79,8 +79,11 @@ def schedule_gemv(sch: s_tir.Schedule, *, variant: str = "x_global", quantized: 
     main = g.main
 
     # ---- knobs ----------------------------------------------------------------------------
-    vec_choices = [8, 16, 32] if quantized else [1, 2, 4, 8]
-    vec = sch.sample_categorical(vec_choices, _uniform(len(vec_choices)))
+    # wide loads are what a memory-bound GEMV wants: lean the draws towards them
+    if quantized:
+        vec = sch.sample_categorical([8, 16, 32], [0.3, 0.4, 0.3])
+    else:
+        vec = sch.sample_categorical([1, 2, 4, 8], [0.1, 0.2, 0.3, 0.4])
     ts = sch.sample_categorical([1, 2, 4, 8, 16], _uniform(5))
     tile_n = sch.sample_categorical([1, 2, 4], _uniform(3))
     unroll = sch.sample_categorical(_UNROLL, _uniform(len(_UNROLL)))
