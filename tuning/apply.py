@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 import tvm
-from tvm import IRModule, relax
+from tvm import IRModule
 from tvm.target import Target
 
 from .partition import Task, tasks_of
@@ -41,30 +41,100 @@ def estimated_cost(task: Task) -> float:
     return task.weight * (task.bytes if task.phase == "decode" else max(task.flops, task.bytes))
 
 
-def coverage(task_list: list[Task], database, target: Target) -> Coverage:
-    """How many tasks the database has a record for, and their share of each bucket's cost."""
+def coverage(task_list: list[Task], applied: set[str]) -> Coverage:
+    """How many tasks got a tuned schedule, and their share of each bucket's estimated cost."""
     per: dict[str, list[float]] = {}
-    tuned_total = 0
     for task in task_list:
         key = f"{task.phase} {'b' if task.phase == 'decode' else 's'}{task.bucket}"
-        has = database.query_tuning_record(task.mod(), target, "main") is not None
-        tuned_total += int(has)
+        has = task.kernel in applied
         acc = per.setdefault(key, [0, 0, 0.0, 0.0])
         acc[0] += int(has)
         acc[1] += 1
         acc[2] += estimated_cost(task) if has else 0.0
         acc[3] += estimated_cost(task)
     return Coverage(
-        tuned=tuned_total,
+        tuned=sum(t.kernel in applied for t in task_list),
         total=len(task_list),
         per_bucket={k: (int(a), int(b), (c / d) if d else 0.0) for k, (a, b, c, d) in per.items()},
     )
 
 
-def apply_database(prepared: IRModule, *, database, target: Target) -> IRModule:
-    """Swap in the tuned schedules of ``database`` (kernels it lacks stay unscheduled)."""
-    with target, database:
-        return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(prepared)
+def load_untuned_times(database_dir: Path | None) -> dict[str, float]:
+    """Task name -> microseconds of the untuned build's kernel (``untuned.json`` of the tuning run)."""
+    if database_dir is None or not (Path(database_dir) / "untuned.json").is_file():
+        return {}
+    import json  # pylint: disable=import-outside-toplevel
+
+    table = json.loads((Path(database_dir) / "untuned.json").read_text())
+    return {name: float(e["untuned_us"]) for name, e in table.items() if e.get("untuned_us")}
+
+
+def apply_database(prepared: IRModule, *, database, target: Target, task_list: list[Task],
+                   untuned_us: dict[str, float] | None = None) -> tuple[IRModule, list[str]]:
+    """Swap in the tuned schedule of each task that ``database`` holds.
+
+    A record slower than what the untuned build runs at that shape (``untuned_us``: the
+    symbolic kernel's dlight schedule, measured while tuning) is not applied: the untuned
+    schedule stays, so a tuned build is never slower kernel by kernel. Returns the module and
+    the names of the kernels it tuned.
+    """
+    from .database import record_latency_s  # pylint: disable=import-outside-toplevel
+
+    untuned_us = untuned_us or {}
+    mod = prepared
+    applied = []
+    for task in task_list:
+        record = database.query_tuning_record(task.mod(), target, "main")
+        if record is None:
+            continue
+        best_us = record_latency_s(record) * 1e6
+        if task.name in untuned_us and best_us > untuned_us[task.name]:
+            logger.info("%s: stored best %.2f us is slower than untuned %.2f us: keeping untuned",
+                        task.name, best_us, untuned_us[task.name])
+            continue
+        sch = database.query_schedule(task.mod(), target, "main")
+        if sch is None:
+            continue
+        func = sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
+        mod = _replace(mod, task.kernel, func)
+        applied.append(task.kernel)
+    return mod, applied
+
+
+def _replace(mod: IRModule, name: str, func) -> IRModule:
+    mod = mod.shallow_copy() if hasattr(mod, "shallow_copy") else mod
+    mod[mod.get_global_var(name)] = func
+    return mod
+
+
+def schedule_like_untuned(prepared: IRModule, *, target: Target, task_list: list[Task]) -> IRModule:
+    """Give each still-unscheduled bucket kernel the schedule the dynamic build runs at its shape.
+
+    dlight picks its rule from the function it sees: on a static batch of 8 it picks the SIMT
+    ``Matmul``, on the symbolic batch ``LowBatchGEMV``. The untuned build must run what users get
+    today, so a bucket kernel gets dlight's schedule of its symbolic twin, specialized to the
+    bucket (the same code the dynamic function runs at that shape, with the shape folded in).
+    Kernels without a twin keep dlight on their static form (applied later).
+    """
+    from .compile import apply_dlight, is_gpu  # pylint: disable=import-outside-toplevel
+    from .partition import specialize  # pylint: disable=import-outside-toplevel
+
+    if not is_gpu(target):
+        return prepared
+    mod = prepared
+    scheduled_twins: dict[str, object] = {}
+    for task in task_list:
+        if task.twin_name is None or tvm_is_scheduled(mod[task.kernel]):
+            continue
+        if task.twin_name not in scheduled_twins:
+            sched = apply_dlight(IRModule({"main": prepared[task.twin_name]}), target=target)["main"]
+            scheduled_twins[task.twin_name] = sched if tvm_is_scheduled(sched) else None
+        sched = scheduled_twins[task.twin_name]
+        if sched is None:
+            continue
+        func = specialize(sched, task.bucket).with_attr("tirx.is_scheduled", True)
+        mod = _replace(mod, task.kernel, func)
+    return mod
 
 
 def find_database(*, database: str | Path | None, database_dir: str | Path, target: Target,

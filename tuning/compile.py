@@ -64,13 +64,14 @@ def build_module(
         )
 
 
-def build(exported, *, target: Target, database=None, cuda_graph: bool = False) -> tvm.runtime.Executable:
+def build(exported, *, target: Target, database=None, cuda_graph: bool = False,
+          untuned_us: dict[str, float] | None = None) -> tvm.runtime.Executable:
     """Build the library of an :class:`~gpt2_model.export.ExportedModel`.
 
     Parameters
     ----------
     exported : ExportedModel
-        The exported relax module (with bucket entry points when a database is applied).
+        The exported relax module (its bucket entry points come from ``metadata["buckets"]``).
     target : Target
         The build target (``tuning.targets.make_target``).
     database : ms.database.Database or None
@@ -78,21 +79,31 @@ def build(exported, *, target: Target, database=None, cuda_graph: bool = False) 
         build: dlight on GPUs, the default LLVM pipeline on CPUs.
     cuda_graph : bool
         Capture static-shape regions into CUDA graphs (GPU targets).
+    untuned_us : dict, optional
+        Untuned kernel times per task (``untuned.json``): records slower than these are skipped.
     """
+    buckets = exported.metadata.get("buckets") or {}
     return _build_prepared(prepare(exported.mod, target=target), target=target, database=database,
-                           cuda_graph=cuda_graph)
+                           cuda_graph=cuda_graph, buckets=buckets, untuned_us=untuned_us)[0]
 
 
-def _build_prepared(mod: IRModule, *, target: Target, database, cuda_graph: bool) -> tvm.runtime.Executable:
-    from .apply import apply_database  # pylint: disable=import-outside-toplevel
+def _build_prepared(mod: IRModule, *, target: Target, database, cuda_graph: bool, buckets,
+                    untuned_us=None) -> tuple[tvm.runtime.Executable, set[str], list]:
+    """Schedule (tuned records -> untuned twins for bucket kernels -> dlight) and lower."""
+    from .apply import apply_database, schedule_like_untuned  # pylint: disable=import-outside-toplevel
+    from .partition import attach_twins, tasks_of  # pylint: disable=import-outside-toplevel
 
     start = time.time()
+    task_list = attach_twins(mod, tasks_of(mod, buckets)) if buckets else []
+    applied: list[str] = []
     if database is not None:
-        mod = apply_database(mod, database=database, target=target)
+        mod, applied = apply_database(mod, database=database, target=target, task_list=task_list,
+                                      untuned_us=untuned_us)
+    mod = schedule_like_untuned(mod, target=target, task_list=task_list)
     mod = apply_dlight(mod, target=target)
     ex = build_module(mod, target=target, cuda_graph=cuda_graph, scheduled=mod)
-    logger.info("built for %s in %.1f s", target.kind.name, time.time() - start)
-    return ex
+    logger.info("built for %s in %.1f s (%d tuned kernels)", target.kind.name, time.time() - start, len(applied))
+    return ex, set(applied), task_list
 
 
 @dataclasses.dataclass
@@ -132,8 +143,7 @@ def build_model(config, *, quantization: str, target: Target, database: str | Pa
     """
     from gpt2_model.export import export_model  # pylint: disable=import-outside-toplevel
 
-    from .apply import coverage  # pylint: disable=import-outside-toplevel
-    from .partition import tasks_of  # pylint: disable=import-outside-toplevel
+    from .apply import coverage, load_untuned_times  # pylint: disable=import-outside-toplevel
 
     db, cov = None, None
     buckets = {k: list(v) for k, v in (default_buckets(config, target) if buckets is None else buckets).items()}
@@ -145,10 +155,12 @@ def build_model(config, *, quantization: str, target: Target, database: str | Pa
             buckets[phase] = sorted(set(buckets.get(phase, [])) | {int(v) for v in values})
     exported = export_model(config, quantization=quantization, target=target, buckets=buckets, debug=debug)
     prepared = prepare(exported.mod, target=target)
+    untuned_us = load_untuned_times(Path(database)) if database is not None else None
+    executable, applied, task_list = _build_prepared(prepared, target=target, database=db, cuda_graph=cuda_graph,
+                                                     buckets=buckets, untuned_us=untuned_us)
     if db is not None:
-        cov = coverage(tasks_of(prepared, buckets), db, target)
+        cov = coverage(task_list, applied)
         for line in cov.lines():
             logger.info(line)
-    executable = _build_prepared(prepared, target=target, database=db, cuda_graph=cuda_graph)
     return BuildResult(exported=exported, executable=executable, database=Path(database) if database else None,
                        coverage=cov, buckets=buckets)

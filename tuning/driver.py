@@ -140,6 +140,8 @@ def run_tune(args) -> int:  # pylint: disable=too-many-locals
         **({"num_tuning_cores": args.workers} if args.workers else {}),
     )
     kept = prune_best(work_dir, out_path=committed, verify=make_verifier(target=target, device_or_rpc=verify_device))
+    if (work_dir / "untuned.json").is_file():  # compile skips records slower than the untuned kernel
+        shutil.copy2(work_dir / "untuned.json", committed / "untuned.json")
     print(f"committed {sum(v is not None for v in kept.values())} verified best records to {committed}")
     _print_summary(work_dir, committed, task_list, target)
     return 0

@@ -51,6 +51,7 @@ class Task:  # pylint: disable=too-many-instance-attributes
         return IRModule({"main": self.func.with_attr("global_symbol", "main")})
 
     twin: tirx.PrimFunc | None = None  # the symbolic kernel the untuned build runs, specialized
+    twin_name: str | None = None  # that symbolic kernel's name in the prepared module
 
     def untuned_mod(self) -> IRModule | None:
         """The kernel the dynamic-shape untuned build runs at this shape (see :func:`attach_twins`)."""
@@ -178,7 +179,7 @@ def attach_twins(prepared: IRModule, task_list: list[Task]) -> list[Task]:
         for name in symbolic[task.phase]:
             candidate = specialize(prepared[name], task.bucket).without_attr("global_symbol")
             if tvm_ffi.structural_equal(candidate, static):
-                task.twin = candidate
+                task.twin, task.twin_name = candidate, name
                 break
     return task_list
 

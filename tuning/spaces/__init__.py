@@ -123,21 +123,17 @@ def default_dlight_rules(target: Target) -> list:
     Taken from ``tuning.compile.dlight_rules`` (what the untuned library is built with) when
     importable, else ``tuning.tune.default_dlight_rules``, else MLC-LLM's order.
     """
-    try:
-        from tuning.compile import dlight_rules as compile_rules
+    for module, attr in (("tuning.compile", "dlight_rules"), ("tuning.tune", "default_dlight_rules")):
+        try:
+            rules = getattr(__import__(module, fromlist=[attr]), attr)
+            return list(rules(target))
+        except Exception as err:  # noqa: BLE001 - a broken sibling module must not stop tuning
+            logger.warning("dlight rules from %s unavailable (%s); trying the next source",
+                           module, _last_line(err))
+    from tvm.s_tir import dlight as dl
 
-        return list(compile_rules(target))
-    except ImportError:
-        pass
-    try:
-        from tuning.tune import default_dlight_rules as tune_rules
-
-        return list(tune_rules(target))
-    except ImportError:
-        from tvm.s_tir import dlight as dl
-
-        return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(),
-                dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(),
+            dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
 
 
 def dlight_schedule(func, *, target: Target, rules: Sequence | None = None) -> s_tir.Schedule | None:
