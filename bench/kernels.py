@@ -53,63 +53,9 @@ from .env import peak_to_dict
 from .report import make_result
 from .timing import stats
 
-__all__ = ["run_kernels", "bucket_tasks", "symbolic_counterparts", "untuned_kernel", "tuned_kernel", "time_kernel",
+__all__ = ["run_kernels", "bucket_tasks", "untuned_kernel", "tuned_kernel", "time_kernel",
            "random_args", "compare_outputs"]
 
-_SYMBOLIC_FN = {"decode": "batch_decode", "prefill": "prefill"}
-
-
-def _specialize(func, value: int):
-    """Bind every symbolic dim of ``func`` to ``value`` (one buffer binds the var everywhere)."""
-    from tvm import tirx
-
-    for p in func.params:
-        shape = getattr(p, "shape", None)
-        if shape is not None and any(isinstance(d, tirx.Var) for d in shape):
-            new = [tirx.IntImm("int64", value) if isinstance(d, tirx.Var) else d for d in shape]
-            return func.specialize({p: tirx.decl_buffer(new, p.dtype, p.name, elem_offset=p.elem_offset)})
-    return func
-
-
-def symbolic_counterparts(prepared, *, phase: str, bucket: int, names: list[str]) -> dict[str, str]:
-    """Map static kernel names of a bucket function to the symbolic kernels computing the same.
-
-    Parameters
-    ----------
-    prepared : IRModule
-        Prepared module with both the symbolic and the bucket entry points.
-    phase : str
-        ``decode`` or ``prefill``.
-    bucket : int
-        The bucket value the static kernels were specialized to.
-    names : list of str
-        Static kernel names (the partition's tasks).
-
-    Returns
-    -------
-    dict
-        ``static name -> symbolic name`` for every static kernel with a structurally equal
-        specialized counterpart.
-    """
-    import tvm_ffi
-
-    from tuning.partition import call_counts
-
-    symbolic = [n for n in call_counts(prepared[_SYMBOLIC_FN[phase]]) if n in
-                {gv.name_hint for gv in prepared.get_global_vars()}]
-    special = {}
-    for n in symbolic:
-        f = prepared[n]
-        if hasattr(f, "params"):
-            special[n] = _specialize(f, bucket).without_attr("global_symbol")
-    out = {}
-    for name in names:
-        static = prepared[name].without_attr("global_symbol")
-        for n, f in special.items():
-            if tvm_ffi.structural_equal(f, static):
-                out[name] = n
-                break
-    return out
 
 
 def random_args(func, *, device, seed: int = 0) -> list:
@@ -186,48 +132,44 @@ def compare_outputs(lib_a, lib_b, func, *, device, seed: int = 0) -> float:
 
 
 def bucket_tasks(config, *, quantization: str, target, phase: str, bucket: int):
-    """The partition's tasks of one bucket, the prepared module, and their symbolic twins.
-
-    Returns
-    -------
-    (tasks, prepared, twins)
-        ``tasks``: list of ``tuning.partition.Task``; ``prepared``: the prepared module with the
-        symbolic and the bucket entry points; ``twins``: static kernel name -> symbolic kernel
-        name (:func:`symbolic_counterparts`).
-    """
+    """The partition's tasks of one bucket (with their symbolic twins) and the prepared module."""
     from gpt2_model.export import export_model
-    from tuning.partition import tasks_of
+    from tuning.partition import attach_twins, tasks_of
     from tuning.pipeline import prepare
 
     buckets = {phase: [bucket]}
     exported = export_model(config, quantization=quantization, target=target, buckets=buckets)
     prepared = prepare(exported.mod, target=target)
-    tasks = tasks_of(prepared, buckets)
-    twins = symbolic_counterparts(prepared, phase=phase, bucket=bucket, names=[t.kernel for t in tasks])
-    return tasks, prepared, twins
+    return attach_twins(prepared, tasks_of(prepared, buckets)), prepared
 
 
-def untuned_kernel(task, *, prepared, twin: str | None, target):
-    """Compiled kernel the untuned library runs for ``task``: its symbolic twin (or, without one,
-    the static kernel) under dlight on GPUs / the default pipeline on CPUs."""
+def _compile_kernel(func, target):
     import tvm
 
     from tuning.compile import apply_dlight
 
-    base = prepared[twin] if twin else task.func
-    mod = apply_dlight(tvm.IRModule({"main": base.with_attr("global_symbol", "main")}), target=target)
+    mod = apply_dlight(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
     return _compile(None, target=target, scheduled_mod=mod)
 
 
-def tuned_kernel(task, *, database, target):
-    """Compiled kernel the tuned library runs for ``task``: the database's schedule of the static
-    kernel, dlight where there is no record. Returns ``(module, has_record)``."""
-    from tuning.apply import apply_database, coverage
-    from tuning.compile import apply_dlight
+def untuned_kernel(task, *, prepared, target):
+    """Compiled kernel the untuned library runs for ``task`` (as ``tuning.compile`` schedules it:
+    its symbolic twin's dlight schedule specialized to the bucket, else dlight on the static one)."""
+    from tuning.apply import schedule_like_untuned
 
-    has = coverage([task], database, target).tuned == 1
-    mod = apply_dlight(apply_database(task.mod(), database=database, target=target), target=target)
-    return _compile(None, target=target, scheduled_mod=mod), has
+    return _compile_kernel(schedule_like_untuned(prepared, target=target, task_list=[task])[task.kernel], target)
+
+
+def tuned_kernel(task, *, prepared, database, target, untuned_us=None):
+    """Compiled kernel the tuned library runs for ``task`` (as ``tuning.compile`` applies the
+    database). Returns ``(module, has_record)``; without an applied record it is the untuned one."""
+    from tuning.apply import apply_database
+
+    mod, applied = apply_database(prepared, database=database, target=target, task_list=[task],
+                                  untuned_us=untuned_us)
+    if task.kernel not in applied:
+        return untuned_kernel(task, prepared=prepared, target=target), False
+    return _compile_kernel(mod[task.kernel], target), True
 
 
 def _mnk(func) -> tuple[int, int, int, str] | None:
@@ -279,7 +221,7 @@ def run_kernels(*, model: str = "gpt2", quantization: str | None = None, phase: 
     from gpt2_model.quantization import QuantizationError, get_scheme
     from gpt2_model.runtime import target_for
 
-    if phase not in _SYMBOLIC_FN:
+    if phase not in ("decode", "prefill"):
         raise BenchError(f"--phase must be decode or prefill, got {phase!r}")
     if repeats < 1:
         raise BenchError("--repeats must be >= 1")
@@ -337,8 +279,10 @@ def run_kernels(*, model: str = "gpt2", quantization: str | None = None, phase: 
         notes.append("no peak figures for this device: % of roofline omitted (set --peak-bw/--peak-tflops)")
     tdev = dev.tvm_device()
     t0 = time.perf_counter()
-    tasks, prepared, pairs = bucket_tasks(config, quantization=quantization, target=target, phase=phase,
-                                          bucket=bucket)
+    tasks, prepared = bucket_tasks(config, quantization=quantization, target=target, phase=phase, bucket=bucket)
+    from tuning.apply import load_untuned_times
+
+    untuned_us = load_untuned_times(db_info.path if db_info else None)
     log(f"bench kernels: {label} {quantization} {phase} {'b' if phase == 'decode' else 's'}{bucket} on {dev.name} "
         f"({arch_name}): {len(tasks)} kernels, partitioned in {time.perf_counter() - t0:.1f} s")
     min_ms = 10 if dev.kind == "cuda" else 1
@@ -357,14 +301,14 @@ def run_kernels(*, model: str = "gpt2", quantization: str | None = None, phase: 
                    samples={"untuned_us": None, "tuned_us": None, "cublas_us": None}, notes=[])
         try:
             args = random_args(task.func, device=tdev, seed=seed + i)
-            sym = pairs.get(task.kernel)
-            row["untuned_from"] = f"symbolic:{sym}" if sym else "static"
-            unt_lib = untuned_kernel(task, prepared=prepared, twin=sym, target=target)
+            row["untuned_from"] = f"symbolic:{task.twin_name}" if task.twin_name else "static"
+            unt_lib = untuned_kernel(task, prepared=prepared, target=target)
             unt = time_kernel(unt_lib, args, device=tdev, repeats=repeats, min_repeat_ms=min_ms)
             row["samples"]["untuned_us"] = unt
             row["untuned_us"] = stats(unt).median
             if db is not None:
-                tun_lib, row["tuned_record"] = tuned_kernel(task, database=db, target=target)
+                tun_lib, row["tuned_record"] = tuned_kernel(task, prepared=prepared, database=db, target=target,
+                                                            untuned_us=untuned_us)
                 # llm.c habit: check the tuned kernel against the untuned one before timing it
                 err = compare_outputs(unt_lib, tun_lib, task.func, device=tdev, seed=seed + i)
                 rtol = KERNEL_RTOL.get(scheme.activation_dtype, 2e-2)

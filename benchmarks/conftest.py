@@ -53,6 +53,9 @@ class Suite:
         db_info, _ = find_database(database_dir=opt("--gpt2k-database-dir"), arch=self.arch, model=self.model,
                                    quantization=self.quantization, target=self.target)
         self.database = None
+        from tuning.apply import load_untuned_times
+
+        self.untuned_us = load_untuned_times(db_info.path if db_info else None)
         if db_info is not None:
             from tuning.database import open_database
 
@@ -66,7 +69,7 @@ class Suite:
 
     def cases(self):
         variants = ["untuned"] + (["tuned"] if self.database is not None else [])
-        for (phase, bucket), (tasks, _, _) in self.parts.items():
+        for (phase, bucket), (tasks, _) in self.parts.items():
             for i, task in enumerate(tasks):
                 for v in variants:
                     yield (phase, bucket, i, v), f"{phase}-{bucket}-{task.kernel}-{v}"

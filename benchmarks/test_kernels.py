@@ -13,12 +13,13 @@ pytestmark = pytest.mark.benchmark
 def test_kernel(benchmark, gpt2k_suite, kernel_case):
     phase, bucket, index, variant = kernel_case
     s = gpt2k_suite
-    tasks, prepared, twins = s.parts[(phase, bucket)]
+    tasks, prepared = s.parts[(phase, bucket)]
     task = tasks[index]
     if variant == "untuned":
-        lib, has_record = untuned_kernel(task, prepared=prepared, twin=twins.get(task.kernel), target=s.target), None
+        lib, has_record = untuned_kernel(task, prepared=prepared, target=s.target), None
     else:
-        lib, has_record = tuned_kernel(task, database=s.database, target=s.target)
+        lib, has_record = tuned_kernel(task, prepared=prepared, database=s.database, target=s.target,
+                                       untuned_us=s.untuned_us)
     dev = s.device.tvm_device()
     args = random_args(task.func, device=dev)
     device_us = stats(time_kernel(lib, args, device=dev, repeats=5,
@@ -29,7 +30,7 @@ def test_kernel(benchmark, gpt2k_suite, kernel_case):
     benchmark.extra_info.update({
         "model": s.model, "quantization": s.quantization, "device": s.device.name, "arch": s.arch,
         "kernel": task.kernel, "kind": task.kind, "variant": variant, "weight": task.weight,
-        "untuned_from": f"symbolic:{twins[task.kernel]}" if task.kernel in twins else "static",
+        "untuned_from": f"symbolic:{task.twin_name}" if task.twin_name else "static",
         "tuned_record": has_record, "device_us": device_us, "flops": task.flops, "bytes": task.bytes,
         "achieved": ("TFLOP/s", task.flops / device_us / 1e6) if task.kind == "gemm"
         else ("GB/s", task.bytes / device_us / 1e3),
