@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Steps run on the GPU machine (device tool), each with its own time limit; results under $OUT.
 #   bash bench/device/session.sh STEP [STEP ...]
-# Steps: env gputests bench-decode bench-prefill bench-kernels tune-decode tune-prefill
+# Steps: env gputests bench-decode bench-prefill bench-kernels tune (settings through environment variables)
 set -uo pipefail
 export PYTHONPATH=/opt/devsite:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -15,15 +15,16 @@ for step in "$@"; do
     gputests)
       log gputests; timeout 420 python -m pytest -m gpu -q -x -p no:cacheprovider tests/test_gpu_model.py -s 2>&1 | grep -v Warning | tail -25 | tee "$OUT/gputests.txt" ;;
     bench-decode)
-      log bench decode; timeout 480 python -m bench.cli decode --batch 1,8,32 --variants ${VARIANTS:-untuned,tuned,torch-eager} --json "$OUT/decode.json" 2>&1 | tail -30 | tee "$OUT/decode.txt" ;;
+      log bench decode; timeout 480 python -m bench.cli decode ${DB:+--database $DB} --batch ${BATCH_LIST:-1,8,32} --variants ${VARIANTS:-untuned,tuned,torch-eager} --json "$OUT/decode.json" 2>&1 | tail -30 | tee "$OUT/decode.txt" ;;
     bench-prefill)
-      log bench prefill; timeout 420 python -m bench.cli prefill --seq-len 128,512,1024 --variants ${VARIANTS:-untuned,tuned,torch-eager} --json "$OUT/prefill.json" 2>&1 | tail -30 | tee "$OUT/prefill.txt" ;;
+      log bench prefill; timeout 420 python -m bench.cli prefill ${DB:+--database $DB} --seq-len 128,512,1024 --variants ${VARIANTS:-untuned,tuned,torch-eager} --json "$OUT/prefill.json" 2>&1 | tail -30 | tee "$OUT/prefill.txt" ;;
     bench-kernels)
-      log bench kernels; timeout 420 python -m bench.cli kernels --phase decode --batch 8 --json "$OUT/kernels_decode.json" 2>&1 | tail -30 | tee "$OUT/kernels_decode.txt" ;;
-    tune-decode)
-      log tune decode; timeout ${TUNE_LIMIT:-540} python -m tuning.cli --arch sm_90 --quantization ${QUANT:-q0f16} --phases decode --batch-buckets ${BATCHES:-8} --trials-per-task ${TRIALS:-32} --space ${SPACE:-llm} --kinds ${KINDS:-gemv,reduction,elementwise} 2>&1 | tail -40 | tee "$OUT/tune_decode.txt" ;;
-    tune-prefill)
-      log tune prefill; timeout ${TUNE_LIMIT:-540} python -m tuning.cli --arch sm_90 --quantization ${QUANT:-q0f16} --phases prefill --prefill-buckets ${CHUNKS:-1024} --trials-per-task ${TRIALS:-32} --space ${SPACE:-llm} 2>&1 | tail -40 | tee "$OUT/tune_prefill.txt" ;;
+      log bench kernels; timeout 420 python -m bench.cli kernels ${DB:+--database $DB} --phase ${KPHASE:-decode} --batch 8 --seq-len 1024 --json "$OUT/kernels_${KPHASE:-decode}.json" 2>&1 | tail -40 | tee "$OUT/kernels_${KPHASE:-decode}.txt" ;;
+    tune)
+      # PHASES, BATCHES, CHUNKS, TRIALS, KINDS, SPACE, QUANT select the run; the committed database comes back in $OUT/db-QUANT
+      q=${QUANT:-q0f16}
+      log tune $q; timeout ${TUNE_LIMIT:-540} python -m tuning.cli --arch sm_90 --quantization $q --phases ${PHASES:-decode} --batch-buckets ${BATCHES:-8} --prefill-buckets ${CHUNKS:-1024} --trials-per-task ${TRIALS:-32} --space ${SPACE:-llm} ${KINDS:+--kinds $KINDS} --work-dir /root/keep/work-$q 2>&1 | grep -v Warning | tail -45 | tee "$OUT/tune_$q.txt"
+      mkdir -p "$OUT/db-$q" /root/keep/db-$q; cp databases/sm_90/gpt2-$q/* "$OUT/db-$q/"; cp databases/sm_90/gpt2-$q/* /root/keep/db-$q/; ls -la "$OUT/db-$q" ;;
     *) echo "unknown step $step" ;;
   esac
 done
