@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-import tvm
 from tvm import s_tir
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
