@@ -36,6 +36,7 @@ KERNELS = {
     "gemm_s1024_qkv": lambda: wl.linear(1, 1024, 2304, 768),
     "gemm_s128_lm_head": lambda: wl.linear(1, 128, 50257, 768, bias=False),
     "layer_norm_s1024": lambda: wl.layer_norm(1, 1024, 768),
+    "layer_norm_b1": lambda: wl.layer_norm(1, 1, 768),
     "softmax_vocab": lambda: wl.softmax(1, 8, 50257),
     "gelu_s1024": lambda: wl.gelu(1, 1024, 3072),
 }
@@ -49,6 +50,7 @@ EXPECTED_CLASS = {
     "gemm_s1024_qkv": "gemm",
     "gemm_s128_lm_head": "gemm",
     "layer_norm_s1024": "reduction",
+    "layer_norm_b1": "reduction",
     "softmax_vocab": "reduction",
     "gelu_s1024": "elementwise",
 }
@@ -244,8 +246,25 @@ def test_space_for_generates_named_spaces(funcs):
     assert kinds[0]["SampleCategorical"] >= 3 and kinds[0]["SamplePerfectTile"] >= 2
     assert kinds[2]["SampleCategorical"] == 0  # the dlight space has no knobs
 
-    union = spaces.space_for(funcs["gemm_s1024_qkv"], target=TARGET, include_generic=True)
-    assert isinstance(union, ms.space_generator.SpaceGeneratorUnion)
+    mod = tvm.IRModule({"main": funcs["gemm_s1024_qkv"]})
+    gen = spaces.space_for(funcs["gemm_s1024_qkv"], target=TARGET, include_generic=True)
+    ctx = ms.TuneContext(mod=mod, target=TARGET, space_generator=gen, task_name="t", num_threads=1)
+    assert len(ctx.generate_design_space()) == 5  # 2 tunable + dlight + 2 generic
+
+
+def test_generic_space_failure_is_contained():
+    """MetaSchedule's MultiLevelTilingTensorCore raises while generating the space of the
+    prefill lm_head GEMV (M = 1, fp32 cast epilogue); with include_generic the task still gets
+    the tunable spaces and dlight."""
+    func = wl.linear(1, 1, 50257, 768, bias=False)
+    mod = tvm.IRModule({"main": func})
+    generic = ms.TuneContext(mod=mod, target=TARGET, task_name="g", num_threads=1,
+                             space_generator=ms.space_generator.PostOrderApply(
+                                 sch_rules="cuda-tensorcore", postprocs=[], mutator_probs={}))
+    with pytest.raises(Exception):  # noqa: B017 - upstream raises a bare RuntimeError/ValueError
+        generic.generate_design_space()
+    names = [n for n, _ in spaces.design_spaces(func, target=TARGET, include_generic=True)]
+    assert names[:3] == ["gemv/x_global", "gemv/x_shared", "dlight"], names
 
 
 def test_bad_input():

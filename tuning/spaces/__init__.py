@@ -286,23 +286,36 @@ def design_spaces(
         Traced schedules with the decisions of one sample each; empty if nothing applies.
     """
     mod = as_module(func)
-    out = _build_spaces(s_tir.Schedule(mod, debug_mask=0), target=target,
-                        include_dlight=include_dlight)
-    if include_generic:
-        ctx = ms.TuneContext(
-            mod=mod,
-            target=target,
-            space_generator=ms.space_generator.PostOrderApply(
-                sch_rules="cuda-tensorcore", postprocs=postprocs_for(target),
-                mutator_probs="cuda-tensorcore"),
-            task_name="generic",
-            num_threads=1,
-        )
-        out.extend((f"generic/{i}", s) for i, s in enumerate(ctx.generate_design_space()))
-    return out
+    return _build_spaces(s_tir.Schedule(mod, debug_mask=0), target=target,
+                         include_dlight=include_dlight, include_generic=include_generic)
 
 
-def _build_spaces(sch: s_tir.Schedule, *, target: Target, include_dlight: bool):
+def _generic_spaces(mod, target: Target) -> list[tuple[str, s_tir.Schedule]]:
+    """MetaSchedule's generic CUDA tensor-core spaces, or none where they break.
+
+    ``MultiLevelTilingTensorCore`` raises while *generating* the space of some LLM kernels
+    (the prefill lm_head on the last token, M = 1: "Back optional access" and "All the constant
+    factors are required to be positive ... -1"), which would fail the whole task; here such a
+    failure only drops the generic spaces.
+    """
+    ctx = ms.TuneContext(
+        mod=mod,
+        target=target,
+        space_generator=ms.space_generator.PostOrderApply(
+            sch_rules="cuda-tensorcore", postprocs=postprocs_for(target),
+            mutator_probs="cuda-tensorcore"),
+        task_name="generic",
+        num_threads=1,
+    )
+    try:
+        return [(f"generic/{i}", s) for i, s in enumerate(ctx.generate_design_space())]
+    except Exception as err:  # noqa: BLE001
+        logger.warning("MetaSchedule's generic spaces fail on this kernel: %s", _last_line(err))
+        return []
+
+
+def _build_spaces(sch: s_tir.Schedule, *, target: Target, include_dlight: bool,
+                  include_generic: bool = False):
     mod = sch.mod
     kind = classify(mod)
     info = matmul_info(mod) if kind in ("gemv", "gemm") else None
@@ -335,6 +348,8 @@ def _build_spaces(sch: s_tir.Schedule, *, target: Target, include_dlight: bool):
             s = sch.copy()
             dl.trace.apply_to_schedule(s, remove_postproc=False)
             out.append(("dlight", s))
+    if include_generic:
+        out.extend(_generic_spaces(mod, target))
     return out
 
 
@@ -358,13 +373,12 @@ def space_for(
         Add the dlight schedule as a fixed design space (always among the candidates).
     include_generic : bool
         Also add MetaSchedule's generic CUDA tensor-core spaces (``PostOrderApply`` with the
-        ``cuda-tensorcore`` rules) through a ``SpaceGeneratorUnion``.
+        ``cuda-tensorcore`` rules); dropped for kernels where generating them fails.
 
     Returns
     -------
-    tvm.s_tir.meta_schedule.space_generator.SpaceGenerator
-        A ``ScheduleFn`` (or a ``SpaceGeneratorUnion`` of it and ``PostOrderApply``) whose
-        postprocessors are :func:`postprocs_for`.
+    tvm.s_tir.meta_schedule.space_generator.ScheduleFn
+        The generator; its postprocessors are :func:`postprocs_for`.
     """
     if not isinstance(target, Target):
         raise TypeError("target must be a tvm.target.Target")
@@ -373,21 +387,14 @@ def space_for(
     as_module(func)  # validate early: one clear error for bad input
 
     def generate(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
-        return [s for _, s in _build_spaces(sch, target=target, include_dlight=include_dlight)]
+        return [s for _, s in _build_spaces(sch, target=target, include_dlight=include_dlight,
+                                            include_generic=include_generic)]
 
-    mine = ms.space_generator.ScheduleFn(
+    return ms.space_generator.ScheduleFn(
         generate,
         sch_rules=[],
         postprocs=postprocs_for(target),
         mutator_probs="cuda-tensorcore",
-    )
-    if not include_generic:
-        return mine
-    generic = ms.space_generator.PostOrderApply(
-        sch_rules="cuda-tensorcore", postprocs=postprocs_for(target), mutator_probs="cuda-tensorcore"
-    )
-    return ms.space_generator.SpaceGeneratorUnion(
-        [mine, generic], postprocs=postprocs_for(target), mutator_probs="cuda-tensorcore"
     )
 
 

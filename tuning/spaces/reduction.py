@@ -53,19 +53,29 @@ def schedule_row_reduction(sch: s_tir.Schedule):
     last = infos[-1]
     if (
         num_trailing_r == 0
-        or num_leading_s == 0
         or any(b.dom_kind() != dom_kind for b in infos[:-1])
         or not last.is_injective()
-        or len(last.dom_kind()) != len(dom_kind)
+        or not 0 <= len(dom_kind) - len(last.dom_kind()) <= num_leading_s
     ):
         raise NotApplicable(f"unsupported reduction pattern {[b.dom_kind() for b in infos]}")
 
     len_tx = sch.sample_categorical(_THREADS, _uniform(len(_THREADS)))
     unroll = sch.sample_categorical([0, 16, 64, 256], _uniform(4))
 
-    loops = sch.get_loops(last.block_rv)
-    bx = sch.fuse(*loops[:num_leading_s])
-    r_loop = sch.fuse(*loops[num_leading_s:]) if len(loops) - num_leading_s > 1 else loops[-1]
+    loops = list(sch.get_loops(last.block_rv))
+    # Unit row dims dropped from the last stage (a single row, e.g. decode batch 1): give it
+    # unit loops in their place so its loops line up with the reduction stages'.
+    for _ in range(len(dom_kind) - len(last.dom_kind())):
+        unit = sch.add_unit_loop(last.block_rv)
+        sch.reorder(unit, *loops)
+        loops = [unit, *loops]
+    lead = num_leading_s
+    if lead == 0:  # no row dim at all: a unit loop to bind the grid to
+        unit = sch.add_unit_loop(last.block_rv)
+        sch.reorder(unit, *loops)
+        loops, lead = [unit, *loops], 1
+    bx = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
+    r_loop = sch.fuse(*loops[lead:]) if len(loops) - lead > 1 else loops[-1]
     r_loop, tx = sch.split(r_loop, [None, len_tx])
     sch.reorder(tx, r_loop)
     sch.bind(bx, "blockIdx.x")
