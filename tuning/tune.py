@@ -1036,13 +1036,17 @@ def verify_record(
             worst = float(np.abs(g.astype(np.int64) - w.astype(np.int64)).max(initial=0))
         else:
             g64, w64 = g.astype(np.float64), w.astype(np.float64)
-            same = np.allclose(g64, w64, rtol=rtol, atol=atol, equal_nan=True)
+            # max-abs error over max-abs reference: a reduction over K = 3072 in fp16 differs by
+            # accumulation order alone far beyond an element-wise rtol, never beyond this scale.
             diff = np.abs(g64 - w64)
             worst = float(np.nanmax(diff)) if diff.size else 0.0
+            scale = float(np.nanmax(np.abs(w64))) if w64.size else 0.0
+            new_nan = bool(np.any(np.isnan(g64) & ~np.isnan(w64)))
+            same = not new_nan and worst <= atol + rtol * scale
         if not same:
             ok = False
             logger.warning("verify: buffer %s differs from the untuned result (max |diff| %.3g, "
-                           "rtol %g, atol %g)", entry[0], worst, rtol, atol)
+                           "rtol %g of max |ref|, atol %g)", entry[0], worst, rtol, atol)
     return ok
 
 

@@ -23,7 +23,7 @@ for step in "$@"; do
     tune)
       # PHASES, BATCHES, CHUNKS, TRIALS, KINDS, SPACE, QUANT select the run; the committed database comes back in $OUT/db-QUANT
       q=${QUANT:-q0f16}
-      log tune $q; timeout ${TUNE_LIMIT:-540} python -m tuning.cli --arch sm_90 --quantization $q --phases ${PHASES:-decode} --batch-buckets ${BATCHES:-8} --prefill-buckets ${CHUNKS:-1024} --trials-per-task ${TRIALS:-32} --space ${SPACE:-llm} ${KINDS:+--kinds $KINDS} --work-dir /root/keep/work-$q 2>&1 | grep -v Warning | tail -45 | tee "$OUT/tune_$q.txt"
+      log tune $q; timeout ${TUNE_LIMIT:-540} python -m tuning.cli --arch sm_90 --quantization $q --phases ${PHASES:-decode} --batch-buckets ${BATCHES:-8} --prefill-buckets ${CHUNKS:-1024} --trials-per-task ${TRIALS:-32} --space ${SPACE:-llm} ${KINDS:+--kinds $KINDS} --work-dir /root/keep/work-$q > "$OUT/tune_$q.log" 2>&1; grep -v "Warning: Fast" "$OUT/tune_$q.log" | grep -v "^\[round" | tail -40
       mkdir -p "$OUT/db-$q" /root/keep/db-$q; cp databases/sm_90/gpt2-$q/* "$OUT/db-$q/"; cp databases/sm_90/gpt2-$q/* /root/keep/db-$q/; ls -la "$OUT/db-$q" ;;
     *) echo "unknown step $step" ;;
   esac
