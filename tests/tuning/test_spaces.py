@@ -1,7 +1,7 @@
 """The tunable design spaces: classification, sampling, postprocessing, builds, trace replay.
 
 CPU only: kernels are built for ``cuda``/``sm_90`` (NVRTC or nvcc compile here without a GPU),
-never run. Numerical checks of the spaces live in ``tools/gpu_spaces_check.py`` and in the
+never run. Numerical checks of the spaces live in ``bench/device/spaces_check.py`` and in the
 ``gpu``-marked test at the end.
 """
 
