@@ -326,8 +326,9 @@ def cublas_matmul_us(*, m: int, n: int, k: int, dtype: str, device: str, repeats
     """Time ``(m, k) @ (n, k)^T`` with torch (cuBLAS on CUDA), in microseconds per call.
 
     Returns ``None`` when torch is unavailable or ``device`` is not a CUDA device torch sees
-    (a CPU "cuBLAS" figure would be meaningless). CUDA events on the default stream, one event
-    pair per call after ``warmup`` calls.
+    (a CPU "cuBLAS" figure would be meaningless). Timed as the issue asks, CUDA-graph style: ``iters``
+    back-to-back calls are captured in one CUDA graph and each replay is timed with events, so
+    the figure is device time per call without Python/launch gaps (as TVM's time_evaluator gives).
     """
     try:
         import torch
@@ -338,20 +339,31 @@ def cublas_matmul_us(*, m: int, n: int, k: int, dtype: str, device: str, repeats
     dt = _torch_dtype(dtype)
     a = torch.randn(m, k, device=device, dtype=dt)
     b = torch.randn(n, k, device=device, dtype=dt) if transpose_b else torch.randn(k, n, device=device, dtype=dt)
+    iters = 20
 
     def f():
         return a @ (b.t() if transpose_b else b)
 
-    for _ in range(warmup):
-        f()
+    stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):  # warm up (cuBLAS handle, workspace) outside the capture
+        for _ in range(warmup):
+            f()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            f()
+    graph.replay()
     torch.cuda.synchronize(device)
     out = []
     for _ in range(repeats):
         s = torch.cuda.Event(enable_timing=True)
         e = torch.cuda.Event(enable_timing=True)
         s.record()
-        f()
+        graph.replay()
         e.record()
         e.synchronize()
-        out.append(s.elapsed_time(e) * 1e3)
+        out.append(s.elapsed_time(e) * 1e3 / iters)
     return out
