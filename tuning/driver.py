@@ -144,8 +144,8 @@ def run_tune(args) -> int:  # pylint: disable=too-many-locals
         **({"num_tuning_cores": args.workers} if args.workers else {}),
     )
     # Tolerance of the numerical check, relative to the reference's max-abs: fp16 kernels differ
-    # by accumulation order (K up to 3072), fp32 ones barely.
-    rtol = 1e-2 if scheme.activation_dtype == "float16" else 1e-4
+    # by accumulation order (K up to 3072: differences of ~1% of max-abs seen on an H200), fp32 ones barely.
+    rtol = 3e-2 if scheme.activation_dtype == "float16" else 1e-4
     kept = prune_best(work_dir, out_path=committed,
                       verify=make_verifier(target=target, device_or_rpc=verify_device, rtol=rtol, atol=1e-5))
     if (work_dir / "untuned.json").is_file():  # compile skips records slower than the untuned kernel
