@@ -297,6 +297,12 @@ def _read_lines(file: Path) -> list[str]:
 
 def _parse_database(path: Path, *, fix: bool) -> _Parsed:
     """Parse both files; bad lines are dropped (and, with ``fix``, quarantined and rewritten)."""
+    # Tensor-core traces name intrinsics (wmma_load_..._shared_dyn) registered by importing
+    # tvm.s_tir.tensor_intrin: without them a valid record does not parse and would be
+    # quarantined as corrupt.
+    from .tune import preload_tensor_intrinsics  # pylint: disable=import-outside-toplevel
+
+    preload_tensor_intrinsics()
     wfile, rfile = path / WORKLOAD_FILE, path / RECORD_FILE
     # Workloads: [structural hash string, base64 IRModule JSON]
     wl_lines, workloads, remap, bad_w = [], [], {}, []
