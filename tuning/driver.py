@@ -124,6 +124,15 @@ def run_tune(args) -> int:  # pylint: disable=too-many-locals
     _seed_work_dir(work_dir, committed)
     per_task = args.trials_per_task
     total = args.trials if args.trials is not None else per_task * len(task_list)
+    # One database collects several runs (decode buckets, then prefill...): its meta.json must
+    # name every bucket and task it holds, not only the latest run's.
+    from .database import read_meta  # pylint: disable=import-outside-toplevel
+
+    previous = read_meta(committed) or {}
+    all_buckets = {p: sorted(set(v) | set((previous.get("buckets") or {}).get(p, []))) for p, v in buckets.items()}
+    for phase, values in (previous.get("buckets") or {}).items():
+        all_buckets.setdefault(phase, sorted(values))
+    all_tasks = sorted(set(previous.get("tasks") or []) | {t.name for t in task_list})
     print(f"tuning {len(task_list)} tasks of {name}-{scheme.name} for {arch}: {total} trials "
           f"(<= {per_task} per task); records in {work_dir}", file=sys.stderr)
     tune_tasks(
@@ -138,7 +147,7 @@ def run_tune(args) -> int:  # pylint: disable=too-many-locals
         seed=args.seed,
         untuned_rules=dlight_rules(target) if is_gpu(target) else None,
         progress=lambda p: print(p.format(), file=sys.stderr, flush=True),
-        meta={"model": name, "quantization": scheme.name, "buckets": buckets,
+        meta={"model": name, "quantization": scheme.name, "buckets": all_buckets, "run_buckets": buckets,
               "config_hash": config.model_hash(), "trials": total, "trials_per_task": per_task,
               "space": args.space},
         **({"num_tuning_cores": args.workers} if args.workers else {}),
@@ -146,6 +155,9 @@ def run_tune(args) -> int:  # pylint: disable=too-many-locals
     # Tolerance of the numerical check, relative to the reference's max-abs: fp16 kernels differ
     # by accumulation order (K up to 3072: differences of ~1% of max-abs seen on an H200), fp32 ones barely.
     rtol = 3e-2 if scheme.activation_dtype == "float16" else 1e-4
+    from .database import write_meta  # pylint: disable=import-outside-toplevel
+
+    write_meta(work_dir, tasks=all_tasks)
     kept = prune_best(work_dir, out_path=committed,
                       verify=make_verifier(target=target, device_or_rpc=verify_device, rtol=rtol, atol=1e-5))
     if (work_dir / "untuned.json").is_file():  # compile skips records slower than the untuned kernel
