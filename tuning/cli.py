@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="gpt2", help="preset (gpt2, gpt2-medium, ..., tiny) or a Hugging Face directory")
     p.add_argument("--quantization", default="q0f16", help="q0f32, q0f16 or q4f16_1 (default q0f16)")
     p.add_argument("--list-kernels", action="store_true", help="print the partition (kernels per bucket) and exit")
+    p.add_argument("--validate", action="store_true",
+                   help="check the committed database (replay + build every record for --arch) and exit")
     p.add_argument("--trials", type=int, default=None,
                    help="total measured trials over all tasks (default: 64 per task)")
     p.add_argument("--trials-per-task", type=int, default=64, help="cap on trials for one task (default 64)")

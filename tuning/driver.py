@@ -105,6 +105,18 @@ def run_tune(args) -> int:  # pylint: disable=too-many-locals
         task_list = [t for t in task_list if t.kind in kinds]
     # Gathers (embedding rows) read what their indices say: MetaSchedule's random inputs index out
     # of range and crash the measurement, and a row copy has nothing to tune. Listed, not tuned.
+    if getattr(args, "validate", False):
+        from .database import database_path  # pylint: disable=import-outside-toplevel
+        from .validate import validate_database  # pylint: disable=import-outside-toplevel
+
+        path = database_path(args.database_dir, arch=arch, model=name, quantization=scheme.name)
+        if not path.is_dir():
+            raise TuneError(f"no database at {path}")
+        report = validate_database(path, target=target)
+        print(f"{path}: {report.line()}")
+        for failure in report.failures:
+            print("  " + failure)
+        return 0 if report.ok() else 1
     if args.list_kernels:
         print(f"{name} {scheme.name} on {arch}: {len(task_list)} tasks ({time.time() - start:.1f} s)")
         print(table(task_list))

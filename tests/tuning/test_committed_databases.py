@@ -1,0 +1,37 @@
+"""The databases committed under databases/: layout, meta.json, one record per workload, replay + build."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tuning.targets import KNOWN_ARCHS, make_target
+from tuning.validate import validate_database
+
+ROOT = Path(__file__).resolve().parents[2] / "databases"
+DATABASES = sorted(p.parent for p in ROOT.glob("*/*/meta.json"))
+
+
+def test_there_are_committed_databases():
+    assert any(p.parent.name == "sm_90" for p in DATABASES)
+
+
+@pytest.mark.parametrize("path", DATABASES, ids=[f"{p.parent.name}/{p.name}" for p in DATABASES])
+def test_committed_database(path):
+    arch = path.parent.name
+    assert arch in KNOWN_ARCHS
+    meta = json.loads((path / "meta.json").read_text())
+    model, quant = path.name.rsplit("-", 1)
+    assert (meta["model"], meta["quantization"], meta["arch"]) == (model, quant, arch)
+    assert meta["pruned"] is True and meta["tvm_version"] and meta["tvm_ffi_version"]
+    assert meta["device"]["gpu_name"] and meta["device"]["driver_version"]  # the card it was tuned on
+    assert meta["buckets"] and meta["tasks"]
+    lines = (path / "database_tuning_record.json").read_text().splitlines()
+    workloads = [json.loads(line)[0] for line in lines]
+    assert len(workloads) == len(set(workloads)), "committed form keeps one record per workload"
+    assert (path / "untuned.json").is_file()
+    report = validate_database(path, target=make_target(arch))
+    assert report.ok(), report.failures
+    assert report.records == len(lines)
