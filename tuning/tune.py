@@ -328,13 +328,12 @@ def make_local_runner(
 
 
 def default_dlight_rules(target: Target) -> list:
-    """The dlight rules of the untuned GPU build (MLC-LLM's default order); ``[]`` for CPU."""
+    """The dlight rules of the untuned GPU build (``tuning.compile.dlight_rules``); ``[]`` for CPU."""
     if arch_of(target) == "cpu":
         return []
-    from tvm.s_tir import dlight as dl
+    from .compile import dlight_rules
 
-    return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
-            dl.gpu.Fallback()]
+    return dlight_rules(target)
 
 
 def untuned_schedule(

@@ -27,27 +27,23 @@ and runs unchanged; VM bookkeeping calls (``vm.builtin.*``, shape functions) are
 Printing from inside the model (``op.print_``)
 ----------------------------------------------
 ``tvm.relax.frontend.nn.op.print_(tensor)`` prints a tensor at run time (through
-``vm.builtin.debug_print``, i.e. Python ``print`` with the source line). It needs the model
-exported with ``debug=True`` *and* the printing methods exported with ``effect_mode="packed"``:
-the print is threaded through an IO effect value. With our default spec (``effect_mode="none"``)
-export fails with ``Var _io is not defined``. With ``"packed"`` the method takes one extra
-argument, the effects tuple returned by the module's ``_initialize_effect`` function, and returns
-``(outputs, effects)``::
+``vm.builtin.debug_print``, i.e. Python ``print`` with the source line). Export with
+``export_model(..., debug=True)``: every compute function is then exported with
+``effect_mode="packed"`` (it takes the IO effects from ``_initialize_effect`` after its inputs and
+returns ``(outputs, effects)``), and :class:`~gpt2_model.runtime.Engine` threads the effects
+through each call, so the normal API prints. Without ``debug=True`` the export of a model that
+prints fails with ``Var _io is not defined``::
 
     class PrintingGPT2(GPT2LMHeadModel):
-        def decode(self, input_embed, paged_kv_cache):
-            hidden = self.transformer(input_embed, paged_kv_cache)
+        def batch_decode(self, input_embeds, paged_kv_cache):
+            hidden = self.transformer(input_embeds, paged_kv_cache)
             op.print_(hidden)                      # prints shape, dtype and values each call
             return self._lm_head(hidden), paged_kv_cache
 
-    spec = model.get_default_spec()
-    for method in spec.method_specs:
-        if method.method.__name__ == "decode":
-            method.effect_mode = "packed"
-    mod, params = model.export_tvm(spec=spec, debug=True)
-    ...
-    effects = vm["_initialize_effect"]()
-    (logits, kv_cache), effects = vm["decode"](embeds, kv_cache, effects, params)
+    exported = export_model(config, quantization="q0f32", target=target, debug=True,
+                            model_cls=PrintingGPT2)
+    engine = Engine(exported=exported, executable=build(exported, target=target), params=params)
+    engine.decode([seq], [token])                  # prints the ln_f output
 
 ``tests/test_debug.py::test_op_print_in_model`` builds and runs exactly this and checks the printed
 values against the ln_f kernel output recorded by the instrument.
