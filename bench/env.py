@@ -285,15 +285,10 @@ def detect_arch(device: DeviceSpec) -> str:
 
 
 def cpu_model() -> str:
-    """CPU model name (``/proc/cpuinfo`` on Linux, else :func:`platform.processor`)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """CPU model name (the same detection as the tuning databases use)."""
+    from tuning.targets import detect_cpu
+
+    return detect_cpu()["name"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ __all__ = [
 
 TORCH_VARIANTS = ("torch-eager", "torch-compile")
 
-_CONV1D_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+from gpt2_model.loader import CONV1D_SUFFIXES as _CONV1D_SUFFIXES  # noqa: E402  (one definition of the Conv1D weights)
 
 
 def torch_available() -> bool:

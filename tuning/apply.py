@@ -16,7 +16,7 @@ import tvm
 from tvm import IRModule
 from tvm.target import Target
 
-from .partition import Task, tasks_of
+from .partition import Task
 
 logger = logging.getLogger(__name__)
 

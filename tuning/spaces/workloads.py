@@ -16,7 +16,7 @@ A dim given as a string (``"b"``) stays symbolic; an int makes it static. The de
 from __future__ import annotations
 
 import tvm
-from tvm import relax, te, tirx
+from tvm import te, tirx
 from tvm.relax.frontend import nn
 
 __all__ = ["linear", "q4_linear", "layer_norm", "softmax", "gelu", "add", "Q4_GROUP"]
@@ -25,17 +25,10 @@ Q4_GROUP = 32
 
 
 def _fuse(mod: tvm.IRModule) -> tvm.IRModule:
-    seq = tvm.transform.Sequential(
-        [
-            relax.transform.FuseTransposeMatmul(),
-            relax.transform.LegalizeOps(),
-            relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(),
-            relax.transform.FuseOps(),
-            relax.transform.FuseTIR(),
-        ]
-    )
-    return seq(mod)
+    """The model's own preparation pipeline, so these kernels are the ones the partition makes."""
+    from ..pipeline import prepare  # pylint: disable=import-outside-toplevel
+
+    return prepare(mod, target=tvm.target.Target({"kind": "llvm"}))
 
 
 def _only_prim_func(mod: tvm.IRModule, hint: str) -> tirx.PrimFunc:
