@@ -194,5 +194,7 @@ def _print_summary(work_dir: Path, committed: Path, task_list, target) -> None:
         rec = db.query_tuning_record(t.mod(), target, "main")
         best = record_latency_s(rec) * 1e6 if rec is not None else None
         speedup = base / best if base and best else None
-        rows.append([t.name, t.kind, t.weight, base, best if best is not None else "untuned kept", speedup])
-    print(tabulate(rows, headers=["task", "kind", "calls/step", "untuned us", "tuned us", "speedup"], floatfmt=".2f"))
+        fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+        rows.append([t.name, t.kind, t.weight, fmt(base), fmt(best) if best is not None else "untuned kept", fmt(speedup)])
+    print(tabulate(rows, headers=["task", "kind", "calls/step", "untuned us", "tuned us", "speedup"],
+                   disable_numparse=True))
