@@ -55,6 +55,10 @@ def test_tune_then_compile_with_database_matches_untuned(tmp_path, capsys):
     tuned = Engine.from_config(config, quantization="q0f32", device="cpu", seed=3, database=db)
     cov = tuned.build_result.coverage
     assert cov.per_bucket["decode b2"][1] == cov.total  # every task of the bucket was looked up
+    assert 0 < cov.tuned <= cov.total
+    lines = cov.lines()  # what `gpt2k compile` prints
+    assert lines[0] == f"tuned kernels: {cov.tuned} of {cov.total} bucket kernels"
+    assert "decode b2:" in lines[1] and "% of the estimated step time" in lines[1]
     assert tuned.buckets == {"decode": [2]}
     for engine in (untuned, tuned):
         engine.seqs = [engine.add_sequence(), engine.add_sequence()]
