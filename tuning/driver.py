@@ -97,6 +97,10 @@ def run_tune(args) -> int:  # pylint: disable=too-many-locals
     buckets = {p: v for p, v in buckets.items() if p in phases}
 
     start = time.time()
+    runner = verify_device = None
+    if not args.list_kernels and not getattr(args, "validate", False):
+        # Where to measure, checked first: no GPU and no tracker fails at once, before any work.
+        runner, verify_device = _runner_for(args, target, arch)
     exported = export_model(config, quantization=scheme.name, target=target, buckets=buckets)
     prepared = prepare(exported.mod, target=target)
     task_list = attach_twins(prepared, tasks_of(prepared, buckets))
@@ -126,7 +130,6 @@ def run_tune(args) -> int:  # pylint: disable=too-many-locals
     if not task_list:
         raise TuneError("no tasks to tune (check --phases / --kinds)")
 
-    runner, verify_device = _runner_for(args, target, arch)
     from .database import database_path, prune_best  # pylint: disable=import-outside-toplevel
     from .compile import dlight_rules, is_gpu  # pylint: disable=import-outside-toplevel
     from .tune import TuneTask, make_verifier, tune_tasks  # pylint: disable=import-outside-toplevel
