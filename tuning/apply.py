@@ -102,7 +102,8 @@ def apply_database(prepared: IRModule, *, database, target: Target, task_list: l
 
 
 def _replace(mod: IRModule, name: str, func) -> IRModule:
-    mod = mod.shallow_copy() if hasattr(mod, "shallow_copy") else mod
+    """A copy of ``mod`` with function ``name`` replaced (the caller's module stays as it was)."""
+    mod = mod.clone()
     mod[mod.get_global_var(name)] = func
     return mod
 
@@ -159,8 +160,3 @@ def find_database(*, database: str | Path | None, database_dir: str | Path, targ
 
 def tvm_is_scheduled(func) -> bool:
     return bool(func.attrs and "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]) == 1)
-
-
-def scheduled_names(mod: IRModule) -> set[str]:
-    return {gv.name_hint for gv, f in mod.functions.items()
-            if isinstance(f, tvm.tirx.PrimFunc) and tvm_is_scheduled(f)}
