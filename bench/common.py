@@ -219,14 +219,8 @@ def setup(*, model: str, quantization: str | None, device: str, arch: str, varia
     if scheme.kind != "none" and any(v in TORCH_VARIANTS for v in vs):
         notes.append(f"PyTorch peers run the dequantized {quantization} weights in {scheme.activation_dtype} "
                      "(unquantized kernels, same function)")
-    env = envmod.collect_env(dev, database=db.to_dict() if db else None)
-    env["arch"] = arch_name
-    try:
-        peak = envmod.resolve_peak(env, dtype=scheme.activation_dtype, peak_bw=peak_bw, peak_tflops=peak_tflops)
-    except ValueError as e:
-        raise BenchError(str(e)) from None
-    if peak is None:
-        notes.append("no peak figures for this device: % of roofline omitted (set --peak-bw/--peak-tflops)")
+    env, peak = env_and_peak(dev, database=db.to_dict() if db else None, arch=arch_name,
+                             dtype=scheme.activation_dtype, peak_bw=peak_bw, peak_tflops=peak_tflops, notes=notes)
     return Setup(model=model, model_label=label, config=config, quantization=quantization,
                  dtype=scheme.activation_dtype, device=dev, arch=arch_name, target=target, database=db,
                  variants=vs, env=env, peak=peak, timer=make_timer(dev), seed=seed, notes=notes)
@@ -628,3 +622,16 @@ def drive(s: Setup, *, phase: str, points: list[dict], measure, figures, opts: d
                              state=state, log=log)
         release(None)
     return rows
+
+
+def env_and_peak(dev, *, database, arch: str, dtype: str, peak_bw, peak_tflops, notes: list[str]):
+    """The run's environment (NVML / CPU, versions, database) and the roofline used for percentages."""
+    env = envmod.collect_env(dev, database=database)
+    env["arch"] = arch
+    try:
+        peak = envmod.resolve_peak(env, dtype=dtype, peak_bw=peak_bw, peak_tflops=peak_tflops)
+    except ValueError as e:
+        raise BenchError(str(e)) from None
+    if peak is None:
+        notes.append("no peak figures for this device: % of roofline omitted (set --peak-bw/--peak-tflops)")
+    return env, peak

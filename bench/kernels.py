@@ -48,7 +48,7 @@ import numpy as np
 
 from . import env as envmod
 from .build import find_database
-from .common import BenchError, _log_default, default_quantization, first_line, pct
+from .common import BenchError, _log_default, default_quantization, env_and_peak, first_line, pct
 from .env import peak_to_dict
 from .report import make_result
 from .timing import stats
@@ -269,14 +269,8 @@ def run_kernels(*, model: str = "gpt2", quantization: str | None = None, phase: 
             notes.append(f"the database has no {phase} bucket {bucket} (it has {have}): the tuned build runs "
                          "the untuned kernels at this shape; the tuned column shows what its records give "
                          "for the static kernel")
-    env = envmod.collect_env(dev, database=db_info.to_dict() if db_info else None)
-    env["arch"] = arch_name
-    try:
-        peak = envmod.resolve_peak(env, dtype=scheme.activation_dtype, peak_bw=peak_bw, peak_tflops=peak_tflops)
-    except ValueError as e:
-        raise BenchError(str(e)) from None
-    if peak is None:
-        notes.append("no peak figures for this device: % of roofline omitted (set --peak-bw/--peak-tflops)")
+    env, peak = env_and_peak(dev, database=db_info.to_dict() if db_info else None, arch=arch_name,
+                             dtype=scheme.activation_dtype, peak_bw=peak_bw, peak_tflops=peak_tflops, notes=notes)
     tdev = dev.tvm_device()
     t0 = time.perf_counter()
     tasks, prepared = bucket_tasks(config, quantization=quantization, target=target, phase=phase, bucket=bucket)
