@@ -209,6 +209,18 @@ class _Common:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize(self.device)
 
+    def _set_forward(self, *, compiled: bool, cuda_graph: bool) -> None:
+        """The forward to call: the model itself (eager) or its torch.compile (static shapes)."""
+        self.compiled = compiled
+        self.variant = "torch-compile" if compiled else "torch-eager"
+        self._kw = _cache_kwarg(self.model)
+        self._fwd = self.model
+        self.compile_mode = compile_mode(device=self.device, cuda_graph=cuda_graph) if compiled else None
+        if compiled:
+            import torch
+
+            self._fwd = torch.compile(self.model, mode=self.compile_mode, dynamic=False)
+
     def _tokens(self, batch: int, length: int):
         import torch
 
@@ -227,15 +239,7 @@ class TorchDecodeRunner(_Common):
 
     def __init__(self, model, *, device: str, compiled: bool, seed: int = 0, cuda_graph: bool = True):
         super().__init__(model=model, device=device, seed=seed)
-        self.compiled = compiled
-        self.variant = "torch-compile" if compiled else "torch-eager"
-        self._kw = _cache_kwarg(model)
-        self._fwd = model
-        self.compile_mode = compile_mode(device=device, cuda_graph=cuda_graph) if compiled else None
-        if compiled:
-            import torch
-
-            self._fwd = torch.compile(model, mode=self.compile_mode, dynamic=False)
+        self._set_forward(compiled=compiled, cuda_graph=cuda_graph)
         self._cache = None
         self._pos = 0
         self._next = None
@@ -290,15 +294,7 @@ class TorchPrefillRunner(_Common):
 
     def __init__(self, model, *, device: str, compiled: bool, seed: int = 0, cuda_graph: bool = True):
         super().__init__(model=model, device=device, seed=seed)
-        self.compiled = compiled
-        self.variant = "torch-compile" if compiled else "torch-eager"
-        self._kw = _cache_kwarg(model)
-        self._fwd = model
-        self.compile_mode = compile_mode(device=device, cuda_graph=cuda_graph) if compiled else None
-        if compiled:
-            import torch
-
-            self._fwd = torch.compile(model, mode=self.compile_mode, dynamic=False)
+        self._set_forward(compiled=compiled, cuda_graph=cuda_graph)
         self._ids = None
 
     def prepare(self, *, batch: int, seq_len: int) -> None:

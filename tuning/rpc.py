@@ -239,6 +239,19 @@ class _Process:
             env=env,
         )
 
+    def _wait_ready(self, probe, timeout: float, what: str) -> None:
+        """Poll ``probe()`` until it stops raising RPCTrackerError; fail if the process dies or time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise self._fail("exited at start")
+            try:
+                probe()
+                return
+            except RPCTrackerError:
+                time.sleep(0.2)
+        raise self._fail(f"{what} within {timeout:.0f} s")
+
     def _fail(self, what: str) -> RPCTrackerError:
         err = ""
         if self.proc is not None and self.proc.poll() is not None and self.proc.stderr:
@@ -288,16 +301,8 @@ class RPCTrackerProcess(_Process):
     def start(self, *, timeout: float = 60.0) -> RPCTrackerProcess:
         """Start and wait until the tracker answers."""
         super().start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise self._fail("exited at start")
-            try:
-                _tracker_summary(self.host, self.port, 5.0)
-                return self
-            except RPCTrackerError:
-                time.sleep(0.2)
-        raise self._fail(f"did not answer within {timeout:.0f} s")
+        self._wait_ready(lambda: _tracker_summary(self.host, self.port, 5.0), timeout, "did not answer")
+        return self
 
     def __enter__(self):
         return self.start() if self.proc is None else self
@@ -324,16 +329,9 @@ class RPCServerProcess(_Process):
     def start(self, *, timeout: float = 60.0) -> RPCServerProcess:
         """Start and wait until the tracker lists this server as free."""
         super().start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise self._fail("exited at start")
-            try:
-                check_tracker(self.tracker_host, self.tracker_port, self.key, timeout=1.0)
-                return self
-            except RPCTrackerError:
-                time.sleep(0.2)
-        raise self._fail(f"did not register with the tracker within {timeout:.0f} s")
+        self._wait_ready(lambda: check_tracker(self.tracker_host, self.tracker_port, self.key, timeout=1.0),
+                         timeout, "did not register with the tracker")
+        return self
 
     def __enter__(self):
         return self.start() if self.proc is None else self

@@ -117,22 +117,10 @@ def classify(func) -> str:
 
 
 def default_dlight_rules(target: Target) -> list:
-    """The dlight rules of the untuned build.
+    """The dlight rules of the untuned build (``tuning.compile.dlight_rules``)."""
+    from ..compile import dlight_rules  # pylint: disable=import-outside-toplevel
 
-    Taken from ``tuning.compile.dlight_rules`` (what the untuned library is built with) when
-    importable, else ``tuning.tune.default_dlight_rules``, else MLC-LLM's order.
-    """
-    for module, attr in (("tuning.compile", "dlight_rules"), ("tuning.tune", "default_dlight_rules")):
-        try:
-            rules = getattr(__import__(module, fromlist=[attr]), attr)
-            return list(rules(target))
-        except Exception as err:  # noqa: BLE001 - a broken sibling module must not stop tuning
-            logger.warning("dlight rules from %s unavailable (%s); trying the next source",
-                           module, _last_line(err))
-    from tvm.s_tir import dlight as dl
-
-    return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(),
-            dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    return dlight_rules(target)
 
 
 def dlight_schedule(func, *, target: Target, rules: Sequence | None = None) -> s_tir.Schedule | None:
@@ -153,17 +141,10 @@ def dlight_schedule(func, *, target: Target, rules: Sequence | None = None) -> s
         The schedule (its ``trace`` replays on ``tvm.s_tir.Schedule(mod)`` of the same
         function), or ``None`` if no rule applies.
     """
-    mod = as_module(func)
+    from ..tune import untuned_schedule  # pylint: disable=import-outside-toplevel
+
     rules = default_dlight_rules(target) if rules is None else list(rules)
-    with target:
-        for rule in rules:
-            sch = rule.apply(mod["main"], target, False)
-            if sch is None:
-                continue
-            if isinstance(sch, (list, tuple)):
-                sch = sch[0]
-            return sch
-    return None
+    return untuned_schedule(as_module(func), target=target, rules=rules)
 
 
 # ------------------------------------------------------------------------------------------
