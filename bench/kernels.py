@@ -104,6 +104,21 @@ def time_kernel(lib, args, *, device, repeats: int, min_repeat_ms: float) -> lis
     return [float(x) * 1e6 for x in te(*args).results]
 
 
+def graph_kernel_us(lib, args, *, device_name: str, repeats: int) -> list[float] | None:
+    """Microseconds per call of ``lib["main"](*args)`` from CUDA-graph replays (as cuBLAS is timed):
+    no host launch cost. ``None`` off CUDA or without torch."""
+    if not device_name.startswith("cuda"):
+        return None
+    try:
+        import torch  # noqa: F401
+
+        from .peers import cuda_graph_us
+    except ImportError:
+        return None
+    fn = lib["main"]
+    return cuda_graph_us(lambda: fn(*args), device=device_name, repeats=repeats, tvm_stream=True)
+
+
 #: max |tuned - untuned| / max |untuned| over a kernel's buffers, per dtype of its outputs
 KERNEL_RTOL = {"float32": 1e-3, "float16": 2e-2}
 
@@ -188,6 +203,14 @@ def _mnk(func) -> tuple[int, int, int, str] | None:
 
 def _shape_str(func) -> str:
     return " ".join("x".join(str(int(d)) for d in p.shape) for p in func.params if hasattr(p, "shape"))
+
+
+def _graph_or_note(lib, args, device_name: str, repeats: int, row: dict) -> list[float] | None:
+    try:
+        return graph_kernel_us(lib, args, device_name=device_name, repeats=repeats)
+    except Exception as e:  # noqa: BLE001 - the graph column is extra; its failure is a note
+        row["notes"].append(f"CUDA-graph timing failed: {first_line(e)}")
+        return None
 
 
 def run_kernels(*, model: str = "gpt2", quantization: str | None = None, phase: str = "decode", batch: int = 8,
@@ -288,7 +311,8 @@ def run_kernels(*, model: str = "gpt2", quantization: str | None = None, phase: 
             l2 = None
     rows = []
     for i, task in enumerate(tasks):
-        row = {k: None for k in ("untuned_us", "tuned_us", "speedup", "cublas_us", "achieved", "achieved_value",
+        row = {k: None for k in ("untuned_us", "tuned_us", "speedup", "cublas_us", "untuned_graph_us",
+                                 "tuned_graph_us", "achieved", "achieved_value",
                                  "pct_peak", "share", "share_tuned", "tuned_record", "untuned_from", "error")}
         row.update(name=task.kernel, kind=task.kind, shape=_shape_str(task.func), phase=phase, bucket=bucket,
                    weight=int(task.weight), flops=float(task.flops), bytes=int(task.bytes), status="ok",
@@ -300,6 +324,10 @@ def run_kernels(*, model: str = "gpt2", quantization: str | None = None, phase: 
             unt = time_kernel(unt_lib, args, device=tdev, repeats=repeats, min_repeat_ms=min_ms)
             row["samples"]["untuned_us"] = unt
             row["untuned_us"] = stats(unt).median
+            graph_reps = max(repeats, 10)
+            ug = _graph_or_note(unt_lib, args, dev.name, graph_reps, row)
+            if ug:
+                row["untuned_graph_us"] = stats(ug).median
             if db is not None:
                 tun_lib, row["tuned_record"] = tuned_kernel(task, prepared=prepared, database=db, target=target,
                                                             untuned_us=untuned_us)
@@ -313,6 +341,9 @@ def run_kernels(*, model: str = "gpt2", quantization: str | None = None, phase: 
                 row["samples"]["tuned_us"] = tun
                 row["tuned_us"] = stats(tun).median
                 row["speedup"] = row["untuned_us"] / row["tuned_us"]
+                tg = _graph_or_note(tun_lib, args, dev.name, graph_reps, row)
+                if tg:
+                    row["tuned_graph_us"] = stats(tg).median
             if task.kind in ("gemm", "gemv"):
                 mnk = _mnk(task.func)
                 if mnk is not None:
@@ -339,6 +370,8 @@ def run_kernels(*, model: str = "gpt2", quantization: str | None = None, phase: 
         if row["status"] == "ok":
             log(f"{task.kernel:>44} x{task.weight}: untuned {row['untuned_us']:9.2f} us"
                 + (f"  tuned {row['tuned_us']:9.2f} us" if row["tuned_us"] else "")
+                + (f"  graph: untuned {row['untuned_graph_us']:8.2f}" if row["untuned_graph_us"] else "")
+                + (f" tuned {row['tuned_graph_us']:8.2f}" if row["tuned_graph_us"] else "")
                 + (f"  cuBLAS {row['cublas_us']:8.2f} us" if row["cublas_us"] else ""))
     for key, src in (("share", "untuned_us"), ("share_tuned", "tuned_us")):
         total = sum(r["weight"] * r[src] for r in rows if r["status"] == "ok" and r[src])

@@ -335,20 +335,40 @@ def cublas_matmul_us(*, m: int, n: int, k: int, dtype: str, device: str, repeats
     dt = _torch_dtype(dtype)
     a = torch.randn(m, k, device=device, dtype=dt)
     b = torch.randn(n, k, device=device, dtype=dt) if transpose_b else torch.randn(k, n, device=device, dtype=dt)
-    iters = 20
 
     def f():
         return a @ (b.t() if transpose_b else b)
 
+    return cuda_graph_us(f, device=device, repeats=repeats, warmup=warmup)
+
+
+def cuda_graph_us(f, *, device: str, repeats: int = 20, warmup: int = 5, iters: int = 20,
+                  tvm_stream: bool = False) -> list[float]:
+    """Microseconds per call of ``f`` from CUDA-graph replays: ``iters`` back-to-back calls are
+    captured in one graph, and each of ``repeats`` replays is timed with events.
+
+    With ``tvm_stream`` the calls are TVM functions: TVM is pointed at torch's capture stream
+    (``tvm_ffi.use_torch_stream``), so its kernel launches land in the graph. This is how TVM
+    kernels and cuBLAS are compared on equal terms (no host launch cost in either).
+    """
+    import torch
+
+    def ctx(c):
+        if not tvm_stream:
+            return c
+        import tvm_ffi
+
+        return tvm_ffi.use_torch_stream(c)
+
     stream = torch.cuda.Stream(device=device)
     stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):  # warm up (cuBLAS handle, workspace) outside the capture
+    with ctx(torch.cuda.stream(stream)):  # warm up (handles, workspaces) outside the capture
         for _ in range(warmup):
             f()
     torch.cuda.current_stream(device).wait_stream(stream)
     torch.cuda.synchronize(device)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with ctx(torch.cuda.graph(graph)):
         for _ in range(iters):
             f()
     graph.replay()

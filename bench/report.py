@@ -102,6 +102,8 @@ KERNEL_ROW_KEYS = (
     "tuned_us",
     "speedup",
     "cublas_us",
+    "untuned_graph_us",
+    "tuned_graph_us",
     "achieved",
     "achieved_value",
     "pct_peak",
@@ -243,22 +245,22 @@ def format_table(result: dict[str, Any], *, tablefmt: str = "github") -> str:
 def format_kernel_table(result: dict[str, Any], *, tablefmt: str = "github", top: int | None = None) -> str:
     """The ``bench kernels`` table, heaviest kernels first.
 
-    Columns: kernel | kind | shape | weight | untuned us | tuned us | speedup | cuBLAS us |
-    achieved (% of peak) | share of step.
+    Columns: kernel | kind | shape | weight | untuned us | tuned us | speedup | cuBLAS us (graph) |
+    TVM graph us untuned / tuned | achieved (% of peak) | share of step.
     """
     from tabulate import tabulate
 
     rows = sorted(result["rows"], key=lambda r: -(r.get("share") or 0.0))
     if top:
         rows = rows[:top]
-    headers = ["kernel", "kind", "shape", "calls", "untuned us", "tuned us", "speedup", "cuBLAS us",
-               "achieved (%pk)", "share"]
+    headers = ["kernel", "kind", "shape", "calls", "untuned us", "tuned us", "speedup", "cuBLAS us (graph)",
+               "graph us untuned / tuned", "achieved (%pk)", "share"]
     body = []
     for r in rows:
         if r["status"] != "ok":
             body.append([r["name"], r["kind"], r.get("shape", ""), r.get("weight", ""),
                          r["status"].upper(), (r.get("error") or "").splitlines()[0][:60] if r.get("error") else "",
-                         "", "", "", ""])
+                         "", "", "", "", ""])
             continue
         ach = "-"
         if r.get("achieved_value") is not None:
@@ -270,7 +272,10 @@ def format_kernel_table(result: dict[str, Any], *, tablefmt: str = "github", top
             _fmt(r.get("untuned_us")),
             _fmt(r.get("tuned_us")) + ("" if r.get("tuned_record") in (None, True) else " (no record)"),
             f"{r['speedup']:.2f}x" if r.get("speedup") else "-",
-            _fmt(r.get("cublas_us")), ach,
+            _fmt(r.get("cublas_us")),
+            (_fmt(r.get("untuned_graph_us")) + " / " + _fmt(r.get("tuned_graph_us"))
+             if r.get("untuned_graph_us") else "-"),
+            ach,
             f"{100 * r['share']:.1f}%" if r.get("share") is not None else "-",
         ])
     out = tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)

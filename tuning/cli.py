@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-buckets", type=_int_list, default=list(DEFAULT_BATCH_BUCKETS),
                    help="decode batch sizes to tune (default 1,2,4,8,16,32,64)")
     p.add_argument("--phases", default="decode,prefill", help="which phases to tune (default decode,prefill)")
-    p.add_argument("--kinds", default=None, help="only these kernel kinds, e.g. gemv,gemm (default all)")
+    p.add_argument("--kinds", default=None, help="only these kernel kinds: gemv, gemm, reduction, elementwise, and attention (the KV "
+                        "cache's prefill attention kernel, searched on a local GPU with the prefill phase); "
+                        "default all")
     p.add_argument("--database-dir", type=Path, default=Path("databases"), help="root of the databases (default databases/)")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="full record log, what resumes a run (default .tune-work/ARCH/MODEL-QUANT)")

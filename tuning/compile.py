@@ -155,6 +155,11 @@ def build_model(config, *, quantization: str, target: Target, database: str | Pa
             buckets[phase] = sorted(set(buckets.get(phase, [])) | {int(v) for v in values})
     exported = export_model(config, quantization=quantization, target=target, buckets=buckets, debug=debug)
     prepared = prepare(exported.mod, target=target)
+    if database is not None and is_gpu(target):
+        from .attention import apply_attention, attention_key  # pylint: disable=import-outside-toplevel
+
+        prepared, _ = apply_attention(prepared, database, target=target,
+                                      key=attention_key(config, exported.scheme.activation_dtype))
     untuned_us = load_untuned_times(Path(database)) if database is not None else None
     executable, applied, task_list = _build_prepared(prepared, target=target, database=db, cuda_graph=cuda_graph,
                                                      buckets=buckets, untuned_us=untuned_us)

@@ -104,9 +104,14 @@ def run_tune(args) -> int:  # pylint: disable=too-many-locals
     exported = export_model(config, quantization=scheme.name, target=target, buckets=buckets)
     prepared = prepare(exported.mod, target=target)
     task_list = attach_twins(prepared, tasks_of(prepared, buckets))
-    if args.kinds:
-        kinds = {k.strip() for k in args.kinds.split(",")}
+    kinds = {k.strip() for k in args.kinds.split(",") if k.strip()} if args.kinds else None
+    if kinds:
         task_list = [t for t in task_list if t.kind in kinds]
+    from .compile import is_gpu  # pylint: disable=import-outside-toplevel
+
+    # The KV cache's prefill attention kernel (outside the partition) has its own search
+    # (tuning.attention); it runs with the prefill phase on a GPU unless --kinds leaves it out.
+    want_attention = is_gpu(target) and "prefill" in buckets and (kinds is None or "attention" in kinds)
     # Gathers (embedding rows) read what their indices say: MetaSchedule's random inputs index out
     # of range and crash the measurement, and a row copy has nothing to tune. Listed, not tuned.
     if getattr(args, "validate", False):
@@ -127,7 +132,7 @@ def run_tune(args) -> int:  # pylint: disable=too-many-locals
         print(summary(task_list))
         return 0
     task_list = [t for t in task_list if t.kind != "gather"]
-    if not task_list:
+    if not task_list and not want_attention:
         raise TuneError("no tasks to tune (check --phases / --kinds)")
 
     from .database import database_path, prune_best  # pylint: disable=import-outside-toplevel
@@ -148,38 +153,58 @@ def run_tune(args) -> int:  # pylint: disable=too-many-locals
     for phase, values in (previous.get("buckets") or {}).items():
         all_buckets.setdefault(phase, sorted(values))
     all_tasks = sorted(set(previous.get("tasks") or []) | {t.name for t in task_list})
-    print(f"tuning {len(task_list)} tasks of {name}-{scheme.name} for {arch}: {total} trials "
-          f"(<= {per_task} per task); records in {work_dir}", file=sys.stderr)
-    tune_tasks(
-        [TuneTask(name=t.name, mod=t.mod(), weight=float(t.weight), untuned_mod=t.untuned_mod()) for t in task_list],
-        target=target,
-        work_dir=work_dir,
-        max_trials_global=total,
-        max_trials_per_task=per_task,
-        num_trials_per_iter=min(64, per_task),
-        runner=runner,
-        space=_space(args.space, target),
-        seed=args.seed,
-        untuned_rules=dlight_rules(target) if is_gpu(target) else None,
-        progress=lambda p: print(p.format(), file=sys.stderr, flush=True),
-        meta={"model": name, "quantization": scheme.name, "buckets": all_buckets, "run_buckets": buckets,
-              "config_hash": config.model_hash(), "trials": total, "trials_per_task": per_task,
-              "space": args.space},
-        **({"num_tuning_cores": args.workers} if args.workers else {}),
-    )
-    # Tolerance of the numerical check, relative to the reference's max-abs: fp16 kernels differ
-    # by accumulation order (K up to 3072: differences of ~1% of max-abs seen on an H200), fp32 ones barely.
-    rtol = 3e-2 if scheme.activation_dtype == "float16" else 1e-4
-    from .database import write_meta  # pylint: disable=import-outside-toplevel
+    if task_list:
+        print(f"tuning {len(task_list)} tasks of {name}-{scheme.name} for {arch}: {total} trials "
+              f"(<= {per_task} per task); records in {work_dir}", file=sys.stderr)
+        tune_tasks(
+            [TuneTask(name=t.name, mod=t.mod(), weight=float(t.weight), untuned_mod=t.untuned_mod()) for t in task_list],
+            target=target,
+            work_dir=work_dir,
+            max_trials_global=total,
+            max_trials_per_task=per_task,
+            num_trials_per_iter=min(64, per_task),
+            runner=runner,
+            space=_space(args.space, target),
+            seed=args.seed,
+            untuned_rules=dlight_rules(target) if is_gpu(target) else None,
+            progress=lambda p: print(p.format(), file=sys.stderr, flush=True),
+            meta={"model": name, "quantization": scheme.name, "buckets": all_buckets, "run_buckets": buckets,
+                  "config_hash": config.model_hash(), "trials": total, "trials_per_task": per_task,
+                  "space": args.space},
+            **({"num_tuning_cores": args.workers} if args.workers else {}),
+        )
+        # Tolerance of the numerical check, relative to the reference's max-abs: fp16 kernels differ
+        # by accumulation order (K up to 3072: differences of ~1% of max-abs seen on an H200), fp32 ones barely.
+        rtol = 3e-2 if scheme.activation_dtype == "float16" else 1e-4
+        from .database import write_meta  # pylint: disable=import-outside-toplevel
 
-    write_meta(work_dir, tasks=all_tasks)
-    kept = prune_best(work_dir, out_path=committed,
-                      verify=make_verifier(target=target, device_or_rpc=verify_device, rtol=rtol, atol=1e-5))
-    if (work_dir / "untuned.json").is_file():  # compile skips records slower than the untuned kernel
-        shutil.copy2(work_dir / "untuned.json", committed / "untuned.json")
-    print(f"committed {sum(v is not None for v in kept.values())} verified best records to {committed}")
-    _print_summary(work_dir, committed, task_list, target)
+        write_meta(work_dir, tasks=all_tasks)
+        kept = prune_best(work_dir, out_path=committed,
+                          verify=make_verifier(target=target, device_or_rpc=verify_device, rtol=rtol, atol=1e-5))
+        if (work_dir / "untuned.json").is_file():  # compile skips records slower than the untuned kernel
+            shutil.copy2(work_dir / "untuned.json", committed / "untuned.json")
+        print(f"committed {sum(v is not None for v in kept.values())} verified best records to {committed}")
+        _print_summary(work_dir, committed, task_list, target)
+    if want_attention:
+        _tune_attention(args, config=config, scheme=scheme, target=target, committed=committed,
+                        lengths=buckets["prefill"], remote=isinstance(verify_device, tuple),
+                        meta={"model": name, "quantization": scheme.name, "config_hash": config.model_hash()})
     return 0
+
+
+def _tune_attention(args, *, config, scheme, target, committed: Path, lengths, remote: bool, meta: dict) -> None:
+    """Search the KV cache's prefill attention kernel (``tuning.attention``) into ``committed``."""
+    from .attention import tune_attention  # pylint: disable=import-outside-toplevel
+    from .database import read_meta, write_meta  # pylint: disable=import-outside-toplevel
+
+    if remote:
+        print("attention: skipped: its search measures on a GPU of this machine, not over RPC "
+              "(run tune --kinds attention on the GPU host)", file=sys.stderr)
+        return
+    tune_attention(config, dtype=scheme.activation_dtype, target=target, out_dir=committed, lengths=lengths,
+                   workers=args.workers, log=lambda m: print(m, file=sys.stderr, flush=True))
+    if read_meta(committed) is None:  # an attention-only run on a new database still names what it is for
+        write_meta(committed, target=target, **meta)
 
 
 def _print_summary(work_dir: Path, committed: Path, task_list, target) -> None:

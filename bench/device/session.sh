@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Steps run on the GPU machine (device tool), each with its own time limit; results under $OUT.
 #   bash bench/device/session.sh STEP [STEP ...]
-# Steps: env gputests bench-decode bench-prefill bench-kernels tune (settings through environment variables)
+# Steps: env gputests bench-decode bench-prefill bench-kernels tune profile (settings through environment variables)
 set -uo pipefail
 export PYTHONPATH=/opt/devsite:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -25,6 +25,8 @@ for step in "$@"; do
       q=${QUANT:-q0f16}
       log tune $q; timeout ${TUNE_LIMIT:-540} python -m tuning.cli --arch sm_90 --quantization $q --phases ${PHASES:-decode} --batch-buckets ${BATCHES:-8} --prefill-buckets ${CHUNKS:-1024} --trials-per-task ${TRIALS:-32} --space ${SPACE:-llm} ${KINDS:+--kinds $KINDS} --work-dir /root/keep/work-$q > "$OUT/tune_$q.log" 2>&1; grep -v "Warning: Fast" "$OUT/tune_$q.log" | grep -v "^\[round" | tail -40
       mkdir -p "$OUT/db-$q" /root/keep/db-$q; cp databases/sm_90/gpt2-$q/* "$OUT/db-$q/"; cp databases/sm_90/gpt2-$q/* /root/keep/db-$q/; ls -la "$OUT/db-$q" ;;
+    profile)
+      log profile; timeout ${PROFILE_LIMIT:-400} python bench/device/profile.py --out "$OUT" --variants ${PVARIANTS:-untuned,tuned} ${DB:+--database $DB} 2>&1 | grep -v "^USDT\|Warning" | tail -80 ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -9,15 +9,15 @@ knob                    instruction                               dlight's fixed
 ======================  =======================================  ==============================
 ``vec``  K elements a   ``sample_categorical`` (fp16: 1,2,4,8;    4 (``VEC_C``)
 thread loads per step   q4: 8,16,32 = 1,2,4 packed words)
-``tr`` threads along K  ``sample_perfect_tile`` of K/vec (≤128)   32 or 64
-(split-K width;         → cross-thread reduction (warp shuffles)
-cross-thread reduce)
+``tr`` threads along K  fp16: ``sample_categorical`` of 8..128    32 or 64
+(split-K width;         dividing K/8, half the weight on 32; q4:
+cross-thread reduce)    ``sample_perfect_tile`` of K/vec (≤128)
 ``ts`` rows per block   ``sample_categorical`` 1,2,4,8,16          4 or 16
 (threadIdx.y)
 ``tile_n`` rows per     ``sample_categorical`` 1,2,4                2 (``TILE_S``)
 thread
-batch tile              ``sample_perfect_tile`` of the batch       whole padded batch
-(rows per block;        (outer part → blockIdx.y)
+batch tile              ``sample_categorical`` of the batch's       whole padded batch
+(rows per block;        divisors (blocks along y), half on 1
 rest → blockIdx.y)
 unroll                  ``sample_categorical`` 0,16,64,256,1024    256
                         (``meta_schedule.unroll_explicit``)
@@ -53,6 +53,19 @@ def _uniform(n: int) -> list[float]:
     return [1.0 / n] * n
 
 
+def _lean_to(options: list[int], favourite: int) -> list[float]:
+    """Half the probability on ``favourite`` (when offered), the rest spread evenly."""
+    if favourite not in options or len(options) == 1:
+        return _uniform(len(options))
+    rest = 0.5 / (len(options) - 1)
+    return [0.5 if o == favourite else rest for o in options]
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if hasattr(ext, "value") or isinstance(ext, int) else None
+
+
 def schedule_gemv(sch: s_tir.Schedule, *, variant: str = "x_global", quantized: bool | None = None):
     """Apply the tunable GEMV schedule to ``sch`` in place.
 
@@ -83,17 +96,25 @@ def schedule_gemv(sch: s_tir.Schedule, *, variant: str = "x_global", quantized: 
     if quantized:
         vec = sch.sample_categorical([8, 16, 32], [0.3, 0.4, 0.3])
     else:
-        vec = sch.sample_categorical([1, 2, 4, 8], [0.1, 0.2, 0.3, 0.4])
+        vec = sch.sample_categorical([1, 2, 4, 8], [0.1, 0.1, 0.2, 0.6])
     ts = sch.sample_categorical([1, 2, 4, 8, 16], _uniform(5))
     tile_n = sch.sample_categorical([1, 2, 4], _uniform(3))
     unroll = sch.sample_categorical(_UNROLL, _uniform(len(_UNROLL)))
-    b_tile = sch.sample_perfect_tile(g.b, n=2, max_innermost_factor=64)
+    # Threads along K: warp-friendly widths that divide K / (widest vector), hence K / vec for
+    # every vector choice (no tail, no odd widths such as 12 that waste lanes and shuffles).
+    # (q4f16_1: vectors of up to 32 halves leave too few such divisors; a perfect tile of K/vec.)
+    k_ext, b_ext = _extent(sch, g.k), _extent(sch, g.b)
+    tr_opts = [t for t in (8, 16, 32, 64, 128) if k_ext and (k_ext // 8) % t == 0]
+    tr = sch.sample_categorical(tr_opts, _lean_to(tr_opts, 32)) if tr_opts and not quantized else None
+    # Batch rows per block: the whole batch (one weight read per step) is the usual winner.
+    b_opts = [d for d in (1, 2, 4, 8, 16, 32, 64) if b_ext and b_ext % d == 0] or [1]
+    b_outer = sch.sample_categorical(b_opts, _lean_to(b_opts, 1))
 
     # ---- tiling ---------------------------------------------------------------------------
-    bo, bi = sch.split(g.b, b_tile, preserve_unit_iters=True)
+    bo, bi = sch.split(g.b, [b_outer, None], preserve_unit_iters=True)
     nb, nts, ntile = sch.split(g.n, [None, ts, tile_n], preserve_unit_iters=True)
     ko, kvec = sch.split(g.k, [None, vec], preserve_unit_iters=True)
-    tr_tile = sch.sample_perfect_tile(ko, n=2, max_innermost_factor=128)
+    tr_tile = [None, tr] if tr is not None else sch.sample_perfect_tile(ko, n=2, max_innermost_factor=128)
     ko, ktr = sch.split(ko, tr_tile, preserve_unit_iters=True)
     sch.reorder(nb, bo, nts, ktr, ko, bi, ntile, kvec)
 

@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Where a step's GPU time goes: every CUDA kernel of a prefill / decode step, KV-cache kernels included.
+
+``bench kernels`` times the partitioned kernels one by one; this script profiles whole steps of the
+engine with ``torch.profiler`` (CUPTI sees every kernel launched in the process, TVM's included)
+and prints, per scenario and variant: wall ms per step, the summed kernel time per step, the idle
+gap (wall - kernels: host work and launch latency) and the top kernels with calls and µs per step.
+
+Usage (GPU machine, repo root on PYTHONPATH)::
+
+    python bench/device/profile.py --out $OUT [--variants untuned,tuned] [--database DIR]
+        [--prefill 128,1024] [--decode 1,8] [--steps 20]
+
+Writes ``profile.json`` and ``profile.txt`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def _kernel_table(prof, steps: int) -> list[dict]:
+    rows: dict[str, dict] = defaultdict(lambda: {"calls": 0, "us": 0.0})
+    for evt in prof.events():
+        if str(getattr(evt, "device_type", "")).split(".")[-1] != "CUDA":
+            continue
+        r = rows[evt.name]
+        r["calls"] += 1
+        dur = getattr(evt, "device_time", None)
+        if dur is None:
+            dur = getattr(evt, "cuda_time", 0.0)
+        r["us"] += float(dur)
+    out = [{"kernel": k, "calls_per_step": v["calls"] / steps, "us_per_step": v["us"] / steps}
+           for k, v in rows.items()]
+    out.sort(key=lambda r: -r["us_per_step"])
+    return out
+
+
+def _profile(fn, *, steps: int, sync) -> tuple[float, list[dict]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync()
+        wall = (time.perf_counter() - t0) * 1e3 / steps
+    return wall, _kernel_table(prof, steps)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", default="gpt2")
+    ap.add_argument("--quantization", default="q0f16")
+    ap.add_argument("--variants", default="untuned,tuned")
+    ap.add_argument("--database", default=None)
+    ap.add_argument("--prefill", default="128,1024", help="prefill lengths to profile ('' for none)")
+    ap.add_argument("--decode", default="1,8", help="decode batches to profile ('' for none)")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--top", type=int, default=14)
+    args = ap.parse_args(argv)
+
+    from bench.common import open_tvm_variant, release, setup
+    from bench.runners import TvmDecodeRunner, TvmPrefillRunner
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    s = setup(model=args.model, quantization=args.quantization, device="auto", arch="auto",
+              variants=args.variants, database_dir="databases", database=args.database, seed=0,
+              peak_bw=None, peak_tflops=None)
+    pre = [int(x) for x in args.prefill.split(",") if x]
+    dec = [int(x) for x in args.decode.split(",") if x]
+    results, lines = [], []
+
+    def emit(line=""):
+        print(line, flush=True)
+        lines.append(line)
+
+    for variant in s.variants:
+        engine, info, _ = open_tvm_variant(s, variant, cuda_graph=False, cache_dir=None, max_batch=max(dec or [1]),
+                                           max_tokens=max(dec or [1]) * (args.prompt_len + 4 * args.steps + 16) + 2048,
+                                           check=False, untuned_logits=None, log=lambda m: print(m, file=sys.stderr))
+        sync = engine.device.sync
+        for n in pre:
+            r = TvmPrefillRunner(engine, variant=variant)
+
+            def once(r=r, n=n):
+                r.prepare(batch=1, seq_len=n)
+                try:
+                    r.run()
+                finally:
+                    sync()
+                    r.cleanup()
+
+            wall, table = _profile(once, steps=args.steps, sync=sync)
+            results.append({"variant": variant, "scenario": f"prefill {n}", "wall_ms": wall, "kernels": table})
+        for b in dec:
+            r = TvmDecodeRunner(engine, variant=variant)
+            r.start(batch=b, prompt_len=args.prompt_len, gen_len=4 * args.steps + 8)
+            try:
+                wall, table = _profile(r.step, steps=args.steps, sync=sync)
+            finally:
+                r.stop()
+            results.append({"variant": variant, "scenario": f"decode b{b}", "wall_ms": wall, "kernels": table})
+        release(engine)
+
+    for res in results:
+        ktot = sum(k["us_per_step"] for k in res["kernels"]) / 1e3
+        calls = sum(k["calls_per_step"] for k in res["kernels"])
+        res["kernel_ms"] = ktot
+        emit(f"== {res['variant']} {res['scenario']}: wall {res['wall_ms']:.3f} ms/step, kernels {ktot:.3f} ms "
+             f"({calls:.0f} launches), gap {res['wall_ms'] - ktot:.3f} ms")
+        for k in res["kernels"][:args.top]:
+            emit(f"   {k['us_per_step']:9.1f} us  {k['calls_per_step']:6.1f}x  {k['kernel'][:90]}")
+    (out / "profile.json").write_text(json.dumps({"env": s.env, "results": results}, indent=1, default=str))
+    (out / "profile.txt").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    sys.exit(main())
