@@ -67,7 +67,10 @@ def _write(tmp_path, best, key=KEY):
 
 
 def test_apply_replaces_the_ragged_prefill_kernel(tmp_path, sm90):
+    from tuning.pipeline import prepare
+
     ex = export_model(_gpt2_tiny(), quantization="q0f16", target=sm90)
+    ex.mod = prepare(ex.mod, target=sm90)  # what compile applies it to (op_pattern attributes added)
     key = A.attention_key(_gpt2_tiny(), "float16")
     assert key == KEY
     best = A.PrefillConfig(num_blks=64, tile_x=16, tile_z=64, num_warps=4, load_vec=8)
@@ -75,8 +78,9 @@ def test_apply_replaces_the_ragged_prefill_kernel(tmp_path, sm90):
     before = ex.mod[A.RAGGED_PREFILL]
     mod, applied = A.apply_attention(ex.mod, tmp_path, key=key, target=sm90)
     assert len(applied) == 1 and "blks=64" in applied[0]
-    assert tvm_ffi.structural_equal(mod[A.RAGGED_PREFILL].without_attr("global_symbol"),
-                                    A.make_ragged_prefill(best, key, sm90).without_attr("global_symbol"))
+    assert tvm_ffi.structural_equal(mod[A.RAGGED_PREFILL].without_attr("op_pattern"),
+                                    A.make_ragged_prefill(best, key, sm90))
+    assert mod[A.RAGGED_PREFILL].attrs["op_pattern"] == before.attrs["op_pattern"]
     assert not tvm_ffi.structural_equal(mod[A.RAGGED_PREFILL], before)
     assert mod[A.RAGGED_PREFILL].attrs["global_symbol"] == before.attrs["global_symbol"]
     assert ex.mod[A.RAGGED_PREFILL].same_as(before)  # the caller's module is untouched
@@ -104,8 +108,8 @@ def test_corrupt_attention_file_is_one_clear_error(tmp_path, sm90):
 def test_a_candidate_builds_for_cuda(sm90):
     """The patched template compiles to CUDA here (nvcc, no GPU needed)."""
     cfg = A.PrefillConfig(num_blks=32, tile_x=16, tile_z=32, num_warps=4, load_vec=8)
-    paths = A._build_all([A.make_ragged_prefill(cfg, KEY, sm90)], sm90, workers=1)
-    assert paths[0] is not None and paths[0].endswith(".tar")
+    paths, errors = A._build_all([A.make_ragged_prefill(cfg, KEY, sm90)], sm90, workers=1)
+    assert errors == [] and paths[0] is not None and paths[0].endswith(".tar")
 
 
 def test_tune_attention_needs_a_local_gpu(tmp_path, sm90):
