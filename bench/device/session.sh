@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Steps run on the GPU machine (device tool), each with its own time limit; results under $OUT.
 #   bash bench/device/session.sh STEP [STEP ...]
-# Steps: env gputests bench-decode bench-prefill bench-kernels tune profile (settings through environment variables)
+# Steps: env gputests bench-decode bench-prefill bench-kernels tune restore profile (settings through environment variables)
 set -uo pipefail
 export PYTHONPATH=/opt/devsite:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -21,10 +21,13 @@ for step in "$@"; do
     bench-kernels)
       log bench kernels; timeout 420 python -m bench.cli kernels ${DB:+--database $DB} --phase ${KPHASE:-decode} --batch 8 --seq-len 1024 --json "$OUT/kernels_${KPHASE:-decode}.json" 2>&1 | tail -40 | tee "$OUT/kernels_${KPHASE:-decode}.txt" ;;
     tune)
-      # PHASES, BATCHES, CHUNKS, TRIALS, KINDS, SPACE, QUANT select the run; the committed database comes back in $OUT/db-QUANT
+      # PHASES, BATCHES, CHUNKS, TRIALS, KINDS, SPACE, QUANT select the run; the committed database comes back in $OUT/db-QUANT.tgz
       q=${QUANT:-q0f16}
       log tune $q; timeout ${TUNE_LIMIT:-540} python -m tuning.cli --arch sm_90 --quantization $q --phases ${PHASES:-decode} --batch-buckets ${BATCHES:-8} --prefill-buckets ${CHUNKS:-1024} --trials-per-task ${TRIALS:-32} --space ${SPACE:-llm} ${KINDS:+--kinds $KINDS} --work-dir /root/keep/work-$q > "$OUT/tune_$q.log" 2>&1; grep -v "Warning: Fast" "$OUT/tune_$q.log" | grep -v "^\[round" | tail -40
-      mkdir -p "$OUT/db-$q" /root/keep/db-$q; cp databases/sm_90/gpt2-$q/* "$OUT/db-$q/"; cp databases/sm_90/gpt2-$q/* /root/keep/db-$q/; ls -la "$OUT/db-$q" ;;
+      mkdir -p /root/keep/db-$q; cp databases/sm_90/gpt2-$q/* /root/keep/db-$q/; tar czf "$OUT/db-$q.tgz" -C databases/sm_90 gpt2-$q; ls -la databases/sm_90/gpt2-$q ;;
+    restore)
+      # later calls start from the working tree's copy: put back what this machine tuned so far
+      for q in q0f16 q4f16_1; do [ -d /root/keep/db-$q ] && cp /root/keep/db-$q/* databases/sm_90/gpt2-$q/ && echo "restored db-$q"; done ;;
     profile)
       log profile; timeout ${PROFILE_LIMIT:-400} python bench/device/profile.py --out "$OUT" --variants ${PVARIANTS:-untuned,tuned} ${DB:+--database $DB} 2>&1 | grep -v "^USDT\|Warning" | tail -80 ;;
     *) echo "unknown step $step" ;;
