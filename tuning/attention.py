@@ -156,7 +156,9 @@ def prefill_candidates(key: AttentionKey, target, *, num_blks: Sequence[int] = (
                        load_vecs: Sequence[int] | None = None) -> list[PrefillConfig]:
     """The legal configurations of the search grid; TVM's default comes first."""
     elem = 2 if "16" in key.dtype else 4
-    vecs = load_vecs if load_vecs is not None else sorted({8 // elem, 16 // elem})
+    # 16-byte loads build here but not with the H200 machine's nvcc (2026-11-26: every vec=8
+    # candidate failed to compile there), so the default grid keeps TVM's 8-byte loads.
+    vecs = load_vecs if load_vecs is not None else [8 // elem]
     default = default_prefill_config(key, target)
     out = [default]
     for nb in num_blks:

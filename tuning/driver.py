@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -69,12 +70,28 @@ def _runner_for(args, target, arch: str):
     return None, None
 
 
+def _merge_untuned(src: Path, dst: Path) -> None:
+    """Add this run's untuned kernel times to the committed ones (a run of other buckets, or a
+    work directory started afresh, must not drop the entries of earlier runs)."""
+    table = {}
+    if dst.is_file():
+        try:
+            table = json.loads(dst.read_text())
+        except json.JSONDecodeError:
+            logger.warning("%s is not valid JSON: replaced by this run's untuned times", dst)
+    table.update(json.loads(src.read_text()))
+    tmp = dst.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(table, indent=2, sort_keys=True))
+    os.replace(tmp, dst)
+
+
 def _seed_work_dir(work_dir: Path, committed: Path) -> None:
     if (work_dir / "database_workload.json").exists() or not (committed / "database_workload.json").exists():
         return
     work_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("database_workload.json", "database_tuning_record.json"):
-        shutil.copy2(committed / name, work_dir / name)
+    for name in ("database_workload.json", "database_tuning_record.json", "untuned.json"):
+        if (committed / name).is_file():
+            shutil.copy2(committed / name, work_dir / name)
     logger.info("seeded %s from the committed database %s", work_dir, committed)
 
 
@@ -182,7 +199,10 @@ def run_tune(args) -> int:  # pylint: disable=too-many-locals
         kept = prune_best(work_dir, out_path=committed,
                           verify=make_verifier(target=target, device_or_rpc=verify_device, rtol=rtol, atol=1e-5))
         if (work_dir / "untuned.json").is_file():  # compile skips records slower than the untuned kernel
-            shutil.copy2(work_dir / "untuned.json", committed / "untuned.json")
+            _merge_untuned(work_dir / "untuned.json", committed / "untuned.json")
+        used = (read_meta(work_dir) or {}).get("trials_used")
+        _record_run(committed, previous, {"buckets": buckets, "kinds": args.kinds or "all", "space": args.space,
+                                          "trials": total, "trials_per_task": per_task, "trials_used": used})
         print(f"committed {sum(v is not None for v in kept.values())} verified best records to {committed}")
         _print_summary(work_dir, committed, task_list, target)
     if want_attention:
@@ -201,10 +221,24 @@ def _tune_attention(args, *, config, scheme, target, committed: Path, lengths, r
         print("attention: skipped: its search measures on a GPU of this machine, not over RPC "
               "(run tune --kinds attention on the GPU host)", file=sys.stderr)
         return
-    tune_attention(config, dtype=scheme.activation_dtype, target=target, out_dir=committed, lengths=lengths,
-                   workers=args.workers, log=lambda m: print(m, file=sys.stderr, flush=True))
-    if read_meta(committed) is None:  # an attention-only run on a new database still names what it is for
+    previous = read_meta(committed) or {}
+    doc = tune_attention(config, dtype=scheme.activation_dtype, target=target, out_dir=committed, lengths=lengths,
+                         workers=args.workers, log=lambda m: print(m, file=sys.stderr, flush=True))
+    if not previous:  # an attention-only run on a new database still names what it is for
         write_meta(committed, target=target, **meta)
+    entry = doc["kernels"][0]
+    _record_run(committed, previous, {"kinds": "attention", "lengths": list(lengths), "candidates": entry["candidates"],
+                                      "speedup_geomean": round(1 / entry["best"]["score"], 3)})
+
+
+def _record_run(committed: Path, previous: dict, run: dict) -> None:
+    """Append this run to the committed meta.json's ``runs`` (the meta written by pruning
+    describes only the latest run's settings; the history of runs is kept here)."""
+    from .database import write_meta  # pylint: disable=import-outside-toplevel
+
+    run = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **run}
+    runs = list(previous.get("runs") or []) + [run]
+    write_meta(committed, runs=runs, trials=sum(int(r.get("trials") or 0) for r in runs))
 
 
 def _print_summary(work_dir: Path, committed: Path, task_list, target) -> None:

@@ -70,6 +70,20 @@ def test_tune_then_compile_with_database_matches_untuned(tmp_path, capsys):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
         untuned.first, tuned.first = list(a), list(b)
 
+    # A second run of another bucket from a fresh work directory (another machine, say) adds to
+    # the committed database: earlier untuned times and the history of runs are kept.
+    first_untuned = set(json.loads((db / "untuned.json").read_text()))
+    assert first_untuned and all(k.endswith("@b2") for k in first_untuned)
+    args2 = list(args)
+    args2[args2.index("--batch-buckets") + 1] = "1"
+    args2[args2.index("--work-dir") + 1] = str(tmp_path / "work2")
+    assert main(args2) == 0
+    meta = json.loads((db / "meta.json").read_text())
+    assert meta["buckets"] == {"decode": [1, 2]} and [r["buckets"] for r in meta["runs"]] == [
+        {"decode": [2]}, {"decode": [1]}]
+    both = set(json.loads((db / "untuned.json").read_text()))
+    assert first_untuned < both and any(k.endswith("@b1") for k in both)
+
 
 def test_tensor_core_records_survive_a_fresh_process(tmp_path):
     """A process that never imported the tensor intrinsics must still parse tensor-core traces
