@@ -238,9 +238,18 @@ class Timer:
                 self._spin_cycles = 0
                 self.info["spin"] = "off: the timed call synchronises with the device internally"
             else:  # lengthen: cycles per ms measured on this spin, 3x the issue time, at most ~0.2 s
-                per_ms = self._spin_cycles / max(spin_ms, 1e-3)
-                self._spin_cycles = int(min(per_ms * 200.0, max(2 * self._spin_cycles, per_ms * 3 * issue_ms)))
+                # A spin that measured ~0 ms (the sleep did not run where the events were) would
+                # make the rate, and the next spin, enormous: a spin of minutes looks like a hang
+                # (seen on an H200). Clock rates above ~5 GHz are not real; spins stay <= ~0.2 s.
+                per_ms = min(self._spin_cycles / max(spin_ms, 1e-3), MAX_CYCLES_PER_MS)
+                self._spin_cycles = int(min(per_ms * 200.0, max(2 * self._spin_cycles, per_ms * 3 * issue_ms),
+                                            MAX_SPIN_CYCLES))
         return ms, bool(blocked)
+
+
+#: Upper bounds of the stream-holding spin of :meth:`Timer.gpu` (cycles per ms, cycles).
+MAX_CYCLES_PER_MS = 5_000_000
+MAX_SPIN_CYCLES = 1_000_000_000
 
 
 def make_timer(device) -> Timer:
