@@ -164,6 +164,7 @@ class Timer:
     _tvm_dev: Any = None
     _torch: Any = None
     _spin_cycles: int = 2_000_000  # ~1 ms at ~2 GHz; adapted by gpu(), 0 = spinning off
+    _grown: int = 0  # times gpu() lengthened the spin
     info: dict[str, Any] = field(default_factory=dict)
 
     def sync(self) -> None:
@@ -234,7 +235,11 @@ class Timer:
         ms = float(start.elapsed_time(end))
         if spinning and not blocked:
             spin_ms = float(spin0.elapsed_time(start))
-            if spin_ms > issue_ms:  # spun longer than the host needed, still not blocked: fn syncs
+            self._grown += 1
+            if spin_ms > issue_ms or self._grown > MAX_SPIN_GROWTH:
+                # spun longer than the host needed, or lengthened again and again, and the call
+                # still was not enqueued in time: fn synchronises internally (a blocking copy
+                # waits for the spin itself, so its issue time always exceeds the spin)
                 self._spin_cycles = 0
                 self.info["spin"] = "off: the timed call synchronises with the device internally"
             else:  # lengthen: cycles per ms measured on this spin, 3x the issue time, at most ~0.2 s
@@ -250,6 +255,8 @@ class Timer:
 #: Upper bounds of the stream-holding spin of :meth:`Timer.gpu` (cycles per ms, cycles).
 MAX_CYCLES_PER_MS = 5_000_000
 MAX_SPIN_CYCLES = 1_000_000_000
+#: Lengthenings of the spin before it is judged useless (the call blocks on the device).
+MAX_SPIN_GROWTH = 4
 
 
 def make_timer(device) -> Timer:
