@@ -162,6 +162,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Not a real checkpoint: small enough for CPU tests and CI.
     "tiny": _preset(vocab_size=1000, n_positions=256, n_embd=64, n_layer=2, n_head=4,
                     bos_token_id=0, eos_token_id=0),
+    # tiny with GPT-2's head size (64): TVM's paged-KV decode kernel cannot launch for head_dim 16
+    # on CUDA (blockDim.z 128 > 64), so GPU tests use this one
+    "tiny-h64": _preset(vocab_size=1000, n_positions=256, n_embd=128, n_layer=2, n_head=2,
+                        bos_token_id=0, eos_token_id=0),
 }
 
 
