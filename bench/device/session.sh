@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Steps run on the GPU machine (device tool), each with its own time limit; results under $OUT.
 #   bash bench/device/session.sh STEP [STEP ...]
-# Steps: env gputests bench-decode bench-prefill bench-kernels tune restore profile (settings through environment variables)
+# Steps: env gputests gputests-extra bench-decode bench-prefill bench-kernels tune restore profile (settings through environment variables)
 set -uo pipefail
 export PYTHONPATH=/opt/devsite:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -14,6 +14,8 @@ for step in "$@"; do
       python -c "import tvm; d=tvm.cuda(0); print('tvm', tvm.__version__, d.exist, d.compute_version)" | tee -a "$OUT/env.txt" ;;
     gputests)
       log gputests; timeout 420 python -m pytest -m gpu -q -x -p no:cacheprovider tests/test_gpu_model.py -s 2>&1 | grep -v Warning | tail -25 | tee "$OUT/gputests.txt" ;;
+    gputests-extra)
+      log gputests-extra; timeout 400 python -m pytest -m gpu -q -p no:cacheprovider tests/tuning/test_attention.py tests/bench/test_gpu.py 2>&1 | tail -6 | tee "$OUT/gputests_extra.txt" ;;
     bench-decode)
       log bench decode; timeout 480 python -m bench.cli decode ${DB:+--database $DB} --batch ${BATCH_LIST:-1,8,32} --variants ${VARIANTS:-untuned,tuned,torch-eager} --json "$OUT/decode.json" 2>&1 | tail -30 | tee "$OUT/decode.txt" ;;
     bench-prefill)
