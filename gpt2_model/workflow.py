@@ -129,11 +129,14 @@ def compile_model(  # pylint: disable=too-many-arguments
     side = {"target": str(target.kind.name), "arch": target.attrs.get("arch", "") if target.kind.name == "cuda" else "",
             "quantization": chat["quantization"], "database": str(db) if db else None,
             "buckets": result.buckets,
-            "coverage": result.coverage.lines() if result.coverage else None}
+            "coverage": result.coverage.lines() if result.coverage else None,
+            "attention": result.attention}
     Path(str(output) + ".json").write_text(json.dumps(side, indent=1, default=str))
     if result.coverage:
         for line in result.coverage.lines():
             print(line)
+        for line in result.attention:
+            print(f"tuned attention kernel {line}")
     else:
         print(f"untuned build ({'--no-tuning' if no_tuning else 'no tuned database found'})")
     logger.info("wrote %s (%s, %s)", output, target.kind.name, "tuned" if db else "untuned")

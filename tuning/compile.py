@@ -115,6 +115,7 @@ class BuildResult:
     database: Path | None
     coverage: object | None  # tuning.apply.Coverage
     buckets: dict[str, list[int]]
+    attention: list[str] = dataclasses.field(default_factory=list)  # tuned KV-cache attention kernels applied
 
 
 def default_buckets(config, target: Target) -> dict[str, list[int]]:
@@ -155,10 +156,11 @@ def build_model(config, *, quantization: str, target: Target, database: str | Pa
             buckets[phase] = sorted(set(buckets.get(phase, [])) | {int(v) for v in values})
     exported = export_model(config, quantization=quantization, target=target, buckets=buckets, debug=debug)
     prepared = prepare(exported.mod, target=target)
+    attention: list[str] = []
     if database is not None and is_gpu(target):
         from .attention import apply_attention, attention_key  # pylint: disable=import-outside-toplevel
 
-        prepared, _ = apply_attention(prepared, database, target=target,
+        prepared, attention = apply_attention(prepared, database, target=target,
                                       key=attention_key(config, exported.scheme.activation_dtype))
     untuned_us = load_untuned_times(Path(database)) if database is not None else None
     executable, applied, task_list = _build_prepared(prepared, target=target, database=db, cuda_graph=cuda_graph,
@@ -168,4 +170,4 @@ def build_model(config, *, quantization: str, target: Target, database: str | Pa
         for line in cov.lines():
             logger.info(line)
     return BuildResult(exported=exported, executable=executable, database=Path(database) if database else None,
-                       coverage=cov, buckets=buckets)
+                       coverage=cov, buckets=buckets, attention=attention)

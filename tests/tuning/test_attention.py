@@ -136,3 +136,20 @@ def test_tune_attention_on_gpu(tmp_path):
     assert entry["best"]["total_us"] <= entry["default"]["total_us"]
     assert entry["best"]["max_abs_err"] <= entry["tolerance_abs"] <= 5e-2
     assert A.read_attention(tmp_path)["kernels"][0]["best"]["config"] == entry["best"]["config"]
+
+
+def test_compile_with_a_database_applies_and_reports_the_attention_choice(tmp_path, sm90):
+    """build_model with a database holding attention.json builds (nvcc, no GPU) and reports it."""
+    from gpt2_model.config import get_config
+    from tuning.compile import build_model
+    from tuning.database import open_database, write_meta
+
+    config = get_config("tiny-h64")
+    write_meta(tmp_path, target=sm90, model="tiny-h64", quantization="q0f16")
+    open_database(tmp_path, target=sm90, create=True)
+    best = A.PrefillConfig(num_blks=64, tile_x=16, tile_z=64, num_warps=4, load_vec=4)
+    _write(tmp_path, best, key=A.attention_key(config, "float16"))
+    res = build_model(config, quantization="q0f16", target=sm90, database=tmp_path, buckets={})
+    assert len(res.attention) == 1 and "blks=64 tile=16x64" in res.attention[0]
+    untuned = build_model(config, quantization="q0f16", target=sm90, buckets={})
+    assert untuned.attention == []
