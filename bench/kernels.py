@@ -104,21 +104,6 @@ def time_kernel(lib, args, *, device, repeats: int, min_repeat_ms: float) -> lis
     return [float(x) * 1e6 for x in te(*args).results]
 
 
-def graph_kernel_us(lib, args, *, device_name: str, repeats: int) -> list[float] | None:
-    """Microseconds per call of ``lib["main"](*args)`` from CUDA-graph replays (as cuBLAS is timed):
-    no host launch cost. ``None`` off CUDA or without torch."""
-    if not device_name.startswith("cuda"):
-        return None
-    try:
-        import torch  # noqa: F401
-
-        from .peers import cuda_graph_us
-    except ImportError:
-        return None
-    fn = lib["main"]
-    return cuda_graph_us(lambda: fn(*args), device=device_name, repeats=repeats, tvm_stream=True)
-
-
 #: max |tuned - untuned| / max |untuned| over a kernel's buffers, per dtype of its outputs
 KERNEL_RTOL = {"float32": 1e-3, "float16": 2e-2}
 
@@ -206,8 +191,17 @@ def _shape_str(func) -> str:
 
 
 def _graph_or_note(lib, args, device_name: str, repeats: int, row: dict) -> list[float] | None:
+    """Microseconds per call of ``lib["main"](*args)`` from CUDA-graph replays, as cuBLAS is timed
+    (no host launch cost); ``None`` off CUDA or without torch, or with a note when capture fails."""
+    if not device_name.startswith("cuda"):
+        return None
     try:
-        return graph_kernel_us(lib, args, device_name=device_name, repeats=repeats)
+        from .peers import cuda_graph_us
+
+        fn = lib["main"]
+        return cuda_graph_us(lambda: fn(*args), device=device_name, repeats=repeats, tvm_stream=True)
+    except ImportError:  # no torch
+        return None
     except Exception as e:  # noqa: BLE001 - the graph column is extra; its failure is a note
         row["notes"].append(f"CUDA-graph timing failed: {first_line(e)}")
         return None

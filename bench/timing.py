@@ -243,18 +243,15 @@ class Timer:
                 self._spin_cycles = 0
                 self.info["spin"] = "off: the timed call synchronises with the device internally"
             else:  # lengthen: cycles per ms measured on this spin, 3x the issue time, at most ~0.2 s
-                # A spin that measured ~0 ms (the sleep did not run where the events were) would
-                # make the rate, and the next spin, enormous: a spin of minutes looks like a hang
-                # (seen on an H200). Clock rates above ~5 GHz are not real; spins stay <= ~0.2 s.
+                # A spin measured at ~0 ms would make the rate, and so the next spin, enormous;
+                # clock rates above ~5 GHz are not real, so spins stay <= ~0.2 s.
                 per_ms = min(self._spin_cycles / max(spin_ms, 1e-3), MAX_CYCLES_PER_MS)
-                self._spin_cycles = int(min(per_ms * 200.0, max(2 * self._spin_cycles, per_ms * 3 * issue_ms),
-                                            MAX_SPIN_CYCLES))
+                self._spin_cycles = int(min(per_ms * 200.0, max(2 * self._spin_cycles, per_ms * 3 * issue_ms)))
         return ms, bool(blocked)
 
 
-#: Upper bounds of the stream-holding spin of :meth:`Timer.gpu` (cycles per ms, cycles).
+#: Upper bound of the clock rate :meth:`Timer.gpu` assumes for its stream-holding spin (cycles per ms).
 MAX_CYCLES_PER_MS = 5_000_000
-MAX_SPIN_CYCLES = 1_000_000_000
 #: Lengthenings of the spin before it is judged useless (the call blocks on the device).
 MAX_SPIN_GROWTH = 4
 

@@ -44,7 +44,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -143,9 +142,6 @@ def is_legal(cfg: PrefillConfig, key: AttentionKey, target) -> bool:
     tile_y = key.d
     if not common._is_prefill_kernel_config_legal(  # pylint: disable=protected-access
             cfg.tile_x, tile_y, cfg.tile_z, key.d, cfg.load_vec, 32, cfg.num_warps, False):
-        return False
-    # the scheduler also lays the tile_x x tile_y Q tile over the threads
-    if (cfg.tile_x * tile_y) % (32 * cfg.num_warps) or (cfg.tile_x * cfg.tile_z) % (32 * cfg.num_warps):
         return False
     smem = common._get_prefill_shared_memory_usage(cfg.tile_x, cfg.tile_z, key.d, key.dtype)  # pylint: disable=protected-access
     return smem <= _shared_limit(target)
@@ -319,9 +315,9 @@ def ragged_prefill_args(key: AttentionKey, n: int, *, device, seed: int = 0):
     return args, q, k, v, sm_scale
 
 
-def _call(fn, args, sm_scale):
+def _scalars(sm_scale: float) -> tuple:
     # causal=1, rotary_mode=0 (GPT-2 has learned positions), rope_scale, rope_theta, sm_scale
-    fn(*args, 1, 0, 1.0, 1.0, sm_scale)
+    return (1, 0, 1.0, 1.0, sm_scale)
 
 
 def measure_ragged_prefill(lib, key: AttentionKey, lengths: Sequence[int], *, device, number: int = 10,
@@ -337,13 +333,13 @@ def measure_ragged_prefill(lib, key: AttentionKey, lengths: Sequence[int], *, de
     err = 0.0
     for i, n in enumerate(lengths):
         args, q, k, v, sm_scale = ragged_prefill_args(key, n, device=device, seed=i)
-        _call(fn, args, sm_scale)
+        fn(*args, *_scalars(sm_scale))
         device.sync()
         if n not in refs:
             refs[n] = reference_causal_attention(q, k, v, sm_scale)
         err = max(err, float(np.abs(args[7].numpy().astype(np.float32) - refs[n]).max()))
         te = lib.time_evaluator("main", device, number=number, repeat=repeat)
-        res = te(*args, 1, 0, 1.0, 1.0, sm_scale)
+        res = te(*args, *_scalars(sm_scale))
         times[int(n)] = float(np.median(res.results) * 1e6)
     return times, err
 
@@ -489,12 +485,10 @@ def tune_attention(config, *, dtype: str, target, out_dir: str | os.PathLike, le
         "tvm": tvm.__version__,
         "tuning_s": time.time() - t0,
     }
+    from .database import _atomic_write_text  # pylint: disable=import-outside-toplevel
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".attention.", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, out / ATTENTION_FILE)
+    _atomic_write_text(out / ATTENTION_FILE, json.dumps(doc, indent=1))
     per = ", ".join(f"{n}: {base['us'][n]:.1f}->{best['us'][n]:.1f} us" for n in lengths)
     log(f"attention: best {PrefillConfig(**best['config']).label()} ({per}; geomean {1 / best['score']:.2f}x "
         f"over TVM's; {rejected} rejected by the NumPy check) in {doc['tuning_s']:.0f} s -> {out / ATTENTION_FILE}")

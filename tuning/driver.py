@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -80,9 +79,9 @@ def _merge_untuned(src: Path, dst: Path) -> None:
         except json.JSONDecodeError:
             logger.warning("%s is not valid JSON: replaced by this run's untuned times", dst)
     table.update(json.loads(src.read_text()))
-    tmp = dst.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(table, indent=2, sort_keys=True))
-    os.replace(tmp, dst)
+    from .database import _atomic_write_text  # pylint: disable=import-outside-toplevel
+
+    _atomic_write_text(dst, json.dumps(table, indent=2, sort_keys=True))
 
 
 def _seed_work_dir(work_dir: Path, committed: Path) -> None:
@@ -153,7 +152,7 @@ def run_tune(args) -> int:  # pylint: disable=too-many-locals
         raise TuneError("no tasks to tune (check --phases / --kinds)")
 
     from .database import database_path, prune_best  # pylint: disable=import-outside-toplevel
-    from .compile import dlight_rules, is_gpu  # pylint: disable=import-outside-toplevel
+    from .compile import dlight_rules  # pylint: disable=import-outside-toplevel
     from .tune import TuneTask, make_verifier, tune_tasks  # pylint: disable=import-outside-toplevel
 
     committed = database_path(args.database_dir, arch=arch, model=name, quantization=scheme.name)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from ._analysis import normalize_gemv
+from ._analysis import _extent, normalize_gemv
 
 __all__ = ["GEMV_VARIANTS", "schedule_gemv"]
 
@@ -59,11 +59,6 @@ def _lean_to(options: list[int], favourite: int) -> list[float]:
         return _uniform(len(options))
     rest = 0.5 / (len(options) - 1)
     return [0.5 if o == favourite else rest for o in options]
-
-
-def _extent(sch: s_tir.Schedule, loop) -> int | None:
-    ext = sch.get(loop).extent
-    return int(ext) if hasattr(ext, "value") or isinstance(ext, int) else None
 
 
 def schedule_gemv(sch: s_tir.Schedule, *, variant: str = "x_global", quantized: bool | None = None):
@@ -103,7 +98,7 @@ def schedule_gemv(sch: s_tir.Schedule, *, variant: str = "x_global", quantized: 
     # Threads along K: warp-friendly widths that divide K / (widest vector), hence K / vec for
     # every vector choice (no tail, no odd widths such as 12 that waste lanes and shuffles).
     # (q4f16_1: vectors of up to 32 halves leave too few such divisors; a perfect tile of K/vec.)
-    k_ext, b_ext = _extent(sch, g.k), _extent(sch, g.b)
+    k_ext, b_ext = _extent(sch.get(g.k).extent), _extent(sch.get(g.b).extent)
     tr_opts = [t for t in (8, 16, 32, 64, 128) if k_ext and (k_ext // 8) % t == 0]
     tr = sch.sample_categorical(tr_opts, _lean_to(tr_opts, 32)) if tr_opts and not quantized else None
     # Batch rows per block: the whole batch (one weight read per step) is the usual winner.
