@@ -39,10 +39,6 @@ class QuantScheme:
     group_size: int = 0
     bits: int = 0
 
-    @property
-    def weight_dtype(self) -> str:
-        return "uint32" if self.kind == "group" else self.activation_dtype
-
 
 QUANTIZATIONS: dict[str, QuantScheme] = {
     "q0f32": QuantScheme("q0f32", "none", "float32"),
@@ -62,16 +58,18 @@ def get_scheme(name: str) -> QuantScheme:
 
 
 # ----------------------------------------------------------------------------- kernels (te)
+def _dequant_elem(q_weight: te.Tensor, q_scale: te.Tensor, row, k, dtype: str):
+    """Element (row, k) of a packed q4 matrix: 4-bit code minus the zero point, times the group scale."""
+    word = q_weight[row, k // CODES_PER_WORD]
+    shift = (k % CODES_PER_WORD * 4).astype("uint32")
+    code = tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const(15, "uint32"))
+    return (code.astype(dtype) - tirx.const(MAX_CODE, dtype)) * q_scale[row, k // GROUP_SIZE]
+
+
 def _dequant_te(q_weight: te.Tensor, q_scale: te.Tensor, rows, cols: int, dtype: str, name: str):
     """(rows, cols) fp16 matrix from packed codes (rows, cols/8) and scales (rows, cols/32)."""
 
-    def fcompute(i, k):
-        word = q_weight[i, k // CODES_PER_WORD]
-        shift = (k % CODES_PER_WORD * 4).astype("uint32")
-        code = tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const(15, "uint32"))
-        return (code.astype(dtype) - tirx.const(MAX_CODE, dtype)) * q_scale[i, k // GROUP_SIZE]
-
-    return te.compute((rows, cols), fcompute, name=name)
+    return te.compute((rows, cols), lambda i, k: _dequant_elem(q_weight, q_scale, i, k, dtype), name=name)
 
 
 def _nt_matmul_dequant(x: te.Tensor, q_weight: te.Tensor, q_scale: te.Tensor):
@@ -90,14 +88,8 @@ def _nt_matmul_dequant(x: te.Tensor, q_weight: te.Tensor, q_scale: te.Tensor):
 def _take_dequant(q_weight: te.Tensor, q_scale: te.Tensor, ids: te.Tensor, cols: int, dtype: str):
     """Embedding rows ``ids`` of a packed table, dequantized: (len(ids), cols)."""
 
-    def fcompute(i, k):
-        row = ids[i]
-        word = q_weight[row, k // CODES_PER_WORD]
-        shift = (k % CODES_PER_WORD * 4).astype("uint32")
-        code = tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const(15, "uint32"))
-        return (code.astype(dtype) - tirx.const(MAX_CODE, dtype)) * q_scale[row, k // GROUP_SIZE]
-
-    return te.compute((ids.shape[0], cols), fcompute, name="take_dequantize")
+    return te.compute((ids.shape[0], cols), lambda i, k: _dequant_elem(q_weight, q_scale, ids[i], k, dtype),
+                      name="take_dequantize")
 
 
 # ----------------------------------------------------------------------------- modules
