@@ -88,9 +88,8 @@ def _seed_work_dir(work_dir: Path, committed: Path) -> None:
     if (work_dir / "database_workload.json").exists() or not (committed / "database_workload.json").exists():
         return
     work_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("database_workload.json", "database_tuning_record.json", "untuned.json"):
-        if (committed / name).is_file():
-            shutil.copy2(committed / name, work_dir / name)
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        shutil.copy2(committed / name, work_dir / name)
     logger.info("seeded %s from the committed database %s", work_dir, committed)
 
 

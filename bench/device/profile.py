@@ -23,8 +23,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
 
 def _kernel_table(prof, steps: int) -> list[dict]:
     rows: dict[str, dict] = defaultdict(lambda: {"calls": 0, "us": 0.0})
@@ -130,5 +128,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    np.seterr(all="ignore")
     sys.exit(main())
