@@ -417,7 +417,7 @@ def tune_attention(config, *, dtype: str, target, out_dir: str | os.PathLike, le
     funcs, kept = [], []
     for c in cands:
         try:
-            funcs.append(make_ragged_prefill(None if c == default else c, key, target))
+            funcs.append(make_ragged_prefill(c, key, target))
             kept.append(c)
         except AttentionError as err:
             logger.info("%s", err)
@@ -431,7 +431,6 @@ def tune_attention(config, *, dtype: str, target, out_dir: str | os.PathLike, le
         log(f"attention: failed to build: {', '.join(failed[:12])}{' ...' if len(failed) > 12 else ''}; "
             f"first error: {' | '.join(tail)}")
     results, refs, libs = [], {}, {}
-    default_err = None
     for c, p in zip(kept, paths):  # screening: a few calls per length
         if p is None:
             continue
@@ -441,14 +440,12 @@ def tune_attention(config, *, dtype: str, target, out_dir: str | os.PathLike, le
         except Exception as exc:  # noqa: BLE001 - a candidate that faults is dropped, not fatal
             log(f"attention: {c.label()} failed to run: {str(exc).splitlines()[0] if str(exc) else exc}")
             continue
-        if c == default:
-            default_err = err
         libs[c] = lib
         results.append({"config": asdict(c), "us": times, "total_us": sum(times.values()), "max_abs_err": err})
-    tol = max(2 * (default_err or 0.0), 2e-2 if "16" in dtype else 1e-4)
     base = next((r for r in results if r["config"] == asdict(default)), None)
     if base is None:
         raise AttentionError("TVM's own prefill attention kernel could not be measured on this device")
+    tol = max(2 * base["max_abs_err"], 2e-2 if "16" in dtype else 1e-4)
     _score(results, base)
     results.sort(key=lambda r: (not r["eligible"], r["score"]))
     finalists = [r for r in results if r["max_abs_err"] <= tol and r["eligible"]][:top]
