@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Steps run on the GPU machine (device tool), each with its own time limit; results under $OUT.
-#   bash bench/device/session.sh STEP [STEP ...]
+#   bash scripts/session.sh STEP [STEP ...]
 # Steps: env gputests gputests-extra bench-decode bench-prefill bench-kernels tune restore profile (settings through environment variables)
 set -uo pipefail
 export PYTHONPATH=/opt/devsite:$PWD
@@ -31,7 +31,7 @@ for step in "$@"; do
       # later calls start from the working tree's copy: put back what this machine tuned so far
       for q in q0f16 q4f16_1; do [ -d /root/keep/db-$q ] && cp /root/keep/db-$q/* databases/sm_90/gpt2-$q/ && echo "restored db-$q"; done ;;
     profile)
-      log profile; timeout ${PROFILE_LIMIT:-400} python bench/device/profile.py --out "$OUT" --variants ${PVARIANTS:-untuned,tuned} ${DB:+--database $DB} 2>&1 | grep -v "^USDT\|Warning" | tail -80 ;;
+      log profile; timeout ${PROFILE_LIMIT:-400} python scripts/profile.py --out "$OUT" --variants ${PVARIANTS:-untuned,tuned} ${DB:+--database $DB} 2>&1 | grep -v "^USDT\|Warning" | tail -80 ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -19,7 +19,7 @@ layer norms) this script
 
 Usage (GPU machine, repo root on PYTHONPATH)::
 
-    python bench/device/spaces_check.py --out $OUT [--samples 48] [--only REGEX] [--budget-s 480]
+    python scripts/spaces_check.py --out $OUT [--samples 48] [--only REGEX] [--budget-s 480]
 """
 
 from __future__ import annotations
