@@ -38,7 +38,7 @@ class Suite:
         from bench.common import parse_int_list
         from bench.kernels import bucket_tasks
         from gpt2_model.config import get_config, model_name
-        from gpt2_model.runtime import target_for
+        from tuning.engine import target_for
 
         opt = config.getoption
         self.device = envmod.resolve_device(opt("--gpt2k-device"))

@@ -1,9 +1,10 @@
 """Run a compiled GPT-2: sequences in a paged KV cache, chunked prefill, batched decode, greedy
 generation.
 
-Typical use::
+This module loads and runs a built library; building one is :mod:`tuning.engine`'s job
+(``engine_from_hf``, ``engine_from_config``, ``build_engine``). Typical use::
 
-    engine = Engine.from_hf("path/to/hf_dir", device="cpu", quantization="q0f32")
+    engine = Engine(exported=exported, executable=lib, params=params, device="cpu")
     seq = engine.add_sequence()
     logits = engine.prefill(seq, [464, 3290])          # (vocab,)
     logits = engine.decode([seq], [int(logits.argmax())])  # (1, vocab)
@@ -13,15 +14,16 @@ Typical use::
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import tvm
 from tvm import relax
 
-from .config import GPT2Config, get_config
+from .config import GPT2Config
+from .device import tvm_device
 from .export import ExportedModel
+from .loader import expected_shapes
 from .model import bucket_function
 from .quantization import convert_params
 
@@ -38,39 +40,8 @@ class EngineError(ValueError):
     """Bad input to the engine (unknown sequence, token id out of range, ...)."""
 
 
-def parse_device(device: str) -> tuple[str, int]:
-    """'cpu' | 'cuda' | 'cuda:N' -> (kind, index)."""
-    kind, _, index = str(device).partition(":")
-    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
-        raise EngineError(f"unknown device {device!r}: use cpu, cuda or cuda:N")
-    return kind, int(index or 0)
-
-
-def tvm_device(device: str) -> tvm.runtime.Device:
-    kind, index = parse_device(device)
-    dev = tvm.cpu(index) if kind == "cpu" else tvm.cuda(index)
-    if kind == "cuda" and not dev.exist:
-        raise EngineError(f"no CUDA device {index} on this machine")
-    return dev
-
-
-def target_for(device: str, arch: str | None = None) -> tvm.target.Target:
-    """The build target of ``device`` (``arch`` picks the CUDA architecture; detected if None)."""
-    from tuning.targets import detect_local_cuda_arch, make_target  # pylint: disable=import-outside-toplevel
-
-    kind, _ = parse_device(device)
-    if kind == "cpu":
-        return make_target("cpu")
-    arch = arch or detect_local_cuda_arch()
-    if arch is None:
-        raise EngineError("cannot detect the CUDA architecture here: pass arch='sm_XX'")
-    return make_target(arch)
-
-
 def random_params(exported: ExportedModel, *, seed: int = 0) -> dict[str, np.ndarray]:
     """Random fp32 weights in GPT-2's init style, converted to the stored form of the scheme."""
-    from .loader import expected_shapes  # pylint: disable=import-outside-toplevel
-
     rng = np.random.default_rng(seed)
     params = {}
     for name, shape in expected_shapes(exported.config).items():
@@ -141,53 +112,6 @@ class Engine:  # pylint: disable=too-many-instance-attributes
                 )
             out.append(tvm.runtime.tensor(np.ascontiguousarray(value), self.device))
         return out
-
-    @classmethod
-    def build(  # pylint: disable=too-many-arguments
-        cls,
-        config: GPT2Config,
-        params_fp32: dict[str, np.ndarray] | None,
-        *,
-        quantization: str,
-        device: str = "cpu",
-        arch: str | None = None,
-        database=None,
-        cuda_graph: bool = False,
-        seed: int = 0,
-        **kwargs,
-    ) -> "Engine":
-        """Export, compile and load; ``params_fp32`` None means random weights."""
-        from tuning.compile import build_model  # pylint: disable=import-outside-toplevel
-
-        target = target_for(device, arch)
-        result = build_model(config, quantization=quantization, target=target, database=database, cuda_graph=cuda_graph)
-        exported, executable = result.exported, result.executable
-        if params_fp32 is None:
-            params = random_params(exported, seed=seed)
-        else:
-            params = convert_params(params_fp32, exported.scheme)
-        engine = cls(exported=exported, executable=executable, params=params, device=device, target=target, **kwargs)
-        engine.build_result = result
-        return engine
-
-    @classmethod
-    def from_hf(cls, model_dir: str | Path, *, device: str = "cpu", quantization: str = "q0f32", **kwargs) -> "Engine":
-        """Compile and load a local Hugging Face checkpoint directory."""
-        from .loader import load_hf_params  # pylint: disable=import-outside-toplevel
-
-        config = get_config(model_dir)
-        params = load_hf_params(model_dir, config)
-        return cls.build(config, params, quantization=quantization, device=device, **kwargs)
-
-    @classmethod
-    def from_config(cls, config: GPT2Config | str, *, quantization: str = "q0f16", device: str = "cpu",
-                    weights: str = "random", seed: int = 0, **kwargs) -> "Engine":
-        """A preset (or config) with random weights: throughput does not depend on their values."""
-        if weights != "random":
-            raise EngineError("from_config only makes random weights; use from_hf for a checkpoint")
-        if not isinstance(config, GPT2Config):
-            config = get_config(config)
-        return cls.build(config, None, quantization=quantization, device=device, seed=seed, **kwargs)
 
     # ------------------------------------------------------------------ sequences
     def add_sequence(self) -> int:

@@ -109,7 +109,7 @@ def compile_model(  # pylint: disable=too-many-arguments
     """
     from tuning.compile import build_model  # pylint: disable=import-outside-toplevel
 
-    from .runtime import target_for  # pylint: disable=import-outside-toplevel
+    from tuning.engine import target_for  # pylint: disable=import-outside-toplevel
 
     chat, config = read_chat_config(chat_config)
     target = target_for(device, arch)

@@ -16,20 +16,6 @@ logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- loading
-def _target(device: str):
-    """The build target of ``device``; plain LLVM for the CPU while ``tuning.targets`` is absent."""
-    import tvm  # pylint: disable=import-outside-toplevel
-
-    from ..runtime import parse_device, target_for  # pylint: disable=import-outside-toplevel
-
-    try:
-        return target_for(device)
-    except ImportError:
-        if parse_device(device)[0] == "cpu":
-            return tvm.target.Target({"kind": "llvm"})
-        raise
-
-
 def is_hf_dir(path: str | Path) -> bool:
     """A Hugging Face checkpoint directory (config.json + weights)."""
     path = Path(path)
@@ -104,7 +90,9 @@ def _build_engine(config, params, *, quantization: str, device: str):
     from ..quantization import convert_params  # pylint: disable=import-outside-toplevel
     from ..runtime import Engine  # pylint: disable=import-outside-toplevel
 
-    target = _target(device)
+    from tuning.engine import target_for  # pylint: disable=import-outside-toplevel
+
+    target = target_for(device)
     exported = export_model(config, quantization=quantization, target=target)
     executable = build(exported, target=target)
     return Engine(exported=exported, executable=executable, params=convert_params(params, exported.scheme),

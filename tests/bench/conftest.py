@@ -26,7 +26,7 @@ def tiny_engine(bench_cache):
     from bench.build import load_engine
     from bench.peers import random_params
     from gpt2_model.config import get_config
-    from gpt2_model.runtime import target_for
+    from tuning.engine import target_for
 
     config = get_config("tiny")
     params = random_params(config, seed=0)
@@ -44,7 +44,7 @@ def tiny_db_root(tmp_path_factory):
     (bucket entry points, database applied, records looked up).
     """
     from gpt2_model.config import get_config
-    from gpt2_model.runtime import target_for
+    from tuning.engine import target_for
     from tuning.database import database_path
     from tuning.partition import partition
     from tuning.tune import TuneTask, tune_tasks

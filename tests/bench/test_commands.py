@@ -68,7 +68,7 @@ def test_runners_compute_the_model(tiny_engine):
 
 def test_library_cache_hit(tiny_engine, bench_cache):
     from bench.build import load_engine
-    from gpt2_model.runtime import target_for
+    from tuning.engine import target_for
 
     built, params = tiny_engine
     again = load_engine(config=get_config("tiny"), quantization="q0f32", device="cpu", target=target_for("cpu"),
@@ -152,7 +152,7 @@ def test_prefill_sweep_end_to_end(bench_cache, empty_db_dir):
 # ---------------------------------------------------------------------------------------------- kernels
 def test_kernels_end_to_end(empty_db_dir):
     from bench.kernels import run_kernels
-    from gpt2_model.runtime import target_for
+    from tuning.engine import target_for
     from tuning.partition import partition
 
     res = run_kernels(model="tiny", quantization="q0f32", device="cpu", phase="decode", batch=2, repeats=2,

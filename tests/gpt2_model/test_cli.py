@@ -10,7 +10,7 @@ import pytest
 from gpt2_model.cli import main
 from gpt2_model.workflow import load_engine
 
-from .conftest import hf_last_logits, rel_err
+from ..conftest import hf_last_logits, rel_err
 
 
 @pytest.fixture(scope="module")

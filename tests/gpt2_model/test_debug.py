@@ -28,7 +28,7 @@ from gpt2_model.debug import (  # noqa: E402
 from gpt2_model.debug.cli import main as debug_main  # noqa: E402
 from gpt2_model.runtime import Engine  # noqa: E402
 
-from .conftest import save_hf_checkpoint  # noqa: E402
+from ..conftest import save_hf_checkpoint  # noqa: E402
 
 LLVM = {"kind": "llvm"}
 PROMPT = [5, 6, 7]

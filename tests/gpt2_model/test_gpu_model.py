@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gpt2_model.quantization import dequantize_params
-from gpt2_model.runtime import Engine
+from tuning.engine import engine_from_hf
 
 pytestmark = pytest.mark.gpu
 
@@ -58,14 +58,14 @@ def _check(engine, model, tol):
 
 def test_cuda_q0f32_matches_transformers(hf_gpt2):
     path, model = hf_gpt2
-    engine = Engine.from_hf(path, device="cuda", quantization="q0f32")
+    engine = engine_from_hf(path, device="cuda", quantization="q0f32")
     # fp32 everywhere; cuBLAS-free TIR reductions in a different order than torch: ~1e-6.
     _check(engine, model, tol=1e-4)
 
 
 def test_cuda_q0f16_matches_transformers(hf_gpt2):
     path, model = hf_gpt2
-    engine = Engine.from_hf(path, device="cuda", quantization="q0f16", cuda_graph=True)
+    engine = engine_from_hf(path, device="cuda", quantization="q0f16", cuda_graph=True)
     # fp16 weights and activations through 12 layers: held to 2e-2 relative to the fp32 reference.
     _check(engine, model, tol=2e-2)
 
@@ -75,7 +75,7 @@ def test_cuda_q4f16_1_matches_dequantized_reference(hf_gpt2):
     from transformers import GPT2LMHeadModel  # pylint: disable=import-outside-toplevel
 
     path, model = hf_gpt2
-    engine = Engine.from_hf(path, device="cuda", quantization="q4f16_1")
+    engine = engine_from_hf(path, device="cuda", quantization="q4f16_1")
     stored = {n: engine.params[i].numpy() for i, n in enumerate(engine.exported.param_names)}
     state = {}
     for name, value in dequantize_params(stored).items():

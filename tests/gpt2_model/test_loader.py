@@ -15,7 +15,7 @@ from gpt2_model.quantization import QuantizationError, get_scheme, group_dequant
 from gpt2_model.registry import MODELS
 from gpt2_model.weights import WeightsError, load_params, save_params
 
-from .conftest import save_hf_checkpoint
+from ..conftest import save_hf_checkpoint
 
 LLVM = tvm.target.Target({"kind": "llvm"})
 

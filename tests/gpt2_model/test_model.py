@@ -8,8 +8,9 @@ import pytest
 from gpt2_model.loader import load_hf_params
 from gpt2_model.quantization import dequantize_params
 from gpt2_model.runtime import ContextWindowError, Engine, EngineError
+from tuning.engine import engine_from_hf
 
-from .conftest import hf_last_logits, rel_err
+from ..conftest import hf_last_logits, rel_err
 
 PROMPT_A = [5, 17, 300, 2, 999, 4, 8, 1000, 42]  # 1000: the last id of the odd vocab
 PROMPT_B = [7, 1, 2]
@@ -40,7 +41,7 @@ def _run_and_compare(engine: Engine, reference, tol: float, steps: int = 4) -> l
 @pytest.fixture(scope="module")
 def engine_f32(hf_sharded):
     path, _ = hf_sharded
-    return Engine.from_hf(path, device="cpu", quantization="q0f32")
+    return engine_from_hf(path, device="cpu", quantization="q0f32")
 
 
 def test_q0f32_matches_transformers(engine_f32, hf_sharded):
@@ -51,7 +52,7 @@ def test_q0f32_matches_transformers(engine_f32, hf_sharded):
 
 def test_pytorch_bin_checkpoint_matches_transformers(hf_bin):
     path, reference = hf_bin
-    engine = Engine.from_hf(path, device="cpu", quantization="q0f32")
+    engine = engine_from_hf(path, device="cpu", quantization="q0f32")
     _run_and_compare(engine, reference, tol=1e-4, steps=2)
 
 
@@ -59,7 +60,7 @@ def test_q0f16_matches_transformers(hf_sharded):
     # fp16 weights and activations (fp32 logits): 2 layers of fp16 rounding (eps 2^-11 ~ 4.9e-4)
     # accumulate to ~1e-3 here; we hold it to 1e-2 relative.
     path, reference = hf_sharded
-    engine = Engine.from_hf(path, device="cpu", quantization="q0f16")
+    engine = engine_from_hf(path, device="cpu", quantization="q0f16")
     _run_and_compare(engine, reference, tol=1e-2)
 
 
@@ -68,7 +69,7 @@ def test_q4f16_1_matches_reference_on_dequantized_weights(hf_sharded):
     from transformers import GPT2LMHeadModel  # pylint: disable=import-outside-toplevel
 
     path, reference = hf_sharded
-    engine = Engine.from_hf(path, device="cpu", quantization="q4f16_1")
+    engine = engine_from_hf(path, device="cpu", quantization="q4f16_1")
     # The reference: the same HF model carrying the dequantized 4-bit weights.
     stored = {name: engine.params[i].numpy() for i, name in enumerate(engine.exported.param_names)}
     deq = dequantize_params(stored)
@@ -99,7 +100,7 @@ def test_chunked_prefill_matches(hf_sharded, tmp_path):
     for f in path.iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    engine = Engine.from_hf(tmp_path, device="cpu", quantization="q0f32")
+    engine = engine_from_hf(tmp_path, device="cpu", quantization="q0f32")
     assert engine.config.prefill_chunk_size == 8
     ids = list(range(3, 3 + 21))  # 3 chunks: 8 + 8 + 5
     seq = engine.add_sequence()

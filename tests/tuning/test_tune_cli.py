@@ -36,7 +36,7 @@ def test_unknown_arch_lists_known_ones(capsys):
 def test_tune_then_compile_with_database_matches_untuned(tmp_path, capsys):
     """tune -> committed database + meta -> compile with it: every tuned workload found, same logits."""
     from gpt2_model.config import get_config
-    from gpt2_model.runtime import Engine
+    from tuning.engine import engine_from_config
 
     root = tmp_path / "databases"
     args = ["--arch", "cpu", "--model", "tiny", "--quantization", "q0f32", "--phases", "decode",
@@ -51,8 +51,8 @@ def test_tune_then_compile_with_database_matches_untuned(tmp_path, capsys):
     assert len(lines) == len({json.loads(line)[0] for line in lines})  # one best record per workload
 
     config = get_config("tiny")
-    untuned = Engine.from_config(config, quantization="q0f32", device="cpu", seed=3)
-    tuned = Engine.from_config(config, quantization="q0f32", device="cpu", seed=3, database=db)
+    untuned = engine_from_config(config, quantization="q0f32", device="cpu", seed=3)
+    tuned = engine_from_config(config, quantization="q0f32", device="cpu", seed=3, database=db)
     cov = tuned.build_result.coverage
     assert cov.per_bucket["decode b2"][1] == cov.total  # every task of the bucket was looked up
     assert 0 < cov.tuned <= cov.total
