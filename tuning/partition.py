@@ -104,7 +104,7 @@ def classify(name: str, func: tirx.PrimFunc) -> str:
         for dim in list(out.shape)[:-1]:
             rows *= int(dim)
         return "gemv" if rows <= 64 else "gemm"
-    if "norm" in lowered or "softmax" in lowered:
+    if "norm" in lowered or "softmax" in lowered or "argmax" in lowered:
         return "reduction"
     if lowered.startswith("take") or "_take" in lowered:
         return "gather"
