@@ -305,7 +305,9 @@ def _build_library(*, config, quantization: str, target, database: DatabaseInfo 
                       database=database.path if database else None, cuda_graph=cuda_graph)
     res.executable.export_library(str(out))
     return {"buckets": {k: [int(v) for v in vals] for k, vals in (res.buckets or {}).items()},
-            "coverage": res.coverage.lines() if res.coverage is not None else None}, res.exported
+            "coverage": res.coverage.lines() if res.coverage is not None else None,
+            "coverage_buckets": ({k: list(v) for k, v in res.coverage.per_bucket.items()}
+                                 if res.coverage is not None else None)}, res.exported
 
 
 def load_engine(*, config, quantization: str, device: str, target, params_fp32: dict[str, np.ndarray],
@@ -402,5 +404,6 @@ def load_engine(*, config, quantization: str, device: str, target, params_fp32: 
         "database": database.to_dict() if database else None,
         "buckets": meta.get("buckets") or {},
         "coverage": meta.get("coverage"),
+        "coverage_buckets": meta.get("coverage_buckets"),
     }
     return BuiltEngine(engine=engine, info=info)

@@ -19,8 +19,17 @@ unusable database (e.g. one tuned for another architecture).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Sequence
+
+# Only argparse-level modules at import time: TVM and torch take seconds to import, and
+# `bench --help` (and a bad option) must answer at once. The commands import them when they run.
+from gpt2_model.cli_common import (QUANTIZATION_HELP, add_arch_arg, add_device_arg, add_gen_len_arg,
+                                   add_quantization_arg)
+
+from .config import BenchConfig, BenchError
 
 __all__ = ["main", "build_parser"]
 
@@ -50,17 +59,13 @@ def _add_common(p: argparse.ArgumentParser, *, variants: bool = True) -> None:
                    help="preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, tiny) or a Hugging Face "
                         "model directory (its config.json; weights are random and seeded: throughput does not "
                         "depend on their values). Default: gpt2")
-    g.add_argument("--quantization", default=None,
-                   help="weight format: q0f16 (fp16), q0f32 (fp32), q4f16_1 (4-bit groups of 32, fp16 "
-                        "activations). Default: q0f16 on CUDA, q0f32 on CPU (no native fp16 arithmetic)")
-    g.add_argument("--device", default="auto",
-                   help="auto (CUDA device 0 if TVM sees one, else CPU), cpu, cuda or cuda:N. Default: auto")
-    g.add_argument("--arch", default="auto",
-                   help="CUDA architecture to build for and to look up the database of: auto (detected) or "
-                        "sm_XX, e.g. sm_90. CPU runs use 'cpu'. Default: auto")
+    add_quantization_arg(g, default=None, help=QUANTIZATION_HELP + ". Default: q0f16 on CUDA, q0f32 on CPU "
+                                                                    "(no native fp16 arithmetic)")
+    add_device_arg(g, default="auto", allow_auto=True)
+    add_arch_arg(g)
     g.add_argument("--cuda-graph", type=_on_off, default=True, metavar="on|off",
-                   help="capture the TVM decode step into CUDA graphs (and use torch.compile's "
-                        "reduce-overhead mode); no effect on CPU. Default: on")
+                   help="capture the TVM steps into CUDA graphs (and use torch.compile's reduce-overhead mode "
+                        "for hf-compile); no effect on CPU. Default: on")
     g.add_argument("--database-dir", default="databases",
                    help="root of the tuning databases; the tuned variant uses "
                         "<database-dir>/<arch>/<model>-<quantization>/. Default: databases")
@@ -71,11 +76,18 @@ def _add_common(p: argparse.ArgumentParser, *, variants: bool = True) -> None:
                         "version). Default: $GPT2K_CACHE_DIR or ~/.cache/gpt2k/libs")
     if variants:
         g.add_argument("--variants", default=None,
-                       help="comma list of untuned, tuned, torch-eager, torch-compile ('torch' = both PyTorch "
-                            "peers, 'all' = everything). Default: untuned,tuned,torch-eager on CPU, all on CUDA. "
-                            "'tuned' is dropped with a note when no database exists")
+                       help="comma list of untuned, tuned, torch-eager (HF eager), torch-compile (gpt-fast-style "
+                            "PyTorch GPT-2 under torch.compile), hf-compile (HF model + StaticCache under "
+                            "torch.compile); 'torch' = torch-eager,torch-compile, 'all' = everything. Default: "
+                            "untuned,tuned,torch-eager on CPU, plus torch-compile on CUDA. 'tuned' is dropped "
+                            "with a note when no database exists")
         g.add_argument("--no-check", dest="check", action="store_false",
-                       help="skip the logits check of each TVM build against Hugging Face fp32 before timing")
+                       help="skip the logits check of each variant against Hugging Face fp32 before timing")
+        g.add_argument("--no-anatomy", dest="anatomy", action="store_false",
+                       help="skip the step anatomy (each kernel of the step timed alone: kernels ms and "
+                            "overhead = wall - kernels)")
+        g.add_argument("--torch-threads", type=int, default=None, metavar="N",
+                       help="intra-op threads of the PyTorch peers on the CPU. Default: TVM's thread-pool size")
     m = p.add_argument_group("measurement")
     m.add_argument("--repeats", type=int, default=5,
                    help="measured runs per row (median and p20/p80 over them). Default: 5")
@@ -86,7 +98,8 @@ def _add_common(p: argparse.ArgumentParser, *, variants: bool = True) -> None:
     m.add_argument("--peak-tflops", type=_positive_float, default=None, metavar="TFLOP/S",
                    help="compute roofline in TFLOP/s for the model's dtype (overrides the table)")
     o = p.add_argument_group("output")
-    o.add_argument("--json", default=None, metavar="PATH", help="write every sample and the environment as JSON")
+    o.add_argument("--json", default=None, metavar="PATH",
+                   help="write every sample and the environment as JSON (checked writable before measuring)")
     o.add_argument("--plot", default=None, metavar="PATH.png",
                    help="plot tok/s against the swept axis, one line per variant (needs matplotlib)")
     o.add_argument("--format", dest="tablefmt", default="github",
@@ -112,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "achieved GB/s (weights + KV read per step) and % of the memory roofline.")
     d.add_argument("--batch", default="8", help="batch size(s), comma list for a sweep (1,8,32). Default: 8")
     d.add_argument("--prompt-len", default="128", help="prompt length(s), comma list. Default: 128")
-    d.add_argument("--gen-len", type=int, default=128, help="decode steps per run. Default: 128")
+    add_gen_len_arg(d, default=128, help="decode steps per run")
     _add_common(d)
 
     p = sub.add_parser("prefill", help="prompt processing throughput (pp)",
@@ -142,51 +155,72 @@ def _log(quiet: bool):
     return lambda msg: print(msg, file=sys.stderr, flush=True)
 
 
+def _check_output(path: str, flag: str) -> None:
+    """Fail before measuring when ``path`` cannot be written (the samples would be lost after the run)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise BenchError(f"{flag} {path}: is a directory")
+    parent = p.parent if str(p.parent) else Path(".")
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BenchError(f"{flag} {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise BenchError(f"{flag} {path}: not writable (permission denied)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bench`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    from . import report
-    from .build import DatabaseError
-    from .common import BenchError
-
     log = _log(args.quiet)
-    common = dict(model=args.model, quantization=args.quantization, device=args.device, arch=args.arch,
-                  cuda_graph=args.cuda_graph, repeats=args.repeats, warmup=args.warmup,
-                  database_dir=args.database_dir, database=args.database, cache_dir=args.cache_dir,
-                  seed=args.seed, peak_bw=args.peak_bw, peak_tflops=args.peak_tflops, log=log)
     try:
-        if args.command == "decode":
-            from .decode import run_decode
+        if args.json:
+            _check_output(args.json, "--json")
+        if args.plot:
+            if args.command == "kernels":
+                log("--plot applies to decode/prefill sweeps; ignored for kernels")
+                args.plot = None
+            else:
+                _check_output(args.plot, "--plot")
+                try:
+                    import matplotlib  # noqa: F401
+                except ImportError:
+                    raise BenchError("--plot needs matplotlib: pip install 'gpt2-kernels[plot]'") from None
+        cfg = BenchConfig.from_args(args)
+        from . import report, tables
+        from .build import DatabaseError
 
-            result = run_decode(batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
-                                variants=args.variants, check=args.check, **common)
-        elif args.command == "prefill":
-            from .prefill import run_prefill
+        try:
+            if args.command == "decode":
+                from .decode import run_decode
 
-            result = run_prefill(seq_len=args.seq_len, batch=args.batch, variants=args.variants,
-                                 check=args.check, **common)
-        else:
-            from .kernels import run_kernels
+                result = run_decode(cfg, batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len, log=log)
+            elif args.command == "prefill":
+                from .prefill import run_prefill
 
-            result = run_kernels(phase=args.phase, batch=args.batch, seq_len=args.seq_len, **common)
-    except (BenchError, DatabaseError) as e:
+                result = run_prefill(cfg, seq_len=args.seq_len, batch=args.batch, log=log)
+            else:
+                from .kernels import run_kernels
+
+                result = run_kernels(cfg, phase=args.phase, batch=args.batch, seq_len=args.seq_len, log=log)
+        except DatabaseError as e:
+            raise BenchError(str(e)) from None
+    except BenchError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
     if args.command == "kernels":
-        print(report.format_kernel_table(result, tablefmt=args.tablefmt, top=args.top))
+        print(tables.format_kernel_table(result, tablefmt=args.tablefmt, top=args.top))
     else:
-        print(report.format_table(result, tablefmt=args.tablefmt))
+        print(tables.format_table(result, tablefmt=args.tablefmt))
     if args.json:
         report.write_json(result, args.json)
         log(f"wrote {args.json}")
     if args.plot:
-        if args.command == "kernels":
-            log("--plot applies to decode/prefill sweeps; ignored for kernels")
-        else:
-            try:
-                log(f"wrote {report.plot_sweep(result, args.plot)}")
-            except (RuntimeError, ValueError) as e:
-                print(f"bench: cannot plot: {e}", file=sys.stderr)
+        try:
+            log(f"wrote {report.plot_sweep(result, args.plot)}")
+        except (RuntimeError, ValueError) as e:
+            print(f"bench: cannot plot: {e}", file=sys.stderr)
     return 0 if any(r["status"] == "ok" for r in result["rows"]) else 1
 
 

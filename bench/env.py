@@ -6,11 +6,9 @@ never called).
 
 Public API
 ----------
-``resolve_device(spec)``
-    ``"auto" | "cpu" | "cuda" | "cuda:N"`` -> :class:`DeviceSpec` (kind, index, name).
-``detect_arch(device)``
-    ``"sm_XX"`` of a CUDA device (via TVM, else torch), ``"cpu"``-ish name for CPUs.
-``collect_env(device, *, database=None)``
+``resolve_device(spec)`` / ``arch_of(device, arch)``
+    ``--device`` / ``--arch`` through ``gpt2_model.device`` (the project's one resolver).
+``collect_env(device, *, arch, database=None)``
     A JSON-ready dict recorded in every benchmark result (see ``bench/SCHEMA.md``).
 ``peak_for(gpu_name, *, dtype)``
     :class:`Peak` (memory GB/s, TFLOP/s for the dtype) from :data:`PEAK_TABLE`, or ``None``.
@@ -23,7 +21,6 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
-import re
 import socket
 import sys
 from dataclasses import asdict, dataclass
@@ -34,7 +31,7 @@ __all__ = [
     "Peak",
     "PEAK_TABLE",
     "resolve_device",
-    "detect_arch",
+    "arch_of",
     "collect_env",
     "nvml_snapshot",
     "cpu_model",
@@ -190,22 +187,10 @@ class DeviceSpec:
         return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
 
     def tvm_device(self):
-        """The matching ``tvm.runtime.Device``."""
-        import tvm
+        """The matching ``tvm.runtime.Device`` (:func:`gpt2_model.device.tvm_device`)."""
+        from gpt2_model.device import tvm_device
 
-        return tvm.cpu(0) if self.kind == "cpu" else tvm.cuda(self.index)
-
-
-_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|gpu)(?::(\d+))?$")
-
-
-def _tvm_cuda_exists(index: int = 0) -> bool:
-    try:
-        import tvm
-
-        return bool(tvm.cuda(index).exist)
-    except Exception:  # TVM built without CUDA, no driver, ...
-        return False
+        return tvm_device(self.name)
 
 
 def torch_cuda_available() -> bool:
@@ -221,67 +206,26 @@ def torch_cuda_available() -> bool:
 
 
 def resolve_device(spec: str = "auto") -> DeviceSpec:
-    """Parse ``--device``.
-
-    Parameters
-    ----------
-    spec : str
-        ``auto`` (CUDA device 0 when TVM sees one, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
-
-    Returns
-    -------
-    DeviceSpec
+    """``--device`` as a :class:`DeviceSpec`, through the project's one device resolver
+    (:func:`gpt2_model.device.resolve_device`: ``auto``, ``cpu``, ``cuda``, ``cuda:N``).
 
     Raises
     ------
-    ValueError
-        Malformed spec, or a CUDA device that does not exist.
+    gpt2_model.device.DeviceError
+        Malformed spec, or a CUDA device that does not exist (a ``ValueError``).
     """
-    m = _DEVICE_RE.match(str(spec).strip().lower())
-    if not m:
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
-    kind, idx = m.group(1), int(m.group(2) or 0)
-    if kind == "auto":
-        return DeviceSpec("cuda", 0) if _tvm_cuda_exists(0) else DeviceSpec("cpu", 0)
-    if kind == "cpu":
-        return DeviceSpec("cpu", 0)
-    if not _tvm_cuda_exists(idx):
-        raise ValueError(
-            f"--device {spec}: no CUDA device {idx} visible to TVM "
-            "(no GPU, no driver, or CUDA_VISIBLE_DEVICES hides it); use --device cpu"
-        )
-    return DeviceSpec("cuda", idx)
+    from gpt2_model.device import resolve_device as _resolve
+
+    kind, index = _resolve(spec)
+    return DeviceSpec(kind, index)
 
 
-def detect_arch(device: DeviceSpec) -> str:
-    """Architecture name used for database lookup: ``sm_XX`` on CUDA, ``cpu`` on CPU.
+def arch_of(device: DeviceSpec, arch: str | None = None) -> str:
+    """Architecture name of the build and the database lookup: ``cpu`` on the CPU, ``arch`` when
+    given, else the GPU's detected ``sm_XX`` (:func:`gpt2_model.device.arch_for_device`)."""
+    from gpt2_model.device import arch_for_device
 
-    Delegates to ``tuning.targets.detect_arch`` when that exists (one place for the logic);
-    otherwise reads the compute capability through TVM (or torch).
-    """
-    if device.kind == "cpu":
-        return "cpu"
-    try:  # the tuning package owns arch naming when it provides it
-        from tuning import targets as _targets  # type: ignore
-
-        fn = getattr(_targets, "detect_arch", None)
-        if fn is not None:
-            return str(fn(device.name))
-    except ImportError:
-        pass
-    try:
-        import tvm
-
-        cv = tvm.cuda(device.index).compute_version
-        if cv:
-            major, minor = cv.split(".")[:2]
-            return f"sm_{major}{minor}"
-    except Exception:
-        pass
-    import torch
-
-    major, minor = torch.cuda.get_device_capability(device.index)
-    return f"sm_{major}{minor}"
+    return arch_for_device(device.name, arch)
 
 
 def cpu_model() -> str:
@@ -436,13 +380,15 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def collect_env(device: DeviceSpec, *, database: dict[str, Any] | None = None) -> dict[str, Any]:
+def collect_env(device: DeviceSpec, *, arch: str | None = None, database: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything recorded about where and with what a result was measured.
 
     Parameters
     ----------
     device : DeviceSpec
         The benchmark device.
+    arch : str, optional
+        The architecture the build targets (default: :func:`arch_of` the device).
     database : dict, optional
         ``{"path": ..., "hash": ..., ...}`` of the tuning database used by the tuned variant
         (``None`` when there is none).
@@ -466,7 +412,7 @@ def collect_env(device: DeviceSpec, *, database: dict[str, Any] | None = None) -
         "database": database,
     }
     try:
-        env["arch"] = detect_arch(device)
+        env["arch"] = arch or arch_of(device)
     except Exception as e:
         env["arch"] = None
         env["arch_error"] = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -31,6 +31,11 @@ call count per step (``weight``), FLOPs and minimal bytes. For each kernel:
 ``cuBLAS``
     ``torch.matmul`` of the same (M, N, K) in the activation dtype, for GEMM/GEMV kernels, when
     torch sees the CUDA device (the fused bias/activation epilogue is not included).
+``attention`` (``--phase prefill``, CUDA)
+    One extra row: the KV cache's prefill attention kernel (``batch_prefill_ragged_kv``: TVM's
+    template for untuned, the database's ``attention.json`` choice for tuned), checked against
+    NumPy, next to ``torch.nn.functional.scaled_dot_product_attention`` (flash backend, causal,
+    (1, heads, L, head_dim)) on the same shapes; both graph-timed.
 
 Times come from TVM's ``time_evaluator`` (device timers, back-to-back calls: caches are
 warm; a kernel whose bytes fit in L2 can show more than DRAM bandwidth, flagged in the notes).
@@ -46,15 +51,17 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import env as envmod
 from .build import find_database
-from .common import BenchError, _log_default, default_quantization, env_and_peak, first_line, pct
+from .checks import first_line
+from .config import BenchConfig, BenchError
 from .env import peak_to_dict
 from .report import make_result
+from .roofline import matmul_tflops, pct
+from .setup import env_and_peak, log_stderr, resolve_target
 from .timing import stats
 
 __all__ = ["run_kernels", "bucket_tasks", "untuned_kernel", "tuned_kernel", "time_kernel",
-           "random_args", "compare_outputs"]
+           "random_args", "compare_outputs", "compile_kernel", "attention_row"]
 
 
 
@@ -143,7 +150,8 @@ def bucket_tasks(config, *, quantization: str, target, phase: str, bucket: int):
     return attach_twins(prepared, tasks_of(prepared, buckets)), prepared
 
 
-def _compile_kernel(func, target):
+def compile_kernel(func, target):
+    """Compile one PrimFunc under dlight (what the library does with an unscheduled kernel)."""
     import tvm
 
     from tuning.compile import apply_dlight
@@ -157,7 +165,7 @@ def untuned_kernel(task, *, prepared, target):
     its symbolic twin's dlight schedule specialized to the bucket, else dlight on the static one)."""
     from tuning.apply import schedule_like_untuned
 
-    return _compile_kernel(schedule_like_untuned(prepared, target=target, task_list=[task])[task.kernel], target)
+    return compile_kernel(schedule_like_untuned(prepared, target=target, task_list=[task])[task.kernel], target)
 
 
 def tuned_kernel(task, *, prepared, database, target, untuned_us=None):
@@ -169,7 +177,7 @@ def tuned_kernel(task, *, prepared, database, target, untuned_us=None):
                                   untuned_us=untuned_us)
     if task.kernel not in applied:
         return untuned_kernel(task, prepared=prepared, target=target), False
-    return _compile_kernel(mod[task.kernel], target), True
+    return compile_kernel(mod[task.kernel], target), True
 
 
 def _mnk(func) -> tuple[int, int, int, str] | None:
@@ -207,49 +215,116 @@ def _graph_or_note(lib, args, device_name: str, repeats: int, row: dict) -> list
         return None
 
 
-def run_kernels(*, model: str = "gpt2", quantization: str | None = None, phase: str = "decode", batch: int = 8,
-                seq_len: int = 1024, device: str = "auto", arch: str = "auto", cuda_graph: bool = True,
-                repeats: int = 5, warmup: int = 1, database_dir: str = "databases", database: str | None = None,
-                cache_dir: str | None = None, seed: int = 0, peak_bw: float | None = None,
-                peak_tflops: float | None = None, log: Callable[[str], None] = _log_default) -> dict[str, Any]:
-    """Time every kernel of one step at one bucket: untuned, tuned, cuBLAS.
+_ROW_KEYS = ("untuned_us", "tuned_us", "speedup", "cublas_us", "sdpa_us", "untuned_graph_us", "tuned_graph_us",
+             "tflops", "vs_peer", "achieved", "achieved_value", "pct_peak", "share", "share_tuned", "tuned_record",
+             "untuned_from", "error")
+
+
+def _new_row(*, name: str, kind: str, shape: str, phase: str, bucket: int, weight: int, flops: float,
+             nbytes: int) -> dict[str, Any]:
+    row = {k: None for k in _ROW_KEYS}
+    row.update(name=name, kind=kind, shape=shape, phase=phase, bucket=bucket, weight=int(weight), flops=float(flops),
+               bytes=int(nbytes), status="ok", samples={"untuned_us": None, "tuned_us": None, "cublas_us": None},
+               notes=[])
+    return row
+
+
+def _peer_figures(row: dict, peer_us: float | None) -> None:
+    """TFLOP/s of the kernel the library runs and its time over the peer's, graph-timed both
+    when the graph columns exist (else the time_evaluator figures)."""
+    ours = row["tuned_graph_us"] or row["untuned_graph_us"] or row["tuned_us"] or row["untuned_us"]
+    if row["kind"] in ("gemm", "gemv", "attention"):
+        row["tflops"] = matmul_tflops(row["flops"], ours)
+    if peer_us and (row["tuned_graph_us"] or row["untuned_graph_us"]):
+        row["vs_peer"] = (row["tuned_graph_us"] or row["untuned_graph_us"]) / peer_us
+
+
+def attention_row(s, *, bucket: int, database_path, repeats: int, log) -> dict[str, Any] | None:
+    """The prefill attention row: the KV cache's ``batch_prefill_ragged_kv`` (untuned: TVM's template;
+    tuned: the database's ``attention.json`` choice) vs torch SDPA (flash, causal), graph-timed both.
+
+    ``None`` off CUDA (the kernel is a GPU template). Each TVM kernel is checked against NumPy first.
+    """
+    if s.device.kind != "cuda":
+        return None
+    from tuning.attention import (PrefillConfig, attention_key, make_ragged_prefill, read_attention,
+                                  reference_causal_attention, ragged_prefill_args)
+
+    from .peers import cuda_graph_us, sdpa_us
+
+    cfg, n = s.config, bucket
+    key = attention_key(cfg, s.dtype)
+    flops = 2.0 * cfg.n_head * cfg.head_dim * n * (n + 1)  # causal QK^T and PV
+    row = _new_row(name="batch_prefill_ragged_kv", kind="attention",
+                   shape=f"1x{n}x{cfg.n_head}x{cfg.head_dim} causal", phase="prefill", bucket=n,
+                   weight=cfg.n_layer, flops=flops, nbytes=4 * n * cfg.n_embd * np.dtype(s.dtype).itemsize)
+    row["untuned_from"] = "TVM's KV-cache template"
+    tdev = s.device.tvm_device()
+    try:
+        tuned_cfg = None
+        doc = read_attention(database_path) if database_path is not None else None
+        for entry in (doc or {}).get("kernels", []):
+            if entry["key"] == {"h_kv": key.h_kv, "h_q": key.h_q, "d": key.d, "dtype": key.dtype}:
+                tuned_cfg = PrefillConfig(**entry["best"]["config"])
+        args, q, k, v, sm_scale = ragged_prefill_args(key, n, device=tdev, seed=s.seed)
+        scalars = (1, 0, 1.0, 1.0, sm_scale)  # causal, no rotary, rope scale/theta, softmax scale
+        ref = reference_causal_attention(q, k, v, sm_scale)
+        variants = [("untuned", None)] + ([("tuned", tuned_cfg)] if tuned_cfg is not None else [])
+        for name, pc in variants:
+            lib = _compile(make_ragged_prefill(pc, key, s.target), target=s.target)
+            fn = lib["main"]
+            fn(*args, *scalars)
+            tdev.sync()
+            err = float(np.abs(args[7].numpy().astype(np.float32) - ref).max()) / max(float(np.abs(ref).max()), 1e-6)
+            if not err <= 2e-2:
+                raise RuntimeError(f"{name} attention kernel differs from NumPy: rel err {err:.3g}")
+            te = lib.time_evaluator("main", tdev, number=10, repeat=repeats)
+            row["samples"][f"{name}_us"] = [float(x) * 1e6 for x in te(*args, *scalars).results]
+            row[f"{name}_us"] = stats(row["samples"][f"{name}_us"]).median
+            g = cuda_graph_us(lambda: fn(*args, *scalars), device=s.device.name, repeats=max(repeats, 10),
+                              tvm_stream=True)
+            row[f"{name}_graph_us"] = stats(g).median
+        row["tuned_record"] = tuned_cfg is not None
+        if row["tuned_us"]:
+            row["speedup"] = row["untuned_us"] / row["tuned_us"]
+        sd = sdpa_us(batch=1, heads=cfg.n_head, seq_len=n, head_dim=cfg.head_dim, dtype=s.dtype,
+                     device=s.device.name, repeats=max(repeats, 10))
+        if sd:
+            row["samples"]["sdpa_us"] = sd
+            row["sdpa_us"] = stats(sd).median
+        _peer_figures(row, row["sdpa_us"])
+    except Exception as e:  # noqa: BLE001 - one broken row, not a crash
+        row["status"], row["error"] = "error", first_line(e)
+        log(f"attention: {first_line(e)}")
+    return row
+
+
+def run_kernels(cfg: BenchConfig, *, phase: str = "decode", batch: int = 8, seq_len: int = 1024,
+                log: Callable[[str], None] = log_stderr) -> dict[str, Any]:
+    """Time every kernel of one step at one bucket: untuned, tuned, cuBLAS (and SDPA for prefill attention).
 
     Parameters
     ----------
-    model, quantization, device, arch, database_dir, database, seed, peak_bw, peak_tflops, log
-        As in :func:`bench.decode.run_decode`.
+    cfg : BenchConfig
+        Model, device, database, repeats (each kernel: ``repeats`` timed repeats of at least a
+        few ms of back-to-back calls), seed, peaks. ``variants``, ``warmup``, ``cuda_graph`` and
+        ``cache_dir`` do not apply (kernels are compiled and timed one by one).
     phase : str
         ``decode`` (bucket = ``batch``) or ``prefill`` (bucket = ``seq_len``, a chunk length of
         at most the model's ``prefill_chunk_size``).
     batch, seq_len : int
         The bucket.
-    repeats : int
-        Timed repeats per kernel (each at least a few ms of back-to-back calls).
-    cuda_graph, warmup, cache_dir
-        Accepted for a uniform CLI; kernels are timed one by one (one warm-up call each).
+    log : callable
+        Progress messages.
 
     Returns
     -------
     dict
         Result document with ``command: "kernels"`` (row schema in ``bench/SCHEMA.md``).
     """
-    del cuda_graph, warmup, cache_dir
-    from gpt2_model.config import ConfigError, get_config, model_name
-    from gpt2_model.quantization import QuantizationError, get_scheme
-    from gpt2_model.runtime import target_for
-
     if phase not in ("decode", "prefill"):
         raise BenchError(f"--phase must be decode or prefill, got {phase!r}")
-    if repeats < 1:
-        raise BenchError("--repeats must be >= 1")
-    try:
-        dev = envmod.resolve_device(device)
-        config = get_config(model)
-        quantization = quantization or default_quantization(dev)
-        scheme = get_scheme(quantization)
-    except (ValueError, ConfigError, QuantizationError) as e:
-        raise BenchError(str(e)) from None
-    label = model_name(model)
+    dev, arch, target, config, label, quantization, scheme = resolve_target(cfg)
     bucket = int(batch if phase == "decode" else seq_len)
     if bucket < 1:
         raise BenchError("--batch and --seq-len must be positive")
@@ -259,19 +334,9 @@ def run_kernels(*, model: str = "gpt2", quantization: str | None = None, phase: 
                          "shows")
     if phase == "decode" and bucket > config.max_batch_size:
         raise BenchError(f"--batch {bucket} exceeds the max batch size {config.max_batch_size}")
-    if dev.kind == "cpu":
-        if arch not in ("auto", "cpu", None):
-            raise BenchError(f"--arch {arch} applies to CUDA devices; this run is on the CPU")
-        arch_name = "cpu"
-    else:
-        arch_name = envmod.detect_arch(dev) if arch in ("auto", None) else str(arch)
-    try:
-        target = target_for(dev.name, None if dev.kind == "cpu" else arch_name)
-    except ValueError as e:  # unknown arch (tuning.targets.UnknownArchError), bad device
-        raise BenchError(f"--arch {arch_name}: {e}") from None
     notes: list[str] = []
-    db_info, msg = find_database(database_dir=database_dir, arch=arch_name, model=label, quantization=quantization,
-                                 explicit=database, target=target)
+    db_info, msg = find_database(database_dir=cfg.database_dir, arch=arch, model=label, quantization=quantization,
+                                 explicit=cfg.database, target=target)
     db = None
     if db_info is None:
         notes.append(msg)
@@ -286,8 +351,9 @@ def run_kernels(*, model: str = "gpt2", quantization: str | None = None, phase: 
             notes.append(f"the database has no {phase} bucket {bucket} (it has {have}): the tuned build runs "
                          "the untuned kernels at this shape; the tuned column shows what its records give "
                          "for the static kernel")
-    env, peak = env_and_peak(dev, database=db_info.to_dict() if db_info else None, arch=arch_name,
-                             dtype=scheme.activation_dtype, peak_bw=peak_bw, peak_tflops=peak_tflops, notes=notes)
+    env, peak = env_and_peak(dev, database=db_info.to_dict() if db_info else None, arch=arch,
+                             dtype=scheme.activation_dtype, peak_bw=cfg.peak_bw, peak_tflops=cfg.peak_tflops,
+                             notes=notes)
     tdev = dev.tvm_device()
     t0 = time.perf_counter()
     tasks, prepared = bucket_tasks(config, quantization=quantization, target=target, phase=phase, bucket=bucket)
@@ -295,7 +361,8 @@ def run_kernels(*, model: str = "gpt2", quantization: str | None = None, phase: 
 
     untuned_us = load_untuned_times(db_info.path if db_info else None)
     log(f"bench kernels: {label} {quantization} {phase} {'b' if phase == 'decode' else 's'}{bucket} on {dev.name} "
-        f"({arch_name}): {len(tasks)} kernels, partitioned in {time.perf_counter() - t0:.1f} s")
+        f"({arch}): {len(tasks)} kernels, partitioned in {time.perf_counter() - t0:.1f} s")
+    repeats, seed = cfg.repeats, cfg.seed
     min_ms = 10 if dev.kind == "cuda" else 1
     l2 = None
     if dev.kind == "cuda":
@@ -305,12 +372,8 @@ def run_kernels(*, model: str = "gpt2", quantization: str | None = None, phase: 
             l2 = None
     rows = []
     for i, task in enumerate(tasks):
-        row = {k: None for k in ("untuned_us", "tuned_us", "speedup", "cublas_us", "untuned_graph_us",
-                                 "tuned_graph_us", "achieved", "achieved_value",
-                                 "pct_peak", "share", "share_tuned", "tuned_record", "untuned_from", "error")}
-        row.update(name=task.kernel, kind=task.kind, shape=_shape_str(task.func), phase=phase, bucket=bucket,
-                   weight=int(task.weight), flops=float(task.flops), bytes=int(task.bytes), status="ok",
-                   samples={"untuned_us": None, "tuned_us": None, "cublas_us": None}, notes=[])
+        row = _new_row(name=task.kernel, kind=task.kind, shape=_shape_str(task.func), phase=phase, bucket=bucket,
+                       weight=task.weight, flops=task.flops, nbytes=task.bytes)
         try:
             args = random_args(task.func, device=tdev, seed=seed + i)
             row["untuned_from"] = f"symbolic:{task.twin_name}" if task.twin_name else "static"
@@ -348,6 +411,7 @@ def run_kernels(*, model: str = "gpt2", quantization: str | None = None, phase: 
                     if cub:
                         row["samples"]["cublas_us"] = cub
                         row["cublas_us"] = stats(cub).median
+            _peer_figures(row, row["cublas_us"])
             best = row["tuned_us"] or row["untuned_us"]
             if task.kind == "gemm":
                 row["achieved"], row["achieved_value"] = "TFLOP/s", task.flops / (best * 1e-6) / 1e12
@@ -367,18 +431,26 @@ def run_kernels(*, model: str = "gpt2", quantization: str | None = None, phase: 
                 + (f"  graph: untuned {row['untuned_graph_us']:8.2f}" if row["untuned_graph_us"] else "")
                 + (f" tuned {row['tuned_graph_us']:8.2f}" if row["tuned_graph_us"] else "")
                 + (f"  cuBLAS {row['cublas_us']:8.2f} us" if row["cublas_us"] else ""))
+    if phase == "prefill":
+        import types
+
+        s = types.SimpleNamespace(config=config, dtype=scheme.activation_dtype, device=dev, target=target, seed=seed)
+        att = attention_row(s, bucket=bucket, database_path=db_info.path if db_info else None, repeats=repeats,
+                            log=log)
+        if att is not None:
+            rows.append(att)
+        else:
+            notes.append("attention row (KV cache kernel vs torch SDPA) needs a CUDA device")
     for key, src in (("share", "untuned_us"), ("share_tuned", "tuned_us")):
         total = sum(r["weight"] * r[src] for r in rows if r["status"] == "ok" and r[src])
         for r in rows:
             if r["status"] == "ok" and r[src] and total:
                 r[key] = r["weight"] * r[src] / total
-    if any(r["status"] == "ok" and r["cublas_us"] is None and r["kind"] in ("gemm", "gemv") for r in rows):
-        if dev.kind == "cpu":
-            notes.append("cuBLAS column needs a CUDA device")
-    notes.append("attention runs inside the KV cache's own kernels and is not part of the partition")
-    args_doc = {"model": model, "quantization": quantization, "phase": phase, "batch": batch, "seq_len": seq_len,
-                "bucket": bucket, "device": device, "arch": arch, "repeats": repeats,
-                "database_dir": str(database_dir), "database": database, "seed": seed, "peak_bw": peak_bw,
-                "peak_tflops": peak_tflops}
+    if dev.kind == "cpu":
+        notes.append("cuBLAS/SDPA and CUDA-graph columns need a CUDA device: not shown")
+    if phase == "decode":
+        notes.append("attention runs inside the KV cache's own kernels and is not part of the partition")
+    args_doc = dict(cfg.to_dict(), quantization=quantization, phase=phase, batch=batch, seq_len=seq_len,
+                    bucket=bucket)
     return make_result(command="kernels", args=args_doc, env=env, peak=peak_to_dict(peak),
                        timer="tvm-time_evaluator", rows=rows, notes=notes)

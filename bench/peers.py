@@ -12,10 +12,11 @@ Variants
 ``torch-eager``
     ``GPT2LMHeadModel`` with HF's default attention (SDPA), KV cache (``DynamicCache``): one
     forward per decode step, ``logits_to_keep=1`` for prefill.
-``torch-compile``
+``hf-compile``
     The same model with a ``StaticCache`` (static shapes) and ``torch.compile`` (mode
     ``reduce-overhead``, i.e. CUDA graphs, on CUDA; default mode on CPU) for decode steps.
     Compilation happens in warm-up; if it fails the row reports the error's first line.
+    (The ``torch-compile`` variant is the gpt-fast-style peer of ``bench/gptfast.py``.)
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "TORCH_VARIANTS",
     "torch_available",
     "random_params",
     "hf_config",
@@ -38,9 +38,8 @@ __all__ = [
     "torch_weight_bytes",
     "cublas_matmul_us",
     "compile_mode",
+    "sdpa_us",
 ]
-
-TORCH_VARIANTS = ("torch-eager", "torch-compile")
 
 from gpt2_model.loader import CONV1D_SUFFIXES as _CONV1D_SUFFIXES  # noqa: E402  (one definition of the Conv1D weights)
 
@@ -212,7 +211,7 @@ class _Common:
     def _set_forward(self, *, compiled: bool, cuda_graph: bool) -> None:
         """The forward to call: the model itself (eager) or its torch.compile (static shapes)."""
         self.compiled = compiled
-        self.variant = "torch-compile" if compiled else "torch-eager"
+        self.variant = "hf-compile" if compiled else "torch-eager"
         self._kw = _cache_kwarg(self.model)
         self._fwd = self.model
         self.compile_mode = compile_mode(device=self.device, cuda_graph=cuda_graph) if compiled else None
@@ -340,6 +339,30 @@ def cublas_matmul_us(*, m: int, n: int, k: int, dtype: str, device: str, repeats
         return a @ (b.t() if transpose_b else b)
 
     return cuda_graph_us(f, device=device, repeats=repeats, warmup=warmup)
+
+
+def sdpa_us(*, batch: int, heads: int, seq_len: int, head_dim: int, dtype: str, device: str,
+            repeats: int = 20) -> list[float] | None:
+    """Time causal ``torch.nn.functional.scaled_dot_product_attention`` on (batch, heads, L, d)
+    with the flash backend, CUDA-graph timed like :func:`cublas_matmul_us` (µs per call).
+
+    Returns ``None`` without torch or off CUDA.
+    """
+    try:
+        import torch
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return None
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    dt = _torch_dtype(dtype)
+    q, k, v = (torch.randn(batch, heads, seq_len, head_dim, device=device, dtype=dt) for _ in range(3))
+
+    def f():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    return cuda_graph_us(f, device=device, repeats=repeats)
 
 
 def cuda_graph_us(f, *, device: str, repeats: int = 20, warmup: int = 5, iters: int = 20,

@@ -15,12 +15,15 @@ JSON schema (``schema: "gpt2k-bench/1"``; the full field list is in ``bench/SCHE
     }
 
     decode/prefill ROW:
-      model, quantization, device, arch, variant ("untuned"|"tuned"|"torch-eager"|"torch-compile"),
+      model, quantization, device, arch, variant ("untuned"|"tuned"|"torch-eager"|"torch-compile"|"hf-compile"),
       test ("tg128@b8" | "pp1024" | "pp1024@b4"), phase ("decode"|"prefill"),
       batch, prompt_len, gen_len, seq_len, status ("ok"|"error"|"skipped"), error (str|null),
       tok_s {median,p20,p80,mean,min,max,n} | null,
       ms {..} | null           # decode: wall ms per step; prefill: wall ms per prefill of the batch
-      gpu_ms {..} | null       # device-event time of the same unit (CUDA + torch only)
+      gpu_ms {..} | null       # device-event time of the same unit, same pass (CUDA + torch only)
+      kernels_ms, overhead_ms  # step anatomy (TVM variants): sum of the step's kernels timed alone; ms - kernels
+      anatomy {...} | null     # wall_ms, gpu_ms, kernels_ms, overhead_ms, kernels, calls, tuned, tuned_share, method
+      tuned_kernels {...}|null # tuned rows: {tuned, total, share, basis}: n of m kernels tuned, share of step
       gb_s, pct_bw             # decode: (weight + KV bytes read per step) / median step time
       tflops, pct_peak         # prefill: model FLOPs / median prefill time
       bytes_per_step, flops    # the numerators used
@@ -31,7 +34,8 @@ JSON schema (``schema: "gpt2k-bench/1"``; the full field list is in ``bench/SCHE
 
     kernels ROW:
       name, kind, shape, phase, bucket, weight (calls per step), flops, bytes,
-      untuned_us, tuned_us, speedup, cublas_us (medians, microseconds per call),
+      untuned_us, tuned_us, speedup, cublas_us, sdpa_us (medians, microseconds per call),
+      tflops, vs_peer (graph-timed ours / graph-timed cuBLAS or SDPA),
       achieved ("GB/s"|"TFLOP/s"), achieved_value, pct_peak (of the best of tuned/untuned),
       share, share_tuned (fraction of the weighted kernel time of the step),
       tuned_record (database has a record), untuned_from ("symbolic:<name>"|"static"),
@@ -52,8 +56,6 @@ __all__ = [
     "test_label",
     "make_result",
     "add_speedups",
-    "format_table",
-    "format_kernel_table",
     "write_json",
     "read_json",
     "validate_result",
@@ -77,6 +79,8 @@ DECODE_PREFILL_ROW_KEYS = (
     "tok_s",
     "ms",
     "gpu_ms",
+    "kernels_ms",
+    "overhead_ms",
     "gb_s",
     "pct_bw",
     "tflops",
@@ -84,6 +88,8 @@ DECODE_PREFILL_ROW_KEYS = (
     "bytes_per_step",
     "flops",
     "speedup_vs_untuned",
+    "tuned_kernels",
+    "anatomy",
     "samples",
     "build",
     "notes",
@@ -102,8 +108,11 @@ KERNEL_ROW_KEYS = (
     "tuned_us",
     "speedup",
     "cublas_us",
+    "sdpa_us",
     "untuned_graph_us",
     "tuned_graph_us",
+    "tflops",
+    "vs_peer",
     "achieved",
     "achieved_value",
     "pct_peak",
@@ -183,105 +192,6 @@ def add_speedups(rows: list[dict[str, Any]]) -> None:
             r["speedup_vs_untuned"] = r["tok_s"]["median"] / b
         else:
             r["speedup_vs_untuned"] = None
-
-
-def _fmt(x: float | None, digits: int = 2) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "-"
-    if abs(x) >= 1000:
-        return f"{x:,.0f}"
-    if abs(x) >= 100:
-        return f"{x:.1f}"
-    if x != 0 and abs(x) < 0.1:
-        return f"{x:.2g}"
-    return f"{x:.{digits}f}"
-
-
-def _fmt_pct(value: float | None, pct: float | None, unit: str) -> str:
-    if value is None:
-        return "-"
-    s = f"{_fmt(value)} {unit}"
-    if pct is not None:
-        s += f" ({pct:.0f}%)"
-    return s
-
-
-def format_table(result: dict[str, Any], *, tablefmt: str = "github") -> str:
-    """The decode/prefill result table, llama-bench style, plus notes.
-
-    Columns: model | quant | device/arch | variant | test | tok/s | ± | ms/step (wall) |
-    GPU ms | GB/s (% of peak) for decode or TFLOP/s (% of peak) for prefill | speedup.
-    ``±`` is half the p20..p80 range of tok/s. Failed rows show the first line of the error.
-    """
-    from tabulate import tabulate
-
-    rows = result["rows"]
-    decode = result["command"] == "decode"
-    headers = ["model", "quant", "device/arch", "variant", "test", "tok/s", "±",
-               "ms/step" if decode else "ms", "GPU ms", "GB/s (%bw)" if decode else "TFLOP/s (%pk)",
-               "speedup"]
-    body = []
-    for r in rows:
-        dev = f"{r['device']}/{r['arch']}" if r.get("arch") else r["device"]
-        if r["status"] != "ok":
-            msg = (r.get("error") or r["status"]).splitlines()[0]
-            body.append([r["model"], r["quantization"], dev, r["variant"], r["test"],
-                         r["status"].upper(), "", msg[:70], "", "", ""])
-            continue
-        tok, ms, gms = r["tok_s"], r["ms"], r.get("gpu_ms")
-        perf = (_fmt_pct(r.get("gb_s"), r.get("pct_bw"), "") if decode
-                else _fmt_pct(r.get("tflops"), r.get("pct_peak"), ""))
-        sp = r.get("speedup_vs_untuned")
-        body.append([r["model"], r["quantization"], dev, r["variant"], r["test"],
-                     _fmt(tok["median"]), _fmt((tok["p80"] - tok["p20"]) / 2),
-                     _fmt(ms["median"], 3), _fmt(gms["median"], 3) if gms else "-", perf.strip(),
-                     f"{sp:.2f}x" if sp is not None else "-"])
-    out = tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)
-    if result.get("notes"):
-        out += "\n\n" + "\n".join(f"note: {n}" for n in result["notes"])
-    return out
-
-
-def format_kernel_table(result: dict[str, Any], *, tablefmt: str = "github", top: int | None = None) -> str:
-    """The ``bench kernels`` table, heaviest kernels first.
-
-    Columns: kernel | kind | shape | weight | untuned us | tuned us | speedup | cuBLAS us (graph) |
-    TVM graph us untuned / tuned | achieved (% of peak) | share of step.
-    """
-    from tabulate import tabulate
-
-    rows = sorted(result["rows"], key=lambda r: -(r.get("share") or 0.0))
-    if top:
-        rows = rows[:top]
-    headers = ["kernel", "kind", "shape", "calls", "untuned us", "tuned us", "speedup", "cuBLAS us (graph)",
-               "graph us untuned / tuned", "achieved (%pk)", "share"]
-    body = []
-    for r in rows:
-        if r["status"] != "ok":
-            body.append([r["name"], r["kind"], r.get("shape", ""), r.get("weight", ""),
-                         r["status"].upper(), (r.get("error") or "").splitlines()[0][:60] if r.get("error") else "",
-                         "", "", "", "", ""])
-            continue
-        ach = "-"
-        if r.get("achieved_value") is not None:
-            ach = f"{_fmt(r['achieved_value'])} {r['achieved']}"
-            if r.get("pct_peak") is not None:
-                ach += f" ({r['pct_peak']:.0f}%)"
-        body.append([
-            r["name"], r["kind"], r.get("shape", ""), r.get("weight", ""),
-            _fmt(r.get("untuned_us")),
-            _fmt(r.get("tuned_us")) + ("" if r.get("tuned_record") in (None, True) else " (no record)"),
-            f"{r['speedup']:.2f}x" if r.get("speedup") else "-",
-            _fmt(r.get("cublas_us")),
-            (_fmt(r.get("untuned_graph_us")) + " / " + _fmt(r.get("tuned_graph_us"))
-             if r.get("untuned_graph_us") else "-"),
-            ach,
-            f"{100 * r['share']:.1f}%" if r.get("share") is not None else "-",
-        ])
-    out = tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)
-    if result.get("notes"):
-        out += "\n\n" + "\n".join(f"note: {n}" for n in result["notes"])
-    return out
 
 
 def _jsonable(x: Any) -> Any:
@@ -371,6 +281,8 @@ def validate_result(doc: dict[str, Any]) -> None:
         _check_stats(where + ".tok_s", r["tok_s"], nullable=False)
         _check_stats(where + ".ms", r["ms"], nullable=False)
         _check_stats(where + ".gpu_ms", r["gpu_ms"], nullable=True)
+        if r["kernels_ms"] is not None and (r["overhead_ms"] is None or r["kernels_ms"] <= 0):
+            raise ValueError(f"{where}: kernels_ms without a positive value and its overhead_ms")
         if r["tok_s"]["median"] <= 0 or r["ms"]["median"] <= 0:
             raise ValueError(f"{where}: non-positive throughput/time")
         if not r["samples"].get("wall_ms"):

@@ -1,21 +1,22 @@
-"""Timing helpers: device events on CUDA, explicit synchronisation on CPU, robust statistics.
+"""Timing helpers: wall and GPU time of the same pass, robust statistics.
 
 Method
 ------
-* **Warm-up** first (``warmup`` calls not recorded): first calls pay for lazy module loading,
+* **Warm-up** first (``warmup`` runs not recorded): first calls pay for lazy module loading,
   cuBLAS handles, CUDA-graph capture, allocator growth, page faults.
-* **Wall time** of a call: ``time.perf_counter`` from before the call to after the device is
-  synchronised (so queued GPU work is included). This is the latency a caller sees, Python and
-  launch overhead included.
-* **GPU time** of a call (CUDA only): elapsed time between two ``torch.cuda.Event`` s recorded on
-  the legacy default stream (TVM launches there, and torch's default stream is the legacy
-  stream) around the call. To keep host launch gaps out of that figure, the stream is first
-  blocked by a short device-side spin (``torch.cuda._sleep``) so the whole call is enqueued
-  before the GPU reaches the start event; the spin is lengthened until the host finished
-  enqueueing before the start event fired. When the call synchronises internally (a blocking
-  host<->device copy) that cannot hold: spinning is switched off, the gaps after the last
-  synchronisation are included and ``blocked`` is reported ``False``. Without torch, GPU time
-  is not measured (``None``) and only wall time with ``Device.sync()`` is reported.
+* **One pass.** Wall time and GPU time come from the *same* execution, so they can be compared:
+  the host takes ``time.perf_counter`` before the first CUDA event is recorded and after the
+  device is synchronised at the end, hence ``gpu <= wall`` by construction (up to the
+  sub-microsecond resolution of the two clocks).
+* **Decode steps run back to back** (:meth:`Timer.steps`): the host issues ``n`` steps without
+  synchronising between them, as a serving loop would, with a CUDA event recorded on the legacy
+  default stream (TVM launches there; torch's default stream is the legacy stream) between steps.
+  Wall ms/step = the whole run's wall time / ``n`` (host and device overlap where the step lets
+  them: a step that blocks inside, e.g. a synchronous host-to-device copy, shows it here); GPU
+  ms/step = the time between consecutive events (the device's timeline, idle gaps waiting for the
+  host included). Neither the timing nor the loop makes the host wait for the device mid-run.
+* **Single calls** (:meth:`Timer.call`, prefill): events around the call, synchronise, wall time.
+* Without torch on CUDA, GPU time is not measured (``None``); on the CPU there is no GPU time.
 * **Statistics**: median with 20th/80th percentiles (linear interpolation), robust against the
   occasional preempted sample; every raw sample is kept for the JSON output.
 """
@@ -122,30 +123,24 @@ def stats(samples) -> Stats:
 
 @dataclass
 class CallTiming:
-    """Timing of one call.
+    """Timing of one pass.
 
     Attributes
     ----------
     wall_ms : float
-        Host wall time including device synchronisation.
-    gpu_ms : float or None
-        Device time between events (CUDA with torch), else ``None``.
-    blocked : bool or None
-        Whether the GPU-time measurement managed to enqueue the whole call before the start
-        event fired (``None`` when no GPU time was taken).
+        Host wall time of the pass, device synchronisation included.
+    gpu_ms : list of float or None
+        Device time of each call of the pass between CUDA events (CUDA with torch), else ``None``.
+        ``sum(gpu_ms) <= wall_ms``.
     """
 
     wall_ms: float
-    gpu_ms: float | None = None
-    blocked: bool | None = None
+    gpu_ms: list[float] | None = None
 
 
 @dataclass
 class Timer:
-    """Times calls on one device.
-
-    Use :func:`make_timer` to construct one. ``time_call(fn)`` returns a :class:`CallTiming`;
-    ``sync()`` waits for all queued work on the device.
+    """Times calls on one device; use :func:`make_timer` to construct one.
 
     Attributes
     ----------
@@ -163,8 +158,6 @@ class Timer:
     method: str = "perf_counter"
     _tvm_dev: Any = None
     _torch: Any = None
-    _spin_cycles: int = 2_000_000  # ~1 ms at ~2 GHz; adapted by gpu(), 0 = spinning off
-    _grown: int = 0  # times gpu() lengthened the spin
     info: dict[str, Any] = field(default_factory=dict)
 
     def sync(self) -> None:
@@ -178,82 +171,44 @@ class Timer:
 
     def wall(self, fn: Callable[[], Any]) -> float:
         """Wall time of ``fn()`` in ms, synchronising before and after."""
-        self.sync()
-        t0 = time.perf_counter()
-        fn()
-        self.sync()
-        return (time.perf_counter() - t0) * 1e3
+        return self.steps(fn, 1, gpu=False).wall_ms
 
-    def time_call(self, fn: Callable[[], Any], *, gpu: bool = True) -> CallTiming:
-        """Time one call: wall time always, GPU time as well when available and ``gpu``.
+    def call(self, fn: Callable[[], Any]) -> CallTiming:
+        """Wall and GPU time of one call of ``fn`` (one execution)."""
+        return self.steps(fn, 1)
 
-        GPU time needs a second execution of ``fn`` (with the stream blocked first), so only
-        use ``gpu=True`` for idempotent calls; stateful calls (a decode step appends to the KV
-        cache) should use :meth:`wall` and :meth:`gpu` on separate passes.
-        """
-        w = self.wall(fn)
-        if gpu and self.method == "cuda-events":
-            g, blocked = self.gpu(fn)
-            return CallTiming(wall_ms=w, gpu_ms=g, blocked=blocked)
-        return CallTiming(wall_ms=w)
-
-    def gpu(self, fn: Callable[[], Any]) -> tuple[float | None, bool | None]:
-        """Device time of ``fn()`` in ms via CUDA events, host launch gaps excluded if possible.
-
-        The stream is held by a device-side spin (``torch.cuda._sleep``) while the host enqueues
-        ``fn``; ``blocked`` says whether the whole call was enqueued before the start event fired
-        (then the figure is pure device time). The spin grows with the observed host issue time.
-        If the spin already outlasted the host issue time and the start event still fired first,
-        ``fn`` synchronises internally (a blocking copy): spinning cannot help, so it is switched
-        off for this timer and the figure includes the host gaps after that synchronisation.
+    def steps(self, fn: Callable[[], Any], n: int, *, gpu: bool = True) -> CallTiming:
+        """Run ``fn`` ``n`` times back to back, without synchronising in between.
 
         Returns
         -------
-        (gpu_ms, blocked)
-            ``(None, None)`` when not on CUDA with torch.
+        CallTiming
+            ``wall_ms`` of the whole run (synchronised at both ends), ``gpu_ms`` per call from
+            events recorded between the calls (``None`` unless CUDA with torch and ``gpu``).
         """
-        if self.method != "cuda-events":
-            return None, None
+        if n < 1:
+            raise ValueError("steps: n must be >= 1")
+        use_events = gpu and self.method == "cuda-events"
+        self.sync()
+        if not use_events:
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            self.sync()
+            return CallTiming(wall_ms=(time.perf_counter() - t0) * 1e3)
         torch = self._torch
         stream = torch.cuda.default_stream(self.index)  # legacy default stream: TVM launches there too
-        spin0 = torch.cuda.Event(enable_timing=True)
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        self.sync()
-        spinning = self._spin_cycles > 0
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
         with torch.cuda.device(self.index), torch.cuda.stream(stream):
-            if spinning:
-                spin0.record(stream)
-                torch.cuda._sleep(self._spin_cycles)  # hold the GPU while the host enqueues fn
-            start.record(stream)
             t0 = time.perf_counter()
-            fn()
-            end.record(stream)
-            issue_ms = (time.perf_counter() - t0) * 1e3
-            blocked = spinning and not start.query()  # start pending => all of fn was enqueued in time
-        end.synchronize()
-        ms = float(start.elapsed_time(end))
-        if spinning and not blocked:
-            spin_ms = float(spin0.elapsed_time(start))
-            self._grown += 1
-            if spin_ms > issue_ms or self._grown > MAX_SPIN_GROWTH:
-                # spun longer than the host needed, or lengthened again and again, and the call
-                # still was not enqueued in time: fn synchronises internally (a blocking copy
-                # waits for the spin itself, so its issue time always exceeds the spin)
-                self._spin_cycles = 0
-                self.info["spin"] = "off: the timed call synchronises with the device internally"
-            else:  # lengthen: cycles per ms measured on this spin, 3x the issue time, at most ~0.2 s
-                # A spin measured at ~0 ms would make the rate, and so the next spin, enormous;
-                # clock rates above ~5 GHz are not real, so spins stay <= ~0.2 s.
-                per_ms = min(self._spin_cycles / max(spin_ms, 1e-3), MAX_CYCLES_PER_MS)
-                self._spin_cycles = int(min(per_ms * 200.0, max(2 * self._spin_cycles, per_ms * 3 * issue_ms)))
-        return ms, bool(blocked)
-
-
-#: Upper bound of the clock rate :meth:`Timer.gpu` assumes for its stream-holding spin (cycles per ms).
-MAX_CYCLES_PER_MS = 5_000_000
-#: Lengthenings of the spin before it is judged useless (the call blocks on the device).
-MAX_SPIN_GROWTH = 4
+            events[0].record(stream)
+            for i in range(n):
+                fn()
+                events[i + 1].record(stream)
+            events[-1].synchronize()
+            self.sync()
+            wall = (time.perf_counter() - t0) * 1e3
+        return CallTiming(wall_ms=wall, gpu_ms=[float(a.elapsed_time(b)) for a, b in zip(events, events[1:])])
 
 
 def make_timer(device) -> Timer:

@@ -35,7 +35,7 @@ class Suite:
     def __init__(self, config):
         from bench import env as envmod
         from bench.build import find_database
-        from bench.common import parse_int_list
+        from bench.config import default_quantization, positive_ints
         from bench.kernels import bucket_tasks
         from gpt2_model.config import get_config, model_name
         from tuning.engine import target_for
@@ -43,10 +43,8 @@ class Suite:
         opt = config.getoption
         self.device = envmod.resolve_device(opt("--gpt2k-device"))
         model = opt("--gpt2k-model") or ("gpt2" if self.device.kind == "cuda" else "tiny")
-        from bench.common import default_quantization
-
-        self.quantization = opt("--gpt2k-quantization") or default_quantization(self.device)
-        self.arch = envmod.detect_arch(self.device)
+        self.quantization = opt("--gpt2k-quantization") or default_quantization(self.device.kind)
+        self.arch = envmod.arch_of(self.device)
         self.target = target_for(self.device.name, None if self.device.kind == "cpu" else self.arch)
         self.config = get_config(model)
         self.model = model_name(model)
@@ -60,8 +58,8 @@ class Suite:
             from tuning.database import open_database
 
             self.database = open_database(db_info.path, target=self.target)
-        self.buckets = [("decode", b) for b in parse_int_list(opt("--gpt2k-batch"), name="gpt2k-batch")]
-        self.buckets += [("prefill", s) for s in parse_int_list(opt("--gpt2k-seq-len"), name="gpt2k-seq-len")]
+        self.buckets = [("decode", b) for b in positive_ints(opt("--gpt2k-batch"), name="gpt2k-batch")]
+        self.buckets += [("prefill", s) for s in positive_ints(opt("--gpt2k-seq-len"), name="gpt2k-seq-len")]
         self.parts = {}
         for phase, bucket in self.buckets:
             self.parts[(phase, bucket)] = bucket_tasks(self.config, quantization=self.quantization,

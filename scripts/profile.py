@@ -70,14 +70,15 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=14)
     args = ap.parse_args(argv)
 
-    from bench.common import open_tvm_variant, release, setup
+    from bench.checks import open_tvm_variant, release
+    from bench.config import BenchConfig
     from bench.runners import TvmDecodeRunner, TvmPrefillRunner
+    from bench.setup import setup
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    s = setup(model=args.model, quantization=args.quantization, device="auto", arch="auto",
-              variants=args.variants, database_dir="databases", database=args.database, seed=0,
-              peak_bw=None, peak_tflops=None)
+    s = setup(BenchConfig(model=args.model, quantization=args.quantization, variants=args.variants,
+                          database=args.database))
     pre = [int(x) for x in args.prefill.split(",") if x]
     dec = [int(x) for x in args.decode.split(",") if x]
     results, lines = [], []
