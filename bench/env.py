@@ -72,16 +72,16 @@ class Peak:
 # sustained figures are a few percent lower, and a throttled card lower still (the NVML snapshot
 # records clocks and throttle reasons next to every result).
 # Matching is by substring of the NVML/CUDA device name, case-insensitive, first match wins,
-# so more specific names come first.
+# so more specific names come first ("GH200" before "H200", which it contains).
 #   (substring,          display name,          GB/s,  fp16 TFLOP/s, fp32 TFLOP/s)
 PEAK_TABLE: list[tuple[str, str, float, float, float]] = [
+    ("GH200", "GH200 (H100 96GB)", 4000.0, 989.4, 66.9),
     ("H200 NVL", "H200 NVL", 4800.0, 835.0, 60.0),
     ("H200", "H200 SXM 141GB", 4800.0, 989.4, 66.9),
     ("H100 NVL", "H100 NVL 94GB", 3900.0, 835.0, 60.0),
     ("H100 PCIe", "H100 PCIe 80GB", 2000.0, 756.0, 51.2),
     ("H100 80GB HBM3", "H100 SXM5 80GB", 3350.0, 989.4, 66.9),
     ("H100", "H100 SXM5 80GB (assumed SXM)", 3350.0, 989.4, 66.9),
-    ("GH200", "GH200 (H100 96GB)", 4000.0, 989.4, 66.9),
     ("B200", "B200", 8000.0, 2250.0, 80.0),
     ("A100-SXM4-80GB", "A100 SXM4 80GB", 2039.0, 312.0, 19.5),
     ("A100 80GB PCIe", "A100 PCIe 80GB", 1935.0, 312.0, 19.5),

@@ -27,6 +27,18 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return f"{x:.{digits}f}"
 
 
+def _tabulate(body, headers, tablefmt: str) -> str:
+    """``tabulate`` without its 2-space minimum header padding (keeps the tables narrow)."""
+    import tabulate as tab
+
+    old = tab.MIN_PADDING
+    tab.MIN_PADDING = 0
+    try:
+        return tab.tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+    finally:
+        tab.MIN_PADDING = old
+
+
 def _drop_empty(headers: list[str], body: list[list[str]], keep: int) -> tuple[list[str], list[list[str]]]:
     """Drop columns (after the first ``keep``) whose every cell is empty or ``-``."""
     cols = [i for i in range(len(headers)) if i < keep or any(r[i] not in ("", "-") for r in body)]
@@ -53,8 +65,6 @@ def format_table(result: dict[str, Any], *, tablefmt: str = "github") -> str:
     GB/s (%bw) for decode or TFLOP/s (%pk) for prefill | speedup. Empty columns are dropped.
     A tuned row shows how many of its test's kernels the database tunes (``tuned 5/9``).
     """
-    from tabulate import tabulate
-
     decode = result["command"] == "decode"
     headers = ["variant", "test", "tok/s", "±", "ms/step" if decode else "ms", "GPU ms", "kernels ms",
                "overhead ms", "GB/s (%bw)" if decode else "TFLOP/s (%pk)", "speedup"]
@@ -79,7 +89,7 @@ def format_table(result: dict[str, Any], *, tablefmt: str = "github") -> str:
         row_notes += [f"{r['variant']} {r['test']}: {n}" for n in r.get("notes") or []
                       if n.startswith(("tuned kernels", "PyTorch on the CPU")) or "not among" in n]
     headers, body = _drop_empty(headers, body, keep=5)
-    out = _header(result) + "\n\n" + tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+    out = _header(result) + "\n\n" + _tabulate(body, headers, tablefmt)
     legend = ["± = half the p20..p80 range of tok/s over the measured runs"]
     if "kernels ms" in headers:
         legend.append("kernels ms = the step's kernels timed one by one (graph-timed on CUDA); "
@@ -99,17 +109,15 @@ def format_kernel_table(result: dict[str, Any], *, tablefmt: str = "github", top
     """The ``bench kernels`` table, heaviest kernels first, at most :data:`MAX_WIDTH` columns wide.
 
     Columns: kernel ×calls | untuned µs | tuned µs | ± | speedup | peer µs (cuBLAS or SDPA) |
-    tuned/peer | TFLOP/s | GB/s or TFLOP/s (% of peak) | share. On CUDA the µs columns are
+    tuned/peer | TFLOP/s | achieved (GB/s and % of peak, or % of the compute peak) | share. On CUDA the µs columns are
     CUDA-graph timed (what the peer column is compared with); elsewhere ``time_evaluator``.
     """
-    from tabulate import tabulate
-
     rows = sorted(result["rows"], key=lambda r: -(r.get("share") or 0.0))
     if top:
         rows = rows[:top]
     graph = any(r.get("untuned_graph_us") for r in rows)
-    headers = ["kernel ×calls", "untuned µs", "tuned µs", "±", "speedup", "peer µs", "tuned/peer", "TFLOP/s",
-               "achieved (%pk)", "share"]
+    headers = ["kernel ×calls", "untuned", "tuned", "±", "speedup", "peer", "tuned/peer", "TFLOP/s", "achieved",
+               "share"]
     body = []
     for r in rows:
         name = f"{r['name']} ×{r.get('weight', '')}"
@@ -128,9 +136,11 @@ def format_kernel_table(result: dict[str, Any], *, tablefmt: str = "github", top
             spread = _fmt(st.spread)
         peer = r.get("cublas_us") or r.get("sdpa_us")
         ach = "-"
-        if r.get("achieved_value") is not None:
-            ach = f"{_fmt(r['achieved_value'])}" + (f" ({r['pct_peak']:.0f}%)" if r.get("pct_peak") is not None
-                                                     else "") + (" TF" if r["achieved"] == "TFLOP/s" else " GB/s")
+        if r.get("achieved") == "TFLOP/s":  # the TFLOP/s column has the value; here its share of the peak
+            ach = f"{r['pct_peak']:.0f}% pk" if r.get("pct_peak") is not None else "-"
+        elif r.get("achieved_value") is not None:
+            ach = f"{_fmt(r['achieved_value'])} GB/s" + (f" {r['pct_peak']:.0f}%" if r.get("pct_peak") is not None
+                                                         else "")
         body.append([
             name, _fmt(unt),
             (_fmt(tun) + ("" if r.get("tuned_record") in (None, True) else "*")) if tun else "-",
@@ -146,15 +156,16 @@ def format_kernel_table(result: dict[str, Any], *, tablefmt: str = "github", top
     width = 60
     while True:
         short = [[_short(b[0], width)] + b[1:] for b in body]
-        table = tabulate(short, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+        table = _tabulate(short, headers, tablefmt)
         if max(len(line) for line in table.splitlines()) <= MAX_WIDTH or width <= 16:
             break
         width -= 2
-    legend = [("µs per call, CUDA-graph replays (no launch cost, as the peer)" if graph
-               else "µs per call, TVM time_evaluator (back-to-back calls)"),
+    legend = [("untuned/tuned/peer: µs per call, CUDA-graph replays (no launch cost, as the peer)" if graph
+               else "untuned/tuned: µs per call, TVM time_evaluator (back-to-back calls)"),
+              "achieved: GB/s (% of the memory peak) for memory-bound kernels, % of the compute peak for GEMMs",
               "± = half the p20..p80 range of the tuned (else untuned) time_evaluator repeats; * = no database "
               "record (the tuned build runs the untuned kernel)"]
-    if "peer µs" in headers:
+    if "peer" in headers:
         legend.append("peer = cuBLAS (torch.matmul, no fused epilogue) for GEMM/GEMV, torch SDPA flash for "
                       "attention; tuned/peer = graph-timed tuned (else untuned) over graph-timed peer")
     out = _header(result) + "\n\n" + table + "\n" + "\n".join(legend)

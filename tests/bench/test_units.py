@@ -14,27 +14,24 @@ import pytest
 from bench import env as envmod
 from bench import report
 from bench.build import DatabaseError, find_database, library_key, tune_command
-from bench.common import BenchError, check_logits, decode_bytes, parse_int_list, parse_variants, prefill_flops
+from bench.checks import check_logits
+from bench.config import BenchConfig, BenchError, parse_variants, positive_ints
+from bench.roofline import decode_bytes, prefill_flops
 from bench.timing import Timer, stats
 from gpt2_model.config import get_config
 
 
 # ---------------------------------------------------------------------------------------------- env
-@pytest.mark.parametrize("name, bw, f16, f32", [
-    ("NVIDIA H100 80GB HBM3", 3350.0, 989.4, 66.9),
-    ("NVIDIA H100 PCIe", 2000.0, 756.0, 51.2),
-    ("NVIDIA H200", 4800.0, 989.4, 66.9),
-    ("NVIDIA H200 NVL", 4800.0, 835.0, 60.0),
-    ("NVIDIA A100-SXM4-80GB", 2039.0, 312.0, 19.5),
-    ("NVIDIA A100-SXM4-40GB", 1555.0, 312.0, 19.5),
-    ("NVIDIA L40S", 864.0, 362.0, 91.6),
-    ("NVIDIA L4", 300.0, 121.0, 30.3),
-])
-def test_peak_table_matches_datasheets(name, bw, f16, f32):
-    p16 = envmod.peak_for(name, dtype="float16")
-    p32 = envmod.peak_for(name, dtype="float32")
-    assert (p16.mem_gb_s, p16.tflops) == (bw, f16)
-    assert (p32.mem_gb_s, p32.tflops) == (bw, f32)
+def test_peak_table_lookup_finds_every_entry_and_picks_the_dtype_column():
+    """Every table entry is reachable by its own match string (no earlier, less specific entry
+    shadows it), and the dtype selects the tensor-core fp16 or the plain fp32 column."""
+    for sub, display, bw, f16, f32 in envmod.PEAK_TABLE:
+        p16 = envmod.peak_for(f"NVIDIA {sub}", dtype="float16")
+        p32 = envmod.peak_for(f"NVIDIA {sub}", dtype="float32")
+        assert p16.name == display, (sub, p16.name)
+        assert (p16.mem_gb_s, p16.tflops, p32.tflops) == (bw, f16, f32)
+        assert bw > 0 and f16 > 0 and f32 > 0
+    assert envmod.peak_for("nvidia h200", dtype="bfloat16").tflops == envmod.peak_for("NVIDIA H200").tflops
 
 
 def test_unknown_device_has_no_peak_and_overrides_win():
@@ -57,7 +54,7 @@ def test_resolve_device():
     assert envmod.resolve_device("cpu") == envmod.DeviceSpec("cpu", 0)
     auto = envmod.resolve_device("auto")
     assert auto.kind == ("cuda" if tvm.cuda(0).exist else "cpu")
-    with pytest.raises(ValueError, match="--device must be"):
+    with pytest.raises(ValueError, match="unknown device 'tpu:0'"):
         envmod.resolve_device("tpu:0")
     if not tvm.cuda(0).exist:
         with pytest.raises(ValueError, match="no CUDA device 0"):
@@ -143,14 +140,14 @@ def test_cpu_timer_measures_wall_time():
     t = Timer(kind="cpu")
     ms = t.wall(lambda: time.sleep(0.02))
     assert 19.0 <= ms < 500.0
-    call = t.time_call(lambda: None)
-    assert call.gpu_ms is None and call.wall_ms >= 0.0
-    assert t.gpu(lambda: None) == (None, None)
+    run = t.steps(lambda: time.sleep(0.005), 3)
+    assert run.gpu_ms is None and 14.0 <= run.wall_ms < 500.0
+    assert t.call(lambda: None).gpu_ms is None
 
 
 # ---------------------------------------------------------------------------------------------- report
 def _row(variant, test, tok, status="ok"):
-    from bench.common import make_row
+    from bench.loop import make_row
 
     s = types.SimpleNamespace(model_label="tiny", quantization="q0f32", device=envmod.DeviceSpec("cpu"), arch="cpu")
     if status != "ok":
@@ -177,7 +174,9 @@ def test_speedups_table_and_json_roundtrip(tmp_path):
     assert rows[3]["speedup_vs_untuned"] is None
     doc = _doc(rows)
     report.validate_result(doc)
-    table = report.format_table(doc)
+    from bench.tables import format_table
+
+    table = format_table(doc)
     assert "2.00x" in table and "tg4@b1" in table and "ERROR" in table and "RuntimeError: boom" in table
     assert "more" not in table  # first line only
     assert "note: a note" in table
@@ -227,18 +226,26 @@ def test_test_labels():
 
 # ---------------------------------------------------------------------------------------------- options
 def test_option_parsing():
-    cpu, gpu = envmod.DeviceSpec("cpu"), envmod.DeviceSpec("cuda", 0)
-    assert parse_int_list("1,8,32", name="batch") == [1, 8, 32]
-    assert parse_int_list(8, name="batch") == [8]
+    assert positive_ints("1,8,32", name="batch") == [1, 8, 32]
+    assert positive_ints(8, name="batch") == [8]
+    assert positive_ints("8,1,8", name="batch") == [8, 1]
     with pytest.raises(BenchError, match="--batch"):
-        parse_int_list("1,x", name="batch")
+        positive_ints("1,x", name="batch")
     with pytest.raises(BenchError, match="positive"):
-        parse_int_list("0", name="batch")
-    assert parse_variants(None, device=cpu) == ["untuned", "tuned", "torch-eager"]
-    assert parse_variants(None, device=gpu) == ["untuned", "tuned", "torch-eager", "torch-compile"]
-    assert parse_variants("untuned,tuned,torch", device=cpu) == ["untuned", "tuned", "torch-eager", "torch-compile"]
+        positive_ints("0", name="batch")
+    assert parse_variants(None, device_kind="cpu") == ["untuned", "tuned", "torch-eager"]
+    assert parse_variants(None, device_kind="cuda") == ["untuned", "tuned", "torch-eager", "torch-compile"]
+    assert parse_variants("untuned,tuned,torch", device_kind="cpu") == \
+        ["untuned", "tuned", "torch-eager", "torch-compile"]
+    assert parse_variants("hf-compile,gpt-fast", device_kind="cpu") == ["hf-compile", "torch-compile"]
     with pytest.raises(BenchError, match="unknown variant"):
-        parse_variants("fast", device=cpu)
+        parse_variants("fast", device_kind="cpu")
+    with pytest.raises(BenchError, match="--repeats"):
+        BenchConfig(repeats=0)
+    with pytest.raises(BenchError, match="--torch-threads"):
+        BenchConfig(torch_threads=0)
+    cfg = BenchConfig(model="tiny", arch="auto")
+    assert cfg.arch is None and cfg.to_dict()["model"] == "tiny" and "extra" not in cfg.to_dict()
 
 
 # ---------------------------------------------------------------------------------------------- cache / db
@@ -377,75 +384,88 @@ def test_compare_outputs_catches_a_wrong_kernel():
     assert compare_outputs(add, sub, f, device=tvm.cpu()) > 0.1
 
 
-class _FakeCuda:
-    """Just enough of torch.cuda for Timer.gpu: events whose completion and timings a test sets."""
+class _FakeEvent:
+    """A CUDA event whose timestamp is the host clock when recorded (the device runs instantly)."""
 
-    def __init__(self, *, start_pending: bool, spin_ms: float, kernel_ms: float):
-        self.start_pending, self.spin_ms, self.kernel_ms = start_pending, spin_ms, kernel_ms
-        self.slept = []
-        self.events = []
-        fake = self
+    def __init__(self, enable_timing=False):
+        self.t = None
 
-        class Event:
-            def __init__(self, enable_timing=False):
-                self.index = len(fake.events) % 3  # spin0, start, end per call
-                fake.events.append(self)
+    def record(self, stream=None):
+        self.t = time.perf_counter()
 
-            def record(self, stream=None):
-                pass
+    def synchronize(self):
+        pass
 
-            def query(self):
-                return not fake.start_pending
-
-            def synchronize(self):
-                pass
-
-            def elapsed_time(self, other):
-                return fake.spin_ms if self.index == 0 else fake.kernel_ms
-
-        class _Ctx:
-            def __init__(self, *a):
-                pass
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *a):
-                return False
-
-        self.Event = Event
-        self.device = _Ctx
-        self.stream = _Ctx
-        self.default_stream = lambda index=0: "stream0"
-        self.synchronize = lambda index=0: None
-        self._sleep = lambda cycles: self.slept.append(cycles)
+    def elapsed_time(self, other):
+        return (other.t - self.t) * 1e3
 
 
-def _fake_timer(**kw):
-    cuda = _FakeCuda(**kw)
-    return Timer(kind="cuda", method="cuda-events", _torch=types.SimpleNamespace(cuda=cuda)), cuda
+class _Ctx:
+    def __init__(self, *a):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
 
 
-def test_gpu_timer_blocked_measurement():
-    t, cuda = _fake_timer(start_pending=True, spin_ms=1.0, kernel_ms=0.25)
-    assert t.gpu(lambda: None) == (0.25, True)
-    assert cuda.slept == [2_000_000] and t._spin_cycles == 2_000_000  # enqueued in time: spin kept
+def test_gpu_steps_are_one_pass_and_never_exceed_wall():
+    """steps(): one event per step boundary in the same pass as the wall clock, no sync between
+    steps, so the per-step GPU times sum to at most the wall time (the flaky two-pass check)."""
+    syncs = []
+    cuda = types.SimpleNamespace(Event=_FakeEvent, device=_Ctx, stream=_Ctx, default_stream=lambda i=0: "s0",
+                                 synchronize=lambda i=0: syncs.append(i))
+    t = Timer(kind="cuda", method="cuda-events", _torch=types.SimpleNamespace(cuda=cuda))
+    calls = []
+    run = t.steps(lambda: (calls.append(len(syncs)), time.sleep(0.002)), 4)
+    assert len(run.gpu_ms) == 4 and all(g >= 1.9 for g in run.gpu_ms)
+    assert sum(run.gpu_ms) <= run.wall_ms
+    assert calls == [1, 1, 1, 1]  # one sync before the run, none between steps
+    assert len(syncs) == 2  # and one after it
 
 
-def test_gpu_timer_lengthens_spin_for_slow_host_issue():
-    t, cuda = _fake_timer(start_pending=False, spin_ms=1.0, kernel_ms=0.25)
-    ms, blocked = t.gpu(lambda: time.sleep(0.005))  # host needs ~5 ms > 1 ms of spin
-    assert (ms, blocked) == (0.25, False)
-    assert t._spin_cycles >= 3 * 2_000_000 * 5  # ~3x the issue time at the measured cycle rate
-    assert t._spin_cycles <= 2_000_000 * 200  # capped at ~0.2 s
+def test_cli_json_path_checked_before_measuring(tmp_path, capsys):
+    from bench.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    t0 = time.perf_counter()
+    rc = main(["decode", "--model", "tiny", "--device", "cpu", "--json", str(blocker / "r.json")])
+    assert rc == 2 and "--json" in capsys.readouterr().err
+    rc = main(["prefill", "--model", "tiny", "--device", "cpu", "--json", str(tmp_path)])
+    assert rc == 2 and "is a directory" in capsys.readouterr().err
+    assert time.perf_counter() - t0 < 20  # refused before any build or measurement
 
 
-def test_gpu_timer_turns_spin_off_when_the_call_syncs():
-    t, cuda = _fake_timer(start_pending=False, spin_ms=50.0, kernel_ms=0.5)
-    assert t.gpu(lambda: None) == (0.5, False)  # spun 50 ms, issue took ~0: fn synchronised inside
-    assert t._spin_cycles == 0 and "synchronises" in t.info["spin"]
-    t.gpu(lambda: None)
-    assert cuda.slept == [2_000_000]  # no further spinning
+def test_kernel_table_fits_120_columns_and_drops_empty_columns():
+    from bench.tables import MAX_WIDTH, format_kernel_table
+
+    def krow(name, *, gpu):
+        r = {k: None for k in report.KERNEL_ROW_KEYS}
+        r.update(name=name, kind="gemm", shape="1x1024x768 768x3072", phase="prefill", bucket=1024, weight=12,
+                 flops=4.8e9, bytes=1e7, untuned_us=40.0, tuned_us=20.0, speedup=2.0, achieved="TFLOP/s",
+                 achieved_value=240.0, pct_peak=24.0, share=0.5, tuned_record=True, status="ok", notes=[],
+                 samples={"untuned_us": [40.0, 41.0], "tuned_us": [20.0, 21.0, 22.0], "cublas_us": None})
+        if gpu:
+            r.update(untuned_graph_us=38.0, tuned_graph_us=19.0, cublas_us=9.5, tflops=252.6, vs_peer=2.0)
+        return r
+
+    name = "fused_NT_matmul2_add2_gelu1_add3_with_a_very_long_suffix_kernel_name"
+    for gpu in (True, False):
+        doc = report.make_result(command="kernels", args={}, env={"gpu": None}, peak=None, timer="t",
+                                 rows=[krow(name, gpu=gpu), krow("take", gpu=gpu)], notes=[])
+        report.validate_result(doc)
+        table = format_kernel_table(doc)
+        lines = table.split("\n\n")[1].splitlines()
+        assert max(len(x) for x in lines if x.startswith("|")) <= MAX_WIDTH
+        assert "± = half the p20..p80" in table
+        assert ("peer" in lines[0]) == gpu and ("tuned/peer" in lines[0]) == gpu
+        if gpu:
+            assert "2.00x" in table and "CUDA-graph" in table  # tuned/peer and graph-timed µs
+        else:
+            assert "cuBLAS" not in lines[0]
 
 
 def test_cli_help_through_a_subprocess():
@@ -462,7 +482,7 @@ def test_cli_help_through_a_subprocess():
 
 
 def test_shapes_without_a_tuned_bucket():
-    from bench.common import _untuned_shapes
+    from bench.loop import untuned_shapes as _untuned_shapes
 
     s = types.SimpleNamespace(config=types.SimpleNamespace(prefill_chunk_size=128))
     b = {"decode": [1, 8], "prefill": [128, 256]}
