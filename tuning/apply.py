@@ -12,11 +12,14 @@ import dataclasses
 import logging
 from pathlib import Path
 
-import tvm
 from tvm import IRModule
 from tvm.target import Target
 
-from .partition import Task
+from .database import TunedDatabase
+from .dbfiles import UNTUNED_FILE, read_json, record_latency_s
+from .partition import Task, specialize
+from .targets import is_gpu
+from .untuned import apply_dlight
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +63,14 @@ def coverage(task_list: list[Task], applied: set[str]) -> Coverage:
 
 
 def load_untuned_times(database_dir: Path | None) -> dict[str, float]:
-    """Task name -> microseconds of the untuned build's kernel (``untuned.json`` of the tuning run)."""
-    if database_dir is None or not (Path(database_dir) / "untuned.json").is_file():
-        return {}
-    import json  # pylint: disable=import-outside-toplevel
+    """Task name -> microseconds of the untuned build's kernel (``untuned.json`` of the tuning run).
 
-    table = json.loads((Path(database_dir) / "untuned.json").read_text())
+    For a directory not opened as a :class:`~tuning.database.TunedDatabase`; with one, use its
+    ``untuned_us``.
+    """
+    if database_dir is None:
+        return {}
+    table = read_json(Path(database_dir) / UNTUNED_FILE, {})
     return {name: float(e["untuned_us"]) for name, e in table.items() if e.get("untuned_us")}
 
 
@@ -78,8 +83,6 @@ def apply_database(prepared: IRModule, *, database, target: Target, task_list: l
     schedule stays, so a tuned build is never slower kernel by kernel. Returns the module and
     the names of the kernels it tuned.
     """
-    from .database import record_latency_s  # pylint: disable=import-outside-toplevel
-
     untuned_us = untuned_us or {}
     mod = prepared
     applied = []
@@ -117,9 +120,6 @@ def schedule_like_untuned(prepared: IRModule, *, target: Target, task_list: list
     bucket (the same code the dynamic function runs at that shape, with the shape folded in).
     Kernels without a twin keep dlight on their static form (applied later).
     """
-    from .compile import apply_dlight, is_gpu  # pylint: disable=import-outside-toplevel
-    from .partition import specialize  # pylint: disable=import-outside-toplevel
-
     if not is_gpu(target):
         return prepared
     mod = prepared
@@ -140,23 +140,14 @@ def schedule_like_untuned(prepared: IRModule, *, target: Target, task_list: list
 
 def find_database(*, database: str | Path | None, database_dir: str | Path, target: Target,
                   model: str, quantization: str) -> Path | None:
-    """The database to compile with: ``database`` if given (must exist), else the default
-    ``database_dir/ARCH/MODEL-QUANT`` when it exists, else None (untuned)."""
-    from .database import database_path  # pylint: disable=import-outside-toplevel
-    from .targets import arch_of  # pylint: disable=import-outside-toplevel
-
-    if database is not None:
-        path = Path(database)
-        if not path.is_dir():
-            raise FileNotFoundError(f"tuned database {path} does not exist")
-        return path
-    path = database_path(database_dir, arch=arch_of(target), model=model, quantization=quantization)
-    if path.is_dir():
-        logger.info("using tuned database %s", path)
-        return path
-    logger.info("no tuned database at %s: untuned build", path)
-    return None
+    """The database directory to compile with (``TunedDatabase.find``'s lookup): ``database`` if
+    given (must exist), else ``database_dir/ARCH/MODEL-QUANT`` when it exists, else None."""
+    db, msg = TunedDatabase.find(root=database_dir, target=target, model=model, quantization=quantization,
+                                 explicit=database)
+    logger.info("%s", msg)
+    return None if db is None else db.path
 
 
 def tvm_is_scheduled(func) -> bool:
+    """True for a PrimFunc marked scheduled (``tirx.is_scheduled``)."""
     return bool(func.attrs and "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]) == 1)

@@ -482,7 +482,7 @@ def tune_attention(config, *, dtype: str, target, out_dir: str | os.PathLike, le
         "tvm": tvm.__version__,
         "tuning_s": time.time() - t0,
     }
-    from .database import _atomic_write_text  # pylint: disable=import-outside-toplevel
+    from .dbfiles import atomic_write_text as _atomic_write_text  # pylint: disable=import-outside-toplevel
 
     out = Path(out_dir)
     _atomic_write_text(out / ATTENTION_FILE, json.dumps(doc, indent=1))

@@ -11,38 +11,19 @@ import tvm
 from tvm import IRModule, relax
 from tvm.target import Target
 
+from gpt2_model.export import export_model
+
+from .apply import apply_database, coverage, schedule_like_untuned
+from .attention import apply_attention, attention_key
+from .database import TunedDatabase
+from .partition import attach_twins, buckets_for, tasks_of
 from .pipeline import lowering_passes, prepare
+from .targets import arch_of, is_gpu
+from .untuned import apply_dlight
+
+__all__ = ["BuildResult", "apply_dlight", "build", "build_model", "build_module", "default_buckets", "is_gpu"]
 
 logger = logging.getLogger(__name__)
-
-
-def is_gpu(target: Target) -> bool:
-    return target.kind.name in ("cuda", "rocm", "metal", "vulkan", "opencl")
-
-
-def dlight_rules(target: Target) -> list:
-    """The untuned schedule rules, in MLC-LLM's order (LowBatchGEMV included, as MLC does)."""
-    from tvm.s_tir import dlight as dl  # pylint: disable=import-outside-toplevel
-
-    del target
-    return [
-        dl.gpu.Matmul(),
-        dl.gpu.GEMV(),
-        dl.gpu.LowBatchGEMV(),
-        dl.gpu.Reduction(),
-        dl.gpu.GeneralReduction(),
-        dl.gpu.Fallback(),
-    ]
-
-
-def apply_dlight(mod: IRModule, *, target: Target) -> IRModule:
-    """Schedule every still-unscheduled kernel with dlight (GPU targets only)."""
-    from tvm.s_tir import dlight as dl  # pylint: disable=import-outside-toplevel
-
-    if not is_gpu(target):
-        return mod
-    with target:
-        return dl.ApplyDefaultSchedule(*dlight_rules(target))(mod)
 
 
 def build_module(
@@ -75,7 +56,7 @@ def build(exported, *, target: Target, database=None, cuda_graph: bool = False,
     target : Target
         The build target (``tuning.targets.make_target``).
     database : ms.database.Database or None
-        An opened tuned database (``tuning.database.open_database``); ``None`` is the untuned
+        An opened tuned database (``TunedDatabase.open(...).ms``); ``None`` is the untuned
         build: dlight on GPUs, the default LLVM pipeline on CPUs.
     cuda_graph : bool
         Capture static-shape regions into CUDA graphs (GPU targets).
@@ -90,9 +71,6 @@ def build(exported, *, target: Target, database=None, cuda_graph: bool = False,
 def _build_prepared(mod: IRModule, *, target: Target, database, cuda_graph: bool, buckets,
                     untuned_us=None) -> tuple[tvm.runtime.Executable, set[str], list]:
     """Schedule (tuned records -> untuned twins for bucket kernels -> dlight) and lower."""
-    from .apply import apply_database, schedule_like_untuned  # pylint: disable=import-outside-toplevel
-    from .partition import attach_twins, tasks_of  # pylint: disable=import-outside-toplevel
-
     start = time.time()
     task_list = attach_twins(mod, tasks_of(mod, buckets)) if buckets else []
     applied: list[str] = []
@@ -126,48 +104,68 @@ def default_buckets(config, target: Target) -> dict[str, list[int]]:
     The untuned build has them too: tuned and untuned differ only in kernel schedules. On CPUs:
     none (no graphs to capture; a tuned database brings its own buckets).
     """
-    from .partition import buckets_for  # pylint: disable=import-outside-toplevel
-
     if not is_gpu(target):
         return {}
     return buckets_for(config, prefill=[b for b in (128, 256, 512, 1024, 2048)])
 
 
-def build_model(config, *, quantization: str, target: Target, database: str | Path | None = None,
+def build_model(config, *, quantization: str, target: Target, database: str | Path | TunedDatabase | None = None,
                 cuda_graph: bool = False, debug: bool = False,
                 buckets: dict[str, list[int]] | None = None) -> BuildResult:
     """Export + build with static bucket entry points (:func:`default_buckets` unless given,
     plus the tuned database's buckets).
 
-    The database directory is opened with its integrity checks (``tuning.database``): a database
-    for another arch is refused, corrupt lines are quarantined, a TVM version mismatch warns.
+    Parameters
+    ----------
+    config : GPT2Config
+    quantization : str
+    target : tvm.target.Target
+    database : path or TunedDatabase, optional
+        A directory is opened with :meth:`TunedDatabase.open` for this target, model hash and
+        quantization: a database for another arch/model/quantization is refused (one line naming
+        the field), bad lines are skipped without touching the files, a TVM version mismatch warns.
+    cuda_graph, debug : bool
+    buckets : dict, optional
+        Static entry points per phase.
+
+    Returns
+    -------
+    BuildResult
     """
-    from gpt2_model.export import export_model  # pylint: disable=import-outside-toplevel
-
-    from .apply import coverage, load_untuned_times  # pylint: disable=import-outside-toplevel
-
     db, cov = None, None
     buckets = {k: list(v) for k, v in (default_buckets(config, target) if buckets is None else buckets).items()}
+    if database is not None and not isinstance(database, TunedDatabase):
+        database = TunedDatabase.open(Path(database), target=target, model_hash=config.model_hash(),
+                                      quantization=quantization)
     if database is not None:
-        from .database import open_database, read_meta  # pylint: disable=import-outside-toplevel
-
-        db = open_database(Path(database), target=target)
-        for phase, values in ((read_meta(Path(database)) or {}).get("buckets") or {}).items():
-            buckets[phase] = sorted(set(buckets.get(phase, [])) | {int(v) for v in values})
+        db = database.ms
+        for phase, values in database.buckets.items():
+            buckets[phase] = sorted(set(buckets.get(phase, [])) | set(values))
     exported = export_model(config, quantization=quantization, target=target, buckets=buckets, debug=debug)
     prepared = prepare(exported.mod, target=target)
     attention: list[str] = []
     if database is not None and is_gpu(target):
-        from .attention import apply_attention, attention_key  # pylint: disable=import-outside-toplevel
-
-        prepared, attention = apply_attention(prepared, database, target=target,
-                                      key=attention_key(config, exported.scheme.activation_dtype))
-    untuned_us = load_untuned_times(Path(database)) if database is not None else None
+        prepared, attention = apply_attention(prepared, database.path, target=target,
+                                              key=attention_key(config, exported.scheme.activation_dtype))
+    untuned_us = database.untuned_us if database is not None else None
     executable, applied, task_list = _build_prepared(prepared, target=target, database=db, cuda_graph=cuda_graph,
                                                      buckets=buckets, untuned_us=untuned_us)
     if db is not None:
         cov = coverage(task_list, applied)
         for line in cov.lines():
             logger.info(line)
-    return BuildResult(exported=exported, executable=executable, database=Path(database) if database else None,
+        if task_list and cov.tuned == 0:
+            logger.warning(
+                "database %s tunes 0 of the %d bucket kernels of this build (it is for %s-%s, buckets %s): "
+                "the build is untuned; the database that would match is %s", database.path, cov.total,
+                database.meta.get("model"), database.meta.get("quantization"), database.buckets,
+                _matching_path(database.path, config, quantization, target))
+    return BuildResult(exported=exported, executable=executable, database=database.path if database else None,
                        coverage=cov, buckets=buckets, attention=attention)
+
+
+def _matching_path(path: Path, config, quantization: str, target: Target) -> str:
+    """The databases next to ``path`` (same root) made for this model, arch and quantization."""
+    root = path.parent.parent.parent if path.parent.parent.name == "local" else path.parent.parent
+    found = TunedDatabase.matching(root, arch=arch_of(target), model_hash=config.model_hash(), quantization=quantization)
+    return ", ".join(str(p) for p in found) if found else f"none under {root} (tune one for this model)"

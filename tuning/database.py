@@ -1,50 +1,70 @@
-"""Tuning databases on disk: layout, ``meta.json``, integrity, and the pruned committed form.
+"""A tuned database directory as one object: :class:`TunedDatabase`. Every reader goes through it.
 
-Layout::
+Layout (the files: :mod:`tuning.dbfiles`)::
 
-    DATABASE_DIR/ARCH/MODEL-QUANT/            e.g. databases/sm_90/gpt2-q0f16/
-    DATABASE_DIR/cpu-<cpu name>/MODEL-QUANT/  e.g. databases/cpu-amd-epyc-9654/gpt2-q0f32/
-        database_workload.json       MetaSchedule JSON database: one workload per line
-        database_tuning_record.json  one tuning record per line: [workload index, record]
-        meta.json                    how and for what the records were made
+    DATABASE_DIR/ARCH/MODEL-QUANT/              committed GPU databases, e.g. databases/sm_90/gpt2-q0f16/
+    DATABASE_DIR/local/cpu/MODEL-QUANT/         CPU databases: machine-specific, git-ignored
 
-A JSON database appends one line per record, so a ``kill -9`` mid-tuning leaves at most one
-truncated last line. MetaSchedule's ``JSONDatabase`` raises on such a line; :func:`open_database`
-moves bad lines into ``<file>.quarantine`` (with a warning) and opens the rest. TVM's record lookup
-ignores the target, so :func:`open_database` also refuses a database made for another arch.
+``ARCH`` is ``sm_XX``; CPU targets are always named ``cpu`` (the CPU model and LLVM ``mcpu`` are
+in ``meta.json``, and a database made on another CPU is refused). CPU databases live under
+``local/`` because they are never committed: their records are only valid on the host that
+measured them, and ``databases/local/`` is in ``.gitignore``.
+
+Reading never writes: bad lines (truncated by ``kill -9``, corrupt, an index that points at a
+workload with other arguments) are skipped in memory with one warning, and the good records are
+served from an in-memory MetaSchedule database, so a read-only database opens. Only a writer
+(``tune`` on its work directory, ``writer=True``) or an explicit repair (``tune --repair``,
+:meth:`TunedDatabase.repair`) moves bad lines to ``<file>.quarantine``.
+
+Identity: ``meta.json`` names the arch, target, model hash and quantization the records are
+for; :meth:`TunedDatabase.open` refuses any mismatch with one line naming the field (TVM's record
+lookup ignores the target, so nothing else would stop a database for sm_80 applying on sm_90).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
-import hashlib
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import tvm
+import tvm_ffi
 from tvm.s_tir import meta_schedule as ms
 from tvm.target import Target
 
-from .targets import arch_of, detect_cpu, sanitize
+from .dbfiles import (
+    ATTENTION_FILE,
+    META_FILE,
+    RECORD_FILE,
+    UNTUNED_FILE,
+    WORKLOAD_FILE,
+    BadLine,
+    Parsed,
+    atomic_write_text,
+    is_failed_run,
+    parse_database,
+    quarantine,
+    read_json,
+    read_meta,
+    record_latency_s,
+    write_meta,
+)
+from .targets import arch_of
 
 __all__ = [
     "META_FILE",
     "RECORD_FILE",
+    "UNTUNED_FILE",
     "WORKLOAD_FILE",
+    "DatabaseIntegrityWarning",
     "DatabaseMismatchError",
     "DatabaseVersionWarning",
-    "clean_database",
-    "config_hash",
+    "TunedDatabase",
     "database_path",
-    "describe_device",
-    "is_failed_run",
     "open_database",
     "prune_best",
     "read_meta",
@@ -54,36 +74,22 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-WORKLOAD_FILE = "database_workload.json"
-RECORD_FILE = "database_tuning_record.json"
-META_FILE = "meta.json"
-QUARANTINE_SUFFIX = ".quarantine"
-
-# MetaSchedule stores a failed build/run as run_secs == [1e10]; anything at or above 1e9 s is one.
-_FAILED_RUN_SECS = 1e9
+LOCAL_DIR = "local"  # DATABASE_DIR/local/: machine-specific (CPU) databases, git-ignored
 
 
 class DatabaseMismatchError(ValueError):
-    """The database was made for another architecture (or CPU) than the build target."""
+    """The database was made for another arch, target, model or quantization than asked for."""
 
 
 class DatabaseVersionWarning(UserWarning):
     """The database was made with another TVM / tvm-ffi version than the one running."""
 
 
-# --------------------------------------------------------------------------------------------
-# Layout and meta.json
-# --------------------------------------------------------------------------------------------
+class DatabaseIntegrityWarning(UserWarning):
+    """The database has lines that do not parse or do not fit their workload (skipped)."""
 
 
-def database_path(
-    root: str | os.PathLike,
-    *,
-    arch: str,
-    model: str,
-    quantization: str,
-    cpu_name: str | None = None,
-) -> Path:
+def database_path(root: str | os.PathLike, *, arch: str, model: str, quantization: str) -> Path:
     """Directory of the database of one model/quantization on one architecture.
 
     Parameters
@@ -91,13 +97,11 @@ def database_path(
     root : path
         The database root (``databases/`` in the repository).
     arch : str
-        ``sm_XX``, or ``cpu`` (then the directory is ``cpu-<sanitized cpu name>``).
+        ``sm_XX``, or ``cpu`` (then the directory is ``root/local/cpu/``: see the module doc).
     model : str
         Model name, e.g. ``gpt2`` or ``gpt2-medium``.
     quantization : str
         Quantization name, e.g. ``q0f16``.
-    cpu_name : str, optional
-        CPU model name for ``arch == "cpu"``; defaults to this host's (:func:`detect_cpu`).
 
     Returns
     -------
@@ -105,372 +109,247 @@ def database_path(
     """
     if not model or not quantization:
         raise ValueError("database_path needs a model and a quantization name")
-    if arch == "cpu":
-        top = "cpu-" + sanitize(cpu_name or detect_cpu()["name"])
-    else:
-        top = arch
-    return Path(root) / top / f"{model}-{quantization}"
+    top = Path(root) / LOCAL_DIR / "cpu" if arch == "cpu" else Path(root) / arch
+    return top / f"{model}-{quantization}"
 
 
-def config_hash(config: Any) -> str:
-    """Short, stable hash of a model configuration (a dataclass or a JSON-able dict).
-
-    Returns
-    -------
-    str
-        The first 16 hex digits of the SHA-256 of the canonical JSON form.
-    """
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        config = dataclasses.asdict(config)
-    blob = json.dumps(config, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _to_py(obj: Any) -> Any:
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    if hasattr(obj, "items"):
-        return {str(k): _to_py(v) for k, v in obj.items()}
-    if hasattr(obj, "__iter__"):
-        return [_to_py(v) for v in obj]
-    return str(obj)
-
-
-def _target_json(target: Target | dict) -> dict:
-    """A target as a plain JSON dict (``Target(d)`` rebuilds it)."""
-    return _to_py(target if isinstance(target, dict) else target.export())
-
-
-def describe_device(target: Target) -> dict:
-    """What the records will be measured on, as far as this host can tell.
-
-    For CUDA: GPU 0's name, driver and CUDA driver version through NVML (``None`` values without a
-    local GPU, e.g. when measuring over RPC: pass the remote GPU's fields to :func:`write_meta`).
-    For CPU: :func:`detect_cpu`.
-    """
-    if arch_of(target) == "cpu":
-        return {"cpu": detect_cpu()}
-    info: dict[str, Any] = {"gpu_name": None, "driver_version": None}
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-            name = pynvml.nvmlDeviceGetName(handle)
-            driver = pynvml.nvmlSystemGetDriverVersion()
-            info["gpu_name"] = name.decode() if isinstance(name, bytes) else name
-            info["driver_version"] = driver.decode() if isinstance(driver, bytes) else driver
-            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-            info["compute_capability"] = f"{major}.{minor}"
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception as err:  # no NVML / no GPU here
-        info["note"] = f"no local GPU via NVML ({type(err).__name__})"
-    return info
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_meta(path: str | os.PathLike, *, target: Target | dict | None = None, **fields) -> dict:
-    """Write (or update) ``meta.json`` in a database directory, atomically.
-
-    Existing fields are kept unless given again. Versions, date, target and device are filled in
-    automatically; the caller adds the model fields (``model``, ``model_config_hash``,
-    ``quantization``, ``buckets``, ``trials``, ...).
-
-    Parameters
-    ----------
-    path : path
-        The database directory.
-    target : tvm.target.Target or dict, optional
-        The target the records are for; required when no ``meta.json`` exists yet.
-    **fields
-        Any JSON-able fields.
-
-    Returns
-    -------
-    dict
-        The meta data as written.
-    """
-    import tvm_ffi
-
-    path = Path(path)
-    meta = read_meta(path) or {}
-    if target is None and "target" not in meta:
-        raise ValueError("write_meta needs a target for a new database")
-    if target is not None:
-        meta["target"] = _target_json(target)
-        meta["arch"] = arch_of(target)
-        if "device" not in fields and "device" not in meta:
-            meta["device"] = describe_device(
-                target if isinstance(target, Target) else Target(target)
-            )
-    meta["tvm_version"] = tvm.__version__
-    meta["tvm_ffi_version"] = tvm_ffi.__version__
-    meta["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    meta.update(fields)
-    _atomic_write_text(path / META_FILE, json.dumps(meta, indent=2, sort_keys=True, default=str))
-    return meta
-
-
-def read_meta(path: str | os.PathLike) -> dict | None:
-    """Read ``meta.json`` of a database directory; ``None`` if there is none.
-
-    Raises
-    ------
-    ValueError
-        If ``meta.json`` exists but is not a JSON object.
-    """
-    file = Path(path) / META_FILE
-    if not file.exists():
-        return None
-    try:
-        meta = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file} is not valid JSON: {err}") from err
-    if not isinstance(meta, dict):
-        raise ValueError(f"{file} must hold a JSON object")
-    return meta
-
-
-# --------------------------------------------------------------------------------------------
-# Integrity: parse, quarantine, check the target
-# --------------------------------------------------------------------------------------------
-
-
-def is_failed_run(run_secs) -> bool:
-    """True for a record without a usable measurement (MetaSchedule stores failures as 1e10 s)."""
-    if run_secs is None or len(run_secs) == 0:
-        return True
-    return any(float(s) >= _FAILED_RUN_SECS for s in run_secs)
-
-
-def record_latency_s(record: ms.database.TuningRecord) -> float:
-    """Mean measured seconds of a record (``inf`` for a failed one)."""
-    secs = None if record.run_secs is None else [float(s) for s in record.run_secs]
-    if is_failed_run(secs):
-        return float("inf")
-    return sum(secs) / len(secs)
-
-
-@dataclasses.dataclass
-class _Parsed:
-    workload_lines: list[str]  # good lines, in order (index = workload id)
-    workloads: list[Any]  # ms.database.Workload, aligned with workload_lines
-    record_lines: list[str]  # good lines, re-indexed
-    records: list[tuple[int, list]]  # (workload id, record JSON)
-    quarantined: int
-
-
-def _quarantine(file: Path, bad: list[tuple[int, str, str]]) -> None:
-    qfile = file.with_name(file.name + QUARANTINE_SUFFIX)
-    with open(qfile, "a", encoding="utf-8") as f:
-        for _, line, _ in bad:
-            f.write(line.rstrip("\n") + "\n")
-    for lineno, line, reason in bad:
-        snippet = line[:60] + ("..." if len(line) > 60 else "")
-        msg = f"{file}: line {lineno} quarantined to {qfile.name} ({reason}): {snippet!r}"
-        logger.warning(msg)
-        warnings.warn(msg, stacklevel=3)
-
-
-def _read_lines(file: Path) -> list[str]:
-    if not file.exists():
-        return []
-    with open(file, encoding="utf-8", errors="replace") as f:
-        return f.read().splitlines()
-
-
-def _parse_database(path: Path, *, fix: bool) -> _Parsed:
-    """Parse both files; bad lines are dropped (and, with ``fix``, quarantined and rewritten)."""
-    # Tensor-core traces name intrinsics (wmma_load_..._shared_dyn) registered by importing
-    # tvm.s_tir.tensor_intrin: without them a valid record does not parse and would be
-    # quarantined as corrupt.
-    from .tune import preload_tensor_intrinsics  # pylint: disable=import-outside-toplevel
-
-    preload_tensor_intrinsics()
-    wfile, rfile = path / WORKLOAD_FILE, path / RECORD_FILE
-    # Workloads: [structural hash string, base64 IRModule JSON]
-    wl_lines, workloads, remap, bad_w = [], [], {}, []
-    raw_w = _read_lines(wfile)
-    old_idx = 0
-    for lineno, line in enumerate(raw_w, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-            pair = isinstance(obj, list) and len(obj) == 2
-            if not (pair and all(isinstance(x, str) for x in obj)):
-                raise ValueError("not a [hash, module] pair")
-            workload = ms.database.Workload.from_json(obj)
-        except Exception as err:  # json or TVM deserialization error
-            bad_w.append((lineno, line, f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"))
-            old_idx += 1
-            continue
-        remap[old_idx] = len(workloads)
-        old_idx += 1
-        wl_lines.append(line)
-        workloads.append(workload)
-    # Records: [workload index, [trace, run_secs, target, args_info]]
-    rec_lines, records, bad_r = [], [], []
-    raw_r = _read_lines(rfile)
-    for lineno, line in enumerate(raw_r, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-            if not (
-                isinstance(obj, list)
-                and len(obj) == 2
-                and isinstance(obj[0], int)
-                and isinstance(obj[1], list)
-                and len(obj[1]) == 4
-            ):
-                raise ValueError("not a [workload index, record] pair")
-            if obj[0] not in remap:
-                raise ValueError(f"workload index {obj[0]} has no valid workload")
-            new_idx = remap[obj[0]]
-            ms.database.TuningRecord.from_json(obj[1], workloads[new_idx])
-        except Exception as err:
-            bad_r.append((lineno, line, f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"))
-            continue
-        if new_idx != obj[0]:
-            line = json.dumps([new_idx, obj[1]], separators=(",", ":"))
-        rec_lines.append(line)
-        records.append((new_idx, obj[1]))
-    if fix:
-        blank_w = sum(1 for x in raw_w if not x.strip())
-        blank_r = sum(1 for x in raw_r if not x.strip())
-        if bad_w:
-            _quarantine(wfile, bad_w)
-        if bad_r:
-            _quarantine(rfile, bad_r)
-        if bad_w or blank_w or (raw_w and not _ends_with_newline(wfile)):
-            _atomic_write_text(wfile, "".join(x + "\n" for x in wl_lines))
-        if bad_r or bad_w or blank_r or (raw_r and not _ends_with_newline(rfile)):
-            _atomic_write_text(rfile, "".join(x + "\n" for x in rec_lines))
-    return _Parsed(wl_lines, workloads, rec_lines, records, len(bad_w) + len(bad_r))
-
-
-def _ends_with_newline(file: Path) -> bool:
-    with open(file, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell() == 0:
-            return True
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
-
-
-def clean_database(path: str | os.PathLike) -> int:
-    """Quarantine corrupt or truncated lines of a JSON database in place.
-
-    Bad lines go to ``<file>.quarantine`` with a warning each; records of a quarantined workload go
-    with it; the remaining records are re-indexed. Files are rewritten atomically.
-
-    Returns
-    -------
-    int
-        The number of lines quarantined.
-    """
-    return _parse_database(Path(path), fix=True).quarantined
-
-
-def _check_target(path: Path, target: Target, parsed: _Parsed) -> None:
+def _target_mismatch(meta: dict, target: Target) -> str | None:
+    """One line naming the identity field of ``meta`` that ``target`` does not match."""
     want = arch_of(target)
-    meta = read_meta(path)
-    found: dict[str, str] = {}
-    if meta and "target" in meta:
-        found[f"{META_FILE} target"] = arch_of(meta["target"])
-    for _, rec in parsed.records:
-        if isinstance(rec[2], dict) and arch_of(rec[2]) != want:
-            found["tuning record target"] = arch_of(rec[2])
-            break
-    for where, arch in found.items():
-        if arch != want:
-            raise DatabaseMismatchError(
-                f"database {path} was tuned for {arch} ({where}) but the build target is {want}; "
-                f"use the database under {want}/ or tune one for {want}"
-            )
-    if want == "cpu" and meta and isinstance(meta.get("target"), dict):
-        have_mcpu, want_mcpu = meta["target"].get("mcpu"), target.attrs.get("mcpu")
-        if have_mcpu and want_mcpu and str(have_mcpu) != str(want_mcpu):
-            raise DatabaseMismatchError(
-                f"database {path} was tuned for CPU mcpu={have_mcpu} but the build target has "
-                f"mcpu={want_mcpu}; tune a database for this CPU"
-            )
-    if meta is None and parsed.records:
-        logger.warning("%s has no %s; its target cannot be fully checked", path, META_FILE)
-    if meta:
-        import tvm_ffi
+    if meta.get("arch") is not None and str(meta["arch"]) != want:
+        return f"arch: the database is for {meta['arch']}, the build target is {want}"
+    if isinstance(meta.get("target"), dict):
+        have = arch_of(meta["target"])
+        if have != want:
+            return f"target: the database's target is {have}, the build target is {want}"
+        if want == "cpu":
+            have_mcpu, want_mcpu = meta["target"].get("mcpu"), target.attrs.get("mcpu")
+            if have_mcpu and want_mcpu and str(have_mcpu) != str(want_mcpu):
+                return (f"target: the database was tuned for CPU mcpu={have_mcpu}, the build target has "
+                        f"mcpu={want_mcpu}")
+    return None
 
+
+_WARNED: set[tuple] = set()
+
+
+def _warn_once(key: tuple, msg: str, category: type[Warning]) -> None:
+    """One warning per (database, content) per process, whatever the warnings filter says."""
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(msg, category, stacklevel=4)
+
+
+class TunedDatabase:
+    """One tuning database directory, opened once: records, meta, untuned times, attention.
+
+    Use :meth:`open` (or :meth:`find` to locate one the way ``compile`` and ``bench`` do).
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The directory.
+    meta : dict
+        ``meta.json`` (``{}`` when there is none).
+    ms : tvm.s_tir.meta_schedule.database.Database
+        The records, for MetaSchedule's queries (``query_tuning_record``, ``query_schedule``).
+        A reader gets an in-memory copy of the good records; a writer the ``JSONDatabase`` on the
+        files.
+    bad_lines : list of tuning.dbfiles.BadLine
+        Lines skipped (reader) or quarantined (writer), each with the reason.
+    """
+
+    def __init__(self, path: Path, *, meta: dict, ms_db, parsed: Parsed):
+        self.path = path
+        self.meta = meta
+        self.ms = ms_db
+        self.bad_lines: list[BadLine] = list(parsed.bad)
+        self._parsed = parsed
+
+    # -- opening ---------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, target: Target, model_hash: str | None = None,
+             quantization: str | None = None, writer: bool = False,
+             module_equality: str = "structural") -> TunedDatabase:
+        """Open and check a database directory.
+
+        Parameters
+        ----------
+        path : path
+            The directory.
+        target : tvm.target.Target
+            The build (or tuning) target: ``meta.json``'s ``arch`` and ``target`` (and every
+            record's target) must match it.
+        model_hash : str, optional
+            ``GPT2Config.model_hash()`` of the model being built; checked against ``meta.json``'s
+            ``config_hash`` when both are known.
+        quantization : str, optional
+            Checked against ``meta.json``'s ``quantization``.
+        writer : bool
+            Open as the one writer (``tune`` on its work directory, which the caller has locked):
+            the directory is created if missing, bad lines are quarantined, and :attr:`ms` is a
+            ``JSONDatabase`` that appends to the files. Otherwise nothing is ever written.
+        module_equality : str
+            MetaSchedule's workload equality (``"structural"`` matches how tasks are keyed).
+
+        Raises
+        ------
+        FileNotFoundError
+            No database at ``path`` (reader).
+        DatabaseMismatchError
+            An identity field differs; the one-line message names the field.
+        """
+        path = Path(path)
+        wfile, rfile = path / WORKLOAD_FILE, path / RECORD_FILE
+        if writer:
+            path.mkdir(parents=True, exist_ok=True)
+        elif not wfile.is_file():
+            raise FileNotFoundError(f"no tuning database at {path} (missing {WORKLOAD_FILE})")
+        meta = read_meta(path) or {}
+        parsed = parse_database(path)
+        cls._check_identity(path, meta, parsed, target=target, model_hash=model_hash,
+                            quantization=quantization)
+        if parsed.bad:
+            reasons = "; ".join(str(b) for b in parsed.bad[:3]) + ("; ..." if len(parsed.bad) > 3 else "")
+            what = "quarantined" if writer else "skipped (the files are left as they are; `tune --repair` moves them out)"
+            stat = tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in (wfile, rfile) if f.exists())
+            _warn_once((str(path.resolve()), stat, writer),
+                       f"database {path}: {len(parsed.bad)} bad line(s) {what}: {reasons}", DatabaseIntegrityWarning)
+        if writer:
+            quarantine(path, parsed)
+            ms_db = ms.database.JSONDatabase(str(wfile), str(rfile), allow_missing=True,
+                                             module_equality=module_equality)
+        else:
+            ms_db = ms.database.MemoryDatabase(module_equality=module_equality)
+            handles = [ms_db.commit_workload(w.mod) for w in parsed.workloads]
+            for widx, rec in parsed.records:
+                ms_db.commit_tuning_record(ms.database.TuningRecord.from_json(rec, handles[widx]))
+        return cls(path, meta=meta, ms_db=ms_db, parsed=parsed)
+
+    @staticmethod
+    def _check_identity(path: Path, meta: dict, parsed: Parsed, *, target: Target,
+                        model_hash: str | None, quantization: str | None) -> None:
+        problem = _target_mismatch(meta, target) if meta else None
+        if problem is None:
+            want = arch_of(target)
+            for _, rec in parsed.records:
+                if isinstance(rec[2], dict) and arch_of(rec[2]) != want:
+                    problem = f"tuning record target: a record is for {arch_of(rec[2])}, the build target is {want}"
+                    break
+        if problem is None and model_hash and meta.get("config_hash") and meta["config_hash"] != model_hash:
+            problem = (f"model hash: the database is for model {meta.get('model')} (config_hash "
+                       f"{meta['config_hash']}), not this model ({model_hash})")
+        if problem is None and quantization and meta.get("quantization") and meta["quantization"] != quantization:
+            problem = f"quantization: the database is for {meta['quantization']}, not {quantization}"
+        if problem is not None:
+            raise DatabaseMismatchError(f"database {path} refused: {problem}")
+        if not meta and parsed.records:
+            logger.warning("%s has no %s; its target cannot be fully checked", path, META_FILE)
         running = (("tvm_version", tvm.__version__), ("tvm_ffi_version", tvm_ffi.__version__))
         for key, have in running:
             if meta.get(key) and meta[key] != have:
-                msg = (
-                    f"database {path} was made with {key}={meta[key]}, running {have}; records "
-                    "may not replay or may be keyed differently (retune if lookups miss)"
-                )
-                logger.warning(msg)
-                warnings.warn(msg, DatabaseVersionWarning, stacklevel=3)
+                _warn_once((str(path.resolve()), key, meta[key]),
+                           f"database {path} was made with {key}={meta[key]}, running {have}; records "
+                           "may not replay or may be keyed differently (retune if lookups miss)",
+                           DatabaseVersionWarning)
+
+    @classmethod
+    def find(cls, *, root: str | os.PathLike, target: Target, model: str, quantization: str,
+             explicit: str | os.PathLike | None = None, model_hash: str | None = None,
+             ) -> tuple[TunedDatabase | None, str]:
+        """Locate and open the database a build of (model, quantization) on ``target`` uses.
+
+        Parameters
+        ----------
+        root : path
+            The database root (``databases/``).
+        target : tvm.target.Target
+        model, quantization : str
+        explicit : path, optional
+            A directory chosen by the user (``--database``): it must exist.
+        model_hash : str, optional
+            See :meth:`open`.
+
+        Returns
+        -------
+        (TunedDatabase or None, str)
+            The database and the path it came from, or ``None`` and a one-line message naming
+            the path looked in and the ``tune`` command that would create it.
+        """
+        if explicit is not None:
+            path = Path(explicit)
+            if not (path / WORKLOAD_FILE).is_file():
+                raise FileNotFoundError(f"tuned database {path} does not exist (no {WORKLOAD_FILE} there)")
+        else:
+            arch = arch_of(target)
+            path = database_path(root, arch=arch, model=model, quantization=quantization)
+            if not (path / WORKLOAD_FILE).is_file():
+                return None, (f"no tuned database found at {path}: untuned build (make one with "
+                              f"`tune --arch {arch} --model {model} --quantization {quantization}`)")
+        db = cls.open(path, target=target, model_hash=model_hash, quantization=quantization)
+        return db, f"using tuned database {path}"
+
+    @staticmethod
+    def matching(root: str | os.PathLike, *, arch: str, model_hash: str, quantization: str) -> list[Path]:
+        """Databases under ``root`` whose ``meta.json`` names this arch, model hash and quantization."""
+        out = []
+        for meta_file in sorted(Path(root).glob(f"*/*/{META_FILE}")) + sorted(Path(root).glob(f"{LOCAL_DIR}/*/*/{META_FILE}")):
+            try:
+                meta = read_meta(meta_file.parent) or {}
+            except ValueError:
+                continue
+            if (meta.get("arch"), meta.get("config_hash"), meta.get("quantization")) == (arch, model_hash, quantization):
+                out.append(meta_file.parent)
+        return out
+
+    # -- contents --------------------------------------------------------------------------
+
+    @property
+    def buckets(self) -> dict[str, list[int]]:
+        """The bucket entry points the records were tuned for, per phase (``meta.json``)."""
+        return {p: sorted(int(v) for v in vs) for p, vs in (self.meta.get("buckets") or {}).items()}
+
+    @property
+    def untuned(self) -> dict[str, dict]:
+        """``untuned.json``: per task name its untuned candidates' times (``{}`` if absent)."""
+        return read_json(self.path / UNTUNED_FILE, {})
+
+    @property
+    def untuned_us(self) -> dict[str, float]:
+        """Task name -> microseconds of the untuned build's kernel (records slower are skipped)."""
+        return {name: float(e["untuned_us"]) for name, e in self.untuned.items() if e.get("untuned_us")}
+
+    @property
+    def attention(self) -> dict | None:
+        """``attention.json`` (the tuned KV-cache prefill attention choice), ``None`` if absent."""
+        return read_json(self.path / ATTENTION_FILE)
+
+    @property
+    def num_records(self) -> int:
+        """Good records held."""
+        return len(self._parsed.records)
+
+    def repair(self) -> int:
+        """Move the bad lines to ``<file>.quarantine`` and rewrite the files (``tune --repair``).
+
+        Returns
+        -------
+        int
+            The number of lines moved out.
+        """
+        quarantine(self.path, self._parsed)
+        return len(self._parsed.bad)
 
 
-def open_database(
-    path: str | os.PathLike,
-    *,
-    target: Target,
-    create: bool = False,
-    module_equality: str = "structural",
-) -> ms.database.JSONDatabase:
-    """Open a JSON tuning database after checking and cleaning it.
+def open_database(path: str | os.PathLike, *, target: Target, create: bool = False,
+                  module_equality: str = "structural"):
+    """The MetaSchedule database of a directory (``TunedDatabase.open(...).ms``).
 
-    Parameters
-    ----------
-    path : path
-        The database directory.
-    target : tvm.target.Target
-        The build (or tuning) target. A database whose ``meta.json`` or records name another
-        architecture is refused; a TVM version mismatch only warns.
-    create : bool
-        Create an empty database if none exists (otherwise a missing database is an error).
-    module_equality : str
-        MetaSchedule's workload equality (``"structural"`` matches how tasks are keyed).
-
-    Returns
-    -------
-    tvm.s_tir.meta_schedule.database.JSONDatabase
-
-    Raises
-    ------
-    FileNotFoundError
-        No database at ``path`` and ``create`` is false.
-    DatabaseMismatchError
-        The database was made for another architecture.
+    ``create=True`` opens it as the writer (see :meth:`TunedDatabase.open`).
     """
-    path = Path(path)
-    wfile, rfile = path / WORKLOAD_FILE, path / RECORD_FILE
-    if not wfile.exists() and not create:
-        raise FileNotFoundError(f"no tuning database at {path} (missing {WORKLOAD_FILE})")
-    if create:
-        path.mkdir(parents=True, exist_ok=True)
-    parsed = _parse_database(path, fix=True)
-    _check_target(path, target, parsed)
-    return ms.database.JSONDatabase(
-        str(wfile), str(rfile), allow_missing=create, module_equality=module_equality
-    )
+    return TunedDatabase.open(path, target=target, writer=create, module_equality=module_equality).ms
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,7 +368,7 @@ def prune_best(
     Parameters
     ----------
     path : path
-        The (full) database directory, e.g. a tuning work dir.
+        The (full) database directory, e.g. a tuning work dir. Its bad lines are skipped.
     out_path : path, optional
         Where to write the pruned database; defaults to ``path`` itself (its record file is
         replaced atomically; the workload file is kept, so indices stay valid). A ``meta.json`` in
@@ -506,7 +385,7 @@ def prune_best(
     """
     path = Path(path)
     out = Path(out_path) if out_path is not None else path
-    parsed = _parse_database(path, fix=True)
+    parsed = parse_database(path)
     by_workload: dict[int, list[tuple[float, int]]] = {i: [] for i in range(len(parsed.workloads))}
     for pos, (widx, rec) in enumerate(parsed.records):
         secs = rec[1]
@@ -519,19 +398,15 @@ def prune_best(
         summary[widx] = None
         for rank, (secs, pos) in enumerate(cands):
             if verify is not None:
-                record = ms.database.TuningRecord.from_json(
-                    parsed.records[pos][1], parsed.workloads[widx]
-                )
+                record = ms.database.TuningRecord.from_json(parsed.records[pos][1], parsed.workloads[widx])
                 try:
                     ok = bool(verify(record))
                     why = "verify returned False"
                 except Exception as err:  # a crash while checking is a rejection
                     ok, why = False, f"verify raised {type(err).__name__}: {err}"
                 if not ok:
-                    logger.warning(
-                        "workload %d: rejected record ranked %d (%.3f us): %s",
-                        widx, rank, secs * 1e6, why,
-                    )
+                    logger.warning("workload %d: rejected record ranked %d (%.3f us): %s",
+                                   widx, rank, secs * 1e6, why)
                     continue
             kept_lines.append(parsed.record_lines[pos])
             summary[widx] = secs
@@ -539,13 +414,22 @@ def prune_best(
         if summary[widx] is None and cands:
             logger.warning("workload %d: every record was rejected; none kept", widx)
     out.mkdir(parents=True, exist_ok=True)
-    if out.resolve() != path.resolve():
-        _atomic_write_text(out / WORKLOAD_FILE, "".join(x + "\n" for x in parsed.workload_lines))
+    if out.resolve() != path.resolve() or parsed.needs_rewrite:
+        atomic_write_text(out / WORKLOAD_FILE, "".join(x + "\n" for x in parsed.workload_lines))
     meta = read_meta(path)
     if meta is not None:  # copied as is (not re-stamped with this TVM's version)
-        _atomic_write_text(
-            out / META_FILE,
-            json.dumps({**meta, "pruned": True}, indent=2, sort_keys=True, default=str),
-        )
-    _atomic_write_text(out / RECORD_FILE, "".join(x + "\n" for x in kept_lines))
+        atomic_write_text(out / META_FILE, json.dumps({**meta, "pruned": True}, indent=2, sort_keys=True, default=str))
+    atomic_write_text(out / RECORD_FILE, "".join(x + "\n" for x in kept_lines))
     return summary
+
+
+def merge_untuned(src: Path, dst: Path) -> None:
+    """Add a run's untuned kernel times (``src/untuned.json``) to ``dst/untuned.json`` (a run of
+    other buckets, or a work directory started afresh, must not drop earlier runs' entries)."""
+    table: dict[str, Any] = {}
+    try:
+        table = read_json(dst / UNTUNED_FILE, {})
+    except ValueError:
+        logger.warning("%s is not valid JSON: replaced by this run's untuned times", dst / UNTUNED_FILE)
+    table.update(read_json(src / UNTUNED_FILE, {}))
+    atomic_write_text(dst / UNTUNED_FILE, json.dumps(table, indent=2, sort_keys=True))

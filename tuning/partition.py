@@ -21,7 +21,12 @@ from collections import Counter
 import tvm
 import tvm_ffi
 from tvm import IRModule, relax, tirx
+from tabulate import tabulate
+from tvm.s_tir.analysis import estimate_tir_flops
 from tvm.target import Target
+
+from gpt2_model.export import export_model
+from gpt2_model.model import bucket_function as model_bucket_function
 
 from .pipeline import prepare
 
@@ -64,9 +69,8 @@ class Task:  # pylint: disable=too-many-instance-attributes
 
 
 def bucket_function(phase: str, value: int) -> str:
-    from gpt2_model.model import bucket_function as name  # pylint: disable=import-outside-toplevel
-
-    return name(phase, value)
+    """Name of the static entry point of a bucket (``gpt2_model.model``'s naming)."""
+    return model_bucket_function(phase, value)
 
 
 def buckets_for(config, *, prefill=DEFAULT_PREFILL_BUCKETS, batch=DEFAULT_BATCH_BUCKETS) -> dict[str, list[int]]:
@@ -120,8 +124,6 @@ def _nbytes(buf) -> int:
 
 def flops_bytes(func: tirx.PrimFunc, name: str) -> tuple[float, int]:
     """Estimated FLOPs, and the fewest bytes the kernel must move."""
-    from tvm.s_tir.analysis import estimate_tir_flops  # pylint: disable=import-outside-toplevel
-
     try:
         flops = float(estimate_tir_flops(IRModule({"main": func})))
     except Exception:  # pylint: disable=broad-except
@@ -186,8 +188,6 @@ def attach_twins(prepared: IRModule, task_list: list[Task]) -> list[Task]:
 
 def partition(config, *, quantization: str, target: Target, buckets: dict[str, list[int]] | None = None) -> list[Task]:
     """Export ``config`` with bucket entry points, prepare it, and list the tasks (with twins)."""
-    from gpt2_model.export import export_model  # pylint: disable=import-outside-toplevel
-
     buckets = buckets or buckets_for(config)
     exported = export_model(config, quantization=quantization, target=target, buckets=buckets)
     prepared = prepare(exported.mod, target=target)
@@ -196,8 +196,6 @@ def partition(config, *, quantization: str, target: Target, buckets: dict[str, l
 
 def table(task_list: list[Task]) -> str:
     """The partition as a text table (what `tune --list-kernels` prints)."""
-    from tabulate import tabulate  # pylint: disable=import-outside-toplevel
-
     rows = []
     for t in task_list:
         shapes = " ".join("x".join(map(str, s)) for s in t.shapes())

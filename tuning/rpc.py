@@ -102,7 +102,7 @@ def _tracker_summary(host: str, port: int, timeout: float) -> dict:
             f"RPC tracker {host}:{port} is unreachable ({err}). Is the tracker running "
             f"(python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port {port}) and is the port open?"
         ) from err
-    from tvm import rpc
+    from tvm import rpc  # pylint: disable=import-outside-toplevel  # TVM (seconds) only once the tracker answered
 
     result: dict = {}
 
@@ -199,7 +199,7 @@ def make_rpc_runner(
     -------
     tvm.s_tir.meta_schedule.runner.RPCRunner
     """
-    from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, RPCConfig, RPCRunner
+    from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, RPCConfig, RPCRunner  # pylint: disable=import-outside-toplevel  # rpc.py itself stays TVM-free for the server scripts
 
     rpc_config = RPCConfig(
         tracker_host=host,

@@ -1,4 +1,6 @@
-"""Architecture name → ``tvm.target.Target``, plus local hardware detection.
+"""Architecture name → ``tvm.target.Target``, plus this host's CPU description.
+
+The local GPU's arch is detected by ``gpt2_model.device.detect_cuda_arch`` (one resolver).
 
 One table (:data:`ARCH_LIMITS`) holds the per-architecture limits that MetaSchedule and dlight
 read from a CUDA target. The targets are built from JSON dicts; TVM in this version rejects
@@ -11,10 +13,11 @@ from __future__ import annotations
 import os
 import platform
 import re
+import subprocess
 from dataclasses import dataclass
 
-import tvm
-from tvm.target import Target
+import psutil
+from tvm.target import Target, codegen
 
 __all__ = [
     "ARCH_LIMITS",
@@ -23,7 +26,7 @@ __all__ = [
     "UnknownArchError",
     "arch_of",
     "detect_cpu",
-    "detect_local_cuda_arch",
+    "is_gpu",
     "make_target",
     "sanitize",
 ]
@@ -82,8 +85,6 @@ class UnknownArchError(ValueError):
 
 
 def _cpu_target_dict() -> dict:
-    from tvm.target import codegen
-
     cfg = {"kind": "llvm"}
     mcpu = codegen.llvm_get_system_cpu()
     if mcpu and mcpu != "generic":
@@ -137,6 +138,11 @@ def make_target(arch: str, *, num_cores: int | None = None) -> Target:
     return Target(cfg, host=dict(_CUDA_HOST))
 
 
+def is_gpu(target: Target) -> bool:
+    """True for a GPU target kind (cuda, rocm, metal, vulkan, opencl)."""
+    return target.kind.name in ("cuda", "rocm", "metal", "vulkan", "opencl")
+
+
 def arch_of(target: Target | dict) -> str:
     """Architecture name of a target: its ``arch`` (e.g. ``sm_90``) for CUDA, ``cpu`` for LLVM.
 
@@ -172,8 +178,6 @@ def _cpu_model_name() -> str:
         pass
     if platform.system() == "Darwin":
         try:
-            import subprocess
-
             out = subprocess.run(
                 ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True
             )
@@ -193,12 +197,8 @@ def detect_cpu() -> dict:
         ``name`` (model name, e.g. ``"AMD EPYC 9654"``), ``mcpu`` (LLVM's name for the host CPU,
         e.g. ``"znver4"``), ``cores`` (physical cores usable by this process; logical if unknown).
     """
-    from tvm.target import codegen
-
     cores = None
     try:
-        import psutil
-
         cores = psutil.cpu_count(logical=False)
     except Exception:  # psutil missing or unable to tell
         cores = None
@@ -210,30 +210,3 @@ def detect_cpu() -> dict:
 def sanitize(name: str) -> str:
     """Lower-case ``name``, keeping ``[a-z0-9.]`` runs joined by ``-`` (for directory names)."""
     return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-") or "unknown"
-
-
-def detect_local_cuda_arch() -> str | None:
-    """Compute capability of local GPU 0 as ``sm_XY``, or ``None`` without a usable GPU.
-
-    Uses NVML (``nvidia-ml-py``) first, then TVM's CUDA runtime.
-    """
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            if pynvml.nvmlDeviceGetCount() > 0:
-                handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-                return f"sm_{major}{minor}"
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # no driver / no library: fall through
-        pass
-    try:
-        dev = tvm.cuda(0)
-        if dev.exist:
-            return "sm_" + str(dev.compute_version).replace(".", "")
-    except Exception:
-        pass
-    return None

@@ -53,7 +53,8 @@ def cpu_target():
 @pytest.fixture(scope="session")
 def measure(cpu_target):
     """Builder and runner shared by in-process tuning runs (their workers start only once)."""
-    from tuning.tune import PersistentLocalBuilder, make_local_runner
+    from tuning.builder import PersistentLocalBuilder
+    from tuning.runner import make_local_runner
 
     builder = PersistentLocalBuilder(max_workers=1)
     yield dict(builder=builder, runner=make_local_runner(min_repeat_ms=20))

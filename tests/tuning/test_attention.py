@@ -124,11 +124,11 @@ def test_tune_attention_needs_a_local_gpu(tmp_path, sm90):
 @pytest.mark.gpu
 def test_tune_attention_on_gpu(tmp_path):
     """A small search on the card: the stored best is checked and never slower than TVM's."""
-    from tuning.targets import detect_local_cuda_arch
+    from gpt2_model.device import detect_cuda_arch
 
     if not tvm.cuda(0).exist:
         pytest.skip("no CUDA GPU")
-    target = make_target(detect_local_cuda_arch())
+    target = make_target(detect_cuda_arch())
     cands = [A.PrefillConfig(16, 32, 32, 4, 4), A.PrefillConfig(64, 16, 32, 4, 8), A.PrefillConfig(32, 32, 16, 8, 4)]
     doc = A.tune_attention(_gpt2_tiny(), dtype="float16", target=target, out_dir=tmp_path, lengths=[64, 256],
                            candidates=cands)

@@ -7,18 +7,17 @@ import re
 import pytest
 import tvm
 
+from gpt2_model.device import detect_cuda_arch
 from tuning.targets import (
     ARCH_LIMITS,
     KNOWN_ARCHS,
     UnknownArchError,
     arch_of,
     detect_cpu,
-    detect_local_cuda_arch,
     make_target,
 )
 
 GPU_ARCHS = [a for a in KNOWN_ARCHS if a != "cpu"]
-MiB = 1024 * 1024
 
 
 @pytest.mark.parametrize("arch", GPU_ARCHS)
@@ -40,17 +39,41 @@ def test_gpu_target_carries_arch_limits(arch):
     assert str(tvm.target.Target(str(target))) == str(target)
 
 
-def test_limits_table_matches_nvidia_figures():
-    # Datasheet L2 sizes of the representative parts, and the CUDA guide's per-block limits.
-    l2 = {a: ARCH_LIMITS[a].l2_cache_size_bytes // MiB for a in GPU_ARCHS}
-    assert l2 == {"sm_70": 6, "sm_75": 4, "sm_80": 40, "sm_86": 6, "sm_89": 48, "sm_90": 50,
-                  "sm_100": 126, "sm_120": 96}
-    optin_kib = {a: ARCH_LIMITS[a].shared_memory_optin_per_block // 1024 for a in GPU_ARCHS}
-    assert optin_kib == {"sm_70": 96, "sm_75": 64, "sm_80": 163, "sm_86": 99, "sm_89": 99,
-                         "sm_90": 227, "sm_100": 227, "sm_120": 99}
-    for a in GPU_ARCHS:
-        assert ARCH_LIMITS[a].max_shared_memory_per_block == 48 * 1024
-        assert ARCH_LIMITS[a].registers_per_block == 65536
+def _tvm_cuda_tags() -> dict[str, tvm.target.Target]:
+    """TVM's own target tags for NVIDIA parts (an independent source of the per-block limits)."""
+    out = {}
+    for name in tvm.target.list_tags():
+        if not str(name).startswith("nvidia/"):
+            continue
+        try:
+            out[str(name)] = tvm.target.Target(str(name))
+        except Exception:  # pylint: disable=broad-except  # a tag this build cannot make
+            continue
+    return out
+
+
+def test_limits_table_agrees_with_tvm_target_tags():
+    """Every NVIDIA tag TVM ships for one of our archs has our table's per-block limits; the L2 size
+    of a tag for the part our table names (A100 for sm_80, H100 for sm_90) is our figure."""
+    tags = _tvm_cuda_tags()
+    checked = set()
+    for name, tag in tags.items():
+        arch = str(tag.attrs.get("arch", "")).rstrip("a")
+        if arch not in ARCH_LIMITS:
+            continue
+        lim = ARCH_LIMITS[arch]
+        for field in ("max_shared_memory_per_block", "max_threads_per_block", "registers_per_block",
+                      "thread_warp_size"):
+            if tag.attrs.get(field) is not None:
+                assert int(tag.attrs[field]) == getattr(lim, field), (name, field)
+        checked.add(arch)
+    assert {"sm_80", "sm_86", "sm_89", "sm_90"} <= checked  # the table was really compared
+    for name, arch in (("nvidia/nvidia-a100", "sm_80"), ("nvidia/nvidia-h100", "sm_90")):
+        assert int(tags[name].attrs["l2_cache_size_bytes"]) == ARCH_LIMITS[arch].l2_cache_size_bytes
+        assert tags[name].attrs["l2_cache_size_bytes"] is not None
+    # the opt-in limit is what a kernel may ask for beyond the static one, never less
+    for lim in ARCH_LIMITS.values():
+        assert lim.shared_memory_optin_per_block >= lim.max_shared_memory_per_block
 
 
 def test_cpu_target_has_detected_mcpu():
@@ -86,7 +109,7 @@ def test_detect_cpu_and_local_gpu():
     assert set(info) == {"name", "mcpu", "cores"}
     assert isinstance(info["name"], str) and info["name"]
     assert info["cores"] >= 1
-    arch = detect_local_cuda_arch()
+    arch = detect_cuda_arch()
     assert arch is None or re.fullmatch(r"sm_\d+", arch)
     if tvm.cuda(0).exist:  # a GPU TVM can use must be detected
         assert arch == "sm_" + tvm.cuda(0).compute_version.replace(".", "")

@@ -25,15 +25,10 @@ from tuning.database import (
     record_latency_s,
 )
 from tuning.targets import make_target
-from tuning.tune import (
-    TuneTask,
-    is_search_record,
-    make_verifier,
-    stored_trials,
-    tune_tasks,
-    untuned_schedule,
-    verify_record,
-)
+from tuning.tasks import TuneTask, is_search_record, stored_trials
+from tuning.tune import tune_tasks
+from tuning.untuned import untuned_schedule
+from tuning.verify import make_verifier, verify_record
 
 from .conftest import FAST, TRIALS, matmul_bias, matmul_bias_reference
 
@@ -80,7 +75,7 @@ def test_progress_is_reported_per_batch(tuned):
     assert reports[0].eta_s is not None and reports[0].eta_s >= 0
     assert last.best_us["mm"] is not None and last.best_us["mm"] > 0
     line = last.format()
-    assert "trials 8/8" in line and "tasks done 1/1" in line and "mm=" in line and "ETA" in line
+    assert "trials 8/8" in line and "tasks done 1/1" in line and "mm: best" in line and "ETA" in line
 
 
 def test_untuned_baseline_is_measured_and_stored(tuned, cpu_target):
@@ -245,9 +240,10 @@ def test_gpu_untuned_schedule_is_a_replayable_dlight_trace(tmp_path):
 @pytest.mark.gpu
 def test_gpu_tune_verify_prune(tmp_path):
     """On a local GPU: dlight baseline stored, search, numerical check on the GPU, pruned best."""
-    from tuning.targets import KNOWN_ARCHS, detect_local_cuda_arch
+    from gpt2_model.device import detect_cuda_arch
+    from tuning.targets import KNOWN_ARCHS
 
-    arch = detect_local_cuda_arch()
+    arch = detect_cuda_arch()
     if arch not in KNOWN_ARCHS:
         pytest.skip(f"local GPU arch {arch} has no target preset")
     target = make_target(arch)

@@ -14,8 +14,7 @@ Public API
     A ``ScheduleFn`` space generator producing, per kernel class, the tunable design spaces
     (:mod:`.gemv`, :mod:`.gemm`, :mod:`.reduction`), the dlight schedule as a fixed design space
     (so it is always among the candidates), and optionally MetaSchedule's generic spaces.
-``dlight_schedule(func, *, target)``
-    The traced dlight schedule (the untuned build's), replayable on a fresh schedule.
+(The traced dlight schedule of the untuned build: ``tuning.untuned.untuned_schedule``.)
 ``sample_candidates(func, *, target, num, seed)``
     Draw random candidates from a space the way the search's initial population does
     (decisions dropped, re-sampled, postprocessed) — for tests and random search.
@@ -45,8 +44,10 @@ from ._analysis import (
     as_module,
     has_reduction,
     matmul_info,
-    preload_tensor_intrinsics,
 )
+from ..intrinsics import preload_tensor_intrinsics
+from ..targets import ARCH_LIMITS
+from ..untuned import untuned_schedule
 from .gemm import GEMM_VARIANTS, is_tensorcore_target, schedule_gemm_tensorcore
 from .gemv import GEMV_VARIANTS, schedule_gemv
 from .reduction import schedule_elementwise, schedule_row_reduction
@@ -58,9 +59,7 @@ __all__ = [
     "NotApplicable",
     "VerifyGPUCodeOptIn",
     "classify",
-    "default_dlight_rules",
     "design_spaces",
-    "dlight_schedule",
     "matmul_info",
     "postprocs_for",
     "sample_candidates",
@@ -112,55 +111,14 @@ def classify(func) -> str:
 
 
 # ------------------------------------------------------------------------------------------
-# dlight
-# ------------------------------------------------------------------------------------------
-
-
-def default_dlight_rules(target: Target) -> list:
-    """The dlight rules of the untuned build (``tuning.compile.dlight_rules``)."""
-    from ..compile import dlight_rules  # pylint: disable=import-outside-toplevel
-
-    return dlight_rules(target)
-
-
-def dlight_schedule(func, *, target: Target, rules: Sequence | None = None) -> s_tir.Schedule | None:
-    """The traced schedule dlight gives ``func`` (first applicable rule, as ApplyDefaultSchedule).
-
-    Parameters
-    ----------
-    func : tvm.tirx.PrimFunc or tvm.IRModule
-        The unscheduled kernel.
-    target : tvm.target.Target
-        A GPU target.
-    rules : sequence of dlight rules, optional
-        Default :func:`default_dlight_rules`.
-
-    Returns
-    -------
-    tvm.s_tir.Schedule or None
-        The schedule (its ``trace`` replays on ``tvm.s_tir.Schedule(mod)`` of the same
-        function), or ``None`` if no rule applies.
-    """
-    from ..tune import untuned_schedule  # pylint: disable=import-outside-toplevel
-
-    rules = default_dlight_rules(target) if rules is None else list(rules)
-    return untuned_schedule(as_module(func), target=target, rules=rules)
-
-
-# ------------------------------------------------------------------------------------------
 # postprocessing
 # ------------------------------------------------------------------------------------------
 
 
 def _optin_shared(target: Target) -> int:
-    try:
-        from tuning.targets import ARCH_LIMITS
-
-        arch = str(target.attrs.get("arch", ""))
-        if arch in ARCH_LIMITS:
-            return int(ARCH_LIMITS[arch].shared_memory_optin_per_block)
-    except ImportError:
-        pass
+    arch = str(target.attrs.get("arch", ""))
+    if arch in ARCH_LIMITS:
+        return int(ARCH_LIMITS[arch].shared_memory_optin_per_block)
     return _DEFAULT_OPTIN_SHARED
 
 
@@ -324,7 +282,7 @@ def _build_spaces(sch: s_tir.Schedule, *, target: Target, include_dlight: bool,
         if err_msg is not None:
             logger.warning("space %s failed on this kernel: %s", name, err_msg)
     if include_dlight:
-        dl = dlight_schedule(mod, target=target)
+        dl = untuned_schedule(as_module(mod), target=target)
         if dl is not None:
             s = sch.copy()
             dl.trace.apply_to_schedule(s, remove_postproc=False)

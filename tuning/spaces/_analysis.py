@@ -19,23 +19,6 @@ from tvm.s_tir.dlight.gpu.matmul import get_reduction_blocks
 GEMV_MAX_ROWS = 64
 
 
-def preload_tensor_intrinsics() -> None:
-    """Register TVM's tensor-core intrinsics (needed by the tensor-core spaces, by
-    ``TuneContext`` and by the postprocessors).
-
-    A plain ``import tvm.s_tir.tensor_intrin`` takes ~45 s here (``inspect.getmodule`` scans
-    every module per registered intrinsic); ``tuning.tune.preload_tensor_intrinsics`` does it
-    in ~3 s and is used when present.
-    """
-    try:
-        from tuning.tune import preload_tensor_intrinsics as _team_preload
-    except ImportError:  # pragma: no cover - tuning.tune is part of this package
-        import tvm.s_tir.tensor_intrin  # noqa: F401
-
-        return
-    _team_preload()
-
-
 def as_module(func_or_mod) -> tvm.IRModule:
     """A one-function IRModule ``{"main": func}`` (the form MetaSchedule tasks have)."""
     if isinstance(func_or_mod, tvm.IRModule):

@@ -34,7 +34,8 @@ from tvm.s_tir.dlight.gpu.matmul import (
     get_reduction_blocks,
 )
 
-from ._analysis import NotApplicable, preload_tensor_intrinsics
+from ..intrinsics import preload_tensor_intrinsics
+from ._analysis import NotApplicable
 
 __all__ = ["GEMM_VARIANTS", "schedule_gemm_tensorcore"]
 
@@ -64,7 +65,8 @@ def schedule_gemm_tensorcore(sch: s_tir.Schedule, *, variant: str = "pipelined")
         If the function is not an fp16 matmul with one reduction block.
     """
     preload_tensor_intrinsics()
-    from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
+    # After the fast preload: importing tvm.s_tir.tensor_intrin first costs ~45 s (see tuning.intrinsics).
+    from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group  # pylint: disable=import-outside-toplevel
 
     if variant not in GEMM_VARIANTS:
         raise ValueError(f"variant must be one of {GEMM_VARIANTS}, got {variant!r}")

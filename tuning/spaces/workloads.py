@@ -19,6 +19,8 @@ import tvm
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 
+from ..pipeline import prepare
+
 __all__ = ["linear", "q4_linear", "layer_norm", "softmax", "gelu", "add", "Q4_GROUP"]
 
 Q4_GROUP = 32
@@ -26,8 +28,6 @@ Q4_GROUP = 32
 
 def _fuse(mod: tvm.IRModule) -> tvm.IRModule:
     """The model's own preparation pipeline, so these kernels are the ones the partition makes."""
-    from ..pipeline import prepare  # pylint: disable=import-outside-toplevel
-
     return prepare(mod, target=tvm.target.Target({"kind": "llvm"}))
 
 
