@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from tuning.database import TunedDatabase, database_path, read_meta
+
 __all__ = [
     "DEFAULT_CACHE_DIR",
     "default_cache_dir",
@@ -188,45 +190,30 @@ def _validate_database(path: Path, *, arch: str, model: str, quantization: str, 
     """Check a database belongs to (arch, model, quantization); raise DatabaseError otherwise.
 
     ``meta.json``'s ``arch``/``model``/``quantization`` are compared first (a clear message with
-    the tune command); then ``tuning.database.open_database`` (the owner of the layout and its
+    the tune command); then ``tuning.database.TunedDatabase.open`` (the owner of the layout and its
     integrity checks) opens it for ``target`` and its refusal is passed on.
     """
-    meta: dict[str, Any] = {}
-    meta_file = path / "meta.json"
-    if meta_file.is_file():
-        try:
-            meta = json.loads(meta_file.read_text())
-        except json.JSONDecodeError as e:
-            raise DatabaseError(f"database {path}: meta.json is not valid JSON: {e}") from e
-        db_arch = meta.get("arch")
-        if db_arch is None and isinstance(meta.get("target"), dict):
-            try:
-                from tuning.targets import arch_of
-
-                db_arch = arch_of(meta["target"])
-            except (ImportError, ValueError):
-                db_arch = None
-        if db_arch is not None and str(db_arch) != arch:
-            raise DatabaseError(
-                f"database {path} was tuned for arch {db_arch}, this device is {arch}: "
-                f"tuned records do not transfer between architectures; run "
-                f"`{tune_command(arch=arch, model=model, quantization=quantization)}`"
-            )
-        for key, want in (("model", model), ("quantization", quantization)):
-            have = meta.get(key)
-            if have is not None and str(have) != want:
-                raise DatabaseError(f"database {path} is for {key} {have}, not {want}")
+    try:
+        meta = read_meta(path) or {}
+    except ValueError as e:
+        raise DatabaseError(f"database {path}: {e}") from e
+    db_arch = meta.get("arch")
+    if db_arch is not None and str(db_arch) != arch:
+        raise DatabaseError(
+            f"database {path} was tuned for arch {db_arch}, this device is {arch}: "
+            f"tuned records do not transfer between architectures; run "
+            f"`{tune_command(arch=arch, model=model, quantization=quantization)}`"
+        )
+    for key, want in (("model", model), ("quantization", quantization)):
+        have = meta.get(key)
+        if have is not None and str(have) != want:
+            raise DatabaseError(f"database {path} is for {key} {have}, not {want}")
     if target is not None:
-        try:
-            from tuning.database import open_database
-        except ImportError:
-            open_database = None
-        if open_database is not None:
-            try:
-                open_database(path, target=target)
-            except Exception as e:  # the tuning package's refusal, passed on
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise DatabaseError(f"database {path} refused: {msg}") from e
+        try:  # the owner of the layout and its identity/integrity checks
+            TunedDatabase.open(path, target=target, quantization=quantization)
+        except Exception as e:  # the tuning package's refusal, passed on
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DatabaseError(f"database {path} refused: {msg}") from e
     return meta
 
 
@@ -259,12 +246,7 @@ def find_database(*, database_dir: str | Path, arch: str, model: str, quantizati
     if explicit is not None:
         path = Path(explicit)
     else:
-        try:
-            from tuning.database import database_path
-        except ImportError:  # layout: <dir>/<arch>/<model>-<quant>
-            path = Path(database_dir) / arch / f"{model}-{quantization}"
-        else:
-            path = Path(database_path(database_dir, arch=arch, model=model, quantization=quantization))
+        path = database_path(database_dir, arch=arch, model=model, quantization=quantization)
     if not path.is_dir() or not any(path.iterdir()):
         if explicit is not None:
             raise DatabaseError(f"--database {path}: no such database directory")
