@@ -304,8 +304,13 @@ def parse_database(path: str | os.PathLike) -> Parsed:
             if not (isinstance(obj, list) and len(obj) == 2 and all(isinstance(x, str) for x in obj)):
                 raise ValueError("not a [hash, module] pair")
             workload = ms.database.Workload.from_json(obj)
+            # MetaSchedule looks a workload up by this hash but does not check it on load
+            have = str(tvm_ffi.structural_hash(workload.mod))
+            if have != obj[0]:
+                raise ValueError(f"structural hash mismatch: the line says {obj[0]}, its module hashes to {have} "
+                                 "(edited by hand, or written by another TVM version)")
         except Exception as err:  # json or TVM deserialization error, hash mismatch
-            bad.append(BadLine(wfile, lineno, line, _explain(err)))
+            bad.append(BadLine(wfile, lineno, line, str(err) if isinstance(err, ValueError) else _explain(err)))
             old_idx += 1
             continue
         remap[old_idx] = len(workloads)

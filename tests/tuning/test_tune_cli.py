@@ -43,8 +43,16 @@ def test_tune_then_compile_with_database_matches_untuned(tmp_path, capsys):
             "--batch-buckets", "2", "--trials-per-task", "2", "--database-dir", str(root),
             "--work-dir", str(tmp_path / "work")]
     assert main(args) == 0
-    assert "committed" in capsys.readouterr().out
-    (db,) = list(root.glob("cpu-*/tiny-q0f32"))
+    out, err = capsys.readouterr()
+    assert "committed" in out
+    # progress from the first seconds: every phase announced as it starts, in order, then the total
+    marks = ["[export]", "[partition]", "[tune]", "[baseline] untuned baseline 1/", "[search]", "[round 1]",
+             "[commit]", "[done] tune finished in"]
+    where = [err.find(m) for m in marks]
+    assert -1 not in where and where == sorted(where), err[-3000:]
+    assert "ETA" in err and "trials/min" in err
+    db = root / "local" / "cpu" / "tiny-q0f32"  # CPU databases: git-ignored databases/local/
+    assert db.is_dir() and not list(root.glob("cpu-*"))
     meta = json.loads((db / "meta.json").read_text())
     assert meta["buckets"] == {"decode": [2]} and meta["quantization"] == "q0f32" and meta["pruned"]
     lines = (db / "database_tuning_record.json").read_text().splitlines()
@@ -60,15 +68,18 @@ def test_tune_then_compile_with_database_matches_untuned(tmp_path, capsys):
     assert lines[0] == f"tuned kernels: {cov.tuned} of {cov.total} bucket kernels"
     assert "decode b2:" in lines[1] and "% of the estimated step time" in lines[1]
     assert tuned.buckets == {"decode": [2]}
-    for engine in (untuned, tuned):
-        engine.seqs = [engine.add_sequence(), engine.add_sequence()]
-        engine.first = [engine.prefill(s, p) for s, p in zip(engine.seqs, ([1, 2, 3], [4, 5]))]
-    for step in range(3):
-        toks = [int(np.argmax(x)) for x in untuned.first]
-        a = untuned.decode(untuned.seqs, toks)
-        b = tuned.decode(tuned.seqs, toks)  # batch 2: the tuned bucket function
+    seqs, logits = {}, {}
+    for key, engine in (("untuned", untuned), ("tuned", tuned)):
+        seqs[key] = [engine.add_sequence(), engine.add_sequence()]
+        logits[key] = [engine.prefill(s, p) for s, p in zip(seqs[key], ([1, 2, 3], [4, 5]))]
+    np.testing.assert_allclose(np.stack(logits["tuned"]), np.stack(logits["untuned"]), rtol=1e-4,
+                               atol=1e-4 * np.abs(np.stack(logits["untuned"])).max())
+    for _ in range(3):
+        toks = [int(np.argmax(x)) for x in logits["untuned"]]
+        a = untuned.decode(seqs["untuned"], toks)
+        b = tuned.decode(seqs["tuned"], toks)  # batch 2: the tuned bucket function
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
-        untuned.first, tuned.first = list(a), list(b)
+        logits["untuned"], logits["tuned"] = list(a), list(b)
 
     # A second run of another bucket from a fresh work directory (another machine, say) adds to
     # the committed database: earlier untuned times and the history of runs are kept.
