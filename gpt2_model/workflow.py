@@ -1,6 +1,8 @@
-"""MLC-style verbs as a Python API: convert-weight, gen-config, compile, load.
+"""MLC-style verbs that need no compiler: convert-weight, gen-config, list-params, and loading a
+compiled library with its dist directory.
 
-The CLI (:mod:`gpt2_model.cli`) is a thin layer over these functions.
+``compile`` (and everything else that builds) is :mod:`tuning.workflow`; the ``gpt2k`` CLI
+(:mod:`tuning.gpt2k`) is a thin layer over both.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import tvm
 
 from .config import GPT2Config, get_config, model_name
 from .export import export_model
-from .quantization import get_scheme
+from .loader import detect_source
+from .quantization import QuantizationError, get_scheme
 from .registry import get_model
+from .runtime import Engine
 from .weights import load_params, save_params
 
 logger = logging.getLogger(__name__)
@@ -35,8 +39,6 @@ def convert_weight(model_dir: str | Path, *, quantization: str, output: str | Pa
     config = get_config(model_dir)
     entry = get_model("gpt2")
     scheme = get_scheme(quantization)
-    from .loader import detect_source  # pylint: disable=import-outside-toplevel
-
     source, _ = detect_source(model_dir)
     params = entry.source[source](model_dir, config)
     stored = entry.quantize[scheme.name](params)
@@ -85,68 +87,26 @@ def read_chat_config(path: str | Path) -> tuple[dict, GPT2Config]:
         path = path / CHAT_CONFIG
     if not path.is_file():
         raise WorkflowError(f"no {CHAT_CONFIG} at {path}: run `gpt2k gen-config` first")
-    chat = json.loads(path.read_text())
+    try:
+        chat = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise WorkflowError(f"{path} is not valid JSON ({err}): regenerate it with `gpt2k gen-config`") from None
+    if not isinstance(chat, dict):
+        raise WorkflowError(f"{path}: expected a JSON object, got {type(chat).__name__}")
     if chat.get("model_type") != "gpt2":
         raise WorkflowError(f"{path}: model_type {chat.get('model_type')!r} is not gpt2")
+    for field in ("quantization", "model_config"):
+        if field not in chat:
+            raise WorkflowError(f"{path}: missing field {field!r} (regenerate it with `gpt2k gen-config`)")
+    try:
+        get_scheme(chat["quantization"])
+    except QuantizationError as err:
+        raise WorkflowError(f"{path}: field 'quantization': {err}") from None
     return chat, GPT2Config.from_dict(chat["model_config"])
-
-
-def compile_model(  # pylint: disable=too-many-arguments
-    chat_config: str | Path,
-    *,
-    device: str = "cpu",
-    arch: str | None = None,
-    output: str | Path,
-    database: str | Path | None = None,
-    no_tuning: bool = False,
-    cuda_graph: bool = False,
-    database_dir: str | Path = "databases",
-) -> Path:
-    """Compile the model described by ``chat_config`` into a shared library at ``output``.
-
-    The tuned database is ``database`` when given; otherwise ``database_dir/ARCH/MODEL-QUANT`` when
-    it exists (unless ``no_tuning``). Without one the build is the untuned default (dlight on GPUs).
-    """
-    from tuning.compile import build_model  # pylint: disable=import-outside-toplevel
-
-    from tuning.engine import target_for  # pylint: disable=import-outside-toplevel
-
-    chat, config = read_chat_config(chat_config)
-    target = target_for(device, arch)
-    db = None
-    if not no_tuning:
-        from tuning.apply import find_database  # pylint: disable=import-outside-toplevel
-
-        db = find_database(
-            database=database, database_dir=database_dir, target=target,
-            model=chat.get("model_name", "gpt2"), quantization=chat["quantization"],
-        )
-    result = build_model(config, quantization=chat["quantization"], target=target, database=db, cuda_graph=cuda_graph)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    result.executable.export_library(str(output))
-    # Sidecar: what the loader needs to know about the library (its bucket entry points).
-    side = {"target": str(target.kind.name), "arch": target.attrs.get("arch", "") if target.kind.name == "cuda" else "",
-            "quantization": chat["quantization"], "database": str(db) if db else None,
-            "buckets": result.buckets,
-            "coverage": result.coverage.lines() if result.coverage else None,
-            "attention": result.attention}
-    Path(str(output) + ".json").write_text(json.dumps(side, indent=1, default=str))
-    if result.coverage:
-        for line in result.coverage.lines():
-            print(line)
-        for line in result.attention:
-            print(f"tuned attention kernel {line}")
-    else:
-        print(f"untuned build ({'--no-tuning' if no_tuning else 'no tuned database found'})")
-    logger.info("wrote %s (%s, %s)", output, target.kind.name, "tuned" if db else "untuned")
-    return output
 
 
 def load_engine(dist: str | Path, *, model_lib: str | Path, device: str = "cpu", **kwargs):
     """An :class:`~gpt2_model.runtime.Engine` from a dist directory and a compiled library."""
-    from .runtime import Engine  # pylint: disable=import-outside-toplevel
-
     chat, config = read_chat_config(dist)
     dist_dir = Path(dist) if Path(dist).is_dir() else Path(dist).parent
     params = load_params(dist_dir)

@@ -1,7 +1,12 @@
 """The debug verbs of ``gpt2k``: debug-chat, compare-hf, compare-builds (see :mod:`gpt2_model.debug`).
 
 ``register_debug_commands(subparsers)`` adds them to the umbrella parser; each sets
-``args.handler`` (called with the parsed args; returns the exit code).
+``args.handler`` (called with the parsed args; returns the exit code). They live in ``tuning``
+because, given a Hugging Face directory and no ``--model-lib``, they build the library first
+(:func:`tuning.workflow.debug_engine`); the recording and comparing is :mod:`gpt2_model.debug`.
+
+Building the parser imports no TVM (``gpt2k --help`` stays fast): the handlers import the
+heavy modules when they run.
 """
 
 from __future__ import annotations
@@ -10,32 +15,26 @@ import argparse
 import sys
 from pathlib import Path
 
-QUANTS = ("q0f32", "q0f16", "q4f16_1")
+from gpt2_model.cli_common import QUANTIZATION_NAMES, add_device_arg, add_gen_len_arg, int_list
 
-
-def _ids(text: str) -> list[int]:
-    try:
-        ids = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
-    if not ids:
-        raise argparse.ArgumentTypeError("expected at least one token id")
-    return ids
+MODEL_HELP = ("what to load: a dist directory (mlc-chat-config.json + weights from `gpt2k convert-weight`; "
+              "needs --model-lib) or a local Hugging Face GPT-2 directory (config.json + model.safetensors / "
+              "pytorch_model.bin; without --model-lib it is compiled now, untuned). Not a hub name: download first")
 
 
 def _model_args(p: argparse.ArgumentParser, *, lib: bool = True) -> None:
-    p.add_argument("--model", type=Path, required=True,
-                   help="dist directory (mlc-chat-config.json + converted weights) or a Hugging Face directory")
+    p.add_argument("--model", type=Path, required=True, help=MODEL_HELP)
     if lib:
         p.add_argument("--model-lib", type=Path, default=None,
                        help="compiled library; optional with a Hugging Face directory (built now, untuned)")
-    p.add_argument("--quantization", choices=QUANTS, default=None,
-                   help="weight format when --model is a Hugging Face directory (default q0f32)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--quantization", choices=QUANTIZATION_NAMES, default=None,
+                   help="weight format when --model is a Hugging Face directory. Default: the library's "
+                        "(its .json sidecar), else q0f32")
+    add_device_arg(p)
 
 
 def _compare_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt-ids", type=_ids, default=None,
+    p.add_argument("--prompt-ids", type=int_list, default=None,
                    help="comma-separated prompt token ids (default: 8 fixed ids below the vocab size)")
     p.add_argument("--decode-steps", type=int, default=1, help="decode steps after the prefill (default 1)")
     p.add_argument("--rtol", type=float, default=None, help="relative tolerance per row (default: by dtype)")
@@ -50,8 +49,8 @@ def register_debug_commands(subparsers) -> None:
                     "(arg_0..arg_N, the last is the output), logits.npz and manifest.json.")
     _model_args(p)
     p.add_argument("--debug-dir", type=Path, required=True, help="where the step folders are written")
-    p.add_argument("--generate-len", type=int, default=5, help="new tokens to generate (default 5)")
-    p.add_argument("--prompt-ids", type=_ids, default=None, help="comma-separated prompt token ids")
+    add_gen_len_arg(p, default=5)
+    p.add_argument("--prompt-ids", type=int_list, default=None, help="comma-separated prompt token ids")
     p.add_argument("prompt", nargs="?", default=None, help="prompt text (needs tokenizer.json in the model directory)")
     p.set_defaults(handler=_debug_chat)
 
@@ -90,8 +89,10 @@ def _report(result, json_path: Path | None) -> int:
 
 
 def _debug_chat(args) -> int:
-    from .chat import DebugChat, load_engine, load_tokenizer  # pylint: disable=import-outside-toplevel
-    from .dump import DebugError  # pylint: disable=import-outside-toplevel
+    # Handlers import TVM-heavy modules when they run, so that building the parser stays fast.
+    from gpt2_model.debug import DebugChat, DebugError, load_tokenizer  # pylint: disable=import-outside-toplevel
+
+    from .workflow import debug_engine  # pylint: disable=import-outside-toplevel
 
     tokenizer = load_tokenizer(args.model)
     if args.prompt_ids is not None:
@@ -102,9 +103,9 @@ def _debug_chat(args) -> int:
         prompt = args.prompt
     else:
         raise DebugError("give a prompt text or --prompt-ids")
-    engine = load_engine(args.model, model_lib=args.model_lib, device=args.device, quantization=args.quantization)
+    engine = debug_engine(args.model, model_lib=args.model_lib, device=args.device, quantization=args.quantization)
     chat = DebugChat(engine, debug_dir=args.debug_dir, tokenizer=tokenizer)
-    result = chat.generate(prompt, generate_len=args.generate_len)
+    result = chat.generate(prompt, generate_len=args.gen_len)
     print("prompt ids:", ",".join(map(str, result.prompt_ids)))
     print("tokens:", ",".join(map(str, result.tokens)))
     if result.text is not None:
@@ -115,15 +116,16 @@ def _debug_chat(args) -> int:
 
 
 def _compare_hf(args) -> int:
-    from .chat import is_hf_dir, load_engine  # pylint: disable=import-outside-toplevel
-    from .compare import compare_hf  # pylint: disable=import-outside-toplevel
-    from .dump import DebugError  # pylint: disable=import-outside-toplevel
+    from gpt2_model.debug import DebugError, compare_hf  # pylint: disable=import-outside-toplevel
+    from gpt2_model.debug.chat import is_hf_dir  # pylint: disable=import-outside-toplevel
+
+    from .workflow import debug_engine  # pylint: disable=import-outside-toplevel
 
     if not is_hf_dir(args.model):
         raise DebugError(f"compare-hf needs a Hugging Face directory (config.json + weights), got {args.model}")
     from transformers import GPT2LMHeadModel  # pylint: disable=import-outside-toplevel
 
-    engine = load_engine(args.model, model_lib=args.model_lib, device=args.device, quantization=args.quantization)
+    engine = debug_engine(args.model, model_lib=args.model_lib, device=args.device, quantization=args.quantization)
     hf_model = GPT2LMHeadModel.from_pretrained(str(args.model)).float().eval()
     result = compare_hf(engine=engine, hf_model=hf_model, prompt_ids=args.prompt_ids or _default_ids(engine),
                         decode_steps=args.decode_steps, rtol=args.rtol)
@@ -131,8 +133,7 @@ def _compare_hf(args) -> int:
 
 
 def _compare_builds(args) -> int:
-    from .chat import load_engine  # pylint: disable=import-outside-toplevel
-    from .compare import compare_builds  # pylint: disable=import-outside-toplevel
+    from gpt2_model.debug import compare_builds, load_engine  # pylint: disable=import-outside-toplevel
 
     engine_a = load_engine(args.model, model_lib=args.lib_a, device=args.device, quantization=args.quantization)
     engine_b = load_engine(args.model, model_lib=args.lib_b, device=args.device, quantization=args.quantization)
@@ -142,7 +143,7 @@ def _compare_builds(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m gpt2_model.debug.cli VERB ...``), same verbs as ``gpt2k``."""
+    """Stand-alone entry (``python -m tuning.debug_cli VERB ...``), same verbs as ``gpt2k``."""
     parser = argparse.ArgumentParser(prog="gpt2-debug")
     sub = parser.add_subparsers(dest="verb", required=True)
     register_debug_commands(sub)

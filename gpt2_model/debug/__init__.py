@@ -45,7 +45,7 @@ prints fails with ``Var _io is not defined``::
     engine = Engine(exported=exported, executable=build(exported, target=target), params=params)
     engine.decode([seq], [token])                  # prints the ln_f output
 
-``tests/test_debug.py::test_op_print_in_model`` builds and runs exactly this and checks the printed
+``tests/gpt2_model/test_debug.py::test_op_print_in_model`` builds and runs exactly this and checks the printed
 values against the ln_f kernel output recorded by the instrument.
 
 Python API: :class:`DebugChat`, :func:`trace`, :class:`KernelRecorder`, :func:`compare_hf`,
@@ -53,7 +53,6 @@ Python API: :class:`DebugChat`, :func:`trace`, :class:`KernelRecorder`, :func:`c
 """
 
 from .chat import DebugChat, DebugChatResult, load_engine, load_tokenizer
-from .cli import register_debug_commands
 from .compare import (
     BUILD_RTOL,
     HF_RTOL,
@@ -70,6 +69,6 @@ from .dump import DebugError, KernelCall, KernelRecorder, Step, load_dump, load_
 __all__ = [
     "BUILD_RTOL", "HF_RTOL", "Comparison", "DebugChat", "DebugChatResult", "DebugError", "KernelCall",
     "KernelRecorder", "Row", "Step", "compare_builds", "compare_dumps", "compare_hf", "engine_activations",
-    "hf_activations", "load_dump", "load_engine", "load_step", "load_tokenizer", "register_debug_commands",
+    "hf_activations", "load_dump", "load_engine", "load_step", "load_tokenizer",
     "save_step", "trace",
 ]

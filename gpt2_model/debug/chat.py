@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import tvm
 
+from ..config import get_config
+from ..export import export_model
+from ..loader import load_hf_params
+from ..quantization import convert_params
+from ..runtime import Engine
+from ..workflow import load_engine as load_dist
 from .dump import DebugError, Step, save_step, trace
 
 logger = logging.getLogger(__name__)
@@ -27,76 +34,49 @@ def is_hf_dir(path: str | Path) -> bool:
 def load_engine(
     model: str | Path,
     *,
-    model_lib: str | Path | None = None,
+    model_lib: str | Path,
     device: str = "cpu",
     quantization: str | None = None,
-):
-    """An engine for the debug tools.
+) -> Engine:
+    """An engine for the debug tools, from a compiled library.
 
     Parameters
     ----------
     model : path
         A dist directory (``mlc-chat-config.json`` + converted weights) or a Hugging Face
         checkpoint directory.
-    model_lib : path or None
-        A compiled library. Required with a dist directory; with a Hugging Face directory it is
-        optional (None builds the library now, untuned).
+    model_lib : path
+        The compiled library (``gpt2k compile``). To build one from a Hugging Face directory
+        on the fly use :func:`tuning.workflow.debug_engine` (what ``gpt2k debug-chat`` does).
     device : str
         ``cpu``, ``cuda`` or ``cuda:N``.
     quantization : str or None
-        Weight format when ``model`` is a Hugging Face directory (default ``q0f32``); ignored for
-        a dist directory, whose chat config names it.
+        Weight format when ``model`` is a Hugging Face directory (default: the one of the
+        library's ``.json`` sidecar, else ``q0f32``); ignored for a dist directory, whose chat
+        config names it.
     """
-    import tvm  # pylint: disable=import-outside-toplevel
-
-    from ..config import get_config  # pylint: disable=import-outside-toplevel
-    from ..export import export_model  # pylint: disable=import-outside-toplevel
-    from ..loader import load_hf_params  # pylint: disable=import-outside-toplevel
-    from ..quantization import convert_params  # pylint: disable=import-outside-toplevel
-    from ..runtime import Engine  # pylint: disable=import-outside-toplevel
-
     model = Path(model)
     if not model.exists():
         raise DebugError(f"no model at {model}")
-    if is_hf_dir(model):
-        config = get_config(model)
-        params = load_hf_params(model, config)
-        if model_lib is None:
-            return _build_engine(config, params, quantization=quantization or "q0f32", device=device)
-        lib = Path(model_lib)
-        if not lib.is_file():
-            raise DebugError(f"no compiled library at {lib}")
-        # `gpt2k compile` writes LIB.so.json beside the library: its quantization and bucket entry points.
-        side_path = Path(str(lib) + ".json")
-        side = json.loads(side_path.read_text()) if side_path.is_file() else {}
-        if quantization and side.get("quantization") and side["quantization"] != quantization:
-            raise DebugError(f"{lib} was compiled for {side['quantization']}, not --quantization {quantization}")
-        quantization = quantization or side.get("quantization") or "q0f32"
-        exported = export_model(config, quantization=quantization, target=tvm.target.Target({"kind": "llvm"}),
-                                buckets=side.get("buckets") or None)
-        return Engine(exported=exported, executable=tvm.runtime.load_module(str(lib)),
-                      params=convert_params(params, exported.scheme), device=device)
     if model_lib is None:
-        raise DebugError(f"{model} is not a Hugging Face directory: a dist directory needs --model-lib")
-    from ..workflow import load_engine as load_dist  # pylint: disable=import-outside-toplevel
-
-    return load_dist(model, model_lib=model_lib, device=device)
-
-
-def _build_engine(config, params, *, quantization: str, device: str):
-    from tuning.compile import build  # pylint: disable=import-outside-toplevel
-
-    from ..export import export_model  # pylint: disable=import-outside-toplevel
-    from ..quantization import convert_params  # pylint: disable=import-outside-toplevel
-    from ..runtime import Engine  # pylint: disable=import-outside-toplevel
-
-    from tuning.engine import target_for  # pylint: disable=import-outside-toplevel
-
-    target = target_for(device)
-    exported = export_model(config, quantization=quantization, target=target)
-    executable = build(exported, target=target)
-    return Engine(exported=exported, executable=executable, params=convert_params(params, exported.scheme),
-                  device=device, target=target)
+        raise DebugError(f"no compiled library given for {model}: pass --model-lib")
+    lib = Path(model_lib)
+    if not lib.is_file():
+        raise DebugError(f"no compiled library at {lib}")
+    if not is_hf_dir(model):
+        return load_dist(model, model_lib=lib, device=device)
+    config = get_config(model)
+    params = load_hf_params(model, config)
+    # `gpt2k compile` writes LIB.so.json beside the library: its quantization and bucket entry points.
+    side_path = Path(str(lib) + ".json")
+    side = json.loads(side_path.read_text()) if side_path.is_file() else {}
+    if quantization and side.get("quantization") and side["quantization"] != quantization:
+        raise DebugError(f"{lib} was compiled for {side['quantization']}, not --quantization {quantization}")
+    quantization = quantization or side.get("quantization") or "q0f32"
+    exported = export_model(config, quantization=quantization, target=tvm.target.Target({"kind": "llvm"}),
+                            buckets=side.get("buckets") or None)
+    return Engine(exported=exported, executable=tvm.runtime.load_module(str(lib)),
+                  params=convert_params(params, exported.scheme), device=device)
 
 
 def load_tokenizer(model: str | Path):

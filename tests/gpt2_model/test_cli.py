@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from gpt2_model.cli import main
+from tuning.gpt2k import main
 from gpt2_model.workflow import load_engine
 
 from ..conftest import hf_last_logits, rel_err
@@ -42,7 +42,7 @@ def test_compile_cpu_then_generate_matches_transformers(dist, hf_sharded, capsys
     ids = [3, 14, 15, 92, 65]
     assert rel_err(engine.prefill(seq, ids), hf_last_logits(reference, ids)) < 1e-4
     capsys.readouterr()
-    assert main(["generate", "--model", str(dist), "--model-lib", str(lib), "--prompt-ids", "3,14,15", "--max-new-tokens", "4"]) == 0
+    assert main(["generate", "--model", str(dist), "--model-lib", str(lib), "--prompt-ids", "3,14,15", "--gen-len", "4"]) == 0
     printed = capsys.readouterr().out
     tokens = [int(x) for x in printed.split("tokens:")[1].split()[0].split(",")]
     assert tokens == engine.generate([3, 14, 15], 4)

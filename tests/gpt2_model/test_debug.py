@@ -25,7 +25,7 @@ from gpt2_model.debug import (  # noqa: E402
     load_dump,
     trace,
 )
-from gpt2_model.debug.cli import main as debug_main  # noqa: E402
+from tuning.debug_cli import main as debug_main  # noqa: E402
 from gpt2_model.runtime import Engine  # noqa: E402
 
 from ..conftest import save_hf_checkpoint  # noqa: E402
@@ -149,18 +149,28 @@ def test_debug_chat_dumps(builds, tmp_path):
     # The attention call: (kv cache, layer id, sm scale, qkv, out).
     attn = [c for c in prefill["calls"] if c["kernel"].startswith("attention")]
     assert len(attn) == config.n_layer
+    assert attn[1]["args"][0]["kind"] == "object"  # the KV cache: recorded as an object, not as values
     with np.load(result.step_dirs[0] / attn[1]["file"]) as d:
-        assert str(d["arg_0"]).startswith("<object")
         assert int(d["arg_1"]) == 1
-        assert d["arg_3"].shape == (len(PROMPT), 3 * config.n_head, config.head_dim)
-        assert d["arg_4"].shape == (len(PROMPT), config.n_head, config.head_dim)
+        qkv, out = d["arg_3"], d["arg_4"]
+    n, h, hd = len(PROMPT), config.n_head, config.head_dim
+    assert qkv.shape == (n, 3 * h, hd) and out.shape == (n, h, hd)
+    # The recorded output is causal softmax attention of the recorded q, k, v (NumPy reference;
+    # the whole prompt is one prefill into an empty cache, so k and v are this call's).
+    q, k, v = qkv[:, :h], qkv[:, h:2 * h], qkv[:, 2 * h:]
+    scale = (hd ** -0.5 if config.scale_attn_weights else 1.0) / (2.0 if config.scale_attn_by_inverse_layer_idx else 1.0)
+    scores = np.einsum("qhd,khd->hqk", q, k).astype(np.float64) * scale
+    scores = np.where(np.tril(np.ones((n, n), bool)), scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    np.testing.assert_allclose(out, np.einsum("hqk,khd->qhd", probs, v), rtol=1e-4, atol=1e-5)
 
     # Reading the dump back gives the same calls and values.
     steps = load_dump(tmp_path)
     assert [s.name for s in steps] == ["prefill", "decode_1", "decode_2"]
     assert len(steps[0].calls) == len(prefill["calls"])
     np.testing.assert_array_equal(steps[0].calls[0].output, np.load(result.step_dirs[0] / prefill["calls"][0]["file"])["arg_2"])
-    assert steps[0].calls[attn[1]["index"]].args[1] == 1
+    assert steps[0].calls[attn[1]["index"]].args[:2] == [None, 1]  # the KV cache object reads back as None
 
 
 def test_debug_chat_cli_text_prompt(hf, builds, tmp_path, capsys):
@@ -341,9 +351,10 @@ def test_op_print_in_model(builds, capfd):
 # ----------------------------------------------------------------------------- other formats / GPU
 def test_compare_hf_q4f16_1(hf):
     """4-bit build: kernels found through q_weight params, reference weights rounded the same way."""
-    from gpt2_model.debug import HF_RTOL, load_engine  # pylint: disable=import-outside-toplevel
+    from gpt2_model.debug import HF_RTOL  # pylint: disable=import-outside-toplevel
+    from tuning.workflow import debug_engine  # pylint: disable=import-outside-toplevel
 
-    engine = load_engine(hf[0], device="cpu", quantization="q4f16_1")
+    engine = debug_engine(hf[0], device="cpu", quantization="q4f16_1")
     assert any(n.endswith("mlp.c_fc.q_weight") for n in engine.exported.param_names)
     result = compare_hf(engine=engine, hf_model=hf[1], prompt_ids=PROMPT, decode_steps=1)
     assert result.ok, result.table()
@@ -359,11 +370,11 @@ def test_debug_tools_on_cuda(tmp_path):
     head_dim 64 as in every GPT-2 preset: with head_dim 16 TVM's paged-KV decode kernel launches
     with blockDim.z = 128 (> 64) and fails with CUDA_ERROR_INVALID_VALUE.
     """
-    from gpt2_model.debug import load_engine  # pylint: disable=import-outside-toplevel
+    from tuning.workflow import debug_engine  # pylint: disable=import-outside-toplevel
 
     hf_dir = tmp_path / "hf"
     hf_model = save_hf_checkpoint(hf_dir, seed=4, n_embd=128, n_head=2, n_inner=256)
-    engine = load_engine(hf_dir, device="cuda", quantization="q0f16")
+    engine = debug_engine(hf_dir, device="cuda", quantization="q0f16")
     result = DebugChat(engine, debug_dir=tmp_path / "dump").generate(PROMPT, generate_len=2)
     assert result.tokens == engine.generate(PROMPT, 2)
     with np.load(tmp_path / "dump" / "decode_1" / "logits.npz") as lg:

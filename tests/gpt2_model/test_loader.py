@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -28,8 +29,12 @@ def test_config_from_hf_file_derives_fields(hf_sharded):
     assert cfg.context_window_size == model.config.n_positions == 64
     assert cfg.prefill_chunk_size == 64
     assert cfg.scale_attn_by_inverse_layer_idx is True
-    # Keys we don't use are kept, not dropped.
-    assert "architectures" in cfg.kwargs or "transformers_version" in cfg.kwargs
+    # Keys we don't use are kept with their values, not dropped, and written back by to_dict().
+    raw = json.loads((path / "config.json").read_text())
+    unused = {k: v for k, v in raw.items() if k not in {f.name for f in dataclasses.fields(GPT2Config)}}
+    assert unused["architectures"] == ["GPT2LMHeadModel"]  # written by transformers' save_pretrained
+    assert cfg.kwargs == unused
+    assert {k: cfg.to_dict()[k] for k in unused} == unused
 
 
 def test_config_defaults_and_presets():
