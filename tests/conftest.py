@@ -25,6 +25,13 @@ def has_cuda() -> bool:
         return False
 
 
+def pytest_report_header(config):
+    """Say when the slow end-to-end tests are left out (pyproject's default `-m "not slow"`)."""
+    if "not slow" in (config.getoption("markexpr") or ""):
+        return "slow end-to-end tests deselected; run them with: python -m pytest -m slow tests"
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     if has_cuda():
         return
