@@ -16,16 +16,17 @@ PROMPT_A = [5, 17, 300, 2, 999, 4, 8, 1000, 42]  # 1000: the last id of the odd 
 PROMPT_B = [7, 1, 2]
 
 
-def _run_and_compare(engine: Engine, reference, tol: float, steps: int = 4) -> list[float]:
-    """Prefill two sequences of different lengths, then `steps` batched decode steps; compare each."""
-    errors = []
+def _run_and_compare(engine: Engine, reference, tol: float, steps: int = 4) -> tuple[list[int], list[int]]:
+    """Prefill two sequences of different lengths, then `steps` batched decode steps; compare each.
+
+    Returns the two token sequences (prompt + greedy tokens of our engine).
+    """
     sa, sb = engine.add_sequence(), engine.add_sequence()
     ta, tb = list(PROMPT_A), list(PROMPT_B)
     la, lb = engine.prefill(sa, ta), engine.prefill(sb, tb)
     for _ in range(steps + 1):
         for ours, toks in ((la, ta), (lb, tb)):
             err = rel_err(ours, hf_last_logits(reference, toks))
-            errors.append(err)
             assert err < tol, f"relative error {err:.3g} >= {tol} after {len(toks)} tokens"
         na, nb = int(la.argmax()), int(lb.argmax())
         ta.append(na)
@@ -33,9 +34,10 @@ def _run_and_compare(engine: Engine, reference, tol: float, steps: int = 4) -> l
         out = engine.decode([sa, sb], [na, nb])
         assert out.shape == (2, engine.config.vocab_size)
         la, lb = out[0], out[1]
+    assert (engine.sequence_length(sa), engine.sequence_length(sb)) == (len(ta), len(tb))
     engine.remove_sequence(sa)
     engine.remove_sequence(sb)
-    return errors
+    return ta, tb
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +48,15 @@ def engine_f32(hf_sharded):
 
 def test_q0f32_matches_transformers(engine_f32, hf_sharded):
     _, reference = hf_sharded
-    errors = _run_and_compare(engine_f32, reference, tol=1e-4)
-    assert len(errors) == 10
+    ta, tb = _run_and_compare(engine_f32, reference, tol=1e-4)
+    # The batched run's greedy tokens are HF's greedy continuation of each prompt on its own.
+    for prompt, ours in ((PROMPT_A, ta), (PROMPT_B, tb)):
+        ref = list(prompt)
+        for _ in range(5):
+            ref.append(int(hf_last_logits(reference, ref).argmax()))
+        assert ours == ref
+    # ... and what Engine.generate (one sequence: prefill + single-sequence decode) returns.
+    assert engine_f32.generate(PROMPT_A, 5) == ta[len(PROMPT_A):]
 
 
 def test_pytorch_bin_checkpoint_matches_transformers(hf_bin):
