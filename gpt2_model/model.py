@@ -11,7 +11,7 @@ weight (fp32 / fp16 / 4-bit groups) and how it is turned back into a matrix insi
 from __future__ import annotations
 
 from tvm import relax as rx
-from tvm import tirx
+from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
@@ -120,15 +120,13 @@ class GPT2LMHeadModel(nn.Module):
     def embed(self, input_ids: Tensor):
         return self.transformer.wte(input_ids)  # (seq_len, n_embd)
 
+    def _embed_tokens(self, input_ids: Tensor, b, s) -> Tensor:
+        """wte rows of ``input_ids`` as the (b, s, n_embd) activation the blocks take."""
+        return op.reshape(self.transformer.wte(input_ids), (b, s, self.config.n_embd))  # (b, s, n_embd)
+
     def prefill(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
-        def _last(x):  # x[:, -1:, :]
-            from tvm import te  # pylint: disable=import-outside-toplevel
-
-            b, s, d = x.shape
-            return te.compute((b, 1, d), lambda i, _, k: x[i, s - 1, k], name="index")
-
         hidden = self.transformer(input_embed, paged_kv_cache)  # (1, s, n_embd)
-        hidden = op.tensor_expr_op(_last, name_hint="index", args=[hidden])  # (1, 1, n_embd)
+        hidden = op.tensor_expr_op(_last_position, name_hint="index", args=[hidden])  # (1, 1, n_embd)
         return self._lm_head(hidden), paged_kv_cache
 
     def decode(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
@@ -143,6 +141,21 @@ class GPT2LMHeadModel(nn.Module):
     def batch_decode(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
         hidden = self.transformer(input_embeds, paged_kv_cache)  # (batch, 1, n_embd)
         return self._lm_head(hidden), paged_kv_cache
+
+    # Token in, token out: the whole step on the device (embedding lookup .. greedy argmax), so a
+    # decode loop feeds step n+1 with step n's output and never waits for the host. The logits
+    # come out too (the lm_head + cast kernel writes them anyway; the argmax reads them).
+    def prefill_tokens(self, input_ids: Tensor, paged_kv_cache: PagedKVCache):
+        """input_ids (s,) -> (next id (1,) int32, last logits (1, 1, vocab) fp32)."""
+        embeds = self._embed_tokens(input_ids, 1, input_ids.shape[0])  # (1, s, n_embd)
+        logits, paged_kv_cache = self.prefill(embeds, paged_kv_cache)
+        return (greedy(logits), logits), paged_kv_cache
+
+    def batch_decode_tokens(self, input_ids: Tensor, paged_kv_cache: PagedKVCache):
+        """input_ids (b,) -> (next ids (b,) int32, logits (b, 1, vocab) fp32)."""
+        embeds = self._embed_tokens(input_ids, input_ids.shape[0], 1)  # (b, 1, n_embd)
+        logits, paged_kv_cache = self.batch_decode(embeds, paged_kv_cache)
+        return (greedy(logits), logits), paged_kv_cache
 
     def create_paged_kv_cache(  # pylint: disable=too-many-arguments
         self,
@@ -209,6 +222,9 @@ class GPT2LMHeadModel(nn.Module):
                 "paged_kv_cache": kv,
                 "$": packed,
             },
+            "prefill_tokens": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "paged_kv_cache": kv, "$": packed},
+            "batch_decode_tokens": {"input_ids": nn.spec.Tensor(["batch_size"], "int32"), "paged_kv_cache": kv,
+                                    "$": packed},
             "create_paged_kv_cache": {
                 "max_batch_size": int,
                 "max_total_seq_len": int,
@@ -219,16 +235,67 @@ class GPT2LMHeadModel(nn.Module):
             },
         }
         for batch in (buckets or {}).get("decode", []):
-            name = bucket_function("decode", batch)
+            name = bucket_function("decode", batch, tokens=False)
             object.__setattr__(self, name, self.batch_decode)
             spec[name] = {"input_embeds": nn.spec.Tensor([batch, 1, d], dtype), "paged_kv_cache": kv, "$": packed}
+            name = bucket_function("decode", batch)
+            object.__setattr__(self, name, self.batch_decode_tokens)
+            spec[name] = {"input_ids": nn.spec.Tensor([batch], "int32"), "paged_kv_cache": kv, "$": packed}
         for length in (buckets or {}).get("prefill", []):
-            name = bucket_function("prefill", length)
+            name = bucket_function("prefill", length, tokens=False)
             object.__setattr__(self, name, self.prefill)
             spec[name] = {"input_embed": nn.spec.Tensor([1, length, d], dtype), "paged_kv_cache": kv, "$": packed}
+            name = bucket_function("prefill", length)
+            object.__setattr__(self, name, self.prefill_tokens)
+            spec[name] = {"input_ids": nn.spec.Tensor([length], "int32"), "paged_kv_cache": kv, "$": packed}
         return nn.spec.ModuleSpec.from_raw(spec, self)
 
 
-def bucket_function(phase: str, value: int) -> str:
-    """Name of the static-shape entry point of a bucket: batch_decode_b8, prefill_s1024."""
-    return f"batch_decode_b{value}" if phase == "decode" else f"prefill_s{value}"
+def _last_position(x):
+    """x[:, -1:, :] as a TE compute (the prefill's last hidden state)."""
+    b, s, d = x.shape
+    return te.compute((b, 1, d), lambda i, _, k: x[i, s - 1, k], name="index")
+
+
+def _argmax_rows(logits):
+    """Greedy sampling: (b, 1, vocab) logits -> (b,) int32, the FIRST index of each row's max
+    (the numpy / torch tie rule).
+
+    Written as two plain reductions over the row -- the max, then the smallest index holding it
+    -- plus an elementwise epilogue: the softmax-like shape dlight's GeneralReduction schedules
+    with a thread block per row (a tuple-valued argmax reducer, or a kernel ending in a
+    reduction, falls back to one thread per row: ~50k serial steps) and MetaSchedule tunes like
+    any reduction. The epilogue clamps to vocab - 1: a row of NaNs matches no index, and the
+    next step's embedding lookup must never read past the table.
+    """
+    b, _, vocab = logits.shape
+    vocab = int(vocab)
+    k = te.reduce_axis((0, vocab), name="k")
+    row_max = te.compute((b,), lambda i: te.max(logits[i, 0, k], axis=k), name="argmax_max")  # (b,)
+    j = te.reduce_axis((0, vocab), name="j")
+    first = te.compute(  # (b,): smallest j with logits[i, 0, j] == max, else vocab
+        (b,),
+        lambda i: te.min(tirx.Select(logits[i, 0, j] == row_max[i], j.astype("int32"), tirx.const(vocab, "int32")),
+                         axis=j),
+        name="argmax_index",
+    )
+    return te.compute((b,), lambda i: tirx.min(first[i], tirx.const(vocab - 1, "int32")), name="argmax")
+
+
+def greedy(logits: Tensor) -> Tensor:
+    """Greedy next token of each row of ``logits`` (b, 1, vocab) on the device: (b,) int32."""
+    return op.tensor_expr_op(_argmax_rows, name_hint="argmax", args=[logits])
+
+
+def bucket_function(phase: str, value: int, *, tokens: bool = True) -> str:
+    """Name of the static-shape entry point of a bucket.
+
+    ``tokens=True`` (what the partition tunes and what generation runs): the token-in/token-out
+    step, ``batch_decode_tokens_b8`` / ``prefill_tokens_s1024``. ``tokens=False``: the
+    embeddings-in/logits-out step, ``batch_decode_b8`` / ``prefill_s1024``. Both are exported for
+    every bucket; the token step holds every kernel of the logits step plus the embedding lookup
+    and the argmax, and shares the layer kernels (same PrimFuncs, so one tuned record serves both).
+    """
+    if phase == "decode":
+        return f"batch_decode_tokens_b{value}" if tokens else f"batch_decode_b{value}"
+    return f"prefill_tokens_s{value}" if tokens else f"prefill_s{value}"

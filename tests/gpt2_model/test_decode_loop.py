@@ -1,0 +1,232 @@
+"""The token-in/token-out steps and the device decode loop (llvm), against the logits path and HF.
+
+One library with static buckets (decode b1/b2, prefill s9) next to the symbolic functions, so
+both the bucket token functions and the symbolic fallback run. A full KV cache, a failed step
+and bad input each get a test (issue 14: nothing half-updated, one clear error).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import tvm
+
+from gpt2_model.loader import load_hf_params
+from gpt2_model.quantization import convert_params
+from gpt2_model.runtime import Engine, EngineError, KVCacheFullError
+from gpt2_model.config import get_config
+from tuning.compile import build_model
+from tuning.targets import make_target
+
+from ..conftest import hf_last_logits, rel_err
+
+PROMPT_A = [5, 17, 300, 2, 999, 4, 8, 1000, 42]  # 9 tokens: the s9 bucket
+PROMPT_B = [7, 1, 2]
+PROMPT_C = [11, 400, 3, 3, 90]
+BUCKETS = {"decode": [1, 2], "prefill": [len(PROMPT_A)]}
+
+
+@pytest.fixture(scope="module")
+def built(hf_sharded):
+    path, _ = hf_sharded
+    config = get_config(path)
+    result = build_model(config, quantization="q0f32", target=make_target("cpu"), buckets=BUCKETS)
+    params = convert_params(load_hf_params(path, config), result.exported.scheme)
+    return result, params
+
+
+def _engine(built, **kwargs) -> Engine:
+    result, params = built
+    return Engine(exported=result.exported, executable=result.executable, params=params, device="cpu", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def engine(built):
+    return _engine(built)
+
+
+def _hf_greedy(reference, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(hf_last_logits(reference, ids).argmax()))
+    return ids[len(prompt):]
+
+
+def test_library_exports_token_steps(engine):
+    assert engine.has_token_steps
+    # bucket shapes run their static token function, other shapes the symbolic one
+    assert engine.token_function("decode", 2) is not engine.token_function("decode", 3)
+    assert engine.token_function("decode", 3) is engine.token_function("decode", 64)
+    assert engine.token_function("prefill", len(PROMPT_A)) is not engine.token_function("prefill", 3)
+
+
+def test_prefill_tokens_matches_logits_path_and_hf(engine, hf_sharded):
+    _, reference = hf_sharded
+    for prompt in (PROMPT_A, PROMPT_B):  # the s9 bucket, then the symbolic prefill
+        s1, s2 = engine.add_sequence(), engine.add_sequence()
+        host_logits = engine.prefill(s1, prompt)
+        ids, logits = engine.prefill_tokens(s2, prompt, return_logits=True)
+        assert isinstance(ids, tvm.runtime.Tensor) and ids.shape == (1,) and str(ids.dtype) == "int32"
+        expected = hf_last_logits(reference, prompt)
+        assert rel_err(logits.numpy().reshape(-1), expected) < 1e-4
+        assert np.array_equal(logits.numpy().reshape(-1), host_logits)
+        assert int(ids.numpy()[0]) == int(expected.argmax()) == int(host_logits.argmax())
+        assert engine.sequence_length(s2) == len(prompt)
+        engine.remove_sequence(s1)
+        engine.remove_sequence(s2)
+
+
+@pytest.mark.parametrize("prompts", [[PROMPT_A, PROMPT_B], [PROMPT_A, PROMPT_B, PROMPT_C]], ids=["b2-bucket", "b3-symbolic"])
+def test_device_loop_equals_hf_greedy(engine, hf_sharded, prompts):
+    """Batched decode with the ids fed from the device step to step: HF's greedy tokens."""
+    _, reference = hf_sharded
+    steps = 6
+    seqs = [engine.add_sequence() for _ in prompts]
+    first = [int(engine.prefill_tokens(s, p).numpy()[0]) for s, p in zip(seqs, prompts)]
+    ids = tvm.runtime.tensor(np.array(first, np.int32), engine.device)
+    got = [first]
+    for _ in range(steps - 1):
+        ids, logits = engine.decode_tokens(seqs, ids, return_logits=True)
+        assert logits.shape == (len(seqs), 1, engine.config.vocab_size)
+        got.append(ids.numpy().tolist())
+    tokens = np.array(got).T  # (b, steps)
+    for row, prompt in zip(tokens, prompts):
+        assert row.tolist() == _hf_greedy(reference, prompt, steps)
+    for seq, prompt in zip(seqs, prompts):
+        assert engine.sequence_length(seq) == len(prompt) + steps - 1
+        engine.remove_sequence(seq)
+
+
+def test_decode_tokens_from_host_ids_equals_decode(engine):
+    a, b = engine.add_sequence(), engine.add_sequence()
+    engine.prefill(a, PROMPT_B)
+    engine.prefill(b, PROMPT_B)
+    logits = engine.decode([a], [42])[0]
+    ids, dev_logits = engine.decode_tokens([b], [42], return_logits=True)
+    assert np.array_equal(dev_logits.numpy().reshape(-1), logits)
+    assert int(ids.numpy()[0]) == int(np.argmax(logits))
+    engine.remove_sequence(a)
+    engine.remove_sequence(b)
+
+
+def test_generate_equals_hf_generate(engine, hf_sharded):
+    import torch  # pylint: disable=import-outside-toplevel
+
+    _, reference = hf_sharded
+    for prompt in (PROMPT_A, PROMPT_C):
+        with torch.no_grad():
+            theirs = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                        pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
+        assert engine.generate(prompt, 12) == theirs
+        # the host-argmax loop (libraries without token steps) gives the same tokens
+        seq = engine.add_sequence()
+        try:
+            assert engine._generate_on_host(seq, np.array(prompt, np.int32), 12, False) == theirs  # pylint: disable=protected-access
+        finally:
+            engine.remove_sequence(seq)
+    assert engine.generate(PROMPT_B, 0) == []
+
+
+def test_generate_stop_at_eos_like_hf(built, hf_sharded):
+    """With stop_at_eos the output ends at the first EOS, as HF generate's does. The random
+    checkpoint repeats tokens, so EOS is set to a token this prompt first produces at step 20:
+    past the first periodic host check (every EOS_CHECK_EVERY = 16 steps), before the second."""
+    import torch  # pylint: disable=import-outside-toplevel
+
+    from gpt2_model.runtime import EOS_CHECK_EVERY  # pylint: disable=import-outside-toplevel
+
+    _, reference = hf_sharded
+    prompt, eos, n = [284, 177, 314, 715, 313, 919], 146, 40
+    engine = _engine(built)
+    engine.config = dataclasses.replace(engine.config, eos_token_id=eos)
+    with torch.no_grad():
+        theirs = reference.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                                    pad_token_id=eos, eos_token_id=eos)[0, len(prompt):].tolist()
+    assert EOS_CHECK_EVERY < len(theirs) < 2 * EOS_CHECK_EVERY and theirs[-1] == eos and theirs.count(eos) == 1
+    assert engine.generate(prompt, n, stop_at_eos=True) == theirs
+    full = engine.generate(prompt, n)
+    assert len(full) == n and full[:len(theirs)] == theirs
+
+
+def test_full_kv_cache_is_checked_before_the_call_and_leaves_nothing_behind(built, hf_sharded):
+    """Issue 14 item 2: 5 pages of 16 tokens; a prompt that needs more pages than are free is
+    refused before the cache is touched, and after space is freed the same sequence prefills to
+    HF's logits (TVM's own failure left it registered with stale pages: wrong logits later)."""
+    _, reference = hf_sharded
+    engine = _engine(built, max_total_seq_len=64, page_size=16)
+    rng = np.random.default_rng(0)
+    long_a = rng.integers(0, 1000, 60).tolist()  # 4 pages
+    long_b = rng.integers(0, 1000, 40).tolist()  # 3 pages
+    a, b = engine.add_sequence(), engine.add_sequence()
+    engine.prefill(a, long_a)
+    free = engine.free_pages()
+    assert free * 16 < len(long_b)
+    for call in (lambda: engine.prefill(b, long_b), lambda: engine.prefill_tokens(b, long_b)):
+        with pytest.raises(KVCacheFullError, match=r"needs 40 more tokens \(3 pages of 16 tokens\) but only "
+                                                   rf"{free} pages \({free * 16} tokens\) are free"):
+            call()
+        assert engine.sequence_length(b) == 0 and engine.free_pages() == free
+    with pytest.raises(KVCacheFullError, match="KV cache full"):
+        engine.generate(long_b, 4)  # checked for the whole run before the first step
+    engine.remove_sequence(a)
+    ours = engine.prefill(b, long_b)
+    assert rel_err(ours, hf_last_logits(reference, long_b)) < 1e-4
+    # decode at a page boundary with no page free: refused, sequence unchanged
+    c = engine.add_sequence()
+    engine.prefill(c, long_a[:16 * engine.free_pages()])
+    assert engine.free_pages() == 0
+    before = engine.sequence_length(c)
+    with pytest.raises(KVCacheFullError, match="needs 1 more tokens"):
+        engine.decode_tokens([c], [1])
+    assert engine.sequence_length(c) == before
+
+
+def test_failed_step_is_rolled_back(built, hf_sharded, monkeypatch):
+    """An error inside the step (after begin_forward) pops the appended tokens again."""
+    _, reference = hf_sharded
+    engine = _engine(built)
+    seq = engine.add_sequence()
+    engine.prefill(seq, PROMPT_B)
+    free = engine.free_pages()
+
+    def boom(*_args, **_kwargs):
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setattr(engine, "_call_tokens", boom)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        engine.decode_tokens([seq], [4])
+    monkeypatch.setattr(engine, "run_prefill", boom)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        engine.prefill(seq, PROMPT_A)
+    monkeypatch.undo()
+    assert engine.sequence_length(seq) == len(PROMPT_B) and engine.free_pages() == free
+    logits = engine.decode([seq], [4])[0]
+    assert rel_err(logits, hf_last_logits(reference, PROMPT_B + [4])) < 1e-4
+
+
+def test_bad_token_input_is_refused(engine):
+    seq = engine.add_sequence()
+    with pytest.raises(EngineError, match="must be integers, got float64"):
+        engine.prefill(seq, [1.0, 2.7])
+    with pytest.raises(EngineError, match="must be integers"):
+        engine.prefill_tokens(seq, np.array([3.0], np.float32))
+    with pytest.raises(EngineError, match="must be integers, got bool"):
+        engine.decode([seq], [True])
+    with pytest.raises(EngineError, match="must be integers"):
+        engine.generate([1.5, 2], 3)
+    for bad in (-1, 2.0, True, None):
+        with pytest.raises(EngineError, match="max_new_tokens must be an integer >= 0"):
+            engine.generate(PROMPT_B, bad)
+    assert engine.sequence_length(seq) == 0
+    engine.prefill(seq, PROMPT_B)
+    wrong = tvm.runtime.tensor(np.array([1.0], np.float32), engine.device)
+    with pytest.raises(EngineError, match="int32 vector"):
+        engine.decode_tokens([seq], wrong)
+    with pytest.raises(EngineError, match="one token per sequence"):
+        engine.decode_tokens([seq], tvm.runtime.tensor(np.array([1, 2], np.int32), engine.device))
+    with pytest.raises(EngineError, match=r"token ids must be in \[0, 1001\)"):
+        engine.decode_tokens([seq], [1001])
+    assert engine.sequence_length(seq) == len(PROMPT_B)
+    engine.remove_sequence(seq)
