@@ -31,6 +31,7 @@ from gpt2_model.cli_common import (
     int_list,
 )
 
+from .cli import main as tune_main
 from .debug_cli import register_debug_commands
 
 
@@ -87,8 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gpt2k`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "tune":
-        from .cli import main as tune_main  # pylint: disable=import-outside-toplevel  # only for `gpt2k tune`
-
         return tune_main(argv[1:])
     if argv and argv[0] == "bench":
         # bench sits above tuning: run its CLI in a child interpreter instead of importing it here.
@@ -167,7 +166,7 @@ def _generate(args) -> int:
     if tok is not None:
         print("text:", tok.decode(out))
     # Wall time of the whole generate call: the prompt's prefill plus len(out) - 1 decode steps.
-    print(f"{len(out)} tokens in {seconds:.3f} s: {len(out) / seconds:.1f} tokens/s "
+    print(f"{len(out)} tokens in {seconds:.4g} s: {len(out) / seconds:.1f} tokens/s "
           f"(prompt {len(ids)} tokens, device {args.device})")
     return 0
 

@@ -41,7 +41,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .dump import DebugError, KernelCall, Step, trace
+from ..loader import CONV1D_SUFFIXES
+from ..quantization import convert_params, dequantize_params, get_scheme
+from .dump import DebugError, KernelCall, Step, load_dump, trace
 
 #: Default relative tolerance of compare_hf per quantization (fp16 activations accumulate error).
 HF_RTOL = {"q0f32": 1e-4, "q0f16": 2e-2, "q4f16_1": 2e-2}
@@ -275,9 +277,6 @@ def reference_model(hf_model, quantization: str):
 
     Comparing against the stored weights measures our kernels, not the quantization error.
     """
-    from ..loader import CONV1D_SUFFIXES  # pylint: disable=import-outside-toplevel
-    from ..quantization import convert_params, dequantize_params, get_scheme  # pylint: disable=import-outside-toplevel
-
     scheme = get_scheme(quantization)
     if scheme.name == "q0f32":
         return hf_model
@@ -496,8 +495,6 @@ def compare_builds(
 
 def compare_dumps(dir_a, dir_b, *, rtol: float | None = None) -> Comparison:
     """Compare two ``debug-chat`` dump directories call by call (direct errors, no replay)."""
-    from .dump import load_dump  # pylint: disable=import-outside-toplevel
-
     return compare_steps(load_dump(dir_a), load_dump(dir_b), rtol=rtol)
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -46,6 +49,8 @@ def test_compile_cpu_then_generate_matches_transformers(dist, hf_sharded, capsys
     printed = capsys.readouterr().out
     tokens = [int(x) for x in printed.split("tokens:")[1].split()[0].split(",")]
     assert tokens == engine.generate([3, 14, 15], 4)
+    rate = re.search(r"^4 tokens in ([0-9.e-]+) s: ([0-9.]+) tokens/s", printed, re.M)
+    assert rate and float(rate.group(2)) == pytest.approx(4 / float(rate.group(1)), rel=0.05)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to build CUDA code")
@@ -73,3 +78,68 @@ def test_verbs_report_bad_input(tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["convert-weight", str(tmp_path), "--quantization", "q9", "-o", "o"])
+
+
+def test_compile_cuda_without_arch_and_no_gpu_names_the_flag(dist, tmp_path, capsys, monkeypatch):
+    import gpt2_model.device as device  # pylint: disable=import-outside-toplevel
+
+    monkeypatch.setattr(device, "detect_cuda_arch", lambda device_index=0: None)  # no GPU, on any machine
+    rc = main(["compile", str(dist), "--device", "cuda", "--no-tuning", "-o", str(tmp_path / "x.so")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "pass --arch sm_XX" in err
+    assert not (tmp_path / "x.so").exists()
+
+
+def test_chat_config_errors_name_the_file_and_field(dist, tmp_path, capsys):
+    chat = json.loads((dist / "mlc-chat-config.json").read_text())
+    del chat["quantization"]
+    missing = tmp_path / "missing" / "mlc-chat-config.json"
+    missing.parent.mkdir()
+    missing.write_text(json.dumps(chat))
+    assert main(["compile", str(missing), "--no-tuning", "-o", str(tmp_path / "x.so")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"gpt2k compile: error: {missing}: missing field 'quantization' (regenerate it with `gpt2k gen-config`)"
+
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"model_type": "gpt2", ')
+    assert main(["compile", str(broken), "--no-tuning", "-o", str(tmp_path / "x.so")]) == 1
+    err = capsys.readouterr().err
+    assert f"{broken} is not valid JSON" in err and len(err.strip().splitlines()) == 1
+
+    chat["quantization"] = "q8"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(chat))
+    assert main(["compile", str(bad), "--no-tuning", "-o", str(tmp_path / "x.so")]) == 1
+    assert f"{bad}: field 'quantization': unknown quantization 'q8'" in capsys.readouterr().err
+
+
+def test_help_texts_say_what_flags_take(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare-hf", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "a dist directory" in text and "a local Hugging Face GPT-2 directory" in text and "Not a hub name" in text
+    with pytest.raises(SystemExit):
+        main(["compile", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Default: the local GPU's arch, detected; on CPU 'cpu'" in text
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = capsys.readouterr().out
+    assert "--gen-len" in text and "--max-new-tokens" not in text
+
+
+def test_gpt2k_help_is_fast_and_imports_no_tvm():
+    code = ("import sys, time; t = time.perf_counter(); from tuning.gpt2k import build_parser; "
+            "build_parser().format_help(); "
+            "print(time.perf_counter() - t, any(m == 'tvm' or m.startswith('tvm.') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[1] == "False", "building gpt2k's parser imported TVM"
+    assert float(out[0]) < 2.0
+
+
+def test_gpt2k_forwards_bench_and_tune(capfd):
+    assert main(["bench", "--help"]) == 0  # runs the bench CLI in a child interpreter
+    assert "usage: bench" in capfd.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["tune", "--help"])
+    assert exc.value.code == 0 and "usage: tune" in capfd.readouterr().out
