@@ -172,7 +172,10 @@ def _check_output(path: str, flag: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bench`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse's usage error (2) or --help (0): returned like every other status
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
     log = _log(args.quiet)
     try:
         if args.json:

@@ -13,13 +13,20 @@ import pytest
 
 from bench import report
 from bench.cli import main
-from bench.common import prefill_flops
+from bench.config import BenchConfig
+from bench.roofline import prefill_flops
+from bench.tables import format_kernel_table, format_table
 from gpt2_model.config import get_config
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 TINY = dict(model="tiny", quantization="q0f32", device="cpu", repeats=2, warmup=1)
+
+
+def _cfg(**kw) -> BenchConfig:
+    """The tiny CPU run; the step anatomy (each kernel compiled and timed alone) only where a test asks."""
+    return BenchConfig(**{**TINY, "anatomy": False, **kw})
 
 
 def _weight_bytes_fp32(cfg) -> int:
@@ -84,8 +91,9 @@ def test_decode_sweep_end_to_end(bench_cache, empty_db_dir):
     from bench.decode import run_decode
 
     messages = []
-    res = run_decode(batch="1,2", prompt_len=8, gen_len=4, variants="untuned,tuned,torch-eager",
-                     database_dir=str(empty_db_dir), cache_dir=str(bench_cache), log=messages.append, **TINY)
+    res = run_decode(_cfg(variants="untuned,tuned,torch-eager", database_dir=str(empty_db_dir),
+                          cache_dir=str(bench_cache), anatomy=True), batch="1,2", prompt_len=8, gen_len=4,
+                     log=messages.append)
     report.validate_result(res)
     assert res["command"] == "decode"
     # no database: tuned dropped, said plainly with the tune command, in the result and the log
@@ -97,9 +105,11 @@ def test_decode_sweep_end_to_end(bench_cache, empty_db_dir):
         assert r["status"] == "ok", r["error"]
         b = r["batch"]
         assert r["test"] == f"tg4@b{b}"
-        # per-run tokens/s follow from the per-step wall times
-        steps = np.array(r["samples"]["wall_ms"]).reshape(2, 4)
-        assert np.allclose(r["samples"]["tok_s"], b * 4 / (steps.sum(axis=1) / 1e3))
+        # per-run tokens/s follow from the per-run wall ms/step (4 steps per run, 2 runs)
+        per_step = np.array(r["samples"]["wall_ms"])
+        assert per_step.shape == (2,)
+        assert np.allclose(r["samples"]["tok_s"], b * 4 / (4 * per_step / 1e3))
+        assert r["gpu_ms"] is None  # CPU: no GPU time
         assert r["tok_s"]["median"] > 0 and r["ms"]["median"] > 0
         kv = 2 * cfg.n_layer * cfg.n_embd * 4 * b * (8 + 2.5)
         assert r["bytes_per_step"] == pytest.approx(_weight_bytes_fp32(cfg) + kv)
@@ -107,6 +117,23 @@ def test_decode_sweep_end_to_end(bench_cache, empty_db_dir):
         assert r["pct_bw"] is None  # no peak known for a CPU
     unt = [r for r in res["rows"] if r["variant"] == "untuned"]
     assert all(r["speedup_vs_untuned"] == pytest.approx(1.0) for r in unt)
+    # step anatomy: the kernel sum covers every kernel launch of the step's partition (counted independently
+    # here), and the overhead is wall - kernels (on a loaded CPU either may be the larger: no order asserted)
+    from tuning.engine import target_for
+    from tuning.partition import partition
+
+    for r in unt:
+        tasks = partition(cfg, quantization="q0f32", target=target_for("cpu"), buckets={"decode": [r["batch"]]})
+        assert r["anatomy"]["kernels"] == len(tasks) and r["anatomy"]["calls"] == sum(t.weight for t in tasks)
+        assert r["anatomy"]["method"] == "time_evaluator" and np.isfinite(r["kernels_ms"]) and r["kernels_ms"] > 0
+        assert r["overhead_ms"] == pytest.approx(r["ms"]["median"] - r["kernels_ms"])
+    eager_rows = [r for r in res["rows"] if r["variant"] == "torch-eager"]
+    assert all(r["kernels_ms"] is None and r["build"]["torch_threads"] >= 1 for r in eager_rows)
+    table = format_table(res)
+    title, _, head = table.splitlines()[:3]
+    assert "overhead ms" in head and "GPU ms" not in head  # no always-empty GPU column on a CPU
+    assert title.startswith("tiny q0f32 on cpu") and "CUDA graphs" not in title
+    assert table.count("torch-eager: PyTorch on the CPU with 1 thread") <= 1
     check = unt[0]["build"]["check"]
     assert check["ok"] and check["reference"] == "hf-fp32-cpu" and check["rel_err"] < 1e-4
     eager = [r for r in res["rows"] if r["variant"] == "torch-eager"]
@@ -124,20 +151,20 @@ def test_torch_compile_failure_is_a_row(bench_cache, empty_db_dir, monkeypatch):
         return fwd
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    res = run_decode(batch=1, prompt_len=4, gen_len=2, variants="torch-compile", database_dir=str(empty_db_dir),
-                     cache_dir=str(bench_cache), log=lambda m: None, **TINY)
+    res = run_decode(_cfg(variants="hf-compile", database_dir=str(empty_db_dir), cache_dir=str(bench_cache)),
+                     batch=1, prompt_len=4, gen_len=2, log=lambda m: None)
     report.validate_result(res)
     (row,) = res["rows"]
     assert row["status"] == "error" and row["error"] == "RuntimeError: inductor exploded"
-    assert "RuntimeError: inductor exploded" in report.format_table(res)
+    assert "RuntimeError: inductor exploded" in format_table(res)
 
 
 # ---------------------------------------------------------------------------------------------- prefill
 def test_prefill_sweep_end_to_end(bench_cache, empty_db_dir):
     from bench.prefill import run_prefill
 
-    res = run_prefill(seq_len="16,32", batch="1,2", variants="untuned,torch-eager", database_dir=str(empty_db_dir),
-                      cache_dir=str(bench_cache), log=lambda m: None, **TINY)
+    res = run_prefill(_cfg(variants="untuned,torch-eager", database_dir=str(empty_db_dir), cache_dir=str(bench_cache)),
+                      seq_len="16,32", batch="1,2", log=lambda m: None)
     report.validate_result(res)
     tests = [(r["variant"], r["test"]) for r in res["rows"]]
     assert tests == [(v, t) for v in ("untuned", "torch-eager") for t in ("pp16", "pp32", "pp16@b2", "pp32@b2")]
@@ -155,8 +182,7 @@ def test_kernels_end_to_end(empty_db_dir):
     from tuning.engine import target_for
     from tuning.partition import partition
 
-    res = run_kernels(model="tiny", quantization="q0f32", device="cpu", phase="decode", batch=2, repeats=2,
-                      database_dir=str(empty_db_dir), log=lambda m: None)
+    res = run_kernels(_cfg(repeats=2, database_dir=str(empty_db_dir)), phase="decode", batch=2, log=lambda m: None)
     report.validate_result(res)
     tasks = partition(get_config("tiny"), quantization="q0f32", target=target_for("cpu"), buckets={"decode": [2]})
     assert sorted(r["name"] for r in res["rows"]) == sorted(t.kernel for t in tasks)
@@ -169,8 +195,10 @@ def test_kernels_end_to_end(empty_db_dir):
         unit = "TFLOP/s" if r["kind"] == "gemm" else "GB/s"
         assert r["achieved"] == unit and r["achieved_value"] > 0
     assert any("tune --arch cpu" in n for n in res["notes"])
-    table = report.format_kernel_table(res)
-    assert all(r["name"] in table for r in res["rows"])
+    table = format_kernel_table(res)
+    assert all(r["name"][:12] in table for r in res["rows"])
+    assert max(len(x) for x in table.splitlines() if x.startswith("|")) <= 120
+    assert "peer" not in table.splitlines()[2]  # no cuBLAS/SDPA column on a CPU
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -210,9 +238,9 @@ def test_cli_refuses_database_of_another_arch(tmp_path, bench_cache, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["decode", "--prompt-len", "250", "--gen-len", "10"], "exceeds the context window"),
     (["decode", "--device", "cuda:7"], "no CUDA device 7"),
-    (["prefill", "--seq-len", "16,x"], "comma-separated list of integers"),
+    (["prefill", "--seq-len", "16,x"], "comma-separated positive integers"),
     (["decode", "--variants", "fastest"], "unknown variant"),
-    (["decode", "--quantization", "q3"], "unknown quantization"),
+    (["decode", "--quantization", "q3"], "invalid choice: 'q3'"),
 ])
 def test_cli_bad_options_exit_2(argv, message, capsys, empty_db_dir):
     import tvm
@@ -232,8 +260,8 @@ def test_tuned_variant_end_to_end(tiny_db_root, bench_cache):
     from bench.decode import run_decode
     from tuning.database import database_path
 
-    res = run_decode(batch="1,2", prompt_len=8, gen_len=4, variants="untuned,tuned", database_dir=str(tiny_db_root),
-                     cache_dir=str(bench_cache), log=lambda m: None, **TINY)
+    res = run_decode(_cfg(variants="untuned,tuned", database_dir=str(tiny_db_root), cache_dir=str(bench_cache)),
+                     batch="1,2", prompt_len=8, gen_len=4, log=lambda m: None)
     report.validate_result(res)
     path = str(database_path(tiny_db_root, arch="cpu", model="tiny", quantization="q0f32"))
     assert res["env"]["database"]["path"] == path and len(res["env"]["database"]["hash"]) == 64
@@ -248,16 +276,18 @@ def test_tuned_variant_end_to_end(tiny_db_root, bench_cache):
         assert rows[("tuned", b)]["speedup_vs_untuned"] == pytest.approx(
             rows[("tuned", b)]["tok_s"]["median"] / rows[("untuned", b)]["tok_s"]["median"])
     assert not any("tune --arch" in n for n in res["notes"])
-    # batch 1 is not a tuned bucket: said on its row; batch 2 is
+    # batch 1 is not a tuned bucket: said on its row (n of m kernels tuned, in table and JSON); batch 2 is
     assert any("decode batch 1 not among the database's buckets" in n for n in rows[("tuned", 1)]["notes"])
-    assert not any("buckets" in n for n in rows[("tuned", 2)]["notes"])
+    assert not any("not among" in n for n in rows[("tuned", 2)]["notes"])
+    tk = rows[("tuned", 2)]["tuned_kernels"]
+    assert tk is not None and 0 <= tk["tuned"] <= tk["total"] and tk["total"] > 0 and 0.0 <= tk["share"] <= 1.0
+    assert f"tuned {tk['tuned']}/{tk['total']}" in format_table(res)
 
 
 def test_kernels_with_database(tiny_db_root):
     from bench.kernels import run_kernels
 
-    res = run_kernels(model="tiny", quantization="q0f32", device="cpu", phase="decode", batch=2, repeats=2,
-                      database_dir=str(tiny_db_root), log=lambda m: None)
+    res = run_kernels(_cfg(repeats=2, database_dir=str(tiny_db_root)), phase="decode", batch=2, log=lambda m: None)
     report.validate_result(res)
     assert all(r["status"] == "ok" for r in res["rows"]), [r["error"] for r in res["rows"]]
     for r in res["rows"]:
