@@ -46,7 +46,6 @@ class StepAnatomy:
         self.log = log
         self._sums: dict[tuple[str, str, int], dict[str, Any]] = {}
         self._untuned_us: dict[tuple[str, int, str], float] = {}
-        self._db = None
 
     @property
     def method(self) -> str:
@@ -55,12 +54,6 @@ class StepAnatomy:
             return "cuda-graph replay"
         return "time_evaluator"
 
-    def _database(self):
-        if self._db is None and self.s.database is not None:
-            from tuning.database import open_database
-
-            self._db = open_database(self.s.database.path, target=self.s.target)
-        return self._db
 
     def _time(self, lib, args, task) -> float:
         """Microseconds per call of one compiled kernel."""
@@ -79,15 +72,16 @@ class StepAnatomy:
         key = (variant, phase, bucket)
         if key in self._sums:
             return self._sums[key]
-        from tuning.apply import apply_database, load_untuned_times
+        from tuning.apply import apply_database
 
         from .kernels import bucket_tasks, compile_kernel, random_args, untuned_kernel
 
         s = self.s
         tasks, prepared = bucket_tasks(s.config, quantization=s.quantization, target=s.target, phase=phase,
                                        bucket=bucket)
-        db = self._database() if variant == "tuned" else None
-        untuned_ref = load_untuned_times(s.database.path) if db is not None else {}
+        tdb = s.database.db if variant == "tuned" and s.database is not None else None
+        db = tdb.ms if tdb is not None else None  # the records, for MetaSchedule's queries
+        untuned_ref = tdb.untuned_us if tdb is not None else {}
         tdev = s.device.tvm_device()
         total = tuned_us = 0.0
         calls = n_tuned = 0

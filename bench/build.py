@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from tuning.database import TunedDatabase, database_path, read_meta
+from tuning.database import DatabaseMismatchError, TunedDatabase
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -49,7 +49,6 @@ __all__ = [
     "DatabaseInfo",
     "DatabaseError",
     "find_database",
-    "tune_command",
     "BuiltEngine",
     "load_engine",
 ]
@@ -152,20 +151,29 @@ def library_key(*, config, quantization: str, target, database_hash: str | None,
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class DatabaseInfo:
-    """A tuning database selected for the tuned variant.
+    """The tuned variant's database: the :class:`tuning.database.TunedDatabase` (the one owner of
+    the directory: records, ``meta.json``, ``untuned.json``, ``attention.json``, identity checks)
+    plus the content hash that keys the library cache and is recorded with every result.
 
     Attributes
     ----------
-    path : Path
+    db : tuning.database.TunedDatabase
     hash : str
         Content hash (of every file in the directory, names and bytes).
-    meta : dict
-        ``meta.json`` content when present.
     """
 
-    path: Path
+    db: TunedDatabase
     hash: str
-    meta: dict[str, Any]
+
+    @property
+    def path(self) -> Path:
+        """The database directory."""
+        return self.db.path
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """``meta.json`` (``{}`` when there is none)."""
+        return self.db.meta
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form for results."""
@@ -178,84 +186,45 @@ def database_hash(path: Path) -> str:
     return _hash_files(files, root=Path(path))
 
 
-def tune_command(*, arch: str, model: str, quantization: str, database_dir: str | Path | None = None) -> str:
-    """The ``tune`` invocation that would create the missing database."""
-    cmd = f"tune --arch {arch} --model {model} --quantization {quantization}"
-    if database_dir is not None and Path(database_dir) != Path("databases"):
-        cmd += f" --database-dir {database_dir}"
-    return cmd
-
-
-def _validate_database(path: Path, *, arch: str, model: str, quantization: str, target=None) -> dict[str, Any]:
-    """Check a database belongs to (arch, model, quantization); raise DatabaseError otherwise.
-
-    ``meta.json``'s ``arch``/``model``/``quantization`` are compared first (a clear message with
-    the tune command); then ``tuning.database.TunedDatabase.open`` (the owner of the layout and its
-    integrity checks) opens it for ``target`` and its refusal is passed on.
-    """
-    try:
-        meta = read_meta(path) or {}
-    except ValueError as e:
-        raise DatabaseError(f"database {path}: {e}") from e
-    db_arch = meta.get("arch")
-    if db_arch is not None and str(db_arch) != arch:
-        raise DatabaseError(
-            f"database {path} was tuned for arch {db_arch}, this device is {arch}: "
-            f"tuned records do not transfer between architectures; run "
-            f"`{tune_command(arch=arch, model=model, quantization=quantization)}`"
-        )
-    for key, want in (("model", model), ("quantization", quantization)):
-        have = meta.get(key)
-        if have is not None and str(have) != want:
-            raise DatabaseError(f"database {path} is for {key} {have}, not {want}")
-    if target is not None:
-        try:  # the owner of the layout and its identity/integrity checks
-            TunedDatabase.open(path, target=target, quantization=quantization)
-        except Exception as e:  # the tuning package's refusal, passed on
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DatabaseError(f"database {path} refused: {msg}") from e
-    return meta
-
-
-def find_database(*, database_dir: str | Path, arch: str, model: str, quantization: str,
-                  explicit: str | Path | None = None, target=None) -> tuple[DatabaseInfo | None, str | None]:
-    """Locate and validate the database of the tuned variant.
+def find_database(*, database_dir: str | Path, model: str, quantization: str, target,
+                  explicit: str | Path | None = None, model_hash: str | None = None,
+                  ) -> tuple[DatabaseInfo | None, str | None]:
+    """Locate and open the tuned variant's database through :meth:`TunedDatabase.find`.
 
     Parameters
     ----------
     database_dir : path
-        Root of the database tree (``databases/``); looked up as
-        ``<database_dir>/<arch>/<model>-<quantization>/``.
-    arch, model, quantization : str
+        Root of the database tree (``databases/``).
+    model, quantization : str
+    target : tvm.target.Target
+        The build target (its arch selects the directory; identity fields are checked against it).
     explicit : path, optional
         ``--database PATH``: use this directory instead of the tree lookup.
-    target : tvm.target.Target, optional
-        When given, the database is also opened by ``tuning.database.open_database`` for it.
+    model_hash : str, optional
+        ``GPT2Config.model_hash()``, checked against ``meta.json``'s ``config_hash``.
 
     Returns
     -------
     (DatabaseInfo or None, message or None)
-        ``(None, message)`` when no database exists; the message names the path looked at and
-        the tune command that would create it.
+        ``(None, message)`` when no database exists; the message names the path looked in and the
+        ``tune`` command that would create it.
 
     Raises
     ------
     DatabaseError
-        The database exists but belongs to another arch/model/quantization or is corrupt.
+        The database exists but belongs to another arch/target/model/quantization, or ``explicit``
+        does not exist.
     """
-    if explicit is not None:
-        path = Path(explicit)
-    else:
-        path = database_path(database_dir, arch=arch, model=model, quantization=quantization)
-    if not path.is_dir() or not any(path.iterdir()):
-        if explicit is not None:
-            raise DatabaseError(f"--database {path}: no such database directory")
-        msg = (f"no tuned database for {model}-{quantization} on {arch} at {path}; "
-               f"benchmarking the untuned build only. Create one with: "
-               f"`{tune_command(arch=arch, model=model, quantization=quantization, database_dir=database_dir)}`")
-        return None, msg
-    meta = _validate_database(path, arch=arch, model=model, quantization=quantization, target=target)
-    return DatabaseInfo(path=path, hash=database_hash(path), meta=meta), None
+    try:
+        db, msg = TunedDatabase.find(root=database_dir, target=target, model=model, quantization=quantization,
+                                     explicit=explicit, model_hash=model_hash)
+    except FileNotFoundError as e:
+        raise DatabaseError(f"--database {explicit}: {e}") from None
+    except DatabaseMismatchError as e:
+        raise DatabaseError(f"{e}; tuned records do not transfer: tune for this build") from None
+    if db is None:
+        return None, f"{msg}; benchmarking the untuned build only"
+    return DatabaseInfo(db=db, hash=database_hash(db.path)), None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -239,16 +239,17 @@ def _peer_figures(row: dict, peer_us: float | None) -> None:
         row["vs_peer"] = (row["tuned_graph_us"] or row["untuned_graph_us"]) / peer_us
 
 
-def attention_row(s, *, bucket: int, database_path, repeats: int, log) -> dict[str, Any] | None:
+def attention_row(s, *, bucket: int, attention: dict | None, repeats: int, log) -> dict[str, Any] | None:
     """The prefill attention row: the KV cache's ``batch_prefill_ragged_kv`` (untuned: TVM's template;
     tuned: the database's ``attention.json`` choice) vs torch SDPA (flash, causal), graph-timed both.
 
+    ``attention`` is the database's ``attention.json`` (``TunedDatabase.attention``) or ``None``.
     ``None`` off CUDA (the kernel is a GPU template). Each TVM kernel is checked against NumPy first.
     """
     if s.device.kind != "cuda":
         return None
-    from tuning.attention import (PrefillConfig, attention_key, make_ragged_prefill, read_attention,
-                                  reference_causal_attention, ragged_prefill_args)
+    from tuning.attention import (PrefillConfig, attention_key, make_ragged_prefill, ragged_prefill_args,
+                                  reference_causal_attention)
 
     from .peers import cuda_graph_us, sdpa_us
 
@@ -262,8 +263,7 @@ def attention_row(s, *, bucket: int, database_path, repeats: int, log) -> dict[s
     tdev = s.device.tvm_device()
     try:
         tuned_cfg = None
-        doc = read_attention(database_path) if database_path is not None else None
-        for entry in (doc or {}).get("kernels", []):
+        for entry in (attention or {}).get("kernels", []):
             if entry["key"] == {"h_kv": key.h_kv, "h_q": key.h_q, "d": key.d, "dtype": key.dtype}:
                 tuned_cfg = PrefillConfig(**entry["best"]["config"])
         args, q, k, v, sm_scale = ragged_prefill_args(key, n, device=tdev, seed=s.seed)
@@ -335,18 +335,16 @@ def run_kernels(cfg: BenchConfig, *, phase: str = "decode", batch: int = 8, seq_
     if phase == "decode" and bucket > config.max_batch_size:
         raise BenchError(f"--batch {bucket} exceeds the max batch size {config.max_batch_size}")
     notes: list[str] = []
-    db_info, msg = find_database(database_dir=cfg.database_dir, arch=arch, model=label, quantization=quantization,
-                                 explicit=cfg.database, target=target)
+    db_info, msg = find_database(database_dir=cfg.database_dir, model=label, quantization=quantization,
+                                 target=target, explicit=cfg.database, model_hash=config.model_hash())
     db = None
     if db_info is None:
         notes.append(msg)
         log(msg)
     else:
-        from tuning.database import open_database
-
-        db = open_database(db_info.path, target=target)
+        db = db_info.db.ms  # the records, for MetaSchedule's queries
         log(f"tuned kernels from {db_info.path} (hash {db_info.hash[:12]})")
-        have = ((db_info.meta or {}).get("buckets") or {}).get(phase)
+        have = db_info.db.buckets.get(phase) if db_info.db.buckets else None
         if have is not None and bucket not in have:
             notes.append(f"the database has no {phase} bucket {bucket} (it has {have}): the tuned build runs "
                          "the untuned kernels at this shape; the tuned column shows what its records give "
@@ -357,9 +355,7 @@ def run_kernels(cfg: BenchConfig, *, phase: str = "decode", batch: int = 8, seq_
     tdev = dev.tvm_device()
     t0 = time.perf_counter()
     tasks, prepared = bucket_tasks(config, quantization=quantization, target=target, phase=phase, bucket=bucket)
-    from tuning.apply import load_untuned_times
-
-    untuned_us = load_untuned_times(db_info.path if db_info else None)
+    untuned_us = db_info.db.untuned_us if db_info else {}
     log(f"bench kernels: {label} {quantization} {phase} {'b' if phase == 'decode' else 's'}{bucket} on {dev.name} "
         f"({arch}): {len(tasks)} kernels, partitioned in {time.perf_counter() - t0:.1f} s")
     repeats, seed = cfg.repeats, cfg.seed
@@ -435,7 +431,7 @@ def run_kernels(cfg: BenchConfig, *, phase: str = "decode", batch: int = 8, seq_
         import types
 
         s = types.SimpleNamespace(config=config, dtype=scheme.activation_dtype, device=dev, target=target, seed=seed)
-        att = attention_row(s, bucket=bucket, database_path=db_info.path if db_info else None, repeats=repeats,
+        att = attention_row(s, bucket=bucket, attention=db_info.db.attention if db_info else None, repeats=repeats,
                             log=log)
         if att is not None:
             rows.append(att)

@@ -125,8 +125,8 @@ def setup(cfg: BenchConfig, *, log: Callable[[str], None] = log_stderr) -> Setup
     notes: list[str] = []
     db = None
     if "tuned" in vs:
-        db, msg = find_database(database_dir=cfg.database_dir, arch=arch, model=label,
-                                quantization=quantization, explicit=cfg.database, target=target)
+        db, msg = find_database(database_dir=cfg.database_dir, model=label, quantization=quantization,
+                                target=target, explicit=cfg.database, model_hash=config.model_hash())
         if db is None:
             notes.append(msg)
             log(msg)

@@ -48,16 +48,11 @@ class Suite:
         self.target = target_for(self.device.name, None if self.device.kind == "cpu" else self.arch)
         self.config = get_config(model)
         self.model = model_name(model)
-        db_info, _ = find_database(database_dir=opt("--gpt2k-database-dir"), arch=self.arch, model=self.model,
-                                   quantization=self.quantization, target=self.target)
-        self.database = None
-        from tuning.apply import load_untuned_times
-
-        self.untuned_us = load_untuned_times(db_info.path if db_info else None)
-        if db_info is not None:
-            from tuning.database import open_database
-
-            self.database = open_database(db_info.path, target=self.target)
+        db_info, _ = find_database(database_dir=opt("--gpt2k-database-dir"), model=self.model,
+                                   quantization=self.quantization, target=self.target,
+                                   model_hash=self.config.model_hash())
+        self.untuned_us = db_info.db.untuned_us if db_info else {}
+        self.database = db_info.db.ms if db_info else None  # the records, for MetaSchedule's queries
         self.buckets = [("decode", b) for b in positive_ints(opt("--gpt2k-batch"), name="gpt2k-batch")]
         self.buckets += [("prefill", s) for s in positive_ints(opt("--gpt2k-seq-len"), name="gpt2k-seq-len")]
         self.parts = {}
