@@ -167,10 +167,12 @@ class GptFastDecodeRunner(_Runner):
     cache of prompt_len + gen_len positions; each ``step`` runs the compiled one-token forward and
     the argmax on the device and feeds the next step from it (no host copy)."""
 
-    def __init__(self, config, params_fp32, *, dtype: str, device: str, compiled: bool, seed: int = 0):
+    def __init__(self, config, params_fp32, *, dtype: str, device: str, compiled: bool, seed: int = 0,
+                 compile_prefill: bool = True):
         super().__init__(config, params_fp32, dtype=dtype, device=device, compiled=compiled, seed=seed)
         self._step_fn = self._compile(self._decode_one, graphs=True)
-        self._prefill_fn = self._compile(self.model, graphs=False)
+        # start()'s prefill is untimed here: compile_prefill=False saves a compile per shape.
+        self._prefill_fn = self._compile(self.model, graphs=False) if compile_prefill else self.model
         self._next = self._pos = None
         self._max_len = self._host_pos = 0
 
