@@ -7,18 +7,23 @@ Commands (console script ``bench``, module :mod:`bench.cli`)::
     bench kernels --phase decode --batch 8 | --phase prefill --seq-len 1024
 
 Common options: ``--model`` (preset or HF dir; random seeded weights), ``--quantization``,
-``--device auto|cpu|cuda[:N]``, ``--arch auto|sm_XX``, ``--variants untuned,tuned,torch``,
+``--device auto|cpu|cuda[:N]``, ``--arch sm_XX`` (default: detected), ``--variants untuned,tuned,torch``,
 ``--cuda-graph on|off``, ``--repeats``, ``--database-dir``, ``--cache-dir``, ``--json``,
 ``--peak-bw/--peak-tflops``. See ``bench <command> --help``.
 
 Python API: :func:`bench.decode.run_decode`, :func:`bench.prefill.run_prefill`,
-:func:`bench.kernels.run_kernels` return a result document (schema ``gpt2k-bench/1``, see
-``bench/SCHEMA.md``); :mod:`bench.report` prints tables, writes JSON and plots.
+:func:`bench.kernels.run_kernels` take a :class:`bench.config.BenchConfig` and return a result
+document (schema ``gpt2k-bench/1``, see ``bench/SCHEMA.md``); :mod:`bench.tables` prints it,
+:mod:`bench.report` writes/reads/validates JSON and plots.
 
-Modules: ``env`` (device, NVML snapshot, card peaks), ``timing`` (CUDA events / perf_counter,
-median p20 p80), ``build`` (library cache, database lookup), ``runners`` (TVM decode step and
-prefill), ``peers`` (Hugging Face eager / torch.compile, cuBLAS), ``common`` (setup, checks,
-measurement loops), ``decode``, ``prefill``, ``kernels``, ``report``, ``cli``.
+Modules: ``config`` (BenchConfig, variants), ``setup`` (device, arch, target, database, env),
+``checks`` (logits checks before timing), ``loop`` (runners and the timing loop), ``timing``
+(one-pass wall + CUDA-event time, statistics), ``anatomy`` (kernel sum and overhead of a step),
+``roofline`` (FLOPs, bytes, percentages), ``env`` (NVML snapshot, card peaks), ``build``
+(library cache, the tuned database), ``runners`` (TVM decode step and prefill), ``peers``
+(Hugging Face eager / compile, cuBLAS, SDPA), ``gptfast`` (the gpt-fast-style peer), ``decode``,
+``prefill``, ``kernels``, ``tables``, ``report``, ``cli``.
 
-bench compiles through ``tuning`` (``tuning.compile.build_model``) and never tunes.
+Layering: bench imports ``gpt2_model`` and ``tuning``; neither imports bench. bench compiles
+through ``tuning`` (``tuning.compile.build_model``) and never tunes.
 """

@@ -154,7 +154,7 @@ def _torch_runner(s, variant: str, *, phase: str, cuda_graph: bool, check: bool)
 
         cls = gptfast.GptFastDecodeRunner if phase == "decode" else gptfast.GptFastPrefillRunner
         params = s.peer_params()
-        runner = cls(s.config, params, dtype=s.dtype, device=s.device.name, compiled=True)
+        runner = cls(s.config, params, dtype=s.dtype, device=s.device.name, compiled=True, seed=s.seed)
         if not hasattr(runner, "weight_bytes"):
             runner.weight_bytes = _peer_weight_bytes(params, s.dtype)
         if not hasattr(runner, "kv_bytes_per_token"):
@@ -193,8 +193,11 @@ def open_runner(s, variant: str, *, phase: str, cuda_graph: bool, cache_dir, max
                                             untuned_logits=state.get("untuned_logits"), log=log)
     if variant == "untuned":
         state["untuned_logits"] = logits
-    cls = TvmDecodeRunner if phase == "decode" else TvmPrefillRunner
-    return cls(engine, variant=variant, seed=s.seed), info
+    if phase == "decode":
+        runner = TvmDecodeRunner(engine, variant=variant, seed=s.seed)
+        info["decode_path"] = runner.path  # token-steps (device-resident ids) or embed+decode (older library)
+        return runner, info
+    return TvmPrefillRunner(engine, variant=variant, seed=s.seed), info
 
 
 # ---------------------------------------------------------------------------------------------

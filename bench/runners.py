@@ -1,8 +1,11 @@
 """TVM engine runners: one decode step / one prefill, as the benchmark times them.
 
-A *decode step* is what a serving loop does per generated token, minus sampling: upload the
-batch's token ids, embed them, ``begin_forward`` on the paged KV cache, ``batch_decode``,
-``end_forward``. Logits stay on the device (no host copy), like the PyTorch peers.
+A *decode step* is what a serving loop does per generated token: with a library that exports the
+token-in/token-out entry points (``Engine.has_token_steps``), ``Engine.decode_tokens``: the
+previous step's greedy ids (on the device) in, embed, layers, lm_head and argmax, the next ids out
+on the device -- no host copy of ids or logits, as the gpt-fast-style peer does it. Older
+libraries: upload the batch's token ids, embed them, ``begin_forward`` on the paged KV cache,
+``batch_decode``, ``end_forward``, logits left on the device (``path`` says which).
 
 A *prefill* appends ``seq_len`` tokens to each of ``batch`` empty sequences, in chunks of at
 most ``prefill_chunk_size`` tokens, one sequence after the other, through the engine's
@@ -58,6 +61,7 @@ class TvmDecodeRunner:
         self.kv_bytes_per_token = kv_bytes_per_token(engine.config, engine.exported.scheme.activation_dtype)
         self._seqs: list[int] = []
         self._ids = None
+        self._dev_ids = None
 
     def start(self, *, batch: int, prompt_len: int, gen_len: int) -> None:
         """Add ``batch`` sequences and prefill ``prompt_len`` random tokens each (untimed)."""
@@ -70,11 +74,23 @@ class TvmDecodeRunner:
         for s in self._seqs:
             e.prefill(s, rng.integers(0, e.config.vocab_size, prompt_len))
         self._ids = rng.integers(0, e.config.vocab_size, batch).astype(np.int32)
+        if self.path == "token-steps":
+            import tvm
+
+            self._dev_ids = tvm.runtime.tensor(self._ids, e.device)  # copied once; then fed from the device
         e.device.sync()
 
+    @property
+    def path(self) -> str:
+        """``token-steps`` (device-resident ids, argmax on the device) or ``embed+decode`` (older libraries)."""
+        return "token-steps" if self.engine.has_token_steps else "embed+decode"
+
     def step(self):
-        """One decode step for every sequence; returns the logits tensor (on the device)."""
+        """One decode step for every sequence; returns the next ids (token steps) or the logits, on the device."""
         e = self.engine
+        if self.path == "token-steps":
+            self._dev_ids = e.decode_tokens(self._seqs, self._dev_ids)
+            return self._dev_ids
         b = len(self._seqs)
         embeds = e.view(e.embed(self._ids), (b, 1, e.config.n_embd))
         e.begin_forward(self._seqs, [1] * b)
@@ -87,6 +103,7 @@ class TvmDecodeRunner:
         for s in self._seqs:
             self.engine.remove_sequence(s)
         self._seqs = []
+        self._dev_ids = None
 
 
 class TvmPrefillRunner:
