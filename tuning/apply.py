@@ -144,8 +144,11 @@ def find_database(*, database: str | Path | None, database_dir: str | Path, targ
     given (must exist), else ``database_dir/ARCH/MODEL-QUANT`` when it exists, else None."""
     db, msg = TunedDatabase.find(root=database_dir, target=target, model=model, quantization=quantization,
                                  explicit=database)
+    if db is None:  # the user asked for a tuned build by default: say where we looked
+        logger.warning("%s", msg)
+        return None
     logger.info("%s", msg)
-    return None if db is None else db.path
+    return db.path
 
 
 def tvm_is_scheduled(func) -> bool:

@@ -15,7 +15,7 @@ from gpt2_model.export import export_model
 
 from .apply import apply_database, coverage, schedule_like_untuned
 from .attention import apply_attention, attention_key
-from .database import TunedDatabase
+from .database import DatabaseMismatchError, TunedDatabase
 from .partition import attach_twins, buckets_for, tasks_of
 from .pipeline import lowering_passes, prepare
 from .targets import arch_of, is_gpu
@@ -135,8 +135,13 @@ def build_model(config, *, quantization: str, target: Target, database: str | Pa
     db, cov = None, None
     buckets = {k: list(v) for k, v in (default_buckets(config, target) if buckets is None else buckets).items()}
     if database is not None and not isinstance(database, TunedDatabase):
-        database = TunedDatabase.open(Path(database), target=target, model_hash=config.model_hash(),
-                                      quantization=quantization)
+        try:
+            database = TunedDatabase.open(Path(database), target=target, model_hash=config.model_hash(),
+                                          quantization=quantization)
+        except DatabaseMismatchError as err:
+            raise DatabaseMismatchError(
+                f"{err}; the database that would match: {_matching_path(Path(database), config, quantization, target)}"
+            ) from None
     if database is not None:
         db = database.ms
         for phase, values in database.buckets.items():

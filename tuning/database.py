@@ -331,6 +331,11 @@ class TunedDatabase:
         """Good records held."""
         return len(self._parsed.records)
 
+    @property
+    def workloads(self) -> list:
+        """The good workloads (``ms.database.Workload``), in file order."""
+        return list(self._parsed.workloads)
+
     def repair(self) -> int:
         """Move the bad lines to ``<file>.quarantine`` and rewrite the files (``tune --repair``).
 

@@ -37,3 +37,23 @@ def test_committed_database(path):
     report = validate_database(path, target=make_target(arch))
     assert report.ok(), report.failures
     assert report.records == len(lines)
+
+
+@pytest.mark.slow  # exports and prepares preset gpt2 (about a minute per database on 2 cores)
+@pytest.mark.parametrize("path", DATABASES, ids=[f"{p.parent.name}/{p.name}" for p in DATABASES])
+def test_committed_records_are_found_by_compile(path):
+    """Every workload of a committed database is a kernel of the module compile prepares today
+    (same structural hash): a change to the model or the pipeline that would silently orphan the
+    committed records fails here."""
+    from gpt2_model.config import get_config
+    from tuning.database import TunedDatabase
+    from tuning.partition import partition
+
+    target = make_target(path.parent.name)
+    db = TunedDatabase.open(path, target=target)
+    model, quant = path.name.rsplit("-", 1)
+    tasks = partition(get_config(model), quantization=quant, target=target, buckets=db.buckets)
+    keys = {task.name for task in tasks if db.ms.has_workload(task.mod())}
+    orphans = set(db.meta["tasks"]) - keys
+    assert len(keys) == len(db.workloads), f"records no kernel of today's module has: {sorted(orphans)}"
+    assert keys <= set(db.meta["tasks"])

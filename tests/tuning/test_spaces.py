@@ -21,6 +21,7 @@ from tvm.support import nvcc
 from tuning import spaces
 from tuning.spaces import workloads as wl
 from tuning.targets import make_target
+from tuning.untuned import untuned_schedule
 
 TARGET = make_target("sm_90")
 NVCC = shutil.which("nvcc") is not None
@@ -209,7 +210,7 @@ def test_gemv_tile_knobs_reach_the_kernel(funcs):
 def test_dlight_schedule_replays(funcs):
     for name in ("gemv_b8_qkv", "gemm_s1024_qkv", "layer_norm_s1024"):
         mod = tvm.IRModule({"main": funcs[name]})
-        sch = spaces.dlight_schedule(funcs[name], target=TARGET)
+        sch = untuned_schedule(funcs[name], target=TARGET)
         assert sch is not None
         fresh = s_tir.Schedule(mod)
         sch.trace.apply_to_schedule(fresh, remove_postproc=False)
@@ -228,7 +229,7 @@ def test_optin_verifier_accepts_dlight_tensorcore_gemm(funcs):
 
     def fresh():
         sch = s_tir.Schedule(mod)
-        spaces.dlight_schedule(func, target=TARGET).trace.apply_to_schedule(sch, remove_postproc=False)
+        untuned_schedule(func, target=TARGET).trace.apply_to_schedule(sch, remove_postproc=False)
         sch.enter_postproc()
         return sch
 
