@@ -132,6 +132,7 @@ def test_classify_matches_partition_of_real_model():
         assert kinds["gemv"] >= 4 and kinds["gemm"] >= 4, kinds
 
 
+@pytest.mark.slow  # builds every sampled kernel for CUDA and runs nvcc (no GPU needed): 12-33 s each, loaded 2-core machine
 @pytest.mark.parametrize("name", list(KERNELS))
 def test_samples_postprocess_and_build(samples, name):
     """Every draw that passes the postprocessors (VerifyGPUCode included) builds for sm_90;
