@@ -106,6 +106,7 @@ def test_corrupt_attention_file_is_one_clear_error(tmp_path, sm90):
         A.apply_attention(tvm.IRModule(), tmp_path, key=KEY, target=sm90)
 
 
+@pytest.mark.slow  # CUDA build with nvcc, no GPU needed (~50 s on a loaded 2-core machine)
 def test_a_candidate_builds_for_cuda(sm90):
     """The patched template compiles to CUDA here (nvcc, no GPU needed)."""
     cfg = A.PrefillConfig(num_blks=32, tile_x=16, tile_z=32, num_warps=4, load_vec=8)
