@@ -1,6 +1,6 @@
 """CUDA builds of preset gpt2 against transformers on the same GPU (marked gpu: skipped without one).
 
-Run on the GPU machine: ``python -m pytest -m gpu tests/test_gpu_model.py -s``.
+Run on the GPU machine: ``python -m pytest -m gpu tests/gpt2_model/test_gpu_model.py -s``.
 """
 
 from __future__ import annotations
