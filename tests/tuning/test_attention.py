@@ -139,6 +139,7 @@ def test_tune_attention_on_gpu(tmp_path):
     assert A.read_attention(tmp_path)["kernels"][0]["best"]["config"] == entry["best"]["config"]
 
 
+@pytest.mark.slow  # two CUDA builds of the model with nvcc, no GPU needed (~50 s on a loaded 2-core machine)
 def test_compile_with_a_database_applies_and_reports_the_attention_choice(tmp_path, sm90):
     """build_model with a database holding attention.json builds (nvcc, no GPU) and reports it."""
     from gpt2_model.config import get_config
