@@ -164,6 +164,27 @@ def test_torch_compile_failure_is_a_row(bench_cache, empty_db_dir, monkeypatch):
     assert "RuntimeError: inductor exploded" in format_table(res)
 
 
+def test_gpt_fast_peer_is_the_torch_compile_variant(bench_cache, empty_db_dir, monkeypatch):
+    """torch-compile runs bench/gptfast.py's GPT-2 (here with torch.compile a no-op, so the CPU test
+    stays quick): checked against HF's logits before timing, greedy ids fed back on the device."""
+    from bench.decode import run_decode
+    from bench.prefill import run_prefill
+
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: fn)
+    res = run_decode(_cfg(variants="torch-compile", database_dir=str(empty_db_dir), cache_dir=str(bench_cache)),
+                     batch="1,2", prompt_len=6, gen_len=3, log=lambda m: None)
+    report.validate_result(res)
+    for r in res["rows"]:
+        assert r["status"] == "ok", r["error"]
+        assert r["build"]["peer"].startswith("gpt-fast") and r["build"]["check"]["ok"]
+        assert r["build"]["check"]["reference"] == "hf-fp32-cpu" and r["build"]["check"]["rel_err"] < 1e-4
+        assert r["build"]["torch_threads"] >= 1
+    pre = run_prefill(_cfg(variants="torch-compile", database_dir=str(empty_db_dir), cache_dir=str(bench_cache)),
+                      seq_len=16, log=lambda m: None)
+    report.validate_result(pre)
+    assert pre["rows"][0]["status"] == "ok", pre["rows"][0]["error"]
+
+
 # ---------------------------------------------------------------------------------------------- prefill
 def test_prefill_sweep_end_to_end(bench_cache, empty_db_dir):
     from bench.prefill import run_prefill
