@@ -146,6 +146,10 @@ class StepAnatomy:
             "method": self.method,
             "excludes": EXCLUDED,
         }
+        if out["overhead_ms"] < 0:
+            notes.append("kernels timed alone sum to more than the step's wall time (negative overhead): each "
+                         "kernel's own timing (cold inputs, contention on a busy machine) exceeds its share "
+                         "inside the step")
         if m["gpu_ms"] is None:
             out["gpu_note"] = ("no GPU time on the CPU" if s.device.kind == "cpu"
                                else "no GPU time: torch with CUDA is needed for events")

@@ -89,7 +89,7 @@ def format_table(result: dict[str, Any], *, tablefmt: str = "github") -> str:
         for n in r.get("notes") or []:
             if n.startswith("PyTorch on the CPU"):  # the same for every test of the variant
                 row_notes.append(f"{r['variant']}: {n}")
-            elif n.startswith("tuned kernels") or "not among" in n:
+            elif n.startswith(("tuned kernels", "kernels timed alone")) or "not among" in n:
                 row_notes.append(f"{r['variant']} {r['test']}: {n}")
     headers, body = _drop_empty(headers, body, keep=5)
     out = _header(result) + "\n\n" + _tabulate(body, headers, tablefmt)
