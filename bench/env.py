@@ -37,7 +37,6 @@ __all__ = [
     "cpu_model",
     "peak_for",
     "resolve_peak",
-    "torch_cuda_available",
 ]
 
 
@@ -191,18 +190,6 @@ class DeviceSpec:
         from gpt2_model.device import tvm_device
 
         return tvm_device(self.name)
-
-
-def torch_cuda_available() -> bool:
-    """True when torch is importable and sees a CUDA device."""
-    try:
-        import torch
-    except ImportError:
-        return False
-    try:
-        return bool(torch.cuda.is_available())
-    except Exception:
-        return False
 
 
 def resolve_device(spec: str = "auto") -> DeviceSpec:
