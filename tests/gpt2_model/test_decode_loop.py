@@ -129,6 +129,20 @@ def test_generate_equals_hf_generate(engine, hf_sharded):
     assert engine.generate(PROMPT_B, 0) == []
 
 
+def test_library_without_token_steps_falls_back_to_the_host_loop(built, engine):
+    """A library built before the token entry points (simulated: none found) still generates
+    the same tokens through the host-argmax loop; decode_tokens says what is missing."""
+    old = _engine(built)
+    old._token_fns = {key: None for key in old._token_fns}  # pylint: disable=protected-access
+    assert not old.has_token_steps
+    assert old.generate(PROMPT_C, 8) == engine.generate(PROMPT_C, 8)
+    seq = old.add_sequence()
+    old.prefill(seq, PROMPT_C)
+    with pytest.raises(EngineError, match="no token-in/token-out entry points"):
+        old.decode_tokens([seq], [1])
+    assert old.sequence_length(seq) == len(PROMPT_C)
+
+
 def test_generate_stop_at_eos_like_hf(built, hf_sharded):
     """With stop_at_eos the output ends at the first EOS, as HF generate's does. The random
     checkpoint repeats tokens, so EOS is set to a token this prompt first produces at step 20:
