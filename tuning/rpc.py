@@ -224,13 +224,14 @@ def make_rpc_runner(
 class _Process:
     """A ``python -m tvm.exec.*`` subprocess, stopped on exit (its process group is killed)."""
 
-    def __init__(self, args: list[str], name: str):
+    def __init__(self, args: list[str], name: str, env: dict[str, str] | None = None):
         self.args = [sys.executable, "-m", *args]
         self.name = name
+        self.env = dict(env or {})
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.proc = subprocess.Popen(
             self.args,
             stdout=subprocess.DEVNULL,
@@ -313,22 +314,26 @@ class RPCServerProcess(_Process):
 
     ``fork=False`` (``--no-fork``) serves each session from a freshly started process: a forked
     session inherits the server's CUDA state and fails with ``cudaErrorInitializationError``.
+    ``device`` pins the server to one GPU (``CUDA_VISIBLE_DEVICES``): one server per card.
     """
 
     def __init__(self, *, tracker_host: str, tracker_port: int, key: str, host: str = "127.0.0.1",
-                 fork: bool = False):
+                 fork: bool = False, device: str | None = None):
         self.tracker_host, self.tracker_port, self.key = tracker_host, tracker_port, key
         port = free_port(host)
         super().__init__(
             ["tvm.exec.rpc_server", "--tracker", f"{tracker_host}:{tracker_port}", "--key", key,
              "--host", host, "--port", str(port), "--port-end", str(port + 10), "--silent",
              *([] if fork else ["--no-fork"])],
-            f"RPC server {key!r}",
+            f"RPC server {key!r}" + (f" on GPU {device}" if device is not None else ""),
+            env=None if device is None else {"CUDA_VISIBLE_DEVICES": str(device)},
         )
 
-    def start(self, *, timeout: float = 60.0) -> RPCServerProcess:
-        """Start and wait until the tracker lists this server as free."""
+    def start(self, *, timeout: float = 60.0, wait: bool = True) -> RPCServerProcess:
+        """Start and (with ``wait``) wait until the tracker lists this server as free."""
         super().start()
+        if not wait:
+            return self
         self._wait_ready(lambda: check_tracker(self.tracker_host, self.tracker_port, self.key, timeout=1.0),
                          timeout, "did not register with the tracker")
         return self
@@ -339,7 +344,12 @@ class RPCServerProcess(_Process):
 
 @dataclass
 class LocalRPC:
-    """A tracker plus ``n_servers`` servers on loopback; a context manager that stops them.
+    """A tracker plus ``n_servers`` servers; a context manager that stops them.
+
+    ``devices`` (e.g. ``["0", "1"]``) starts one server per GPU, each seeing only its card
+    (``CUDA_VISIBLE_DEVICES``), all under one key, so a ``tune --rpc-tracker`` measures on all of
+    them in parallel (MetaSchedule's RPC runner with one worker per server). ``host`` is where the
+    tracker and servers listen (``0.0.0.0`` to serve other machines).
 
     >>> with LocalRPC(key="cpu") as rpc:                  # doctest: +SKIP
     ...     runner = make_rpc_runner(rpc.host, rpc.port, rpc.key)
@@ -350,6 +360,7 @@ class LocalRPC:
     host: str = "127.0.0.1"
     port: int | None = None
     fork: bool = False
+    devices: list[str] | None = None
     tracker: RPCTrackerProcess | None = field(default=None, init=False)
     servers: list = field(default_factory=list, init=False)
 
@@ -357,13 +368,30 @@ class LocalRPC:
         try:
             self.tracker = RPCTrackerProcess(host=self.host, port=self.port).start()
             self.port = self.tracker.port
-            for _ in range(self.n_servers):
+            client = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+            devices = list(self.devices) if self.devices is not None else [None] * self.n_servers
+            for device in devices:
                 server = RPCServerProcess(
-                    tracker_host=self.host, tracker_port=self.port, key=self.key, host=self.host,
-                    fork=self.fork,
+                    tracker_host=client, tracker_port=self.port, key=self.key, host=self.host,
+                    fork=self.fork, device=device,
                 )
                 self.servers.append(server)
-                server.start()
+                server.start(wait=False)
+            # all started in parallel; ready once the tracker lists every one as free
+            deadline = time.monotonic() + 120
+            while True:
+                for server in self.servers:
+                    if server.proc.poll() is not None:
+                        raise server._fail("exited at start")  # pylint: disable=protected-access
+                try:
+                    free = int(check_tracker(client, self.port, self.key, timeout=1.0).get("free", 0))
+                except RPCTrackerError:
+                    free = 0
+                if free >= len(self.servers):
+                    break
+                if time.monotonic() > deadline:
+                    raise RPCTrackerError(f"only {free} of {len(self.servers)} RPC servers registered within 120 s")
+                time.sleep(0.25)
         except BaseException:
             self.close()
             raise
