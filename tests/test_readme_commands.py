@@ -111,8 +111,9 @@ def test_readme_command_1_then_the_committed_database_test(tmp_path):
         proc = _run([str(script)] + argv[1:], copy, env, timeout=1800)
         assert proc.returncode == 0, f"README command 1 step `{shlex.join(argv)}` failed (exit {proc.returncode})"
 
+    # every test of the file, its slow ones too (the copy's pyproject deselects those by default)
     proc = _run([sys.executable, "-m", "pytest", "tests/tuning/test_committed_databases.py", "-q",
-                 "-p", "no:cacheprovider"], copy, env, timeout=1800)
+                 "-m", "slow or not slow", "-p", "no:cacheprovider"], copy, env, timeout=1800)
     assert proc.returncode == 0, ("after README command 1, tests/tuning/test_committed_databases.py fails in the "
                                   "checkout (exit %d)" % proc.returncode)
 
