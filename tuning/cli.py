@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)  # bad options are refused here, before TVM is imported
         from .driver import run_tune  # pylint: disable=import-outside-toplevel  # imports TVM: after parsing (fast --help)
-        from .lock import LockedError  # pylint: disable=import-outside-toplevel
+        from .lock import LockedError  # pylint: disable=import-outside-toplevel  # after parsing, as the driver
 
         try:
             return run_tune(config)

@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pynvml
 import tvm
 import tvm_ffi
 from tvm.s_tir import Schedule
@@ -125,8 +126,6 @@ def describe_device(target: Target) -> dict:
         return {"cpu": detect_cpu()}
     info: dict[str, Any] = {"gpu_name": None, "driver_version": None}
     try:
-        import pynvml  # pylint: disable=import-outside-toplevel  # only when a meta.json is written
-
         pynvml.nvmlInit()
         try:
             handle = pynvml.nvmlDeviceGetHandleByIndex(0)

@@ -27,6 +27,30 @@ def test_gpu_arch_without_gpu_or_tracker_says_how_to_attach(capsys):
     assert "rpc_tracker" in err and "rpc_server" in err and "--rpc-tracker" in err
 
 
+def test_arch_defaults_to_this_machine_and_says_so(capsys):
+    from gpt2_model.device import detect_cuda_arch
+
+    local = detect_cuda_arch()
+    assert main(["--model", "tiny", "--list-kernels", "--phases", "decode", "--batch-buckets", "1"]) == 0
+    out, err = capsys.readouterr()
+    if local is None:
+        assert "--arch not given and no CUDA GPU found: tuning for this CPU (--arch cpu)" in err
+        assert "tiny q0f16 on cpu:" in out
+    else:
+        assert f"--arch not given: tuning for this machine's GPU, --arch {local}" in err
+        assert f"tiny q0f16 on {local}:" in out
+
+
+def test_help_uses_the_shared_flag_names():
+    from tuning.cli import build_parser
+
+    text = build_parser().format_help()
+    assert "--trials-per-task" in text and "--trials 2000" not in text and "--trials 64 " not in text
+    for flag in ("--arch", "--quantization", "--wait", "--validate", "--repair"):
+        assert flag in text
+    assert "default: the local GPU's arch" in text.lower() or "Default: the local GPU's arch" in text
+
+
 def test_unknown_arch_lists_known_ones(capsys):
     assert main(["--arch", "sm_99", "--list-kernels"]) == 1
     assert "sm_70" in capsys.readouterr().err
