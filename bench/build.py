@@ -314,8 +314,8 @@ def load_engine(*, config, quantization: str, device: str, target, params_fp32: 
             root.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
             try:
-                built, exported = _build_library(config=config, quantization=quantization, target=target, database=database,
-                                       cuda_graph=cuda_graph, out=tmp / "lib.so")
+                built, exported = _build_library(config=config, quantization=quantization, target=target,
+                                                 database=database, cuda_graph=cuda_graph, out=tmp / "lib.so")
                 meta = dict(parts, **built, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
                             database_path=str(database.path) if database else None)
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
@@ -329,8 +329,8 @@ def load_engine(*, config, quantization: str, device: str, target, params_fp32: 
         else:
             lib_dir = Path(tempfile.mkdtemp(prefix="gpt2k-lib-"))
             lib = lib_dir / "lib.so"
-            meta, exported = _build_library(config=config, quantization=quantization, target=target, database=database,
-                                  cuda_graph=cuda_graph, out=lib)
+            meta, exported = _build_library(config=config, quantization=quantization, target=target,
+                                            database=database, cuda_graph=cuda_graph, out=lib)
         build_s = time.perf_counter() - t0
     if exported is None:  # cache hit: the same export (bucket entry points included) as the build
         exported = export_model(config, quantization=quantization, target=target,

@@ -367,7 +367,8 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def collect_env(device: DeviceSpec, *, arch: str | None = None, database: dict[str, Any] | None = None) -> dict[str, Any]:
+def collect_env(device: DeviceSpec, *, arch: str | None = None,
+                database: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything recorded about where and with what a result was measured.
 
     Parameters

@@ -53,7 +53,8 @@ def _header(result: dict[str, Any]) -> str:
     dev = r0.get("device") or env.get("device") or "?"
     where = f"{dev} ({r0.get('arch') or env.get('arch')}" + (f", {gpu})" if gpu else ")")
     line = f"{r0.get('model', '?')} {r0.get('quantization', '?')} on {where}"
-    if str(dev).startswith("cuda") and "cuda_graph" in (result.get("args") or {}):
+    graphs_apply = result.get("command") != "kernels" and "cuda_graph" in (result.get("args") or {})
+    if str(dev).startswith("cuda") and graphs_apply:
         line += f", CUDA graphs {'on' if result['args']['cuda_graph'] else 'off'}"
     return line + f", timer {result.get('timer')}"
 
