@@ -53,6 +53,7 @@ def test_compile_cpu_then_generate_matches_transformers(dist, hf_sharded, capsys
     assert rate and float(rate.group(2)) == pytest.approx(4 / float(rate.group(1)), rel=0.05)
 
 
+@pytest.mark.slow  # a CUDA build of the model with nvcc, no GPU needed (~80 s on a loaded 2-core machine)
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to build CUDA code")
 def test_compile_for_cuda_without_a_gpu(dist):
     lib = dist / "model-sm86.so"
