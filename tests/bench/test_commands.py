@@ -280,6 +280,7 @@ def test_cli_bad_options_exit_2(argv, message, capsys, empty_db_dir):
 
 
 # ---------------------------------------------------------------------------------------------- tuned
+@pytest.mark.slow  # tune -> compile with the database -> bench, logits checked (~110 s with its fixture, loaded 2-core machine)
 def test_tuned_variant_end_to_end(tiny_db_root, bench_cache):
     """With a database: untuned and tuned in one run, the tuned build has the bucket entry points,
     passes the logits check, and the speedup is the ratio of the medians."""
