@@ -311,6 +311,7 @@ def test_tuned_variant_end_to_end(tiny_db_root, bench_cache):
     assert f"tuned {tk['tuned']}/{tk['total']}" in format_table(res)
 
 
+@pytest.mark.slow  # shares the tuned database fixture of the test above (tune -> compile -> kernels)
 def test_kernels_with_database(tiny_db_root):
     from bench.kernels import run_kernels
 
