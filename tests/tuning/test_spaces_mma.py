@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 
 import pytest
 import tvm
@@ -27,6 +28,15 @@ KERNELS = {
     "proj_128x768x768_bias": lambda: wl.linear(1, 128, 768, 768),
     "lm_head_128x768x50257": lambda: wl.linear(1, 128, 50257, 768, bias=False),
 }
+
+
+def _ptxas_info(src: str, folder) -> str:
+    path = folder / "k.cu"
+    path.write_text(src)
+    res = subprocess.run(["nvcc", "-arch=sm_90", "-O3", "-cubin", "-Xptxas", "-v", "-o",
+                          str(folder / "k.cubin"), str(path)], capture_output=True, text=True,
+                         check=True)
+    return res.stderr
 
 
 def _mma_names(func, target):
@@ -57,7 +67,7 @@ def test_bad_input():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(KERNELS))
-def test_draws_postprocess_build_and_compile(name):
+def test_draws_postprocess_build_and_compile(name, tmp_path):
     """Random draws of the mma spaces pass every postprocessor (VerifyGPUCode against the opt-in
     shared memory included), build for sm_90 with and without the async-copy config, contain the
     mma/ldmatrix/cp.async instructions, and one per kernel compiles to a cubin with nvcc."""
@@ -79,6 +89,8 @@ def test_draws_postprocess_build_and_compile(name):
             with TARGET:
                 cubin = nvcc.compile_cuda(src, target_format="cubin", compiler="nvcc")
             assert len(cubin) > 0
+            # fragments and accumulators in registers: no local-memory stack frame
+            assert "0 bytes stack frame" in _ptxas_info(src, tmp_path), cand.space
     # without the config the same kernel builds with synchronous copies
     plain = tvm.compile(cands[0].sch.mod, target=TARGET).mod.imports[0].inspect_source()
     assert "mma.sync" in plain and not re.search(r"cp_async_legacy_c[ag]_\d+\(", plain.split("__global__")[-1])

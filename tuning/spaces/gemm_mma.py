@@ -29,10 +29,13 @@ warps along M / N      1, 2, 4 each      threadIdx.y = warps_m x warps_n
 fragments per warp     1, 2, 4 each      warp tile 16..64 per dim; block 16..256
 K chunk per stage      2, 4 (x16)        32 or 64 halves of K per pipeline stage
 copy / store vector    4, 8 halves       8 = 16-byte cp.async
-unroll                 0, 16, 64, 512    ``meta_schedule.unroll_explicit``
 =====================  ================  =========================================
 
 Structural variants (one design space each): stages 2 or 3 x swizzle or padding.
+
+No unroll knob: with TVM's explicit unrolling (``meta_schedule.unroll_explicit`` 16..512) nvcc
+keeps the accumulator fragment in local memory (112-byte stack frame per thread, ptxas -v on
+1024x768x2304); left to nvcc, every checked configuration has a 0-byte stack frame.
 
 Accumulation dtype follows the kernel (GPT-2's fused ``NT_matmul`` blocks accumulate in
 float16, as dlight's schedule does; a float32 accumulator uses the f32 intrinsics).
@@ -72,7 +75,6 @@ _WARPS = [1, 2, 4]
 _FRAGS = [1, 2, 4]
 _K_CHUNK = [2, 4]
 _VEC = [4, 8]
-_UNROLL = [0, 16, 64, 512]
 
 
 def _uniform(n: int) -> list[float]:
@@ -121,6 +123,11 @@ def _static(e) -> int:
 
 LDMATRIX_A = "gpt2_mma_ldmatrix_f16_a_dyn_local"
 LDMATRIX_B_TRANS = "gpt2_mma_ldmatrix_f16_b_trans_dyn_local"
+#: Accumulators -> shared.dyn with ``mma_store`` (a lane stores its own 8 values; TVM's
+#: "simple" variant reads the fragment with lane-dependent indices that LowerWarpMemory turns
+#: into dynamically indexed local arrays + shuffles).
+MMA_STORE = {"float16": "gpt2_mma_store_16x16_f16_shared_dyn",
+             "float32": "gpt2_mma_store_16x16_f32_shared_dyn"}
 MMA_TRANS_B = {"float16": "gpt2_mma_f16f16f16_trans_b_local_ab",
                "float32": "gpt2_mma_f16f16f32_trans_b_local_ab"}
 
@@ -229,8 +236,12 @@ def _mma_local_ab(out_dtype: str):
 def _register_intrinsics() -> None:
     from tvm.s_tir import TensorIntrin  # pylint: disable=import-outside-toplevel
 
+    from tvm.s_tir.tensor_intrin.cuda import get_mma_store_intrin
+
     todo = [(LDMATRIX_A, lambda: _ldmatrix_local(False)),
             (LDMATRIX_B_TRANS, lambda: _ldmatrix_local(True))]
+    todo += [(name, (lambda d=d: get_mma_store_intrin(d, 8, "shared.dyn", True)))
+             for d, name in MMA_STORE.items()]
     todo += [(name, (lambda d=d: _mma_local_ab(d))) for d, name in MMA_TRANS_B.items()]
     for name, make in todo:
         if TensorIntrin.get(name, allow_missing=True) is None:
@@ -313,7 +324,6 @@ def schedule_gemm_mma(sch: s_tir.Schedule, *, variant: str = "s3_swizzle"):
     frags_j = sch.sample_categorical(_FRAGS, _uniform(len(_FRAGS)))
     k_chunk = sch.sample_categorical(_K_CHUNK, _uniform(len(_K_CHUNK)))
     vec = sch.sample_categorical(_VEC, _uniform(len(_VEC)))
-    unroll = sch.sample_categorical(_UNROLL, _uniform(len(_UNROLL)))
 
     i0, i1, i2 = sch.split(i, [None, warps_i, frags_i], preserve_unit_iters=True)
     j0, j1, j2 = sch.split(j, [None, warps_j, frags_j], preserve_unit_iters=True)
@@ -324,7 +334,6 @@ def schedule_gemm_mma(sch: s_tir.Schedule, *, variant: str = "s3_swizzle"):
     sch.bind(j0, "blockIdx.x")
     warp = sch.fuse(j1, i1)
     sch.bind(warp, "threadIdx.y")
-    sch.annotate(root, "meta_schedule.unroll_explicit", unroll)
 
     # ---- global -> shared.dyn (cp.async stage of the pipeline) ------------------------------
     def fetch_to_shared(index: int):
@@ -396,7 +405,7 @@ def schedule_gemm_mma(sch: s_tir.Schedule, *, variant: str = "s3_swizzle"):
     sch.tensorize(ld_b, LDMATRIX_B_TRANS)
     sch.tensorize(sch.get_loops(block_inner)[-3], MMA_TRANS_B[acc_dtype])
     sch.tensorize(sch.get_loops(init_inner)[-2], intrins["init"])
-    sch.tensorize(sch.get_loops(store)[-2], intrins["store"])
+    sch.tensorize(sch.get_loops(store)[-2], MMA_STORE[acc_dtype])
 
     # ---- software pipeline (MultiLevelTilingTensorCore's annotations, async copy stage) -----
     # k1 body: [A ldmatrix, B ldmatrix, mma]: prefetch the next fragments (registers x 2).
