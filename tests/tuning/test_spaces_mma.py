@@ -83,6 +83,9 @@ def test_draws_postprocess_build_and_compile(name, tmp_path):
         assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in src
         assert re.search(r"cp\.async\.c[ag]\.shared\.global", src), "no cp.async with the config"
         assert "cp.async.wait_group" in src
+        # the steady-state wait keeps stages - 1 tiles in flight while one is computed
+        stages = int(cand.space.split("/")[1][1])
+        assert f"async_wait_group_{stages - 1}()" in src, cand.space
         # the operand fragments are per-lane register arrays, not whole-warp arrays
         assert not re.search(r"threadIdx\.x\)\s*\*\s*\(int64_t\)8\)\)\)\)\[0\]", src)
         if i == 0 and NVCC:

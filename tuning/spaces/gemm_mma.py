@@ -410,12 +410,15 @@ def schedule_gemm_mma(sch: s_tir.Schedule, *, variant: str = "s3_swizzle"):
     # ---- software pipeline (MultiLevelTilingTensorCore's annotations, async copy stage) -----
     # k1 body: [A ldmatrix, B ldmatrix, mma]: prefetch the next fragments (registers x 2).
     # The inner pipeline is injected first, so k0's body is then [A g2s, B g2s, k1 prologue
-    # (first ldmatrix), k1 body, k1 epilogue]: copies run stages - 1 tiles ahead, and the
-    # first fragments of the next tile load before the last mma of the current one.
+    # (first ldmatrix), k1 body, k1 epilogue]; the copies run stages - 1 tiles ahead and the
+    # whole inner pipeline consumes one tile. (MultiLevelTilingTensorCore's [0, 0, 1, 2, 2] /
+    # order [0, 1, 3, 2, 4] loads the next tile's first fragments before the current tile's
+    # last mma, but then the async wait for tile t + 1 lands before the mma of tile t:
+    # ``cp.async.wait_group 0`` with 2 stages, i.e. no copy/compute overlap at all.)
     sch.annotate(k1, "software_pipeline_stage", [0, 0, 1])
     sch.annotate(k1, "software_pipeline_order", [0, 1, 2])
-    sch.annotate(k0, "software_pipeline_stage", [0, 0, stages - 2, stages - 1, stages - 1])
-    sch.annotate(k0, "software_pipeline_order", [0, 1, 3, 2, 4])
+    sch.annotate(k0, "software_pipeline_stage", [0, 0, stages - 1, stages - 1, stages - 1])
+    sch.annotate(k0, "software_pipeline_order", [0, 1, 2, 3, 4])
     sch.annotate(k0, "software_pipeline_async_stages", [0])
 
     auto_inline_consumer_chain(sch, acc_s2g)
