@@ -57,7 +57,7 @@ def test_registered_beside_wmma_on_sm80_plus_only():
 def test_bad_input():
     with pytest.raises(ValueError, match="variant"):
         gemm_mma.schedule_gemm_mma(tvm.s_tir.Schedule(tvm.IRModule({"main": wl.linear(1, 128, 64, 64)})),
-                                   variant="s4_swizzle")
+                                   variant="s5_swizzle")
     # fp32 operands: not applicable (one clear reason, no crash)
     func = wl.linear(1, 128, 64, 64, dtype="float32")
     with pytest.raises(spaces.NotApplicable, match="float16"):

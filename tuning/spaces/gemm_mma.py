@@ -10,7 +10,7 @@ structure of ``tvm.testing.tir.mma_schedule``, MetaSchedule's software-pipeline 
 * each warp owns ``frags_i x frags_j`` 16x16 accumulator fragments in registers (``warp``
   scope, ``LowerWarpMemory``); each fragment is two ``mma.sync.m16n8k16`` per 16-wide K step,
   operands loaded from shared memory with ``ldmatrix.x4``;
-* A and B tiles are staged in ``shared.dyn`` through a 2- or 3-stage software pipeline over K
+* A and B tiles are staged in ``shared.dyn`` through a 2-, 3- or 4-stage software pipeline over K
   whose copy stage is asynchronous (``software_pipeline_async_stages``: ``cp.async`` +
   commit/wait groups, once the build runs ``InjectPTXAsyncCopy``, see below); the ldmatrix
   fragments are double-buffered by an inner pipeline (as ``MultiLevelTilingTensorCore`` does);
@@ -31,7 +31,8 @@ K chunk per stage      2, 4 (x16)        32 or 64 halves of K per pipeline stage
 copy / store vector    4, 8 halves       8 = 16-byte cp.async
 =====================  ================  =========================================
 
-Structural variants (one design space each): stages 2 or 3 x swizzle or padding.
+Structural variants (one design space each): stages 2 or 3 x swizzle or padding, and 4 stages
+with swizzle (long K: the MLP down projection, K = 3072).
 
 No unroll knob: with TVM's explicit unrolling (``meta_schedule.unroll_explicit`` 16..512) nvcc
 keeps the accumulator fragment in local memory (112-byte stack frame per thread, ptxas -v on
@@ -66,7 +67,7 @@ __all__ = [
 ]
 
 #: The structural variants: (pipeline stages, shared layout).
-MMA_VARIANTS = ("s3_swizzle", "s2_swizzle", "s3_pad", "s2_pad")
+MMA_VARIANTS = ("s3_swizzle", "s2_swizzle", "s3_pad", "s2_pad", "s4_swizzle")
 
 #: PassContext config that makes TVM lower the pipeline's async copy stage to ``cp.async``.
 ASYNC_COPY_CONFIG = {"tirx.use_async_copy": True}
@@ -263,7 +264,7 @@ def schedule_gemm_mma(sch: s_tir.Schedule, *, variant: str = "s3_swizzle"):
     sch : tvm.s_tir.Schedule
         A traced schedule of an unscheduled fp16 matmul-like function (static shapes).
     variant : str
-        One of :data:`MMA_VARIANTS`: pipeline depth (``s2``/``s3``) and shared-memory layout
+        One of :data:`MMA_VARIANTS`: pipeline depth (``s2``/``s3``/``s4``) and shared-memory layout
         (``swizzle``: XOR-permuted 16-byte chunks; ``pad``: rows padded by 16 bytes).
 
     Raises
