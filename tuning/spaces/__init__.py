@@ -49,6 +49,7 @@ from ..intrinsics import preload_tensor_intrinsics
 from ..targets import ARCH_LIMITS
 from ..untuned import untuned_schedule
 from .gemm import GEMM_VARIANTS, is_tensorcore_target, schedule_gemm_tensorcore
+from .gemm_mma import MMA_VARIANTS, is_mma_target, schedule_gemm_mma
 from .gemv import GEMV_VARIANTS, schedule_gemv
 from .reduction import schedule_elementwise, schedule_row_reduction
 
@@ -191,10 +192,14 @@ def _named_spaces(kind: str, info: MatmulInfo | None, target: Target) -> list[tu
             (f"gemv/{v}", (lambda s, v=v: schedule_gemv(s, variant=v))) for v in GEMV_VARIANTS
         ]
     if kind == "gemm" and is_tensorcore_target(target):
-        return [
+        out = [
             (f"gemm_tc/{v}", (lambda s, v=v: schedule_gemm_tensorcore(s, variant=v)))
             for v in GEMM_VARIANTS
         ]
+        if is_mma_target(target):
+            out += [(f"gemm_mma/{v}", (lambda s, v=v: schedule_gemm_mma(s, variant=v)))
+                    for v in MMA_VARIANTS]
+        return out
     if kind == "reduction":
         return [("row_reduction", schedule_row_reduction)]
     if kind == "elementwise":
