@@ -1,0 +1,278 @@
+"""A tensor-core ``batch_prefill_ragged_kv``: TVM's ragged prefill attention with wmma inner products.
+
+TVM's KV cache computes the self-attention of a prefill chunk with ``batch_prefill_ragged_kv``,
+a SIMT flash-style kernel (:mod:`tuning.attention` searches its template constants). This module
+writes the same kernel — same signature, same ragged batch through ``q_indptr``/``kv_indptr``,
+same causal mask, same ``output`` and base-2 ``lse`` (``m + log2(d)`` of the scores scaled by
+``sm_scale * log2(e)``, which the KV cache merges with later chunks' states) — with the two inner
+products on tensor cores (wmma 16x16x16, fp16 in, fp32 accumulate):
+
+* one block per (query tile, KV head); a query tile is ``16 * num_warps`` rows of the
+  (position, head-in-group) row space TVM's kernel uses, and each warp owns 16 of its rows;
+* per key tile of ``tile_k`` keys: K and V go to shared memory (16-byte loads, all threads);
+  each warp computes its 16 x tile_k block of S = Q Kᵀ from Q fragments held in registers,
+  stores it to shared memory as fp32, updates its rows' online-softmax state (SIMT, one lane per
+  row), writes P as fp16, computes P V into fresh accumulators and folds them into the output
+  rows held in registers with the per-row rescale factor;
+* with ``causal``, key tiles entirely above the diagonal are skipped (TVM's kernel visits them and
+  adds exact zeros), and the blocks of the longest (last) query tiles of each sequence start first.
+
+Rotary embedding inside the kernel (``rotary_mode == 1``) is not implemented: GPT-2 has learned
+positions and its KV cache passes 0. The kernel traps on another value rather than computing
+attention without it. Only fp16 Q/K/V are supported (tensor-core operands).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["TCConfig", "TCError", "is_tc_legal", "make_tc_ragged_prefill", "tc_candidates", "tc_shared_bytes"]
+
+_LOG2E = math.log2(math.e)
+
+
+class TCError(ValueError):
+    """A configuration or key the tensor-core kernel does not support."""
+
+
+@dataclass(frozen=True)
+class TCConfig:
+    """The template constants of the tensor-core prefill kernel."""
+
+    num_warps: int  # query rows per block = 16 * num_warps
+    tile_k: int  # keys per inner step
+
+    def label(self) -> str:
+        return f"tc warps={self.num_warps} tile={16 * self.num_warps}x{self.tile_k}"
+
+
+def tc_shared_bytes(cfg: TCConfig, d: int) -> int:
+    """Static shared memory of one block (bytes): Q/P, K, V tiles (fp16, padded rows), S (fp32), row state."""
+    tq, tk = 16 * cfg.num_warps, cfg.tile_k
+    half = 2 * (tq * (max(d, tk) + 8) + 2 * tk * (d + 8))
+    return half + 4 * (tq * (max(tk, d) + 4) + 3 * tq)
+
+
+def is_tc_legal(cfg: TCConfig, key, target=None) -> bool:
+    """Whether the kernel can be built for ``key`` with ``cfg``: fp16, head dims of 16s, static shared
+    memory within the target's per-block limit (48 KiB without a target)."""
+    limit = 48 * 1024
+    if target is not None and "max_shared_memory_per_block" in target.attrs:
+        limit = int(target.attrs["max_shared_memory_per_block"])
+    return (str(key.dtype) == "float16" and key.d % 16 == 0 and key.h_q % key.h_kv == 0
+            and cfg.num_warps in (1, 2, 4, 8) and cfg.tile_k in (16, 32, 64, 128)
+            and tc_shared_bytes(cfg, key.d) <= limit)
+
+
+def tc_candidates(key, target=None) -> list[TCConfig]:
+    """The legal configurations of the tensor-core template's search grid."""
+    return [c for w in (1, 2, 4, 8) for tk in (16, 32, 64, 128)
+            if is_tc_legal(c := TCConfig(num_warps=w, tile_k=tk), key, target)]
+
+
+def make_tc_ragged_prefill(cfg: TCConfig, key, target=None):  # pylint: disable=too-many-locals,too-many-statements
+    """The tensor-core ``batch_prefill_ragged_kv`` PrimFunc for ``key`` (an ``AttentionKey``).
+
+    Raises
+    ------
+    TCError
+        ``cfg`` or ``key`` is not supported (see :func:`is_tc_legal`).
+    """
+    import tvm  # pylint: disable=import-outside-toplevel
+    from tvm.script import tirx as T  # pylint: disable=import-outside-toplevel
+
+    if not is_tc_legal(cfg, key, target):
+        raise TCError(f"tensor-core attention {cfg.label()} is not supported for {key.label()}")
+    h_kv, h_q, d, dtype = key.h_kv, key.h_q, key.d, key.dtype
+    group = h_q // h_kv
+    nw, tk = cfg.num_warps, cfg.tile_k
+    tq = 16 * nw
+    nthr = 32 * nw
+    dp = d + 8  # padded fp16 row stride (bank-conflict-free fragment loads)
+    qpw = max(d, tk) + 8  # row stride of the Q / P buffer
+    sw = max(tk, d) + 4  # fp32 row stride of S (also receives P V)
+    nd, nk = d // 16, tk // 16  # 16-wide fragments along d and along the key tile
+    vec = 8  # fp16 elements per 16-byte load
+    q_chunks, kv_chunks = tq * d // vec, tk * d // vec
+    half_d = d // 2
+    scale_log2 = _LOG2E
+
+    def ptr(buf, offset, extent, rw):
+        return T.tvm_access_ptr(T.type_annotation(buf.dtype), buf.data, offset, extent, rw)
+
+    # pylint: disable=invalid-name,unused-variable
+    @T.prim_func(s_tir=True)
+    def batch_prefill_ragged_kv(  # pylint: disable=too-many-branches,too-many-arguments
+        var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle, var_kv_indptr: T.handle,
+        var_q_rope_position: T.handle, var_k_rope_pos_offset: T.handle, var_output: T.handle,
+        var_lse: T.handle, causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32,
+        rope_theta: T.float32, sm_scale: T.float32,
+    ):
+        batch_size = T.int32()
+        qo_len = T.int32()
+        kv_len = T.int32()
+        q_indptr_elem_offset = T.int32()
+        kv_indptr_elem_offset = T.int32()
+        q_rope_position_elem_offset = T.int32()
+        k_rope_pos_offset_elem_offset = T.int32()
+        q = T.match_buffer(var_q, (qo_len, h_q, d), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_elem_offset)
+        k = T.match_buffer(var_k, (kv_len, h_kv, d), dtype)
+        v = T.match_buffer(var_v, (kv_len, h_kv, d), dtype)
+        kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", elem_offset=kv_indptr_elem_offset)
+        q_rope_position = T.match_buffer(var_q_rope_position, (qo_len,), "int32",
+                                         elem_offset=q_rope_position_elem_offset)
+        k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32",
+                                           elem_offset=k_rope_pos_offset_elem_offset)
+        output = T.match_buffer(var_output, (qo_len, h_q, d), dtype)
+        lse = T.match_buffer(var_lse, (qo_len, h_q), "float32")
+
+        T.func_attr({"tirx.is_scheduled": True})
+        assert rotary_mode == 0, "tensor-core batch_prefill_ragged_kv: rotary_mode must be 0 (no RoPE in the kernel)"
+        for bx in T.thread_binding(T.ceildiv(qo_len * group, tq) + batch_size, thread="blockIdx.x"):
+            for by in T.thread_binding(h_kv, thread="blockIdx.y"):
+                for ty in T.thread_binding(nw, thread="threadIdx.y"):
+                    for tx in T.thread_binding(32, thread="threadIdx.x"):
+                        with T.sblock("attn"):
+                            T.reads()
+                            T.writes()
+                            # Q is staged once (its fragments stay in registers); P reuses the buffer
+                            QP_smem = T.sblock_alloc_buffer((tq * qpw,), dtype, scope="shared")
+                            K_smem = T.sblock_alloc_buffer((tk, dp), dtype, scope="shared")
+                            V_smem = T.sblock_alloc_buffer((tk, dp), dtype, scope="shared")
+                            S_smem = T.sblock_alloc_buffer((tq, sw), "float32", scope="shared")
+                            row_smem = T.sblock_alloc_buffer((3, tq), "float32", scope="shared")
+                            Q_frag = T.sblock_alloc_buffer((nd * 16, 16), dtype, scope="wmma.matrix_a")
+                            P_frag = T.sblock_alloc_buffer((16, 16), dtype, scope="wmma.matrix_a")
+                            K_frag = T.sblock_alloc_buffer((16, 16), dtype, scope="wmma.matrix_b")
+                            V_frag = T.sblock_alloc_buffer((16, 16), dtype, scope="wmma.matrix_b")
+                            S_frag = T.sblock_alloc_buffer((nk * 16, 16), "float32", scope="wmma.accumulator")
+                            O_frag = T.sblock_alloc_buffer((nd * 16, 16), "float32", scope="wmma.accumulator")
+                            O_loc = T.sblock_alloc_buffer((half_d,), "float32", scope="local")
+                            st = T.sblock_alloc_buffer((6,), "int32", scope="local")  # b, tile, tiles, n_kv
+                            ms = T.sblock_alloc_buffer((4,), "float32", scope="local")  # m, d, m_new, alpha
+
+                            # which (sequence, tile) this block computes; last tiles of a sequence first
+                            st[0] = 0
+                            st[1] = bx
+                            st[2] = T.ceildiv((q_indptr[1] - q_indptr[0]) * group, tq)
+                            while st[0] < batch_size and st[1] >= st[2]:
+                                st[1] = st[1] - st[2]
+                                st[0] = st[0] + 1
+                                if st[0] < batch_size:
+                                    st[2] = T.ceildiv((q_indptr[st[0] + 1] - q_indptr[st[0]]) * group, tq)
+                            if T.tvm_thread_invariant(st[0] < batch_size):
+                                b: T.let[T.int32] = st[0]
+                                q_start: T.let[T.int32] = q_indptr[b]
+                                q_n: T.let[T.int32] = q_indptr[b + 1] - q_start
+                                kv_start: T.let[T.int32] = kv_indptr[b]
+                                kv_n: T.let[T.int32] = kv_indptr[b + 1] - kv_start
+                                row0: T.let[T.int32] = (st[2] - 1 - st[1]) * tq
+                                # keys any row of the tile may see
+                                st[3] = T.if_then_else(
+                                    causal > 0, T.min(kv_n, T.max(kv_n - q_n + (row0 + tq - 1) // group + 1, 0)), kv_n)
+                                for c in T.serial(T.ceildiv(q_chunks, nthr)):
+                                    idx: T.let[T.int32] = c * nthr + ty * 32 + tx
+                                    if idx < q_chunks:
+                                        r: T.let[T.int32] = idx // (d // vec)
+                                        col: T.let[T.int32] = idx % (d // vec) * vec
+                                        pos: T.let[T.int32] = (row0 + r) // group
+                                        if pos < q_n:
+                                            QP_smem[T.ramp(r * qpw + col, 1, vec)] = q[q_start + pos, by * group + (row0 + r) % group,
+                                                                               T.ramp(col, 1, vec)]
+                                        else:
+                                            QP_smem[T.ramp(r * qpw + col, 1, vec)] = T.broadcast(T.cast(0, dtype), vec)
+                                ms[0] = T.float32(-5e4)
+                                ms[1] = T.float32(0)
+                                for j in T.serial(half_d):
+                                    O_loc[j] = T.float32(0)
+                                T.tvm_storage_sync("shared")
+                                for j in T.serial(nd):
+                                    T.evaluate(T.tvm_load_matrix_sync(
+                                        Q_frag.data, 16, 16, 16, j, ptr(QP_smem, ty * 16 * qpw + j * 16, 16 * qpw, 1),
+                                        qpw, "row_major", dtype="void"))
+                                for it in T.serial(T.ceildiv(st[3], tk)):
+                                    T.tvm_storage_sync("shared")
+                                    for c in T.serial(T.ceildiv(kv_chunks, nthr)):
+                                        idx: T.let[T.int32] = c * nthr + ty * 32 + tx
+                                        if idx < kv_chunks:
+                                            r: T.let[T.int32] = idx // (d // vec)
+                                            col: T.let[T.int32] = idx % (d // vec) * vec
+                                            if it * tk + r < kv_n:
+                                                K_smem[r, T.ramp(col, 1, vec)] = k[kv_start + it * tk + r, by, T.ramp(col, 1, vec)]
+                                                V_smem[r, T.ramp(col, 1, vec)] = v[kv_start + it * tk + r, by, T.ramp(col, 1, vec)]
+                                            else:
+                                                K_smem[r, T.ramp(col, 1, vec)] = T.broadcast(T.cast(0, dtype), vec)
+                                                V_smem[r, T.ramp(col, 1, vec)] = T.broadcast(T.cast(0, dtype), vec)
+                                    T.tvm_storage_sync("shared")
+                                    # S = Q K^T for this warp's 16 rows
+                                    for j in T.serial(nk):
+                                        T.evaluate(T.tvm_fill_fragment(S_frag.data, 16, 16, 16, j, T.float32(0), dtype="void"))
+                                        for kk in T.serial(nd):
+                                            T.evaluate(T.tvm_load_matrix_sync(
+                                                K_frag.data, 16, 16, 16, 0, ptr(K_smem, j * 16 * dp + kk * 16, 16 * dp, 1),
+                                                dp, "col_major", dtype="void"))
+                                            T.evaluate(T.tvm_mma_sync(S_frag.data, j, Q_frag.data, kk, K_frag.data, 0,
+                                                                      S_frag.data, j, dtype="void"))
+                                        T.evaluate(T.tvm_store_matrix_sync(
+                                            S_frag.data, 16, 16, 16, j, ptr(S_smem, ty * 16 * sw + j * 16, 16 * sw, 2),
+                                            sw, "row_major", dtype="void"))
+                                    T.tvm_storage_sync("shared")
+                                    # online softmax of this warp's rows: lanes tx and tx+16 both own row
+                                    # ty*16 + tx%16 and compute the same state (their equal stores are benign)
+                                    row: T.let[T.int32] = ty * 16 + tx % 16
+                                    lim: T.let[T.int32] = T.if_then_else(
+                                        causal > 0, T.min(kv_n - q_n + (row0 + row) // group + 1, kv_n), kv_n) - it * tk
+                                    ms[2] = ms[0]
+                                    for j in T.serial(tk):
+                                        if j < lim:
+                                            ms[2] = T.max(ms[2], S_smem[row, j] * sm_scale * scale_log2)
+                                    ms[3] = T.exp2(ms[0] - ms[2])
+                                    ms[1] = ms[1] * ms[3]
+                                    for j in T.serial(tk):
+                                        p: T.let[T.float32] = T.if_then_else(
+                                            j < lim, T.exp2(S_smem[row, j] * sm_scale * scale_log2 - ms[2]), T.float32(0))
+                                        ms[1] = ms[1] + p
+                                        QP_smem[row * qpw + j] = T.cast(p, dtype)
+                                    ms[0] = ms[2]
+                                    row_smem[0, row] = ms[3]
+                                    T.tvm_storage_sync("shared")
+                                    # O_tile = P V into fresh accumulators, staged through S_smem
+                                    for j in T.serial(nd):
+                                        T.evaluate(T.tvm_fill_fragment(O_frag.data, 16, 16, 16, j, T.float32(0), dtype="void"))
+                                    for kk in T.serial(nk):
+                                        T.evaluate(T.tvm_load_matrix_sync(
+                                            P_frag.data, 16, 16, 16, 0, ptr(QP_smem, ty * 16 * qpw + kk * 16, 16 * qpw, 1),
+                                            qpw, "row_major", dtype="void"))
+                                        for j in T.serial(nd):
+                                            T.evaluate(T.tvm_load_matrix_sync(
+                                                V_frag.data, 16, 16, 16, 0, ptr(V_smem, kk * 16 * dp + j * 16, 16 * dp, 1),
+                                                dp, "row_major", dtype="void"))
+                                            T.evaluate(T.tvm_mma_sync(O_frag.data, j, P_frag.data, 0, V_frag.data, 0,
+                                                                      O_frag.data, j, dtype="void"))
+                                    for j in T.serial(nd):
+                                        T.evaluate(T.tvm_store_matrix_sync(
+                                            O_frag.data, 16, 16, 16, j, ptr(S_smem, ty * 16 * sw + j * 16, 16 * sw, 2),
+                                            sw, "row_major", dtype="void"))
+                                    T.tvm_storage_sync("shared")
+                                    # fold into the register rows: lane owns row tx%16, columns of parity tx//16
+                                    for j in T.serial(half_d):
+                                        O_loc[j] = O_loc[j] * row_smem[0, ty * 16 + tx % 16] + \
+                                            S_smem[ty * 16 + tx % 16, j * 2 + tx // 16]
+                                    T.tvm_storage_sync("shared")
+                                row_smem[1, ty * 16 + tx % 16] = ms[0]
+                                row_smem[2, ty * 16 + tx % 16] = ms[1]
+                                T.tvm_storage_sync("shared")
+                                r_out: T.let[T.int32] = row0 + ty * 16 + tx % 16
+                                pos_out: T.let[T.int32] = r_out // group
+                                for j in T.serial(half_d):
+                                    if pos_out < q_n:
+                                        output[q_start + pos_out, by * group + r_out % group, j * 2 + tx // 16] = T.cast(
+                                            O_loc[j] / row_smem[2, ty * 16 + tx % 16], dtype)
+                                if pos_out < q_n:
+                                    if tx < 16:
+                                        lse[q_start + pos_out, by * group + r_out % group] = \
+                                            row_smem[1, ty * 16 + tx] + T.log2(row_smem[2, ty * 16 + tx])
+
+    return batch_prefill_ragged_kv
