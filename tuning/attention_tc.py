@@ -27,7 +27,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["TCConfig", "TCError", "is_tc_legal", "make_tc_ragged_prefill", "tc_candidates", "tc_shared_bytes"]
+__all__ = ["TCConfig", "TCError", "config_of", "is_tc_legal", "make_prefill_kernel", "make_tc_ragged_prefill",
+           "tc_candidates", "tc_shared_bytes", "template_of"]
 
 _LOG2E = math.log2(math.e)
 
@@ -42,9 +43,10 @@ class TCConfig:
 
     num_warps: int  # query rows per block = 16 * num_warps
     tile_k: int  # keys per inner step
+    row_lanes: int = 2  # lanes sharing a query row's softmax (1: both lanes of a row scan all of it)
 
     def label(self) -> str:
-        return f"tc warps={self.num_warps} tile={16 * self.num_warps}x{self.tile_k}"
+        return f"tc warps={self.num_warps} tile={16 * self.num_warps}x{self.tile_k} lanes={self.row_lanes}"
 
 
 def tc_shared_bytes(cfg: TCConfig, d: int) -> int:
@@ -61,14 +63,39 @@ def is_tc_legal(cfg: TCConfig, key, target=None) -> bool:
     if target is not None and "max_shared_memory_per_block" in target.attrs:
         limit = int(target.attrs["max_shared_memory_per_block"])
     return (str(key.dtype) == "float16" and key.d % 16 == 0 and key.h_q % key.h_kv == 0
-            and cfg.num_warps in (1, 2, 4, 8) and cfg.tile_k in (16, 32, 64, 128)
+            and cfg.num_warps in (1, 2, 4, 8) and cfg.tile_k in (16, 32, 64, 128) and cfg.row_lanes in (1, 2)
             and tc_shared_bytes(cfg, key.d) <= limit)
 
 
 def tc_candidates(key, target=None) -> list[TCConfig]:
     """The legal configurations of the tensor-core template's search grid."""
-    return [c for w in (1, 2, 4, 8) for tk in (16, 32, 64, 128)
-            if is_tc_legal(c := TCConfig(num_warps=w, tile_k=tk), key, target)]
+    return [c for w in (1, 2, 4, 8) for tk in (16, 32, 64, 128) for rl in (2, 1)
+            if is_tc_legal(c := TCConfig(num_warps=w, tile_k=tk, row_lanes=rl), key, target)]
+
+
+def config_of(template: str, config: dict):
+    """The configuration object of a stored result: ``"simt"`` (TVM's template) or ``"tc"``."""
+    if template == "simt":
+        from .attention import PrefillConfig  # pylint: disable=import-outside-toplevel
+
+        return PrefillConfig(**config)
+    if template == "tc":
+        return TCConfig(**config)
+    raise KeyError(f"unknown attention template {template!r}")
+
+
+def template_of(cfg) -> str:
+    """``"simt"`` for a :class:`PrefillConfig`, ``"tc"`` for a tensor-core one."""
+    return "tc" if isinstance(cfg, TCConfig) else "simt"
+
+
+def make_prefill_kernel(cfg, key, target):
+    """``batch_prefill_ragged_kv`` of either template (``cfg`` None: TVM's own choice)."""
+    if isinstance(cfg, TCConfig):
+        return make_tc_ragged_prefill(cfg, key, target)
+    from .attention import make_ragged_prefill  # pylint: disable=import-outside-toplevel
+
+    return make_ragged_prefill(cfg, key, target)
 
 
 def make_tc_ragged_prefill(cfg: TCConfig, key, target=None):  # pylint: disable=too-many-locals,too-many-statements
@@ -97,6 +124,17 @@ def make_tc_ragged_prefill(cfg: TCConfig, key, target=None):  # pylint: disable=
     q_chunks, kv_chunks = tq * d // vec, tk * d // vec
     half_d = d // 2
     scale_log2 = _LOG2E
+
+    rl = cfg.row_lanes
+
+    def lane_col(tx):  # first column of a lane's share of its row
+        return tx // 16 if rl == 2 else 0
+
+    def combine(x, is_max):  # the two lanes of a row: max or sum of their shares
+        if rl == 1:
+            return x
+        other = T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), x, 16, 32, 32)
+        return T.max(x, other) if is_max else x + other
 
     def ptr(buf, offset, extent, rw):
         return T.tvm_access_ptr(T.type_annotation(buf.dtype), buf.data, offset, extent, rw)
@@ -142,7 +180,8 @@ def make_tc_ragged_prefill(cfg: TCConfig, key, target=None):  # pylint: disable=
                             K_smem = T.sblock_alloc_buffer((tk, dp), dtype, scope="shared")
                             V_smem = T.sblock_alloc_buffer((tk, dp), dtype, scope="shared")
                             S_smem = T.sblock_alloc_buffer((tq, sw), "float32", scope="shared")
-                            row_smem = T.sblock_alloc_buffer((3, tq), "float32", scope="shared")
+                            alpha_smem = T.sblock_alloc_buffer((tq,), "float32", scope="shared")
+                            md_smem = T.sblock_alloc_buffer((2, tq), "float32", scope="shared")
                             Q_frag = T.sblock_alloc_buffer((nd * 16, 16), dtype, scope="wmma.matrix_a")
                             P_frag = T.sblock_alloc_buffer((16, 16), dtype, scope="wmma.matrix_a")
                             K_frag = T.sblock_alloc_buffer((16, 16), dtype, scope="wmma.matrix_b")
@@ -151,7 +190,7 @@ def make_tc_ragged_prefill(cfg: TCConfig, key, target=None):  # pylint: disable=
                             O_frag = T.sblock_alloc_buffer((nd * 16, 16), "float32", scope="wmma.accumulator")
                             O_loc = T.sblock_alloc_buffer((half_d,), "float32", scope="local")
                             st = T.sblock_alloc_buffer((6,), "int32", scope="local")  # b, tile, tiles, n_kv
-                            ms = T.sblock_alloc_buffer((4,), "float32", scope="local")  # m, d, m_new, alpha
+                            ms = T.sblock_alloc_buffer((5,), "float32", scope="local")  # m, d, m_new, alpha, sum
 
                             # which (sequence, tile) this block computes; last tiles of a sequence first
                             st[0] = 0
@@ -219,24 +258,29 @@ def make_tc_ragged_prefill(cfg: TCConfig, key, target=None):  # pylint: disable=
                                             S_frag.data, 16, 16, 16, j, ptr(S_smem, ty * 16 * sw + j * 16, 16 * sw, 2),
                                             sw, "row_major", dtype="void"))
                                     T.tvm_storage_sync("shared")
-                                    # online softmax of this warp's rows: lanes tx and tx+16 both own row
-                                    # ty*16 + tx%16 and compute the same state (their equal stores are benign)
+                                    # online softmax of this warp's rows: lanes tx and tx+16 own row ty*16 + tx%16;
+                                    # with row_lanes=2 they split its columns and combine through a shuffle, with 1
+                                    # both scan all of it (same state either way: equal stores are benign)
                                     row: T.let[T.int32] = ty * 16 + tx % 16
                                     lim: T.let[T.int32] = T.if_then_else(
                                         causal > 0, T.min(kv_n - q_n + (row0 + row) // group + 1, kv_n), kv_n) - it * tk
                                     ms[2] = ms[0]
-                                    for j in T.serial(tk):
-                                        if j < lim:
-                                            ms[2] = T.max(ms[2], S_smem[row, j] * sm_scale * scale_log2)
+                                    for jj in T.serial(tk // rl):
+                                        if jj * rl + lane_col(tx) < lim:
+                                            ms[2] = T.max(ms[2], S_smem[row, jj * rl + lane_col(tx)] * sm_scale * scale_log2)
+                                    ms[2] = combine(ms[2], True)
                                     ms[3] = T.exp2(ms[0] - ms[2])
-                                    ms[1] = ms[1] * ms[3]
-                                    for j in T.serial(tk):
+                                    ms[4] = T.float32(0)
+                                    for jj in T.serial(tk // rl):
                                         p: T.let[T.float32] = T.if_then_else(
-                                            j < lim, T.exp2(S_smem[row, j] * sm_scale * scale_log2 - ms[2]), T.float32(0))
-                                        ms[1] = ms[1] + p
-                                        QP_smem[row * qpw + j] = T.cast(p, dtype)
+                                            jj * rl + lane_col(tx) < lim,
+                                            T.exp2(S_smem[row, jj * rl + lane_col(tx)] * sm_scale * scale_log2 - ms[2]),
+                                            T.float32(0))
+                                        ms[4] = ms[4] + p
+                                        QP_smem[row * qpw + jj * rl + lane_col(tx)] = T.cast(p, dtype)
+                                    ms[1] = ms[1] * ms[3] + combine(ms[4], False)
                                     ms[0] = ms[2]
-                                    row_smem[0, row] = ms[3]
+                                    alpha_smem[row] = ms[3]
                                     T.tvm_storage_sync("shared")
                                     # O_tile = P V into fresh accumulators, staged through S_smem
                                     for j in T.serial(nd):
@@ -258,21 +302,20 @@ def make_tc_ragged_prefill(cfg: TCConfig, key, target=None):  # pylint: disable=
                                     T.tvm_storage_sync("shared")
                                     # fold into the register rows: lane owns row tx%16, columns of parity tx//16
                                     for j in T.serial(half_d):
-                                        O_loc[j] = O_loc[j] * row_smem[0, ty * 16 + tx % 16] + \
+                                        O_loc[j] = O_loc[j] * alpha_smem[ty * 16 + tx % 16] + \
                                             S_smem[ty * 16 + tx % 16, j * 2 + tx // 16]
-                                    T.tvm_storage_sync("shared")
-                                row_smem[1, ty * 16 + tx % 16] = ms[0]
-                                row_smem[2, ty * 16 + tx % 16] = ms[1]
+                                md_smem[0, ty * 16 + tx % 16] = ms[0]
+                                md_smem[1, ty * 16 + tx % 16] = ms[1]
                                 T.tvm_storage_sync("shared")
                                 r_out: T.let[T.int32] = row0 + ty * 16 + tx % 16
                                 pos_out: T.let[T.int32] = r_out // group
                                 for j in T.serial(half_d):
                                     if pos_out < q_n:
                                         output[q_start + pos_out, by * group + r_out % group, j * 2 + tx // 16] = T.cast(
-                                            O_loc[j] / row_smem[2, ty * 16 + tx % 16], dtype)
+                                            O_loc[j] / md_smem[1, ty * 16 + tx % 16], dtype)
                                 if pos_out < q_n:
                                     if tx < 16:
                                         lse[q_start + pos_out, by * group + r_out % group] = \
-                                            row_smem[1, ty * 16 + tx] + T.log2(row_smem[2, ty * 16 + tx])
+                                            md_smem[0, ty * 16 + tx] + T.log2(md_smem[1, ty * 16 + tx])
 
     return batch_prefill_ragged_kv
