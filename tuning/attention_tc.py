@@ -44,16 +44,19 @@ class TCConfig:
     num_warps: int  # query rows per block = 16 * num_warps
     tile_k: int  # keys per inner step
     row_lanes: int = 2  # lanes sharing a query row's softmax (1: both lanes of a row scan all of it)
+    prefetch: bool = False  # load the next K/V tile into registers while computing this one
+    kv_warps: int = 1  # warps splitting each key step (of kv_warps * tile_k keys) per row group; merged at the end
 
     def label(self) -> str:
-        return f"tc warps={self.num_warps} tile={16 * self.num_warps}x{self.tile_k} lanes={self.row_lanes}"
+        return (f"tc warps={self.num_warps}x{self.kv_warps} tile={16 * self.num_warps}x{self.kv_warps * self.tile_k}"
+                f" lanes={self.row_lanes}{' prefetch' if self.prefetch else ''}")
 
 
 def tc_shared_bytes(cfg: TCConfig, d: int) -> int:
-    """Static shared memory of one block (bytes): Q/P, K, V tiles (fp16, padded rows), S (fp32), row state."""
-    tq, tk = 16 * cfg.num_warps, cfg.tile_k
-    half = 2 * (tq * (max(d, tk) + 8) + 2 * tk * (d + 8))
-    return half + 4 * (tq * (max(tk, d) + 4) + 3 * tq)
+    """Static shared memory of one block (bytes): Q/P, K, V tiles (fp16, padded rows) and S (fp32)."""
+    nw, tk = cfg.num_warps * cfg.kv_warps, cfg.tile_k
+    half = 2 * (16 * nw * (max(d, tk) + 8) + 2 * cfg.kv_warps * tk * (d + 8))
+    return half + 4 * 16 * nw * (max(tk, d) + 4 + 2 * (cfg.kv_warps > 1))
 
 
 def is_tc_legal(cfg: TCConfig, key, target=None) -> bool:
@@ -64,13 +67,16 @@ def is_tc_legal(cfg: TCConfig, key, target=None) -> bool:
         limit = int(target.attrs["max_shared_memory_per_block"])
     return (str(key.dtype) == "float16" and key.d % 16 == 0 and key.h_q % key.h_kv == 0
             and cfg.num_warps in (1, 2, 4, 8) and cfg.tile_k in (16, 32, 64, 128) and cfg.row_lanes in (1, 2)
+            and cfg.kv_warps in (1, 2, 4) and cfg.num_warps * cfg.kv_warps <= 8
+            and (not cfg.prefetch or cfg.tile_k * key.d <= 64 * 32 * cfg.num_warps)  # ≤ 64 registers of K/V
             and tc_shared_bytes(cfg, key.d) <= limit)
 
 
 def tc_candidates(key, target=None) -> list[TCConfig]:
     """The legal configurations of the tensor-core template's search grid."""
-    return [c for w in (1, 2, 4, 8) for tk in (16, 32, 64, 128) for rl in (2, 1)
-            if is_tc_legal(c := TCConfig(num_warps=w, tile_k=tk, row_lanes=rl), key, target)]
+    # row_lanes=1 is kept as a knob but not searched: slower at every size on an H200 (2026-12-01)
+    return [c for w in (1, 2, 4, 8) for kw in (1, 2, 4) for tk in (16, 32, 64, 128) for pf in (False, True)
+            if is_tc_legal(c := TCConfig(num_warps=w, tile_k=tk, prefetch=pf, kv_warps=kw), key, target)]
 
 
 def config_of(template: str, config: dict):
@@ -113,22 +119,30 @@ def make_tc_ragged_prefill(cfg: TCConfig, key, target=None):  # pylint: disable=
         raise TCError(f"tensor-core attention {cfg.label()} is not supported for {key.label()}")
     h_kv, h_q, d, dtype = key.h_kv, key.h_q, key.d, key.dtype
     group = h_q // h_kv
-    nw, tk = cfg.num_warps, cfg.tile_k
-    tq = 16 * nw
+    ks, tk = cfg.kv_warps, cfg.tile_k
+    nw = cfg.num_warps * ks  # warp ty: row group ty // ks, key part ty % ks
+    tq = 16 * cfg.num_warps
+    tkb = ks * tk  # keys per step of the block
     nthr = 32 * nw
     dp = d + 8  # padded fp16 row stride (bank-conflict-free fragment loads)
     qpw = max(d, tk) + 8  # row stride of the Q / P buffer
     sw = max(tk, d) + 4  # fp32 row stride of S (also receives P V)
     nd, nk = d // 16, tk // 16  # 16-wide fragments along d and along the key tile
     vec = 8  # fp16 elements per 16-byte load
-    q_chunks, kv_chunks = tq * d // vec, tk * d // vec
+    q_chunks, kv_chunks = tq * d // vec, tkb * d // vec
     half_d = d // 2
     scale_log2 = _LOG2E
 
     rl = cfg.row_lanes
 
-    def lane_col(tx):  # first column of a lane's share of its row
-        return tx // 16 if rl == 2 else 0
+    def col_of(jj, tx, width):  # column a lane handles at step jj of a row of ``width`` (rl=2: rotated by
+        # 2 for rows 8-15 of the warp, so that lane pairs of rows r and r+8 fall in different banks)
+        if rl == 1:
+            return jj
+        return (jj * 2 + tx // 16 + (tx % 16) // 8 * 2) % width
+
+    def out_col(j, tx):  # the output column of a lane's register j (same bank rotation as col_of)
+        return (j * 2 + tx // 16 + (tx % 16) // 8 * 2) % d
 
     def combine(x, is_max):  # the two lanes of a row: max or sum of their shares
         if rl == 1:
@@ -139,7 +153,24 @@ def make_tc_ragged_prefill(cfg: TCConfig, key, target=None):  # pylint: disable=
     def ptr(buf, offset, extent, rw):
         return T.tvm_access_ptr(T.type_annotation(buf.dtype), buf.data, offset, extent, rw)
 
+    n_ld = -(-kv_chunks // nthr)  # 16-byte loads per thread per K (and per V) tile
+    prefetch = cfg.prefetch
+
     # pylint: disable=invalid-name,unused-variable
+    @T.macro
+    def load_kv(kv_reg: T.Buffer, k: T.Buffer, v: T.Buffer, kv_start: T.int32, kv_n: T.int32, by: T.int32,
+                ty: T.int32, tx: T.int32, it: T.int32):
+        for c in T.unroll(n_ld):
+            if c * nthr + ty * 32 + tx < kv_chunks:
+                r: T.let[T.int32] = (c * nthr + ty * 32 + tx) // (d // vec)
+                col: T.let[T.int32] = (c * nthr + ty * 32 + tx) % (d // vec) * vec
+                if it * tkb + r < kv_n:
+                    kv_reg[T.ramp(c * vec, 1, vec)] = k[kv_start + it * tkb + r, by, T.ramp(col, 1, vec)]
+                    kv_reg[T.ramp((n_ld + c) * vec, 1, vec)] = v[kv_start + it * tkb + r, by, T.ramp(col, 1, vec)]
+                else:
+                    kv_reg[T.ramp(c * vec, 1, vec)] = T.broadcast(T.cast(0, dtype), vec)
+                    kv_reg[T.ramp((n_ld + c) * vec, 1, vec)] = T.broadcast(T.cast(0, dtype), vec)
+
     @T.prim_func(s_tir=True)
     def batch_prefill_ragged_kv(  # pylint: disable=too-many-branches,too-many-arguments
         var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle, var_kv_indptr: T.handle,
@@ -176,12 +207,11 @@ def make_tc_ragged_prefill(cfg: TCConfig, key, target=None):  # pylint: disable=
                             T.reads()
                             T.writes()
                             # Q is staged once (its fragments stay in registers); P reuses the buffer
-                            QP_smem = T.sblock_alloc_buffer((tq * qpw,), dtype, scope="shared")
-                            K_smem = T.sblock_alloc_buffer((tk, dp), dtype, scope="shared")
-                            V_smem = T.sblock_alloc_buffer((tk, dp), dtype, scope="shared")
-                            S_smem = T.sblock_alloc_buffer((tq, sw), "float32", scope="shared")
-                            alpha_smem = T.sblock_alloc_buffer((tq,), "float32", scope="shared")
-                            md_smem = T.sblock_alloc_buffer((2, tq), "float32", scope="shared")
+                            QP_smem = T.sblock_alloc_buffer((nw * 16 * qpw,), dtype, scope="shared")
+                            K_smem = T.sblock_alloc_buffer((tkb, dp), dtype, scope="shared")
+                            V_smem = T.sblock_alloc_buffer((tkb, dp), dtype, scope="shared")
+                            S_smem = T.sblock_alloc_buffer((nw * 16, sw), "float32", scope="shared")
+                            md_smem = T.sblock_alloc_buffer((nw * 16 * 2 if ks > 1 else 1,), "float32", scope="shared")
                             Q_frag = T.sblock_alloc_buffer((nd * 16, 16), dtype, scope="wmma.matrix_a")
                             P_frag = T.sblock_alloc_buffer((16, 16), dtype, scope="wmma.matrix_a")
                             K_frag = T.sblock_alloc_buffer((16, 16), dtype, scope="wmma.matrix_b")
@@ -189,6 +219,7 @@ def make_tc_ragged_prefill(cfg: TCConfig, key, target=None):  # pylint: disable=
                             S_frag = T.sblock_alloc_buffer((nk * 16, 16), "float32", scope="wmma.accumulator")
                             O_frag = T.sblock_alloc_buffer((nd * 16, 16), "float32", scope="wmma.accumulator")
                             O_loc = T.sblock_alloc_buffer((half_d,), "float32", scope="local")
+                            kv_reg = T.sblock_alloc_buffer((2 * n_ld * vec,), dtype, scope="local")
                             st = T.sblock_alloc_buffer((6,), "int32", scope="local")  # b, tile, tiles, n_kv
                             ms = T.sblock_alloc_buffer((5,), "float32", scope="local")  # m, d, m_new, alpha, sum
 
@@ -203,6 +234,7 @@ def make_tc_ragged_prefill(cfg: TCConfig, key, target=None):  # pylint: disable=
                                     st[2] = T.ceildiv((q_indptr[st[0] + 1] - q_indptr[st[0]]) * group, tq)
                             if T.tvm_thread_invariant(st[0] < batch_size):
                                 b: T.let[T.int32] = st[0]
+                                sc: T.let[T.float32] = sm_scale * T.float32(scale_log2)
                                 q_start: T.let[T.int32] = q_indptr[b]
                                 q_n: T.let[T.int32] = q_indptr[b + 1] - q_start
                                 kv_start: T.let[T.int32] = kv_indptr[b]
@@ -211,7 +243,7 @@ def make_tc_ragged_prefill(cfg: TCConfig, key, target=None):  # pylint: disable=
                                 # keys any row of the tile may see
                                 st[3] = T.if_then_else(
                                     causal > 0, T.min(kv_n, T.max(kv_n - q_n + (row0 + tq - 1) // group + 1, 0)), kv_n)
-                                for c in T.serial(T.ceildiv(q_chunks, nthr)):
+                                for c in T.unroll(T.ceildiv(q_chunks, nthr)):
                                     idx: T.let[T.int32] = c * nthr + ty * 32 + tx
                                     if idx < q_chunks:
                                         r: T.let[T.int32] = idx // (d // vec)
@@ -224,33 +256,37 @@ def make_tc_ragged_prefill(cfg: TCConfig, key, target=None):  # pylint: disable=
                                             QP_smem[T.ramp(r * qpw + col, 1, vec)] = T.broadcast(T.cast(0, dtype), vec)
                                 ms[0] = T.float32(-5e4)
                                 ms[1] = T.float32(0)
-                                for j in T.serial(half_d):
+                                for j in T.unroll(half_d):
                                     O_loc[j] = T.float32(0)
                                 T.tvm_storage_sync("shared")
-                                for j in T.serial(nd):
+                                for j in T.unroll(nd):
                                     T.evaluate(T.tvm_load_matrix_sync(
-                                        Q_frag.data, 16, 16, 16, j, ptr(QP_smem, ty * 16 * qpw + j * 16, 16 * qpw, 1),
+                                        Q_frag.data, 16, 16, 16, j, ptr(QP_smem, ty // ks * 16 * qpw + j * 16, 16 * qpw, 1),
                                         qpw, "row_major", dtype="void"))
-                                for it in T.serial(T.ceildiv(st[3], tk)):
+                                if prefetch:
+                                    load_kv(kv_reg, k, v, kv_start, kv_n, by, ty, tx, 0)
+                                for it in T.serial(T.ceildiv(st[3], tkb)):
                                     T.tvm_storage_sync("shared")
-                                    for c in T.serial(T.ceildiv(kv_chunks, nthr)):
-                                        idx: T.let[T.int32] = c * nthr + ty * 32 + tx
-                                        if idx < kv_chunks:
-                                            r: T.let[T.int32] = idx // (d // vec)
-                                            col: T.let[T.int32] = idx % (d // vec) * vec
-                                            if it * tk + r < kv_n:
-                                                K_smem[r, T.ramp(col, 1, vec)] = k[kv_start + it * tk + r, by, T.ramp(col, 1, vec)]
-                                                V_smem[r, T.ramp(col, 1, vec)] = v[kv_start + it * tk + r, by, T.ramp(col, 1, vec)]
-                                            else:
-                                                K_smem[r, T.ramp(col, 1, vec)] = T.broadcast(T.cast(0, dtype), vec)
-                                                V_smem[r, T.ramp(col, 1, vec)] = T.broadcast(T.cast(0, dtype), vec)
+                                    if not prefetch:
+                                        load_kv(kv_reg, k, v, kv_start, kv_n, by, ty, tx, it)
+                                    for c in T.unroll(n_ld):
+                                        if c * nthr + ty * 32 + tx < kv_chunks:
+                                            K_smem[(c * nthr + ty * 32 + tx) // (d // vec),
+                                                   T.ramp((c * nthr + ty * 32 + tx) % (d // vec) * vec, 1, vec)] = \
+                                                kv_reg[T.ramp(c * vec, 1, vec)]
+                                            V_smem[(c * nthr + ty * 32 + tx) // (d // vec),
+                                                   T.ramp((c * nthr + ty * 32 + tx) % (d // vec) * vec, 1, vec)] = \
+                                                kv_reg[T.ramp((n_ld + c) * vec, 1, vec)]
                                     T.tvm_storage_sync("shared")
+                                    if prefetch:  # the next tile's loads fly while this one is computed
+                                        load_kv(kv_reg, k, v, kv_start, kv_n, by, ty, tx, it + 1)
                                     # S = Q K^T for this warp's 16 rows
-                                    for j in T.serial(nk):
+                                    for j in T.unroll(nk):
                                         T.evaluate(T.tvm_fill_fragment(S_frag.data, 16, 16, 16, j, T.float32(0), dtype="void"))
-                                        for kk in T.serial(nd):
+                                        for kk in T.unroll(nd):
                                             T.evaluate(T.tvm_load_matrix_sync(
-                                                K_frag.data, 16, 16, 16, 0, ptr(K_smem, j * 16 * dp + kk * 16, 16 * dp, 1),
+                                                K_frag.data, 16, 16, 16, 0,
+                                                ptr(K_smem, (ty % ks * tk + j * 16) * dp + kk * 16, 16 * dp, 1),
                                                 dp, "col_major", dtype="void"))
                                             T.evaluate(T.tvm_mma_sync(S_frag.data, j, Q_frag.data, kk, K_frag.data, 0,
                                                                       S_frag.data, j, dtype="void"))
@@ -261,61 +297,74 @@ def make_tc_ragged_prefill(cfg: TCConfig, key, target=None):  # pylint: disable=
                                     # online softmax of this warp's rows: lanes tx and tx+16 own row ty*16 + tx%16;
                                     # with row_lanes=2 they split its columns and combine through a shuffle, with 1
                                     # both scan all of it (same state either way: equal stores are benign)
-                                    row: T.let[T.int32] = ty * 16 + tx % 16
+                                    row: T.let[T.int32] = ty * 16 + tx % 16  # of S / P (the warp's own rows)
                                     lim: T.let[T.int32] = T.if_then_else(
-                                        causal > 0, T.min(kv_n - q_n + (row0 + row) // group + 1, kv_n), kv_n) - it * tk
+                                        causal > 0, T.min(kv_n - q_n + (row0 + ty // ks * 16 + tx % 16) // group + 1, kv_n),
+                                        kv_n) - it * tkb - ty % ks * tk
                                     ms[2] = ms[0]
-                                    for jj in T.serial(tk // rl):
-                                        if jj * rl + lane_col(tx) < lim:
-                                            ms[2] = T.max(ms[2], S_smem[row, jj * rl + lane_col(tx)] * sm_scale * scale_log2)
+                                    for jj in T.unroll(tk // rl):
+                                        if col_of(jj, tx, tk) < lim:
+                                            ms[2] = T.max(ms[2], S_smem[row, col_of(jj, tx, tk)] * sc)
                                     ms[2] = combine(ms[2], True)
                                     ms[3] = T.exp2(ms[0] - ms[2])
                                     ms[4] = T.float32(0)
-                                    for jj in T.serial(tk // rl):
+                                    for jj in T.unroll(tk // rl):
                                         p: T.let[T.float32] = T.if_then_else(
-                                            jj * rl + lane_col(tx) < lim,
-                                            T.exp2(S_smem[row, jj * rl + lane_col(tx)] * sm_scale * scale_log2 - ms[2]),
+                                            col_of(jj, tx, tk) < lim,
+                                            T.exp2(S_smem[row, col_of(jj, tx, tk)] * sc - ms[2]),
                                             T.float32(0))
                                         ms[4] = ms[4] + p
-                                        QP_smem[row * qpw + jj * rl + lane_col(tx)] = T.cast(p, dtype)
+                                        QP_smem[row * qpw + col_of(jj, tx, tk)] = T.cast(p, dtype)
                                     ms[1] = ms[1] * ms[3] + combine(ms[4], False)
                                     ms[0] = ms[2]
-                                    alpha_smem[row] = ms[3]
                                     T.tvm_storage_sync("shared")
                                     # O_tile = P V into fresh accumulators, staged through S_smem
-                                    for j in T.serial(nd):
+                                    for j in T.unroll(nd):
                                         T.evaluate(T.tvm_fill_fragment(O_frag.data, 16, 16, 16, j, T.float32(0), dtype="void"))
-                                    for kk in T.serial(nk):
+                                    for kk in T.unroll(nk):
                                         T.evaluate(T.tvm_load_matrix_sync(
                                             P_frag.data, 16, 16, 16, 0, ptr(QP_smem, ty * 16 * qpw + kk * 16, 16 * qpw, 1),
                                             qpw, "row_major", dtype="void"))
-                                        for j in T.serial(nd):
+                                        for j in T.unroll(nd):
                                             T.evaluate(T.tvm_load_matrix_sync(
-                                                V_frag.data, 16, 16, 16, 0, ptr(V_smem, kk * 16 * dp + j * 16, 16 * dp, 1),
+                                                V_frag.data, 16, 16, 16, 0,
+                                                ptr(V_smem, (ty % ks * tk + kk * 16) * dp + j * 16, 16 * dp, 1),
                                                 dp, "row_major", dtype="void"))
                                             T.evaluate(T.tvm_mma_sync(O_frag.data, j, P_frag.data, 0, V_frag.data, 0,
                                                                       O_frag.data, j, dtype="void"))
-                                    for j in T.serial(nd):
+                                    for j in T.unroll(nd):
                                         T.evaluate(T.tvm_store_matrix_sync(
                                             O_frag.data, 16, 16, 16, j, ptr(S_smem, ty * 16 * sw + j * 16, 16 * sw, 2),
                                             sw, "row_major", dtype="void"))
                                     T.tvm_storage_sync("shared")
-                                    # fold into the register rows: lane owns row tx%16, columns of parity tx//16
-                                    for j in T.serial(half_d):
-                                        O_loc[j] = O_loc[j] * alpha_smem[ty * 16 + tx % 16] + \
-                                            S_smem[ty * 16 + tx % 16, j * 2 + tx // 16]
-                                md_smem[0, ty * 16 + tx % 16] = ms[0]
-                                md_smem[1, ty * 16 + tx % 16] = ms[1]
-                                T.tvm_storage_sync("shared")
-                                r_out: T.let[T.int32] = row0 + ty * 16 + tx % 16
+                                    # fold into the register rows: lane owns row tx%16 (the row whose softmax
+                                    # state it holds) and half of its columns (out_col)
+                                    for j in T.unroll(half_d):
+                                        O_loc[j] = O_loc[j] * ms[3] + S_smem[ty * 16 + tx % 16, out_col(j, tx)]
+                                r_out: T.let[T.int32] = row0 + ty // ks * 16 + tx % 16
                                 pos_out: T.let[T.int32] = r_out // group
-                                for j in T.serial(half_d):
+                                if ks > 1:  # merge the key parts' states (in base 2) into the part-0 warp
+                                    for j in T.unroll(half_d):
+                                        S_smem[ty * 16 + tx % 16, out_col(j, tx)] = O_loc[j]
+                                    md_smem[(ty * 16 + tx % 16) * 2] = ms[0]
+                                    md_smem[(ty * 16 + tx % 16) * 2 + 1] = ms[1]
+                                    T.tvm_storage_sync("shared")
+                                    if ty % ks == 0:
+                                        for w in T.unroll(1, ks):
+                                            ms[2] = T.max(ms[0], md_smem[((ty + w) * 16 + tx % 16) * 2])
+                                            ms[3] = T.exp2(ms[0] - ms[2])
+                                            ms[4] = T.exp2(md_smem[((ty + w) * 16 + tx % 16) * 2] - ms[2])
+                                            ms[1] = ms[1] * ms[3] + md_smem[((ty + w) * 16 + tx % 16) * 2 + 1] * ms[4]
+                                            for j in T.unroll(half_d):
+                                                O_loc[j] = O_loc[j] * ms[3] + S_smem[(ty + w) * 16 + tx % 16, out_col(j, tx)] * ms[4]
+                                            ms[0] = ms[2]
+                                if ty % ks == 0:
+                                    for j in T.unroll(half_d):
+                                        if pos_out < q_n:
+                                            output[q_start + pos_out, by * group + r_out % group, out_col(j, tx)] = T.cast(
+                                                O_loc[j] / ms[1], dtype)
                                     if pos_out < q_n:
-                                        output[q_start + pos_out, by * group + r_out % group, j * 2 + tx // 16] = T.cast(
-                                            O_loc[j] / md_smem[1, ty * 16 + tx % 16], dtype)
-                                if pos_out < q_n:
-                                    if tx < 16:
-                                        lse[q_start + pos_out, by * group + r_out % group] = \
-                                            md_smem[0, ty * 16 + tx] + T.log2(md_smem[1, ty * 16 + tx])
+                                        if tx < 16:
+                                            lse[q_start + pos_out, by * group + r_out % group] = ms[0] + T.log2(ms[1])
 
     return batch_prefill_ragged_kv

@@ -71,8 +71,9 @@ def test_tc_kernel_builds_for_sm90_and_compiles_with_nvcc(sm90):
     ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=sm90)
     source = ex.mod.imports[0].inspect_source()
     assert source.count("wmma::mma_sync") == 2 and "__launch_bounds__(128)" in source
-    # only the barriers the kernel places: 1 after the Q load, 5 per key tile, 1 before the epilogue
-    assert source.count("__syncthreads()") == 7
+    # only the barriers the kernel places: 1 after the Q load and 2 per key tile around the K/V
+    # store, 1 after S, 1 after P (each warp's softmax state stays in its registers)
+    assert source.count("__syncthreads()") == 6
     with sm90:
         cubin = nvcc.compile_cuda(source, target_format="cubin", compiler="nvcc")
     assert len(cubin) > 1000
