@@ -8,18 +8,30 @@ same causal mask, same ``output`` and base-2 ``lse`` (``m + log2(d)`` of the sco
 products on tensor cores (wmma 16x16x16, fp16 in, fp32 accumulate):
 
 * one block per (query tile, KV head); a query tile is ``16 * num_warps`` rows of the
-  (position, head-in-group) row space TVM's kernel uses, and each warp owns 16 of its rows;
-* per key tile of ``tile_k`` keys: K and V go to shared memory (16-byte loads, all threads);
-  each warp computes its 16 x tile_k block of S = Q Kᵀ from Q fragments held in registers,
-  stores it to shared memory as fp32, updates its rows' online-softmax state (SIMT, one lane per
-  row), writes P as fp16, computes P V into fresh accumulators and folds them into the output
-  rows held in registers with the per-row rescale factor;
-* with ``causal``, key tiles entirely above the diagonal are skipped (TVM's kernel visits them and
+  (position, head-in-group) row space TVM's kernel uses, and each row group of 16 has
+  ``kv_warps`` warps (``kv_warps > 1``: each takes its own ``tile_k`` keys of every key step and
+  keeps its own softmax state; the states are merged in base 2 at the end — more warps in flight
+  for the same rows);
+* per key step of ``kv_warps * tile_k`` keys: K and V go to shared memory (16-byte loads by all
+  threads; with ``prefetch`` the next step's loads are issued into registers before this step's
+  math); each warp computes its 16 x tile_k block of S = Q Kᵀ from Q fragments held in
+  registers, stores it to shared memory as fp32, updates its rows' online-softmax state (SIMT:
+  two lanes per row, combined through a warp shuffle; the state stays in registers), writes P as
+  fp16, computes P V into fresh accumulators and folds them into the output rows it holds in
+  registers with the row's rescale factor;
+* with ``causal``, key steps entirely above the diagonal are skipped (TVM's kernel visits them and
   adds exact zeros), and the blocks of the longest (last) query tiles of each sequence start first.
 
+Measured on an H200 (2026-12-01, GPT-2 small: 12 heads of 64, one causal sequence,
+``bench/results/2026-12-01-h200-attn-tc``): 6.0 / 20.8 / 52.4 µs at 128 / 512 / 1024 tokens for
+``warps=1x4 tile=16x64 prefetch`` (best geometric mean; 48.3 µs at 1024 for ``2x2 32x64
+prefetch``), against 33.7 / 122.8 / 450.3 µs for TVM's SIMT kernel with its searched constants
+and 17.2 / 23.9 / 25.5 µs for torch SDPA (flash), all timed back to back.
+
 Rotary embedding inside the kernel (``rotary_mode == 1``) is not implemented: GPT-2 has learned
-positions and its KV cache passes 0. The kernel traps on another value rather than computing
-attention without it. Only fp16 Q/K/V are supported (tensor-core operands).
+positions and its KV cache passes 0. A call with another value fails the kernel's host-side
+assertion rather than computing attention without it. Only fp16 Q/K/V are supported
+(tensor-core operands).
 """
 
 from __future__ import annotations

@@ -63,17 +63,19 @@ def test_candidates_and_legality(sm90):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-def test_tc_kernel_builds_for_sm90_and_compiles_with_nvcc(sm90):
+@pytest.mark.parametrize("cfg, syncs", [(TC.TCConfig(4, 64), 6), (TC.TCConfig(1, 32, kv_warps=2, prefetch=True), 8)])
+def test_tc_kernel_builds_for_sm90_and_compiles_with_nvcc(sm90, cfg, syncs):
     """The kernel lowers for sm_90 to CUDA with wmma calls and nvcc compiles it to a cubin."""
     from tvm.support import nvcc
 
-    func = TC.make_tc_ragged_prefill(TC.TCConfig(4, 64), A.AttentionKey(12, 12, 64, "float16"), sm90)
+    func = TC.make_tc_ragged_prefill(cfg, A.AttentionKey(12, 12, 64, "float16"), sm90)
     ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=sm90)
     source = ex.mod.imports[0].inspect_source()
-    assert source.count("wmma::mma_sync") == 2 and "__launch_bounds__(128)" in source
-    # only the barriers the kernel places: 1 after the Q load and 2 per key tile around the K/V
-    # store, 1 after S, 1 after P (each warp's softmax state stays in its registers)
-    assert source.count("__syncthreads()") == 6
+    # unrolled: (tile_k/16) x (64/16) fragment products for S and as many for P V
+    assert source.count("wmma::mma_sync") == 2 * cfg.tile_k // 16 * 4 and f"__launch_bounds__({32 * cfg.num_warps * cfg.kv_warps})" in source
+    # only the barriers the kernel places: 1 after the Q load, 2 per key step around the K/V store,
+    # 1 after S, 1 after P (softmax state stays in registers); key-split warps add the merge's 2
+    assert source.count("__syncthreads()") == syncs
     with sm90:
         cubin = nvcc.compile_cuda(source, target_format="cubin", compiler="nvcc")
     assert len(cubin) > 1000
