@@ -462,7 +462,8 @@ def tune_attention(config, *, dtype: str, target, out_dir: str | os.PathLike, le
             log(f"attention: {c.label()} failed to run: {str(exc).splitlines()[0] if str(exc) else exc}")
             continue
         libs[c] = lib
-        results.append({"template": template_of(c), "config": asdict(c), "us": times, "total_us": sum(times.values()), "max_abs_err": err})
+        results.append({"template": template_of(c), "config": asdict(c), "us": times, "total_us": sum(times.values()),
+                        "max_abs_err": err})
     base = next((r for r in results if r["template"] == "simt" and r["config"] == asdict(default)), None)
     if base is None:
         raise AttentionError("TVM's own prefill attention kernel could not be measured on this device")
@@ -495,8 +496,8 @@ def tune_attention(config, *, dtype: str, target, out_dir: str | os.PathLike, le
             "rejected_numerics": rejected,
             "tolerance_abs": tol,
             "top": ok[:8],
-            "screened": [{"template": r["template"], "config": r["config"], "us": r.get("screened_us", r["us"]), "max_abs_err": r["max_abs_err"]}
-                         for r in results],
+            "screened": [{"template": r["template"], "config": r["config"], "us": r.get("screened_us", r["us"]),
+                          "max_abs_err": r["max_abs_err"]} for r in results],
         }],
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "device": device.device_name if hasattr(device, "device_name") else str(device),
@@ -508,6 +509,6 @@ def tune_attention(config, *, dtype: str, target, out_dir: str | os.PathLike, le
     out = Path(out_dir)
     _atomic_write_text(out / ATTENTION_FILE, json.dumps(doc, indent=1))
     per = ", ".join(f"{n}: {base['us'][n]:.1f}->{best['us'][n]:.1f} us" for n in lengths)
-    log(f"attention: best {config_of(best['template'], best['config']).label()} ({per}; geomean {1 / best['score']:.2f}x "
-        f"over TVM's; {rejected} rejected by the NumPy check) in {doc['tuning_s']:.0f} s -> {out / ATTENTION_FILE}")
+    log(f"attention: best {config_of(best['template'], best['config']).label()} ({per}; "
+        f"geomean {1 / best['score']:.2f}x over TVM's; {rejected} rejected by the NumPy check) in {doc['tuning_s']:.0f} s -> {out / ATTENTION_FILE}")
     return doc
