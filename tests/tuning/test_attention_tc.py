@@ -138,3 +138,30 @@ def test_tc_kernel_matches_numpy_on_gpu():
     np.testing.assert_allclose(args[7].numpy().astype(np.float32), A.reference_causal_attention(q, k, v, sm_scale),
                                atol=2e-2)
     np.testing.assert_allclose(args[8].numpy(), A.reference_causal_lse(q, k, sm_scale), atol=1e-2)
+
+
+def test_search_stores_the_tc_winner_and_rejects_a_wrong_one(tmp_path, sm90, monkeypatch):
+    """tune_attention's bookkeeping with both templates (GPU work faked: build paths and timings).
+
+    A tensor-core candidate faster than TVM's kernel is stored with ``"template": "tc"`` (and
+    applies), a faster one whose NumPy error exceeds the tolerance is not.
+    """
+    default = A.default_prefill_config(KEY, sm90)
+    good, wrong = TC.TCConfig(2, 64), TC.TCConfig(1, 64)
+    fake = {0: ({64: 100.0, 256: 400.0}, 1e-3), 1: ({64: 20.0, 256: 60.0}, 2e-3), 2: ({64: 10.0, 256: 30.0}, 0.5)}
+    monkeypatch.setattr(A, "_build_all", lambda funcs, target, workers: ([f"k{i}" for i in range(len(funcs))], []))
+    monkeypatch.setattr(tvm.runtime, "load_module", lambda path: path)
+    monkeypatch.setattr(A, "measure_ragged_prefill", lambda lib, key, lengths, **kw: fake[int(lib[1:])])
+
+    class Dev:  # what tune_attention reads of a device
+        exist = True
+        device_name = "fake"
+
+    doc = A.tune_attention(_gpt2_tiny(), dtype="float16", target=sm90, out_dir=tmp_path, lengths=[64, 256],
+                           device=Dev(), candidates=[default, good, wrong], log=lambda m: None)
+    entry = doc["kernels"][0]
+    assert entry["best"]["template"] == "tc" and entry["best"]["config"] == asdict(good)
+    assert entry["default"]["template"] == "simt" and entry["rejected_numerics"] == 1
+    assert {(r["template"], r["config"]["num_warps"]) for r in entry["screened"]} >= {("tc", 1), ("tc", 2)}
+    stored = A.read_attention(tmp_path)["kernels"][0]["best"]
+    assert TC.config_of(stored["template"], stored["config"]) == good
