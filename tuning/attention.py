@@ -31,6 +31,11 @@ relative to TVM's kernel, and a candidate more than 5% slower than TVM's at any 
 always a candidate and the winner is stored only when it is better, so the stored choice is
 never slower than the untuned build's kernel as measured.
 
+A second template, ``"tc"`` (:mod:`tuning.attention_tc`: the same kernel with its two inner
+products on tensor cores, wmma fp16/fp32), has its own constants (warps, key tile) and joins the
+same search, checked and scored the same way. ``attention.json`` names the template of each
+result (``"template"``; a file without it is SIMT).
+
 The result is ``attention.json`` in the database directory; compiling with the database
 (:func:`apply_attention`) regenerates the kernel with the stored constants. Only
 ``batch_prefill_ragged_kv`` (the self-attention of a chunk over itself, which is all of a prefill
@@ -50,6 +55,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
+
+from .attention_tc import TCError, config_of, make_prefill_kernel, tc_candidates, template_of
 
 logger = logging.getLogger(__name__)
 
@@ -226,10 +233,10 @@ def read_attention(db_dir: str | os.PathLike) -> dict | None:
         doc = json.loads(path.read_text(encoding="utf-8"))
         for entry in doc["kernels"]:
             AttentionKey(**entry["key"])
-            PrefillConfig(**entry["best"]["config"])
+            config_of(entry["best"].get("template", "simt"), entry["best"]["config"])
             if entry["kernel"] != RAGGED_PREFILL:
                 raise KeyError(f"unknown kernel {entry['kernel']!r}")
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
         raise AttentionError(f"{path} is not a valid attention tuning file ({err}); delete it or re-run "
                              "tune --kinds attention") from err
     return doc
@@ -259,7 +266,7 @@ def apply_attention(mod, db_dir: str | os.PathLike | None, *, key: AttentionKey,
     for entry in doc["kernels"]:
         if AttentionKey(**entry["key"]) != key or entry["kernel"] not in names:
             continue
-        best = PrefillConfig(**entry["best"]["config"])
+        best = config_of(entry["best"].get("template", "simt"), entry["best"]["config"])
         default = default_prefill_config(key, target)
         if best == default:
             continue
@@ -271,7 +278,7 @@ def apply_attention(mod, db_dir: str | os.PathLike | None, *, key: AttentionKey,
             logger.warning("%s in the module is not TVM's default kernel for %s: stored attention tuning not applied",
                            entry["kernel"], key.label())
             continue
-        func = _with_attrs_of(make_ragged_prefill(best, key, target), current)
+        func = _with_attrs_of(make_prefill_kernel(best, key, target), current)
         if out is mod:
             out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs, global_infos=mod.global_infos)
         out[gv] = func
@@ -298,6 +305,16 @@ def reference_causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, sm_s
     return np.einsum("hqk,khd->qhd", p, v32)
 
 
+def reference_causal_lse(q: np.ndarray, k: np.ndarray, sm_scale: float) -> np.ndarray:
+    """Base-2 log-sum-exp of the causal scores (what the kernels write to ``lse``): ``[n, heads]``."""
+    q32, k32 = (np.asarray(x, np.float32) for x in (q, k))
+    n = q32.shape[0]
+    s = np.einsum("qhd,khd->hqk", q32, k32) * sm_scale
+    s = np.where(np.tril(np.ones((n, n), bool))[None], s, -np.inf)
+    m = s.max(axis=-1, keepdims=True)
+    return ((m[..., 0] + np.log(np.exp(s - m).sum(axis=-1))) / math.log(2)).T
+
+
 def ragged_prefill_args(key: AttentionKey, n: int, *, device, seed: int = 0):
     """(positional args, q, k, v, sm_scale) of one causal prefill of ``n`` tokens (batch of 1)."""
     import tvm  # pylint: disable=import-outside-toplevel
@@ -322,7 +339,8 @@ def _scalars(sm_scale: float) -> tuple:
 
 def measure_ragged_prefill(lib, key: AttentionKey, lengths: Sequence[int], *, device, number: int = 10,
                            repeat: int = 5, refs: dict | None = None) -> tuple[dict[int, float], float]:
-    """Median µs per call at each length, and the max abs error against NumPy over all lengths.
+    """Median µs per call at each length, and the max abs error against NumPy over all lengths
+    (of the output and of the base-2 ``lse``, which the KV cache merges with later chunks).
 
     ``lib`` is a runtime module whose ``main`` is a ``batch_prefill_ragged_kv`` kernel; ``refs``
     caches the NumPy references per length across candidates (same seeded inputs).
@@ -336,8 +354,9 @@ def measure_ragged_prefill(lib, key: AttentionKey, lengths: Sequence[int], *, de
         fn(*args, *_scalars(sm_scale))
         device.sync()
         if n not in refs:
-            refs[n] = reference_causal_attention(q, k, v, sm_scale)
-        err = max(err, float(np.abs(args[7].numpy().astype(np.float32) - refs[n]).max()))
+            refs[n] = reference_causal_attention(q, k, v, sm_scale), reference_causal_lse(q, k, sm_scale)
+        err = max(err, float(np.abs(args[7].numpy().astype(np.float32) - refs[n][0]).max()),
+                  float(np.abs(args[8].numpy() - refs[n][1]).max()))
         te = lib.time_evaluator("main", device, number=number, repeat=repeat)
         res = te(*args, *_scalars(sm_scale))
         times[int(n)] = float(np.median(res.results) * 1e6)
@@ -375,7 +394,7 @@ def _build_all(funcs: list, target, *, workers: int | None) -> list:
 
 
 def tune_attention(config, *, dtype: str, target, out_dir: str | os.PathLike, lengths: Sequence[int],
-                   device=None, candidates: Sequence[PrefillConfig] | None = None, workers: int | None = None,
+                   device=None, candidates: Sequence | None = None, workers: int | None = None,
                    top: int = 8, log: Callable[[str], None] = print) -> dict:
     """Search the prefill attention template for ``config`` on the local GPU; write ``attention.json``.
 
@@ -392,8 +411,9 @@ def tune_attention(config, *, dtype: str, target, out_dir: str | os.PathLike, le
         Chunk lengths to time each candidate at (the prefill buckets); see the objective above.
     device : tvm.runtime.Device, optional
         Default ``tvm.cuda(0)``.
-    candidates : sequence of PrefillConfig, optional
-        Default :func:`prefill_candidates` (TVM's choice is added when missing).
+    candidates : sequence of PrefillConfig or TCConfig, optional
+        Default :func:`prefill_candidates` and :func:`tuning.attention_tc.tc_candidates` (TVM's
+        choice is added when missing).
     top : int
         Candidates re-timed at length after the screening pass (TVM's is always re-timed).
 
@@ -409,7 +429,8 @@ def tune_attention(config, *, dtype: str, target, out_dir: str | os.PathLike, le
         raise AttentionError("attention tuning measures on a local CUDA GPU, and this machine has none")
     key = attention_key(config, dtype)
     default = default_prefill_config(key, target)
-    cands = list(candidates) if candidates is not None else prefill_candidates(key, target)
+    cands = (list(candidates) if candidates is not None
+             else prefill_candidates(key, target) + tc_candidates(key, target))
     if default not in cands:
         cands.insert(0, default)
     lengths = sorted({int(n) for n in lengths})
@@ -417,9 +438,9 @@ def tune_attention(config, *, dtype: str, target, out_dir: str | os.PathLike, le
     funcs, kept = [], []
     for c in cands:
         try:
-            funcs.append(make_ragged_prefill(c, key, target))
+            funcs.append(make_prefill_kernel(c, key, target))
             kept.append(c)
-        except AttentionError as err:
+        except (AttentionError, TCError) as err:
             logger.info("%s", err)
     log(f"attention: {len(kept)} candidates of {RAGGED_PREFILL} for {key.label()} (TVM's: {default.label()}), "
         f"timed at {lengths}; building...")
@@ -441,8 +462,9 @@ def tune_attention(config, *, dtype: str, target, out_dir: str | os.PathLike, le
             log(f"attention: {c.label()} failed to run: {str(exc).splitlines()[0] if str(exc) else exc}")
             continue
         libs[c] = lib
-        results.append({"config": asdict(c), "us": times, "total_us": sum(times.values()), "max_abs_err": err})
-    base = next((r for r in results if r["config"] == asdict(default)), None)
+        results.append({"template": template_of(c), "config": asdict(c), "us": times, "total_us": sum(times.values()),
+                        "max_abs_err": err})
+    base = next((r for r in results if r["template"] == "simt" and r["config"] == asdict(default)), None)
     if base is None:
         raise AttentionError("TVM's own prefill attention kernel could not be measured on this device")
     tol = max(2 * base["max_abs_err"], 2e-2 if "16" in dtype else 1e-4)
@@ -452,7 +474,7 @@ def tune_attention(config, *, dtype: str, target, out_dir: str | os.PathLike, le
     if base not in finalists:
         finalists.append(base)
     for r in finalists:  # the final word: longer timing of the best few and TVM's
-        times, _ = measure_ragged_prefill(libs[PrefillConfig(**r["config"])], key, lengths, device=device,
+        times, _ = measure_ragged_prefill(libs[config_of(r["template"], r["config"])], key, lengths, device=device,
                                           number=20, repeat=7, refs=refs)
         r.update(us=times, total_us=sum(times.values()), screened_us=r["us"])
     _score(finalists, base)
@@ -474,8 +496,8 @@ def tune_attention(config, *, dtype: str, target, out_dir: str | os.PathLike, le
             "rejected_numerics": rejected,
             "tolerance_abs": tol,
             "top": ok[:8],
-            "screened": [{"config": r["config"], "us": r.get("screened_us", r["us"]), "max_abs_err": r["max_abs_err"]}
-                         for r in results],
+            "screened": [{"template": r["template"], "config": r["config"], "us": r.get("screened_us", r["us"]),
+                          "max_abs_err": r["max_abs_err"]} for r in results],
         }],
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "device": device.device_name if hasattr(device, "device_name") else str(device),
@@ -487,6 +509,6 @@ def tune_attention(config, *, dtype: str, target, out_dir: str | os.PathLike, le
     out = Path(out_dir)
     _atomic_write_text(out / ATTENTION_FILE, json.dumps(doc, indent=1))
     per = ", ".join(f"{n}: {base['us'][n]:.1f}->{best['us'][n]:.1f} us" for n in lengths)
-    log(f"attention: best {PrefillConfig(**best['config']).label()} ({per}; geomean {1 / best['score']:.2f}x "
-        f"over TVM's; {rejected} rejected by the NumPy check) in {doc['tuning_s']:.0f} s -> {out / ATTENTION_FILE}")
+    log(f"attention: best {config_of(best['template'], best['config']).label()} ({per}; "
+        f"geomean {1 / best['score']:.2f}x over TVM's; {rejected} rejected by the NumPy check) in {doc['tuning_s']:.0f} s -> {out / ATTENTION_FILE}")
     return doc
