@@ -272,14 +272,17 @@ def _argmax_rows(logits):
     vocab = int(vocab)
     k = te.reduce_axis((0, vocab), name="k")
     row_max = te.compute((b,), lambda i: te.max(logits[i, 0, k], axis=k), name="argmax_max")  # (b,)
-    j = te.reduce_axis((0, vocab), name="j")
+    # The index reduction runs in int64, the dtype of the module's loop variables: an int32 one
+    # gets its cast hoisted around the min by the relax passes (cast(min(cast(acc), j))), which no
+    # cross-thread reducer matches, and the CUDA build fails. The cast to int32 is the epilogue's.
+    j = te.reduce_axis((tirx.const(0, "int64"), tirx.const(vocab, "int64")), name="j")
     first = te.compute(  # (b,): smallest j with logits[i, 0, j] == max, else vocab
         (b,),
-        lambda i: te.min(tirx.Select(logits[i, 0, j] == row_max[i], j.astype("int32"), tirx.const(vocab, "int32")),
-                         axis=j),
+        lambda i: te.min(tirx.Select(logits[i, 0, j] == row_max[i], j, tirx.const(vocab, "int64")), axis=j),
         name="argmax_index",
     )
-    return te.compute((b,), lambda i: tirx.min(first[i], tirx.const(vocab - 1, "int32")), name="argmax")
+    return te.compute((b,), lambda i: tirx.min(first[i], tirx.const(vocab - 1, "int64")).astype("int32"),
+                      name="argmax")
 
 
 def greedy(logits: Tensor) -> Tensor:

@@ -56,7 +56,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .attention_tc import TCError, config_of, make_prefill_kernel, tc_candidates, template_of
+from .attention_tc import TCConfig, TCError, make_tc_ragged_prefill, tc_candidates, template_of
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +211,22 @@ def make_ragged_prefill(cfg: PrefillConfig | None, key: AttentionKey, target):
             return prefill._attention_prefill_ragged(key.h_kv, key.h_q, key.d, key.d, key.dtype, {}, target)  # pylint: disable=protected-access
         except Exception as err:  # noqa: BLE001 - the template's scheduler rejects the factorization
             raise AttentionError(f"TVM's prefill template cannot schedule {cfg.label()}: {err}") from err
+
+
+def config_of(template: str, config: dict):
+    """The configuration object of a stored result: ``"simt"`` (TVM's template) or ``"tc"``."""
+    if template == "simt":
+        return PrefillConfig(**config)
+    if template == "tc":
+        return TCConfig(**config)
+    raise KeyError(f"unknown attention template {template!r}")
+
+
+def make_prefill_kernel(cfg, key: AttentionKey, target):
+    """``batch_prefill_ragged_kv`` of either template (``cfg`` None: TVM's own choice)."""
+    if isinstance(cfg, TCConfig):
+        return make_tc_ragged_prefill(cfg, key, target)
+    return make_ragged_prefill(cfg, key, target)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["TCConfig", "TCError", "config_of", "is_tc_legal", "make_prefill_kernel", "make_tc_ragged_prefill",
+__all__ = ["TCConfig", "TCError", "is_tc_legal", "make_tc_ragged_prefill",
            "tc_candidates", "tc_shared_bytes", "template_of"]
 
 _LOG2E = math.log2(math.e)
@@ -91,29 +91,9 @@ def tc_candidates(key, target=None) -> list[TCConfig]:
             if is_tc_legal(c := TCConfig(num_warps=w, tile_k=tk, prefetch=pf, kv_warps=kw), key, target)]
 
 
-def config_of(template: str, config: dict):
-    """The configuration object of a stored result: ``"simt"`` (TVM's template) or ``"tc"``."""
-    if template == "simt":
-        from .attention import PrefillConfig  # pylint: disable=import-outside-toplevel
-
-        return PrefillConfig(**config)
-    if template == "tc":
-        return TCConfig(**config)
-    raise KeyError(f"unknown attention template {template!r}")
-
-
 def template_of(cfg) -> str:
-    """``"simt"`` for a :class:`PrefillConfig`, ``"tc"`` for a tensor-core one."""
+    """``"simt"`` for TVM's template's configuration, ``"tc"`` for a tensor-core one."""
     return "tc" if isinstance(cfg, TCConfig) else "simt"
-
-
-def make_prefill_kernel(cfg, key, target):
-    """``batch_prefill_ragged_kv`` of either template (``cfg`` None: TVM's own choice)."""
-    if isinstance(cfg, TCConfig):
-        return make_tc_ragged_prefill(cfg, key, target)
-    from .attention import make_ragged_prefill  # pylint: disable=import-outside-toplevel
-
-    return make_ragged_prefill(cfg, key, target)
 
 
 def make_tc_ragged_prefill(cfg: TCConfig, key, target=None):  # pylint: disable=too-many-locals,too-many-statements

@@ -58,7 +58,7 @@ def test_candidates_and_legality(sm90):
         TC.make_tc_ragged_prefill(TC.TCConfig(4, 64), f32, sm90)
     with pytest.raises(TC.TCError):
         TC.make_tc_ragged_prefill(TC.TCConfig(3, 64), KEY, sm90)
-    assert TC.config_of("tc", {"num_warps": 2, "tile_k": 32}) == TC.TCConfig(2, 32)
+    assert A.config_of("tc", {"num_warps": 2, "tile_k": 32}) == TC.TCConfig(2, 32)
     assert TC.template_of(TC.TCConfig(2, 32)) == "tc" and TC.template_of(A.PrefillConfig(16, 32, 32, 4, 4)) == "simt"
 
 
@@ -164,4 +164,4 @@ def test_search_stores_the_tc_winner_and_rejects_a_wrong_one(tmp_path, sm90, mon
     assert entry["default"]["template"] == "simt" and entry["rejected_numerics"] == 1
     assert {(r["template"], r["config"]["num_warps"]) for r in entry["screened"]} >= {("tc", 1), ("tc", 2)}
     stored = A.read_attention(tmp_path)["kernels"][0]["best"]
-    assert TC.config_of(stored["template"], stored["config"]) == good
+    assert A.config_of(stored["template"], stored["config"]) == good

@@ -252,7 +252,7 @@ def test_space_for_generates_named_spaces(funcs):
     mod = tvm.IRModule({"main": funcs["gemm_s1024_qkv"]})
     gen = spaces.space_for(funcs["gemm_s1024_qkv"], target=TARGET, include_generic=True)
     ctx = ms.TuneContext(mod=mod, target=TARGET, space_generator=gen, task_name="t", num_threads=1)
-    assert len(ctx.generate_design_space()) == 5  # 2 tunable + dlight + 2 generic
+    assert len(ctx.generate_design_space()) == 10  # 2 wmma + 5 mma (sm_80+) + dlight + 2 generic
 
 
 def test_generic_space_failure_is_contained():

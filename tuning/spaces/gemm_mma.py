@@ -56,7 +56,8 @@ from tvm.s_tir.dlight.gpu.matmul import (
     get_reduction_blocks,
 )
 
-from ._analysis import NotApplicable, preload_tensor_intrinsics
+from ..intrinsics import preload_tensor_intrinsics
+from ._analysis import NotApplicable
 
 __all__ = [
     "ASYNC_COPY_CONFIG",
