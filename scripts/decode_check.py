@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-# scripts/ itself is sys.path[0] when run as a script, and scripts/profile.py would shadow the
+# scripts/ itself is sys.path[0] when run as a script, and scripts/step_profile.py would shadow the
 # standard library's profile module (which torch / transformers import): drop it, add the root.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Steps run on the GPU machine (device tool), each with its own time limit; results under $OUT.
 #   bash scripts/session.sh STEP [STEP ...]
-# Steps: env gputests gputests-extra bench-decode bench-prefill bench-kernels tune restore profile (settings through environment variables)
+# Steps: env gputests gputests-extra gputests-new decode-check mma-check bench-decode bench-prefill bench-kernels tune restore profile
+# (settings through environment variables)
 set -uo pipefail
 export PYTHONPATH=/opt/devsite:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -16,6 +17,12 @@ for step in "$@"; do
       log gputests; timeout 420 python -m pytest -m gpu -q -x -p no:cacheprovider tests/test_gpu_model.py -s 2>&1 | grep -v Warning | tail -25 | tee "$OUT/gputests.txt" ;;
     gputests-extra)
       log gputests-extra; timeout 400 python -m pytest -m gpu -q -p no:cacheprovider tests/tuning/test_attention.py tests/bench/test_gpu.py 2>&1 | tail -6 | tee "$OUT/gputests_extra.txt" ;;
+    gputests-new)
+      log gputests-new; timeout ${GT_LIMIT:-400} python -m pytest -m gpu -q -p no:cacheprovider tests/gpt2_model/test_decode_loop.py tests/tuning/test_attention_tc.py tests/bench/test_gpu.py tests/bench/test_gptfast.py 2>&1 | grep -v Warning | tail -25 | tee "$OUT/gputests_new.txt" ;;
+    decode-check)
+      log decode-check; timeout ${DC_LIMIT:-300} python scripts/decode_check.py --out "$OUT/decode_check.json" 2>&1 | grep -v Warning | tail -40 | tee "$OUT/decode_check.txt" ;;
+    mma-check)
+      log mma-check; timeout ${MC_LIMIT:-200} python scripts/mma_check.py --out "$OUT" ${MC_ARGS:-} 2>&1 | grep -v Warning | tail -40 | tee "$OUT/mma_check.txt" ;;
     bench-decode)
       log bench decode; timeout 480 python -m bench.cli decode ${DB:+--database $DB} --batch ${BATCH_LIST:-1,8,32} --variants ${VARIANTS:-untuned,tuned,torch-eager} --json "$OUT/decode.json" 2>&1 | tail -30 | tee "$OUT/decode.txt" ;;
     bench-prefill)
@@ -31,7 +38,7 @@ for step in "$@"; do
       # later calls start from the working tree's copy: put back what this machine tuned so far
       for q in q0f16 q4f16_1; do [ -d /root/keep/db-$q ] && cp /root/keep/db-$q/* databases/sm_90/gpt2-$q/ && echo "restored db-$q"; done ;;
     profile)
-      log profile; timeout ${PROFILE_LIMIT:-400} python scripts/profile.py --out "$OUT" --variants ${PVARIANTS:-untuned,tuned} ${DB:+--database $DB} 2>&1 | grep -v "^USDT\|Warning" | tail -80 ;;
+      log profile; timeout ${PROFILE_LIMIT:-400} python scripts/step_profile.py --out "$OUT" --variants ${PVARIANTS:-untuned,tuned} ${DB:+--database $DB} 2>&1 | grep -v "^USDT\|Warning" | tail -80 ;;
     *) echo "unknown step $step" ;;
   esac
 done

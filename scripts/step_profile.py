@@ -8,7 +8,7 @@ gap (wall - kernels: host work and launch latency) and the top kernels with call
 
 Usage (GPU machine, repo root on PYTHONPATH)::
 
-    python scripts/profile.py --out $OUT [--variants untuned,tuned] [--database DIR]
+    python scripts/step_profile.py --out $OUT [--variants untuned,tuned] [--database DIR]
         [--prefill 128,1024] [--decode 1,8] [--steps 20]
 
 Writes ``profile.json`` and ``profile.txt`` into ``--out``.
