@@ -118,6 +118,7 @@ def test_a_server_killed_mid_run_loses_nothing(tmp_path, cpu_target, measure):
         assert verify_record(rec, target=cpu_target, device_or_rpc=survivor)
 
 
+@pytest.mark.slow  # starts a tracker and RPC server processes (24 s of the default run on 2 cores)
 def test_rpc_cluster_script_starts_all_servers_under_one_key(tmp_path):
     """scripts/rpc_cluster.py: tracker + N servers (CPU here), all registered before it says so."""
     import signal
