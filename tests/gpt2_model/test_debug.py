@@ -266,6 +266,7 @@ def test_compare_builds_identical_is_clean(builds):
     assert sum(r.replay_rel is not None for r in result.rows) > 10
 
 
+@pytest.mark.slow  # builds two libraries and replays each kernel (15 s on 2 cores)
 def test_compare_builds_aligns_renamed_kernels(builds):
     """A build with static-shape bucket entry points runs other kernels (other names, extra
     reshapes); calls are paired by parameters and shapes, and the builds agree."""
