@@ -305,6 +305,7 @@ def test_compare_builds_cli_and_dumps(hf, builds, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- op.print_
+@pytest.mark.slow  # an extra debug build of the model (16 s on 2 cores)
 def test_op_print_in_model(builds, capfd):
     """op.print_ inside the model prints at run time (debug=True, effect_mode='packed')."""
     from tvm.relax.frontend.nn import op  # pylint: disable=import-outside-toplevel
