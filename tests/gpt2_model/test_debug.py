@@ -351,6 +351,7 @@ def test_op_print_in_model(builds, capfd):
 
 
 # ----------------------------------------------------------------------------- other formats / GPU
+@pytest.mark.slow  # a q4f16_1 build on top of the q0f32 compare-hf tests (14 s on 2 cores)
 def test_compare_hf_q4f16_1(hf):
     """4-bit build: kernels found through q_weight params, reference weights rounded the same way."""
     from gpt2_model.debug import HF_RTOL  # pylint: disable=import-outside-toplevel
