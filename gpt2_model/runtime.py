@@ -112,6 +112,7 @@ class Engine:  # pylint: disable=too-many-instance-attributes
         self.target = target
         self.device_name = device
         self.device = tvm_device(device)
+        self._gpu = self.device.dlpack_device_type() != tvm.cpu(0).dlpack_device_type()  # see _step: the copy-stream wait
         self.vm = relax.VirtualMachine(executable, self.device)
         self.params = self._upload(params)
         # A debug export threads IO effects (op.print_) through every compute function.
@@ -261,6 +262,16 @@ class Engine:  # pylint: disable=too-many-instance-attributes
         are exactly as before (the capacity check already ran: a full cache never gets here).
         """
         self.begin_forward(seqs, lengths)
+        if self._gpu:
+            # TVM's paged KV cache copies this step's auxiliary arrays (page table, positions) on
+            # its own copy stream at the step's first attention call, into the same device
+            # buffers the previous step's attention kernels read, and that stream never waits
+            # for the compute stream: with the host running ahead (the device loop), the copy
+            # overwrote them under a still-running step (greedy q0f32 diverged from HF at step
+            # 7 on an H200). So the host waits here for the previous step -- after its own
+            # begin_forward bookkeeping, which overlaps the previous step, and before the call
+            # that starts the copy. No data crosses: it is a wait, not a copy.
+            self.device.sync()
         try:
             out = run()
             self.end_forward()
