@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Steps run on the GPU machine (device tool), each with its own time limit; results under $OUT.
 #   bash scripts/session.sh STEP [STEP ...]
-# Steps: env gputests gputests-extra gputests-new decode-check mma-check bench-decode bench-prefill bench-kernels tune restore profile
+# Steps: env gputests gputests-extra gputests-new decode-check mma-check peer-diag bench-decode bench-prefill bench-kernels tune restore profile
 # (settings through environment variables)
 set -uo pipefail
 export PYTHONPATH=/opt/devsite:$PWD
@@ -23,6 +23,8 @@ for step in "$@"; do
       log decode-check; timeout ${DC_LIMIT:-300} python scripts/decode_check.py --out "$OUT/decode_check.json" 2>&1 | grep -v Warning | tail -40 | tee "$OUT/decode_check.txt" ;;
     mma-check)
       log mma-check; timeout ${MC_LIMIT:-200} python scripts/mma_check.py --out "$OUT" ${MC_ARGS:-} 2>&1 | grep -v Warning | tail -40 | tee "$OUT/mma_check.txt" ;;
+    peer-diag)
+      log peer-diag; timeout ${PD_LIMIT:-150} python scripts/peer_diag.py --out "$OUT/peer_diag.json" 2>&1 | tail -30 | tee "$OUT/peer_diag.txt" ;;
     bench-decode)
       log bench decode; timeout 480 python -m bench.cli decode ${DB:+--database $DB} --batch ${BATCH_LIST:-1,8,32} --variants ${VARIANTS:-untuned,tuned,torch-eager} --json "$OUT/decode.json" 2>&1 | tail -30 | tee "$OUT/decode.txt" ;;
     bench-prefill)
