@@ -26,9 +26,9 @@ for step in "$@"; do
     peer-diag)
       log peer-diag; timeout ${PD_LIMIT:-150} python scripts/peer_diag.py --out "$OUT/peer_diag.json" 2>&1 | tail -30 | tee "$OUT/peer_diag.txt" ;;
     bench-decode)
-      log bench decode; timeout 480 python -m bench.cli decode ${DB:+--database $DB} --batch ${BATCH_LIST:-1,8,32} --variants ${VARIANTS:-untuned,tuned,torch-eager} --json "$OUT/decode.json" 2>&1 | tail -30 | tee "$OUT/decode.txt" ;;
+      log bench decode; timeout 480 python -m bench.cli decode ${DB:+--database $DB} --batch ${BATCH_LIST:-1,8,32} --variants ${VARIANTS:-untuned,tuned,torch-compile,torch-eager} --json "$OUT/decode.json" 2>&1 | tail -30 | tee "$OUT/decode.txt" ;;
     bench-prefill)
-      log bench prefill; timeout 420 python -m bench.cli prefill ${DB:+--database $DB} --seq-len 128,512,1024 --variants ${VARIANTS:-untuned,tuned,torch-eager} --json "$OUT/prefill.json" 2>&1 | tail -30 | tee "$OUT/prefill.txt" ;;
+      log bench prefill; timeout 420 python -m bench.cli prefill ${DB:+--database $DB} --seq-len 128,512,1024 --variants ${VARIANTS:-untuned,tuned,torch-compile,torch-eager} --json "$OUT/prefill.json" 2>&1 | tail -30 | tee "$OUT/prefill.txt" ;;
     bench-kernels)
       log bench kernels; timeout 420 python -m bench.cli kernels ${DB:+--database $DB} --phase ${KPHASE:-decode} --batch 8 --seq-len 1024 --json "$OUT/kernels_${KPHASE:-decode}.json" 2>&1 | tail -40 | tee "$OUT/kernels_${KPHASE:-decode}.txt" ;;
     tune)
