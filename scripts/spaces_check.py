@@ -157,7 +157,7 @@ def _build_baselines(job):
     import tvm
     from tvm.s_tir import dlight as dl
 
-    from tuning.spaces import dlight_schedule
+    from tuning.untuned import untuned_schedule
 
     kern = kernels_by_name()[name]
     target = _target()
@@ -173,7 +173,7 @@ def _build_baselines(job):
     for label, func, rules in variants:
         t0 = time.time()
         try:
-            sch = dlight_schedule(func, target=target, rules=rules)
+            sch = untuned_schedule(tvm.IRModule({"main": func}), target=target, rules=rules)
             if sch is None:
                 out.append({"label": label, "error": "no rule applies"})
                 continue
@@ -190,9 +190,9 @@ def _build_baselines(job):
 
 
 def _rule_name(func, target, rules):
-    from tuning.spaces import default_dlight_rules
+    from tuning.untuned import dlight_rules
 
-    rules = default_dlight_rules(target) if rules is None else rules
+    rules = dlight_rules(target) if rules is None else rules
     mod = __import__("tvm").IRModule({"main": func})
     with target:
         for r in rules:
