@@ -131,6 +131,13 @@ class _Runner:
         self.weight_bytes = int(sum(v.size * size for k, v in params_fp32.items() if not k.endswith("wpe.weight")))
         self.kv_bytes_per_token = 2 * config.n_layer * config.n_embd * size
         self._torch = torch
+        if self.cuda:
+            # torch 2.11 picks cuDNN's SDPA for the masked attention here, and inductor runs it as
+            # a fallback kernel: on an H200 (2026-12-01) the decode step took 0.84 ms at b8 and
+            # 2.2 ms at b32 with it (scripts/peer_diag.py), far behind what gpt-fast reaches. The
+            # peer is meant to be strong, so it uses the flash / memory-efficient / math backends,
+            # the ones gpt-fast was written against. Process-wide, and only in a bench process.
+            torch.backends.cuda.enable_cudnn_sdp(False)
 
     def _compile(self, fn, *, graphs: bool):
         """torch.compile ``fn`` (fullgraph, static shapes); CUDA graphs only when ``graphs`` on CUDA."""
