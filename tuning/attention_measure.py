@@ -1,0 +1,85 @@
+"""Measuring a ``batch_prefill_ragged_kv`` kernel: NumPy references, seeded inputs, timing.
+
+Used by the attention search (:mod:`tuning.attention`) and its GPU check scripts. ``key`` is an
+:class:`tuning.attention.AttentionKey` (heads, head dim, dtype); this module needs only its fields.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["measure_ragged_prefill", "ragged_prefill_args", "reference_causal_attention", "reference_causal_lse",
+           "prefill_scalars"]
+
+
+def reference_causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, sm_scale: float) -> np.ndarray:
+    """Causal softmax attention of one sequence in float32 (NumPy): q/k/v ``[n, heads, d]``."""
+    q32, k32, v32 = (np.asarray(x, np.float32) for x in (q, k, v))
+    n = q32.shape[0]
+    s = np.einsum("qhd,khd->hqk", q32, k32) * sm_scale
+    s = np.where(np.tril(np.ones((n, n), bool))[None], s, -np.inf)
+    s = s - s.max(axis=-1, keepdims=True)
+    p = np.exp(s)
+    p /= p.sum(axis=-1, keepdims=True)
+    return np.einsum("hqk,khd->qhd", p, v32)
+
+
+def reference_causal_lse(q: np.ndarray, k: np.ndarray, sm_scale: float) -> np.ndarray:
+    """Base-2 log-sum-exp of the causal scores (what the kernels write to ``lse``): ``[n, heads]``."""
+    q32, k32 = (np.asarray(x, np.float32) for x in (q, k))
+    n = q32.shape[0]
+    s = np.einsum("qhd,khd->hqk", q32, k32) * sm_scale
+    s = np.where(np.tril(np.ones((n, n), bool))[None], s, -np.inf)
+    m = s.max(axis=-1, keepdims=True)
+    return ((m[..., 0] + np.log(np.exp(s - m).sum(axis=-1))) / math.log(2)).T
+
+
+def ragged_prefill_args(key, n: int, *, device, seed: int = 0):
+    """(positional args, q, k, v, sm_scale) of one causal prefill of ``n`` tokens (batch of 1)."""
+    import tvm  # pylint: disable=import-outside-toplevel
+
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((n, key.h_q, key.d)).astype(key.dtype)
+    k = rng.standard_normal((n, key.h_kv, key.d)).astype(key.dtype)
+    v = rng.standard_normal((n, key.h_kv, key.d)).astype(key.dtype)
+    indptr = np.array([0, n], np.int32)
+    nd = lambda a: tvm.runtime.tensor(a, device)  # noqa: E731
+    sm_scale = 1.0 / math.sqrt(key.d)
+    args = [nd(q), nd(indptr), nd(k), nd(v), nd(indptr), nd(np.arange(n, dtype=np.int32)),
+            nd(np.zeros(1, np.int32)), nd(np.zeros((n, key.h_q, key.d), key.dtype)),
+            nd(np.zeros((n, key.h_q), np.float32))]
+    return args, q, k, v, sm_scale
+
+
+def prefill_scalars(sm_scale: float) -> tuple:
+    # causal=1, rotary_mode=0 (GPT-2 has learned positions), rope_scale, rope_theta, sm_scale
+    return (1, 0, 1.0, 1.0, sm_scale)
+
+
+def measure_ragged_prefill(lib, key, lengths: Sequence[int], *, device, number: int = 10,
+                           repeat: int = 5, refs: dict | None = None) -> tuple[dict[int, float], float]:
+    """Median µs per call at each length, and the max abs error against NumPy over all lengths
+    (of the output and of the base-2 ``lse``, which the KV cache merges with later chunks).
+
+    ``lib`` is a runtime module whose ``main`` is a ``batch_prefill_ragged_kv`` kernel; ``refs``
+    caches the NumPy references per length across candidates (same seeded inputs).
+    """
+    fn = lib["main"]
+    refs = {} if refs is None else refs
+    times: dict[int, float] = {}
+    err = 0.0
+    for i, n in enumerate(lengths):
+        args, q, k, v, sm_scale = ragged_prefill_args(key, n, device=device, seed=i)
+        fn(*args, *prefill_scalars(sm_scale))
+        device.sync()
+        if n not in refs:
+            refs[n] = reference_causal_attention(q, k, v, sm_scale), reference_causal_lse(q, k, sm_scale)
+        err = max(err, float(np.abs(args[7].numpy().astype(np.float32) - refs[n][0]).max()),
+                  float(np.abs(args[8].numpy() - refs[n][1]).max()))
+        te = lib.time_evaluator("main", device, number=number, repeat=repeat)
+        res = te(*args, *prefill_scalars(sm_scale))
+        times[int(n)] = float(np.median(res.results) * 1e6)
+    return times, err
