@@ -316,6 +316,18 @@ class TorchPrefillRunner(_Common):
         self._ids = None
 
 
+def _cuda_torch(device: str):
+    """torch, when it is installed and ``device`` is a CUDA device it sees; else None (a CPU
+    "cuBLAS" or "SDPA" figure would be meaningless)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    return torch
+
+
 def cublas_matmul_us(*, m: int, n: int, k: int, dtype: str, device: str, repeats: int = 20,
                      warmup: int = 5, transpose_b: bool = True) -> list[float] | None:
     """Time ``(m, k) @ (n, k)^T`` with torch (cuBLAS on CUDA), in microseconds per call.
@@ -325,11 +337,8 @@ def cublas_matmul_us(*, m: int, n: int, k: int, dtype: str, device: str, repeats
     back-to-back calls are captured in one CUDA graph and each replay is timed with events, so
     the figure is device time per call without Python/launch gaps (as TVM's time_evaluator gives).
     """
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not device.startswith("cuda") or not torch.cuda.is_available():
+    torch = _cuda_torch(device)
+    if torch is None:
         return None
     dt = _torch_dtype(dtype)
     a = torch.randn(m, k, device=device, dtype=dt)
@@ -348,13 +357,10 @@ def sdpa_us(*, batch: int, heads: int, seq_len: int, head_dim: int, dtype: str, 
 
     Returns ``None`` without torch or off CUDA.
     """
-    try:
-        import torch
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:
+    torch = _cuda_torch(device)
+    if torch is None:
         return None
-    if not device.startswith("cuda") or not torch.cuda.is_available():
-        return None
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     dt = _torch_dtype(dtype)
     q, k, v = (torch.randn(batch, heads, seq_len, head_dim, device=device, dtype=dt) for _ in range(3))
 

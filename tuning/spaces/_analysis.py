@@ -229,3 +229,8 @@ def normalize_gemv(sch: s_tir.Schedule) -> GemvLoops:
         sch.reorder(b_loop, n_loop, k_loop)
     epilogue = infos[1].block_rv if len(infos) == 2 else None
     return GemvLoops(main, epilogue, b_loop, n_loop, k_loop, x_idx[0], tuple(w_idx))
+
+
+def uniform(n: int) -> list[float]:
+    """Equal probabilities for a ``sample_categorical`` over ``n`` choices."""
+    return [1.0 / n] * n

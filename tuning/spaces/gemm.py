@@ -36,6 +36,7 @@ from tvm.s_tir.dlight.gpu.matmul import (
 
 from ..intrinsics import preload_tensor_intrinsics
 from ._analysis import NotApplicable
+from ._analysis import uniform as _uniform
 
 __all__ = ["GEMM_VARIANTS", "schedule_gemm_tensorcore"]
 
@@ -45,8 +46,29 @@ GEMM_VARIANTS = ("pipelined", "plain")
 _PAD = (1, 128, 128, 64)
 
 
-def _uniform(n: int) -> list[float]:
-    return [1.0 / n] * n
+def normalize_matmul(sch: s_tir.Schedule, main) -> None:
+    """Rewrite the matmul block ``main`` to ``C[S, I, J] += A[S, I, K] * B[S, J, K]`` (as dlight):
+    reindexed operands and output, layouts transformed to the canonical index maps. Shared by the
+    wmma and the mma.sync spaces (the primitives, in this order, are part of their traces)."""
+    reindex_a = sch.reindex(main, ("read", 0))
+    reindex_b = sch.reindex(main, ("read", 1))
+    reindex_c = sch.reindex(main, ("write", 0))
+    matmul_map, a_map, b_map, c_map = get_index_map(sch.get(main))
+    sch.transform_layout(reindex_a, ("write", 0), a_map)
+    sch.transform_layout(reindex_b, ("write", 0), b_map)
+    sch.transform_layout(reindex_c, ("read", 0), c_map)
+    sch.transform_block_layout(main, matmul_map)
+
+
+def tile_16x16x16(sch: s_tir.Schedule, main):
+    """Split the (padded, normalized) matmul's I, J, K by 16 and blockize the 16x16x16 tile the
+    tensor-core intrinsics replace: returns ``(batch, i, j, k, block_outer)``."""
+    batch, i, j, k = sch.get_loops(main)
+    i, i_in = sch.split(i, [None, 16], preserve_unit_iters=True)
+    j, j_in = sch.split(j, [None, 16], preserve_unit_iters=True)
+    k, k_in = sch.split(k, [None, 16], preserve_unit_iters=True)
+    sch.reorder(i, j, k, i_in, j_in, k_in)
+    return batch, i, j, k, sch.blockize(i_in)
 
 
 def schedule_gemm_tensorcore(sch: s_tir.Schedule, *, variant: str = "pipelined"):
@@ -86,23 +108,10 @@ def schedule_gemm_tensorcore(sch: s_tir.Schedule, *, variant: str = "pipelined")
         raise NotApplicable(f"unsupported accumulator dtype {acc_dtype}")
 
     # ---- normalize to C[S, I, J] += A[S, I, K] * B[S, J, K] and pad (as dlight) ---------------
-    reindex_a = sch.reindex(main, ("read", 0))
-    reindex_b = sch.reindex(main, ("read", 1))
-    reindex_c = sch.reindex(main, ("write", 0))
-    matmul_map, a_map, b_map, c_map = get_index_map(sch.get(main))
-    sch.transform_layout(reindex_a, ("write", 0), a_map)
-    sch.transform_layout(reindex_b, ("write", 0), b_map)
-    sch.transform_layout(reindex_c, ("read", 0), c_map)
-    sch.transform_block_layout(main, matmul_map)
+    normalize_matmul(sch, main)
     sch.pad_einsum(main, list(_PAD))
-
-    batch, i, j, k = sch.get_loops(main)
-    i, i_in = sch.split(i, [None, 16], preserve_unit_iters=True)
-    j, j_in = sch.split(j, [None, 16], preserve_unit_iters=True)
-    k, k_in = sch.split(k, [None, 16], preserve_unit_iters=True)
-    sch.reorder(i, j, k, i_in, j_in, k_in)
+    batch, i, j, k, block_outer = tile_16x16x16(sch, main)
     block_inner = main
-    block_outer = sch.blockize(i_in)
 
     # ---- knobs ----------------------------------------------------------------------------
     warps_i = sch.sample_categorical([1, 2, 4], _uniform(3))

@@ -58,6 +58,8 @@ from tvm.s_tir.dlight.gpu.matmul import (
 
 from ..intrinsics import preload_tensor_intrinsics
 from ._analysis import NotApplicable
+from ._analysis import uniform as _uniform
+from .gemm import normalize_matmul, tile_16x16x16
 
 __all__ = [
     "ASYNC_COPY_CONFIG",
@@ -77,10 +79,6 @@ _WARPS = [1, 2, 4]
 _FRAGS = [1, 2, 4]
 _K_CHUNK = [2, 4]
 _VEC = [4, 8]
-
-
-def _uniform(n: int) -> list[float]:
-    return [1.0 / n] * n
 
 
 def _parse_variant(variant: str) -> tuple[int, bool]:
@@ -297,27 +295,15 @@ def schedule_gemm_mma(sch: s_tir.Schedule, *, variant: str = "s3_swizzle"):
         raise NotApplicable(f"unsupported accumulator dtype {acc_dtype}")
 
     # ---- normalize to C[S, I, J] += A[S, I, K] * B[S, J, K] and pad ------------------------
-    reindex_a = sch.reindex(main, ("read", 0))
-    reindex_b = sch.reindex(main, ("read", 1))
-    reindex_c = sch.reindex(main, ("write", 0))
-    matmul_map, a_map, b_map, c_map = get_index_map(sch.get(main))
-    sch.transform_layout(reindex_a, ("write", 0), a_map)
-    sch.transform_layout(reindex_b, ("write", 0), b_map)
-    sch.transform_layout(reindex_c, ("read", 0), c_map)
-    sch.transform_block_layout(main, matmul_map)
+    normalize_matmul(sch, main)
     dom = [_static(iv.dom.extent) for iv in sch.get(main).iter_vars]
     if len(dom) != 4:
         raise NotApplicable("unexpected matmul iteration space")
     _, m, n, k = dom
     sch.pad_einsum(main, [1, mma_pad(m), mma_pad(n), mma_pad(k, k=True)])
 
-    batch, i, j, k = sch.get_loops(main)
-    i, i_in = sch.split(i, [None, 16], preserve_unit_iters=True)
-    j, j_in = sch.split(j, [None, 16], preserve_unit_iters=True)
-    k, k_in = sch.split(k, [None, 16], preserve_unit_iters=True)
-    sch.reorder(i, j, k, i_in, j_in, k_in)
+    batch, i, j, k, block_outer = tile_16x16x16(sch, main)
     block_inner = main
-    block_outer = sch.blockize(i_in)
 
     # ---- knobs ----------------------------------------------------------------------------
     warps_i = sch.sample_categorical(_WARPS, _uniform(len(_WARPS)))

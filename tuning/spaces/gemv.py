@@ -40,6 +40,7 @@ from __future__ import annotations
 from tvm import s_tir
 
 from ._analysis import _extent, normalize_gemv
+from ._analysis import uniform as _uniform
 
 __all__ = ["GEMV_VARIANTS", "schedule_gemv"]
 
@@ -47,10 +48,6 @@ __all__ = ["GEMV_VARIANTS", "schedule_gemv"]
 GEMV_VARIANTS = ("x_global", "x_shared")
 
 _UNROLL = [0, 16, 64, 256, 1024]
-
-
-def _uniform(n: int) -> list[float]:
-    return [1.0 / n] * n
 
 
 def _lean_to(options: list[int], favourite: int) -> list[float]:

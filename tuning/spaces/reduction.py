@@ -24,14 +24,11 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import try_inline, try_inline_contiguous_spatial
 
 from ._analysis import NotApplicable
+from ._analysis import uniform as _uniform
 
 __all__ = ["schedule_elementwise", "schedule_row_reduction"]
 
 _THREADS = [32, 64, 128, 256, 512, 1024]
-
-
-def _uniform(n: int) -> list[float]:
-    return [1.0 / n] * n
 
 
 def schedule_row_reduction(sch: s_tir.Schedule):
