@@ -48,7 +48,7 @@ __all__ = [
     "library_key",
     "DatabaseInfo",
     "DatabaseError",
-    "find_database",
+    "locate_database",
     "BuiltEngine",
     "load_engine",
 ]
@@ -186,10 +186,11 @@ def database_hash(path: Path) -> str:
     return _hash_files(files, root=Path(path))
 
 
-def find_database(*, database_dir: str | Path, model: str, quantization: str, target,
-                  explicit: str | Path | None = None, model_hash: str | None = None,
-                  ) -> tuple[DatabaseInfo | None, str | None]:
-    """Locate and open the tuned variant's database through :meth:`TunedDatabase.find`.
+def locate_database(*, database_dir: str | Path, model: str, quantization: str, target,
+                    explicit: str | Path | None = None, model_hash: str | None = None,
+                    ) -> tuple[DatabaseInfo | None, str | None]:
+    """Locate and open the tuned variant's database through :meth:`TunedDatabase.find` (bench's side of
+    the one lookup, adding the hash a result records; compile's side is ``tuning.apply.find_database``).
 
     Parameters
     ----------

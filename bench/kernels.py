@@ -51,7 +51,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .build import find_database
+from .build import locate_database
 from .checks import first_line
 from .config import BenchConfig, BenchError
 from .env import peak_to_dict
@@ -335,7 +335,7 @@ def run_kernels(cfg: BenchConfig, *, phase: str = "decode", batch: int = 8, seq_
     if phase == "decode" and bucket > config.max_batch_size:
         raise BenchError(f"--batch {bucket} exceeds the max batch size {config.max_batch_size}")
     notes: list[str] = []
-    db_info, msg = find_database(database_dir=cfg.database_dir, model=label, quantization=quantization,
+    db_info, msg = locate_database(database_dir=cfg.database_dir, model=label, quantization=quantization,
                                  target=target, explicit=cfg.database, model_hash=config.model_hash())
     db = None
     if db_info is None:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import env as envmod
-from .build import DatabaseInfo, find_database
+from .build import DatabaseInfo, locate_database
 from .config import TORCH_VARIANTS, BenchConfig, BenchError, default_quantization, parse_variants
 from .peers import torch_available
 from .timing import Timer, make_timer
@@ -125,7 +125,7 @@ def setup(cfg: BenchConfig, *, log: Callable[[str], None] = log_stderr) -> Setup
     notes: list[str] = []
     db = None
     if "tuned" in vs:
-        db, msg = find_database(database_dir=cfg.database_dir, model=label, quantization=quantization,
+        db, msg = locate_database(database_dir=cfg.database_dir, model=label, quantization=quantization,
                                 target=target, explicit=cfg.database, model_hash=config.model_hash())
         if db is None:
             notes.append(msg)

@@ -34,7 +34,7 @@ class Suite:
 
     def __init__(self, config):
         from bench import env as envmod
-        from bench.build import find_database
+        from bench.build import locate_database
         from bench.config import default_quantization, positive_ints
         from bench.kernels import bucket_tasks
         from gpt2_model.config import get_config, model_name
@@ -48,7 +48,7 @@ class Suite:
         self.target = target_for(self.device.name, None if self.device.kind == "cpu" else self.arch)
         self.config = get_config(model)
         self.model = model_name(model)
-        db_info, _ = find_database(database_dir=opt("--gpt2k-database-dir"), model=self.model,
+        db_info, _ = locate_database(database_dir=opt("--gpt2k-database-dir"), model=self.model,
                                    quantization=self.quantization, target=self.target,
                                    model_hash=self.config.model_hash())
         self.untuned_us = db_info.db.untuned_us if db_info else {}

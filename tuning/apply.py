@@ -16,7 +16,7 @@ from tvm import IRModule
 from tvm.target import Target
 
 from .database import TunedDatabase
-from .dbfiles import UNTUNED_FILE, read_json, record_latency_s
+from .dbfiles import record_latency_s
 from .partition import Task, specialize
 from .targets import is_gpu
 from .untuned import apply_dlight
@@ -60,18 +60,6 @@ def coverage(task_list: list[Task], applied: set[str]) -> Coverage:
         total=len(task_list),
         per_bucket={k: (int(a), int(b), (c / d) if d else 0.0) for k, (a, b, c, d) in per.items()},
     )
-
-
-def load_untuned_times(database_dir: Path | None) -> dict[str, float]:
-    """Task name -> microseconds of the untuned build's kernel (``untuned.json`` of the tuning run).
-
-    For a directory not opened as a :class:`~tuning.database.TunedDatabase`; with one, use its
-    ``untuned_us``.
-    """
-    if database_dir is None:
-        return {}
-    table = read_json(Path(database_dir) / UNTUNED_FILE, {})
-    return {name: float(e["untuned_us"]) for name, e in table.items() if e.get("untuned_us")}
 
 
 def apply_database(prepared: IRModule, *, database, target: Target, task_list: list[Task],

@@ -13,7 +13,7 @@ import pytest
 
 from bench import env as envmod
 from bench import report
-from bench.build import DatabaseError, find_database, library_key
+from bench.build import DatabaseError, locate_database, library_key
 from bench.checks import check_logits
 from bench.config import BenchConfig, BenchError, parse_variants, positive_ints
 from bench.roofline import decode_bytes, prefill_flops
@@ -268,12 +268,12 @@ def test_missing_database_names_the_tune_command(empty_db_dir):
     from tuning.engine import target_for
 
     sm90 = target_for("cuda", "sm_90")
-    db, msg = find_database(database_dir=empty_db_dir, model="gpt2", quantization="q0f16", target=sm90)
+    db, msg = locate_database(database_dir=empty_db_dir, model="gpt2", quantization="q0f16", target=sm90)
     assert db is None
     assert str(empty_db_dir / "sm_90" / "gpt2-q0f16") in msg and "untuned build only" in msg
     assert "tune --arch sm_90 --model gpt2 --quantization q0f16" in msg
     with pytest.raises(DatabaseError, match="--database .*nope"):
-        find_database(database_dir=empty_db_dir, model="tiny", quantization="q0f32", target=target_for("cpu"),
+        locate_database(database_dir=empty_db_dir, model="tiny", quantization="q0f32", target=target_for("cpu"),
                       explicit=empty_db_dir / "nope")
 
 
@@ -290,13 +290,13 @@ def test_database_of_another_arch_is_refused(empty_db_dir):
     (path / "database_tuning_record.json").write_text("")
     (path / "meta.json").write_text(json.dumps({"arch": "sm_90", "model": "tiny", "quantization": "q0f32"}))
     with pytest.raises(DatabaseError, match="refused: .*arch.*sm_90"):
-        find_database(database_dir=empty_db_dir, model="tiny", quantization="q0f32", target=cpu)
+        locate_database(database_dir=empty_db_dir, model="tiny", quantization="q0f32", target=cpu)
     (path / "meta.json").write_text(json.dumps({"target": {"kind": "cuda", "arch": "sm_86"}}))
     with pytest.raises(DatabaseError, match="refused: .*sm_86"):
-        find_database(database_dir=empty_db_dir, model="tiny", quantization="q0f32", target=cpu)
+        locate_database(database_dir=empty_db_dir, model="tiny", quantization="q0f32", target=cpu)
     (path / "meta.json").write_text(json.dumps({"arch": "cpu", "quantization": "q0f16"}))
     with pytest.raises(DatabaseError, match="quantization"):
-        find_database(database_dir=empty_db_dir, model="tiny", quantization="q0f32", target=cpu)
+        locate_database(database_dir=empty_db_dir, model="tiny", quantization="q0f32", target=cpu)
 
 
 # ---------------------------------------------------------------------------------------------- figures
