@@ -344,7 +344,8 @@ def load_engine(*, config, quantization: str, device: str, target, params_fp32: 
         kwargs["max_batch_size"] = max_batch_size
     if max_total_seq_len is not None:
         kwargs["max_total_seq_len"] = max_total_seq_len
-    engine = Engine(exported=exported, executable=module, params=params, device=device, target=target, **kwargs)
+    engine = Engine(exported=exported, executable=module, params=params, device=device, target=target,
+                    cuda_graph=cuda_graph, **kwargs)
     load_s = time.perf_counter() - t0
     info = {
         "key": key,

@@ -71,7 +71,7 @@ def measure_decode(runner, *, timer, batch: int, prompt_len: int, gen_len: int, 
     for r in range(warmup + repeats):
         runner.start(batch=batch, prompt_len=prompt_len, gen_len=gen_len)
         try:
-            t = timer.steps(runner.step, gen_len)
+            t = timer.steps(runner.step, gen_len, stream=getattr(runner, "stream", None))
         finally:
             runner.stop()
         if r < warmup:
@@ -100,7 +100,7 @@ def measure_prefill(runner, *, timer, batch: int, seq_len: int, repeats: int, wa
     for r in range(warmup + repeats):
         runner.prepare(batch=batch, seq_len=seq_len)
         try:
-            t = timer.call(runner.run)
+            t = timer.call(runner.run, stream=getattr(runner, "stream", None))
         finally:
             runner.cleanup()
         if r >= warmup:

@@ -8,9 +8,13 @@ libraries: upload the batch's token ids, embed them, ``begin_forward`` on the pa
 ``batch_decode``, ``end_forward``, logits left on the device (``path`` says which).
 
 A *prefill* appends ``seq_len`` tokens to each of ``batch`` empty sequences, in chunks of at
-most ``prefill_chunk_size`` tokens, one sequence after the other, through the engine's
-``run_prefill`` (what ``Engine.prefill`` runs, so the static-shape bucket kernels of the tuned
-build are used whenever a chunk has a bucket's length). Logits stay on the device.
+most ``prefill_chunk_size`` tokens, one sequence after the other, through
+``Engine.prefill_tokens`` (embed .. last-position logits .. greedy id, as a serving loop's first
+step; the static-shape bucket functions whenever a chunk has a bucket's length, as whole-step
+CUDA graphs when the engine runs them). Older libraries: ``run_prefill``. Nothing is copied back.
+
+With whole-step graphs (``Engine(cuda_graph=True)``) the engine works on its own CUDA stream;
+the runners expose it as ``stream`` so the timer's events are recorded there.
 """
 
 from __future__ import annotations
@@ -78,7 +82,12 @@ class TvmDecodeRunner:
             import tvm
 
             self._dev_ids = tvm.runtime.tensor(self._ids, e.device)  # copied once; then fed from the device
-        e.device.sync()
+        e.synchronize()
+
+    @property
+    def stream(self) -> int | None:
+        """The engine's CUDA stream when it runs whole-step graphs (the timer records there), else None."""
+        return self.engine.graphs.stream if self.engine.graphs else None
 
     @property
     def path(self) -> str:
@@ -125,9 +134,25 @@ class TvmPrefillRunner:
         self._seqs = [e.add_sequence() for _ in range(batch)]
         self._ids = [rng.integers(0, e.config.vocab_size, seq_len).astype(np.int32) for _ in range(batch)]
 
+    @property
+    def stream(self) -> int | None:
+        """The engine's CUDA stream when it runs whole-step graphs, else None."""
+        return self.engine.graphs.stream if self.engine.graphs else None
+
+    @property
+    def path(self) -> str:
+        """``token-steps`` (``Engine.prefill_tokens``: embed .. argmax, whole-step graphs in graph mode)
+        or ``embed+prefill`` (older libraries)."""
+        return "token-steps" if self.engine.has_token_steps else "embed+prefill"
+
     def run(self):
-        """The timed prefill; returns the last chunk's logits tensor (on the device)."""
+        """The timed prefill; returns the last position's logits tensor (on the device)."""
         e = self.engine
+        if self.path == "token-steps":
+            logits = None
+            for seq, ids in zip(self._seqs, self._ids):
+                _, logits = e.prefill_tokens(seq, ids, return_logits=True)
+            return logits
         d = e.config.n_embd
         chunk = e.config.prefill_chunk_size
         logits = None

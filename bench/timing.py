@@ -173,12 +173,15 @@ class Timer:
         """Wall time of ``fn()`` in ms, synchronising before and after."""
         return self.steps(fn, 1, gpu=False).wall_ms
 
-    def call(self, fn: Callable[[], Any]) -> CallTiming:
+    def call(self, fn: Callable[[], Any], *, stream: int | None = None) -> CallTiming:
         """Wall and GPU time of one call of ``fn`` (one execution)."""
-        return self.steps(fn, 1)
+        return self.steps(fn, 1, stream=stream)
 
-    def steps(self, fn: Callable[[], Any], n: int, *, gpu: bool = True) -> CallTiming:
+    def steps(self, fn: Callable[[], Any], n: int, *, gpu: bool = True, stream: int | None = None) -> CallTiming:
         """Run ``fn`` ``n`` times back to back, without synchronising in between.
+
+        ``stream``: the raw CUDA stream ``fn`` launches on, when not the legacy default stream
+        (an engine with whole-step graphs): the events are recorded there.
 
         Returns
         -------
@@ -197,7 +200,8 @@ class Timer:
             self.sync()
             return CallTiming(wall_ms=(time.perf_counter() - t0) * 1e3)
         torch = self._torch
-        stream = torch.cuda.default_stream(self.index)  # legacy default stream: TVM launches there too
+        stream = (torch.cuda.ExternalStream(stream, device=self.index) if stream is not None
+                  else torch.cuda.default_stream(self.index))  # legacy default stream: TVM launches there too
         events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
         with torch.cuda.device(self.index), torch.cuda.stream(stream):
             t0 = time.perf_counter()

@@ -26,6 +26,7 @@ half-extended.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Sequence
 
@@ -34,6 +35,7 @@ import tvm
 from tvm import relax
 
 from .config import GPT2Config
+from .cuda_graph import StepGraphs
 from .device import tvm_device
 from .export import ExportedModel
 from .loader import expected_shapes
@@ -91,8 +93,15 @@ class Engine:  # pylint: disable=too-many-instance-attributes
         ``max_batch_size`` if fewer) -- not ``max_batch_size`` full ones, which for the large
         presets would not fit in memory. A step that needs more than is free raises
         :class:`KVCacheFullError` before anything changes.
-    page_size : int
-        Tokens per KV-cache page.
+    page_size : int, optional
+        Tokens per KV-cache page (default 16; with ``cuda_graph`` on a GPU, the context window: one
+        page per sequence, so a step's graph key never changes as sequences grow).
+    cuda_graph : bool
+        On a GPU, run the token steps of bucket shapes (:meth:`decode_tokens`,
+        :meth:`prefill_tokens`, :meth:`generate`) as whole-step CUDA graphs
+        (:mod:`gpt2_model.cuda_graph`; the library must be built with ``cuda_graph=True``). Their
+        outputs are then valid until the next step. The KV cache then holds at least one page per
+        sequence. Ignored on the CPU.
     """
 
     def __init__(  # pylint: disable=too-many-arguments
@@ -105,7 +114,8 @@ class Engine:  # pylint: disable=too-many-instance-attributes
         target: tvm.target.Target | None = None,
         max_batch_size: int | None = None,
         max_total_seq_len: int | None = None,
-        page_size: int = DEFAULT_PAGE_SIZE,
+        page_size: int | None = None,
+        cuda_graph: bool = False,
     ):
         self.exported = exported
         self.config: GPT2Config = exported.config
@@ -119,18 +129,25 @@ class Engine:  # pylint: disable=too-many-instance-attributes
         self._effects = self.vm["_initialize_effect"]() if exported.metadata.get("debug") else None
         c = self.config
         self.max_batch_size = max_batch_size or c.max_batch_size
+        self.graphs = StepGraphs(self.device, max_batch_size=self.max_batch_size) if cuda_graph and self._gpu else None
+        if page_size is None:
+            page_size = c.context_window_size if self.graphs else DEFAULT_PAGE_SIZE
         self.max_total_seq_len = max_total_seq_len or c.context_window_size * min(self.max_batch_size, 8)
         if int(page_size) < 1 or int(self.max_total_seq_len) < 1:
             raise EngineError(f"page_size ({page_size}) and max_total_seq_len ({self.max_total_seq_len}) must be >= 1")
         self.page_size = int(page_size)
+        if self.graphs:  # one page per sequence at least
+            self.max_total_seq_len = max(int(self.max_total_seq_len), self.max_batch_size * self.page_size)
         shape = tvm.runtime.ShapeTuple  # int arguments of an nn.spec function travel as shapes
-        self.kv_cache = self.vm["create_paged_kv_cache"](
-            shape([self.max_batch_size]), shape([self.max_total_seq_len]),
-            shape([c.prefill_chunk_size]), shape([page_size]), shape([0]),
-        )
+        with self._on_stream():  # the cache launches its kernels on the stream it is created under
+            self.kv_cache = self.vm["create_paged_kv_cache"](
+                shape([self.max_batch_size]), shape([self.max_total_seq_len]),
+                shape([c.prefill_chunk_size]), shape([self.page_size]), shape([0]),
+            )
         self._f = {name: tvm.get_global_func(f"vm.builtin.kv_state_{name}") for name in
                    ("add_sequence", "remove_sequence", "begin_forward", "end_forward", "popn")}
         self._free_pages = tvm.get_global_func("vm.builtin.attention_kv_cache_get_num_available_pages")
+        self._flush_aux = tvm.get_global_func("vm.builtin.attention_kv_cache_get_query_positions")
         self._view = tvm.get_global_func("vm.builtin.reshape")
         # Static-shape entry points of the buckets: used when a step's shape equals the bucket
         # (CUDA graphs capture them); the symbolic functions serve every other shape.
@@ -146,6 +163,17 @@ class Engine:  # pylint: disable=too-many-instance-attributes
                                 ("decode", None): self._function("batch_decode_tokens")})
         self._lengths: dict[int, int] = {}
         self._next_seq = 0
+
+    def _on_stream(self):
+        """Context: the engine's stream is TVM's current one (graph mode), else nothing changes."""
+        return self.graphs.on_stream() if self.graphs else contextlib.nullcontext()
+
+    def synchronize(self) -> None:
+        """Wait until the device finished this engine's work."""
+        if self.graphs:
+            self.graphs.sync()
+        else:
+            self.device.sync()
 
     def _function(self, name: str):
         """The library function ``name``, or None if this library does not export it."""
@@ -240,9 +268,10 @@ class Engine:  # pylint: disable=too-many-instance-attributes
     # ------------------------------------------------------------------ low-level steps
     def call(self, func, *args):
         """Call a compute function of the library (params appended, effects threaded if debug)."""
-        if self._effects is None:
-            return func(*args, self.params)
-        out, self._effects = func(*args, self._effects, self.params)
+        with self._on_stream():
+            if self._effects is None:
+                return func(*args, self.params)
+            out, self._effects = func(*args, self._effects, self.params)
         return out
 
     def embed(self, ids: np.ndarray):
@@ -271,7 +300,7 @@ class Engine:  # pylint: disable=too-many-instance-attributes
             # 7 on an H200). So the host waits here for the previous step -- after its own
             # begin_forward bookkeeping, which overlaps the previous step, and before the call
             # that starts the copy. No data crosses: it is a wait, not a copy.
-            self.device.sync()
+            self.synchronize()
         try:
             out = run()
             self.end_forward()
@@ -388,6 +417,9 @@ class Engine:  # pylint: disable=too-many-instance-attributes
         out = None
         try:
             for part in self._chunks(ids):
+                if self._graph_ready("prefill", part.size):
+                    out = self._graph_step("prefill", [seq], [part.size], self.graphs.load_prompt(part))
+                    continue
                 func = self.token_function("prefill", part.size)
                 dev_ids = tvm.runtime.tensor(part, self.device)
                 out = self._step([seq], [part.size], lambda f=func, i=dev_ids: self._call_tokens(f, i))
@@ -438,9 +470,13 @@ class Engine:  # pylint: disable=too-many-instance-attributes
             seqs = self._check_decode_seqs(seqs, int(ids.shape[0]))
             dev_ids = ids
         else:
-            host = self._check_tokens(ids)
-            seqs = self._check_decode_seqs(seqs, host.size)
-            dev_ids = tvm.runtime.tensor(host, self.device)
+            dev_ids = self._check_tokens(ids)
+            seqs = self._check_decode_seqs(seqs, dev_ids.size)
+        if self._graph_ready("decode", len(seqs)):
+            out = self._graph_step("decode", seqs, [1] * len(seqs), self.graphs.load_ids(dev_ids, len(seqs)))
+            return out if return_logits else out[0]
+        if isinstance(dev_ids, np.ndarray):
+            dev_ids = tvm.runtime.tensor(dev_ids, self.device)
         func = self.token_function("decode", len(seqs))
         out = self._step(seqs, [1] * len(seqs), lambda: self._call_tokens(func, dev_ids))
         return out if return_logits else out[0]
@@ -448,6 +484,28 @@ class Engine:  # pylint: disable=too-many-instance-attributes
     def _call_tokens(self, func, dev_ids):
         (next_ids, logits), self.kv_cache = self.call(func, dev_ids, self.kv_cache)
         return next_ids, logits
+
+    def _graph_ready(self, phase: str, size: int) -> bool:
+        """Whether a ``phase`` step of ``size`` runs as a whole-step CUDA graph: graph mode, and
+        ``size`` is a bucket (static shapes; other sizes run the symbolic function as usual)."""
+        return bool(self.graphs and self.graphs.enabled and self._token_fns.get((phase, size)) is not None)
+
+    def _graph_step(self, phase: str, seqs: list[int], lengths: list[int], inp):
+        """A token step through :class:`~gpt2_model.cuda_graph.StepGraphs`: (next ids, logits).
+
+        The key: phase, size, pages per sequence after the step, and which sequences are fresh
+        (see :mod:`gpt2_model.cuda_graph`)."""
+        size = sum(lengths) if phase == "prefill" else len(seqs)
+        key = (phase, size, tuple(self._pages(self._lengths[s] + n) for s, n in zip(seqs, lengths)),
+               tuple(self._lengths[s] == 0 for s in seqs))
+        func = self._token_fns[(phase, size)]
+
+        def run():
+            with self._on_stream():
+                self._flush_aux(self.kv_cache)  # the aux copy, and the stream's wait for it: before any replay
+            return self.graphs.run(key, lambda i: self._call_tokens(func, i), inp, len(seqs))
+
+        return self._step(seqs, lengths, run)
 
     def generate(self, token_ids: Sequence[int], max_new_tokens: int, *, stop_at_eos: bool = False) -> list[int]:
         """Greedy generation: the new token ids (prompt not included).
@@ -478,12 +536,13 @@ class Engine:  # pylint: disable=too-many-instance-attributes
             if not self.has_token_steps:
                 return self._generate_on_host(seq, prompt, max_new_tokens, stop_at_eos)
             eos = self.config.eos_token_id
-            steps = [self.prefill_tokens(seq, prompt)]
+            history = _IdHistory(self, max_new_tokens)
+            ids = history.add(self.prefill_tokens(seq, prompt))
             for step in range(1, max_new_tokens):
-                if stop_at_eos and step % EOS_CHECK_EVERY == 0 and eos in _host_ids(steps[-EOS_CHECK_EVERY:]):
+                if stop_at_eos and step % EOS_CHECK_EVERY == 0 and eos in history.host(step - EOS_CHECK_EVERY, step):
                     break
-                steps.append(self.decode_tokens([seq], steps[-1]))
-            out = _host_ids(steps)[:max_new_tokens].tolist()
+                ids = history.add(self.decode_tokens([seq], ids))
+            out = history.host(0, history.count).tolist()
             if stop_at_eos and eos in out:
                 out = out[:out.index(eos) + 1]
             return out
@@ -503,6 +562,30 @@ class Engine:  # pylint: disable=too-many-instance-attributes
         return out
 
 
-def _host_ids(tensors) -> np.ndarray:
-    """Device id tensors -> one host int array (the first copy waits for the device)."""
-    return np.concatenate([t.numpy().reshape(-1) for t in tensors]).astype(np.int64)
+class _IdHistory:
+    """The ids of a single-sequence device loop, kept on the device until the host asks.
+
+    Without graphs each step's ids are their own tensor; in graph mode a step's ids live in the
+    graph's buffer until the next step, so each is copied (on the engine's stream, no host wait)
+    into one device array."""
+
+    def __init__(self, engine: Engine, n: int):
+        self.engine, self.count = engine, 0
+        self._tensors: list = []
+        self._buf = tvm.runtime.empty((max(n, 1),), "int32", engine.device) if engine.graphs else None
+
+    def add(self, ids):
+        if self._buf is None:
+            self._tensors.append(ids)
+        else:
+            g = self.engine.graphs
+            g.cuda.copy(self._buf.data_ptr() + 4 * self.count, ids.data_ptr(), 4, g.stream)
+        self.count += 1
+        return ids
+
+    def host(self, start: int, stop: int) -> np.ndarray:
+        """Ids of steps ``start .. stop-1`` on the host (waits for the device)."""
+        if self._buf is None:
+            return np.concatenate([t.numpy().reshape(-1) for t in self._tensors[start:stop]]).astype(np.int64)
+        self.engine.synchronize()
+        return self._buf.numpy()[start:stop].astype(np.int64)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Steps run on the GPU machine (device tool), each with its own time limit; results under $OUT.
 #   bash scripts/session.sh STEP [STEP ...]
-# Steps: env gputests gputests-extra gputests-new decode-check mma-check peer-diag bench-decode bench-prefill bench-kernels tune restore profile
+# Steps: env gputests gputests-extra gputests-new gputests-graph decode-check mma-check peer-diag bench-decode bench-prefill bench-kernels tune restore profile
 # (settings through environment variables)
 set -uo pipefail
 export PYTHONPATH=/opt/devsite:$PWD
@@ -19,6 +19,8 @@ for step in "$@"; do
       log gputests-extra; timeout 400 python -m pytest -m gpu -q -p no:cacheprovider tests/tuning/test_attention.py tests/bench/test_gpu.py 2>&1 | tail -6 | tee "$OUT/gputests_extra.txt" ;;
     gputests-new)
       log gputests-new; timeout ${GT_LIMIT:-400} python -m pytest -m gpu -q -p no:cacheprovider tests/gpt2_model/test_decode_loop.py tests/tuning/test_attention_tc.py tests/bench/test_gpu.py tests/bench/test_gptfast.py 2>&1 | grep -v Warning | tail -25 | tee "$OUT/gputests_new.txt" ;;
+    gputests-graph)
+      log gputests-graph; timeout ${GT_LIMIT:-400} python -m pytest -m gpu -q -x -p no:cacheprovider tests/gpt2_model/test_decode_loop.py -k cuda 2>&1 | grep -v Warning | tail -30 | tee "$OUT/gputests_graph.txt" ;;
     decode-check)
       log decode-check; timeout ${DC_LIMIT:-300} python scripts/decode_check.py --out "$OUT/decode_check.json" 2>&1 | grep -v Warning | tail -40 | tee "$OUT/decode_check.txt" ;;
     mma-check)
@@ -26,9 +28,9 @@ for step in "$@"; do
     peer-diag)
       log peer-diag; timeout ${PD_LIMIT:-150} python scripts/peer_diag.py --out "$OUT/peer_diag.json" 2>&1 | tail -30 | tee "$OUT/peer_diag.txt" ;;
     bench-decode)
-      log bench decode; timeout 480 python -m bench.cli decode ${DB:+--database $DB} --batch ${BATCH_LIST:-1,8,32} --variants ${VARIANTS:-untuned,tuned,torch-compile,torch-eager} --json "$OUT/decode.json" 2>&1 | tail -30 | tee "$OUT/decode.txt" ;;
+      log bench decode; timeout 480 python -m bench.cli decode ${DB:+--database $DB} --batch ${BATCH_LIST:-1,8,32} --variants ${VARIANTS:-untuned,tuned,torch-compile,torch-eager} ${BENCH_ARGS:-} --json "$OUT/decode${TAG:-}.json" 2>&1 | tail -30 | tee "$OUT/decode${TAG:-}.txt" ;;
     bench-prefill)
-      log bench prefill; timeout 420 python -m bench.cli prefill ${DB:+--database $DB} --seq-len 128,512,1024 --variants ${VARIANTS:-untuned,tuned,torch-compile,torch-eager} --json "$OUT/prefill.json" 2>&1 | tail -30 | tee "$OUT/prefill.txt" ;;
+      log bench prefill; timeout 420 python -m bench.cli prefill ${DB:+--database $DB} --seq-len 128,512,1024 --variants ${VARIANTS:-untuned,tuned,torch-compile,torch-eager} ${BENCH_ARGS:-} --json "$OUT/prefill${TAG:-}.json" 2>&1 | tail -30 | tee "$OUT/prefill${TAG:-}.txt" ;;
     bench-kernels)
       log bench kernels; timeout 420 python -m bench.cli kernels ${DB:+--database $DB} --phase ${KPHASE:-decode} --batch 8 --seq-len 1024 --json "$OUT/kernels_${KPHASE:-decode}.json" 2>&1 | tail -40 | tee "$OUT/kernels_${KPHASE:-decode}.txt" ;;
     tune)

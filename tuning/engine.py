@@ -79,7 +79,8 @@ def build_engine(  # pylint: disable=too-many-arguments
     database : path or None
         Tuned database directory to apply (None: the untuned build).
     cuda_graph : bool
-        Capture decode into CUDA graphs.
+        Build with ``relax.backend.use_cuda_graph`` and run the token steps of bucket shapes as
+        whole-step CUDA graphs (``Engine(cuda_graph=True)``; GPU only).
     seed : int
         Seed of the random weights when ``params_fp32`` is None.
     **engine_kwargs
@@ -95,7 +96,7 @@ def build_engine(  # pylint: disable=too-many-arguments
     exported = result.exported
     params = random_params(exported, seed=seed) if params_fp32 is None else convert_params(params_fp32, exported.scheme)
     engine = Engine(exported=exported, executable=result.executable, params=params, device=device, target=target,
-                    **engine_kwargs)
+                    cuda_graph=cuda_graph, **engine_kwargs)
     engine.build_result = result
     return engine
 

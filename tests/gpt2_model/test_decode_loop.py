@@ -291,3 +291,71 @@ def test_cuda_generate_q0f16_preset_equals_hf_generate():
 
     db = Path(__file__).resolve().parents[2] / "databases" / (detect_cuda_arch() or "none") / "gpt2-q0f16"
     _gpu_generate_check("gpt2", "q0f16", "float16", database=db if db.is_dir() else None)
+
+
+# ------------------------------------------------------------------------- whole-step CUDA graphs
+def test_cuda_graph_flag_is_ignored_on_the_cpu(built):
+    engine = _engine(built, cuda_graph=True)
+    assert engine.graphs is None and engine.page_size == 16  # no graphs, the usual pages
+    assert engine.generate(PROMPT_A, 3) == _engine(built).generate(PROMPT_A, 3)
+
+
+def test_cuda_runtime_without_a_gpu_is_one_clear_error():
+    from gpt2_model.cuda_graph import CudaError, CudaRuntime  # pylint: disable=import-outside-toplevel
+
+    if tvm.cuda(0).exist:
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(CudaError, match="CUDA"):
+        CudaRuntime(0).create_stream()
+
+
+@pytest.mark.gpu
+def test_cuda_whole_step_graphs_equal_plain_steps(caplog):
+    """One library (gpt2 q0f16, the committed database if any), two engines: whole-step graphs and
+    plain steps. A 128-token prefill (the s128 bucket) and 24 decode steps of 2 sequences (the b2
+    bucket), twice over so the second pass replays only: the same ids, the same logits."""
+    from pathlib import Path  # pylint: disable=import-outside-toplevel
+
+    from gpt2_model.device import detect_cuda_arch  # pylint: disable=import-outside-toplevel
+    from tuning.compile import build_model  # pylint: disable=import-outside-toplevel,reimported
+    from tuning.targets import make_target  # pylint: disable=import-outside-toplevel,reimported
+
+    config = get_config("gpt2")
+    arch = detect_cuda_arch()
+    db = Path(__file__).resolve().parents[2] / "databases" / (arch or "none") / "gpt2-q0f16"
+    result = build_model(config, quantization="q0f16", target=make_target(arch), database=db if db.is_dir() else None,
+                         cuda_graph=True)
+    from gpt2_model.runtime import random_params  # pylint: disable=import-outside-toplevel
+
+    params = random_params(result.exported, seed=0)
+    engines = [Engine(exported=result.exported, executable=result.executable, params=params, device="cuda",
+                      max_batch_size=4, cuda_graph=g) for g in (False, True)]
+    assert engines[0].graphs is None and engines[1].graphs is not None
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, config.vocab_size, 128).tolist() for _ in range(2)]
+    runs = []
+    for engine in engines:
+        ids_log, logits_log = [], []
+        for _ in range(2):  # the second pass replays graphs captured in the first
+            seqs = [engine.add_sequence() for _ in prompts]
+            first = []
+            for seq, prompt in zip(seqs, prompts):
+                nid, logits = engine.prefill_tokens(seq, prompt, return_logits=True)
+                first.append(int(nid.numpy()[0]))
+                logits_log.append(logits.numpy().reshape(-1).copy())
+            ids = first
+            ids_log.append(list(first))
+            for _ in range(24):
+                nid, logits = engine.decode_tokens(seqs, ids, return_logits=True)  # host ids first, then device
+                ids_log.append(nid.numpy().tolist())
+                logits_log.append(logits.numpy().reshape(-1).copy())
+                ids = nid
+            for seq in seqs:
+                engine.remove_sequence(seq)
+        runs.append((ids_log, logits_log))
+    g = engines[1].graphs
+    assert g.enabled, f"graph capture failed: {caplog.text}"
+    assert g.captures == 2 and g.replays == 2 * 24 + 2 * 2 - 2, (g.captures, g.replays)  # prefill s128 + decode b2
+    assert runs[1][0] == runs[0][0]
+    for ours, plain in zip(runs[1][1], runs[0][1]):
+        assert np.abs(ours - plain).max() <= 1e-3 * np.abs(plain).max()

@@ -1,0 +1,275 @@
+"""Whole-step CUDA graphs for the engine's token steps.
+
+A decode step of the token-in/token-out library is one VM call, but inside it the host launches
+~30 things (the graphs ``relax.backend.use_cuda_graph`` captured between KV-cache calls, the
+embedding, 12 KV-cache attention calls of 3 kernels each, lm_head, argmax): on an H200 the host,
+not the GPU, set the pace (0.50 ms per b1 step for 0.19 ms of kernels). Here the *whole* call is
+captured once per step shape and replayed with one ``cudaGraphLaunch``.
+
+How it works (:class:`StepGraphs`)
+----------------------------------
+* **One stream.** The engine gets its own CUDA stream ``S`` (blocking, so the legacy default
+  stream that host copies use stays ordered with it). Every library call runs with ``S`` as TVM's
+  current stream, and the paged KV cache is created under it, so the cache's kernels (split +
+  rotary, append, attention) launch on ``S`` too (the cache keeps the stream it was created on)
+  and land in the capture.
+* **Stable addresses.** The library must be built with ``relax.backend.use_cuda_graph``: its
+  rewrite moves every intermediate of a static-shape function into storage allocated once per VM
+  (``vm.builtin.cuda_graph.get_cached_alloc``), so a replay writes where the capture wrote. The
+  function's outputs (next ids, logits) come from the VM's pool: the capture-time outputs are kept
+  alive for the life of the graph, so the pool never hands those blocks to anyone else.
+* **Inputs.** A graph reads its token ids from a static buffer (``ids`` for decode, one prompt
+  buffer per bucket length for prefill) and ends with a captured copy of the next ids into
+  ``ids``: the next decode step reads them where they are, with no host round trip.
+* **The KV cache's per-step data** (page table, positions) is computed on the host by
+  ``begin_forward`` and copied by the cache on its own copy stream into device buffers at offsets
+  that depend only on the array lengths. The key of a graph is therefore the step's phase, size,
+  pages per sequence and "fresh sequence" flags: a step with the same key has the same buffer
+  addresses and kernel arguments, only the values differ. With one page per sequence (the
+  default page size in graph mode is the context window) the key never changes during a run.
+  Before each replay the engine waits for the previous step (the cache's copy stream does not
+  wait for ``S``: see ``Engine._step``), then flushes the copy (``get_query_positions``), which
+  makes ``S`` wait for it; inside the captured call the flush is a no-op.
+* **First use of a key** runs the step for real (its result is returned), then captures the same
+  call (nothing executes during a capture; the KV cache's host state is not changed by an
+  attention call), instantiates and caches it. A capture that fails disables graphs for the
+  engine with one warning; the step's result is the real run's either way.
+
+Outputs of a replayed step live in the graph's buffers: the next ids (a view of ``ids``) and the
+logits are valid until the next step, like the outputs of ``torch.compile(mode="reduce-overhead")``.
+
+The CUDA runtime is reached through ``ctypes`` (``libcudart``, the one TVM's CUDA runtime loads):
+TVM's Python API has no stream capture.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+_CAPTURE_MODE_RELAXED = 2  # cudaStreamCaptureModeRelaxed: the VM's pool may cudaMalloc mid-capture
+_MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: direction from the pointers (unified addressing)
+_CUDART_NAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so")
+
+
+class CudaError(RuntimeError):
+    """A CUDA runtime call failed (or no CUDA runtime / device is usable)."""
+
+
+class CudaRuntime:
+    """The few CUDA runtime calls the step graphs need, through ``ctypes``."""
+
+    def __init__(self, device_index: int = 0):
+        self.device_index = int(device_index)
+        self.lib = _load_cudart()
+        v, p, sz, i, u64 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_int, \
+            ctypes.c_ulonglong
+        sig = {
+            "cudaSetDevice": [i],
+            "cudaStreamCreateWithFlags": [p, ctypes.c_uint],
+            "cudaStreamDestroy": [v],
+            "cudaStreamSynchronize": [v],
+            "cudaStreamBeginCapture": [v, i],
+            "cudaStreamEndCapture": [v, p],
+            "cudaGraphInstantiateWithFlags": [p, v, u64],
+            "cudaGraphLaunch": [v, v],
+            "cudaGraphDestroy": [v],
+            "cudaGraphExecDestroy": [v],
+            "cudaMemcpyAsync": [v, v, sz, i, v],
+        }
+        for name, args in sig.items():
+            fn = getattr(self.lib, name)
+            fn.argtypes, fn.restype = args, ctypes.c_int
+        self.lib.cudaGetErrorString.argtypes, self.lib.cudaGetErrorString.restype = [i], ctypes.c_char_p
+
+    def _check(self, err: int, what: str) -> None:
+        if err != 0:
+            msg = self.lib.cudaGetErrorString(err)
+            raise CudaError(f"{what} failed: CUDA error {err} ({msg.decode() if msg else '?'})")
+
+    def create_stream(self) -> int:
+        """A new blocking stream on the device (ordered with the legacy default stream)."""
+        self._check(self.lib.cudaSetDevice(self.device_index), "cudaSetDevice")
+        handle = ctypes.c_void_p()
+        self._check(self.lib.cudaStreamCreateWithFlags(ctypes.byref(handle), 0), "cudaStreamCreate")
+        return int(handle.value)
+
+    def destroy_stream(self, stream: int) -> None:
+        self._check(self.lib.cudaStreamDestroy(ctypes.c_void_p(stream)), "cudaStreamDestroy")
+
+    def sync(self, stream: int) -> None:
+        self._check(self.lib.cudaStreamSynchronize(ctypes.c_void_p(stream)), "cudaStreamSynchronize")
+
+    def begin_capture(self, stream: int) -> None:
+        self._check(self.lib.cudaStreamBeginCapture(ctypes.c_void_p(stream), _CAPTURE_MODE_RELAXED),
+                    "cudaStreamBeginCapture")
+
+    def end_capture(self, stream: int) -> int:
+        """End the capture; the graph (to instantiate or destroy). Raises if the capture broke."""
+        graph = ctypes.c_void_p()
+        self._check(self.lib.cudaStreamEndCapture(ctypes.c_void_p(stream), ctypes.byref(graph)),
+                    "cudaStreamEndCapture")
+        return int(graph.value or 0)
+
+    def instantiate(self, graph: int) -> int:
+        exe = ctypes.c_void_p()
+        try:
+            self._check(self.lib.cudaGraphInstantiateWithFlags(ctypes.byref(exe), ctypes.c_void_p(graph), 0),
+                        "cudaGraphInstantiate")
+        finally:
+            self.lib.cudaGraphDestroy(ctypes.c_void_p(graph))
+        return int(exe.value)
+
+    def launch(self, exe: int, stream: int) -> None:
+        self._check(self.lib.cudaGraphLaunch(ctypes.c_void_p(exe), ctypes.c_void_p(stream)), "cudaGraphLaunch")
+
+    def destroy_exec(self, exe: int) -> None:
+        self.lib.cudaGraphExecDestroy(ctypes.c_void_p(exe))
+
+    def copy(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        """``cudaMemcpyAsync`` on ``stream`` (host sources are copied before the call returns)."""
+        self._check(self.lib.cudaMemcpyAsync(ctypes.c_void_p(dst), ctypes.c_void_p(src), ctypes.c_size_t(nbytes),
+                                             _MEMCPY_DEFAULT, ctypes.c_void_p(stream)), "cudaMemcpyAsync")
+
+
+def _load_cudart():
+    errors = []
+    for name in _CUDART_NAMES:
+        try:
+            return ctypes.CDLL(name)
+        except OSError as err:
+            errors.append(f"{name}: {err}")
+    raise CudaError("no CUDA runtime library found for CUDA graphs (" + "; ".join(errors) + ")")
+
+
+@dataclass
+class _Graph:
+    exe: int
+    keep: Any  # the capture-time outputs: (next ids, logits); kept alive so the pool never reuses them
+    logits: Any
+
+
+class StepGraphs:  # pylint: disable=too-many-instance-attributes
+    """Captured whole steps of one engine, keyed by step shape (see the module docstring).
+
+    Parameters
+    ----------
+    device : tvm.runtime.Device
+        A CUDA device.
+    max_batch_size : int
+        Size of the static ids buffer.
+    """
+
+    def __init__(self, device, *, max_batch_size: int):
+        import tvm  # pylint: disable=import-outside-toplevel
+        import tvm_ffi  # pylint: disable=import-outside-toplevel
+
+        self._tvm, self._ffi = tvm, tvm_ffi
+        self.device = device
+        self.cuda = CudaRuntime(device.index)
+        self.stream = self.cuda.create_stream()
+        self.enabled = True
+        self.ids = tvm.runtime.empty((max(int(max_batch_size), 1),), "int32", device)
+        self._prompts: dict[int, Any] = {}
+        self._graphs: dict[tuple, _Graph] = {}
+        self.captures = 0
+        self.replays = 0
+
+    def on_stream(self):
+        """Context: TVM's current stream on this device is the engine's stream."""
+        return self._ffi.use_raw_stream(self.device, self.stream)
+
+    def sync(self) -> None:
+        """Wait for everything queued on the engine's stream."""
+        self.cuda.sync(self.stream)
+
+    def ids_view(self, n: int):
+        return self.ids._create_view((n,), "int32", 0)
+
+    # ------------------------------------------------------------------ inputs
+    def load_ids(self, ids, n: int):
+        """Put ``n`` token ids (host int32 array or device tensor) into the ids buffer; its view."""
+        view = self.ids_view(n)
+        self._copy_in(view, ids, n)
+        return view
+
+    def load_prompt(self, ids: np.ndarray):
+        """Put a prompt chunk into the static buffer of its length; that buffer."""
+        n = int(ids.size)
+        buf = self._prompts.get(n)
+        if buf is None:
+            buf = self._prompts[n] = self._tvm.runtime.empty((n,), "int32", self.device)
+        self._copy_in(buf, ids, n)
+        return buf
+
+    def _copy_in(self, dst, src, n: int) -> None:
+        if isinstance(src, np.ndarray):
+            host = np.ascontiguousarray(src, dtype=np.int32)
+            self.cuda.copy(dst.data_ptr(), host.ctypes.data, 4 * n, self.stream)
+            self.cuda.sync(self.stream)  # the host array may go away: the copy is complete on return
+        elif src.data_ptr() != dst.data_ptr():
+            self.cuda.copy(dst.data_ptr(), src.data_ptr(), 4 * n, self.stream)
+
+    # ------------------------------------------------------------------ steps
+    def run(self, key: tuple, call, inp, n_out: int):
+        """Replay the graph of ``key`` (or run for real, then capture it); (next ids view, logits).
+
+        ``call(inp)`` runs the library function on ``inp`` and returns (next ids, logits); the
+        caller has done ``begin_forward`` and waited for the previous step.
+        """
+        out_view = self.ids_view(n_out)
+        graph = self._graphs.get(key)
+        if graph is not None:
+            self.cuda.launch(graph.exe, self.stream)
+            self.replays += 1
+            return out_view, graph.logits
+        next_ids, logits = call(inp)
+        self.cuda.copy(out_view.data_ptr(), next_ids.data_ptr(), 4 * n_out, self.stream)
+        if self.enabled:
+            self._capture(key, call, inp, out_view, n_out)
+        return out_view, logits
+
+    def _capture(self, key: tuple, call, inp, out_view, n_out: int) -> None:
+        self.cuda.begin_capture(self.stream)
+        try:
+            next_ids, logits = call(inp)
+            self.cuda.copy(out_view.data_ptr(), next_ids.data_ptr(), 4 * n_out, self.stream)
+        except Exception as err:  # pylint: disable=broad-except
+            self._give_up(key, err, ended=False)
+            return
+        try:
+            exe = self.cuda.instantiate(self.cuda.end_capture(self.stream))
+        except CudaError as err:
+            self._give_up(key, err, ended=True)
+            return
+        self._graphs[key] = _Graph(exe=exe, keep=(next_ids, logits), logits=logits)
+        self.captures += 1
+
+    def _give_up(self, key: tuple, err: Exception, *, ended: bool) -> None:
+        if not ended:
+            try:
+                graph = self.cuda.end_capture(self.stream)
+                if graph:
+                    self.cuda.lib.cudaGraphDestroy(ctypes.c_void_p(graph))
+            except CudaError:
+                pass
+        self.enabled = False
+        logger.warning("CUDA graph capture of step %s failed (%s): this engine runs its steps without "
+                       "whole-step graphs from now on", key, err)
+
+    def close(self) -> None:
+        for graph in self._graphs.values():
+            self.cuda.destroy_exec(graph.exe)
+        self._graphs.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # pylint: disable=broad-except
+            pass
