@@ -25,8 +25,9 @@ How it works (:class:`StepGraphs`)
   ``begin_forward`` and copied by the cache on its own copy stream into device buffers at offsets
   that depend only on the array lengths. The key of a graph is therefore the step's phase, size,
   pages per sequence and "fresh sequence" flags: a step with the same key has the same buffer
-  addresses and kernel arguments, only the values differ. With one page per sequence (the
-  default page size in graph mode is the context window) the key never changes during a run.
+  addresses and kernel arguments, only the values differ. Pages are 16 tokens (what TVM's cache
+  kernels are compiled for), so a growing sequence meets a new key every 16 steps: the first
+  pass through a length pays one real step + one capture there, every later pass replays.
   Before each replay the engine waits for the previous step (the cache's copy stream does not
   wait for ``S``: see ``Engine._step``), then flushes the copy (``get_query_positions``), which
   makes ``S`` wait for it; inside the captured call the flush is a no-op.

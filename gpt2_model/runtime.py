@@ -93,15 +93,14 @@ class Engine:  # pylint: disable=too-many-instance-attributes
         ``max_batch_size`` if fewer) -- not ``max_batch_size`` full ones, which for the large
         presets would not fit in memory. A step that needs more than is free raises
         :class:`KVCacheFullError` before anything changes.
-    page_size : int, optional
-        Tokens per KV-cache page (default 16; with ``cuda_graph`` on a GPU, the context window: one
-        page per sequence, so a step's graph key never changes as sequences grow).
+    page_size : int
+        Tokens per KV-cache page: 16, the page size TVM's KV-cache kernels are compiled for
+        (anything else is refused: the kernels would not accept the cache).
     cuda_graph : bool
         On a GPU, run the token steps of bucket shapes (:meth:`decode_tokens`,
         :meth:`prefill_tokens`, :meth:`generate`) as whole-step CUDA graphs
         (:mod:`gpt2_model.cuda_graph`; the library must be built with ``cuda_graph=True``). Their
-        outputs are then valid until the next step. The KV cache then holds at least one page per
-        sequence. Ignored on the CPU.
+        outputs are then valid until the next step. Ignored on the CPU.
     """
 
     def __init__(  # pylint: disable=too-many-arguments
@@ -114,7 +113,7 @@ class Engine:  # pylint: disable=too-many-instance-attributes
         target: tvm.target.Target | None = None,
         max_batch_size: int | None = None,
         max_total_seq_len: int | None = None,
-        page_size: int | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
         cuda_graph: bool = False,
     ):
         self.exported = exported
@@ -130,14 +129,13 @@ class Engine:  # pylint: disable=too-many-instance-attributes
         c = self.config
         self.max_batch_size = max_batch_size or c.max_batch_size
         self.graphs = StepGraphs(self.device, max_batch_size=self.max_batch_size) if cuda_graph and self._gpu else None
-        if page_size is None:
-            page_size = c.context_window_size if self.graphs else DEFAULT_PAGE_SIZE
         self.max_total_seq_len = max_total_seq_len or c.context_window_size * min(self.max_batch_size, 8)
         if int(page_size) < 1 or int(self.max_total_seq_len) < 1:
             raise EngineError(f"page_size ({page_size}) and max_total_seq_len ({self.max_total_seq_len}) must be >= 1")
+        if int(page_size) != DEFAULT_PAGE_SIZE:
+            raise EngineError(f"page_size must be {DEFAULT_PAGE_SIZE}: TVM's KV-cache kernels (append, attention) are "
+                              f"compiled for {DEFAULT_PAGE_SIZE}-token pages, got {page_size}")
         self.page_size = int(page_size)
-        if self.graphs:  # one page per sequence at least
-            self.max_total_seq_len = max(int(self.max_total_seq_len), self.max_batch_size * self.page_size)
         shape = tvm.runtime.ShapeTuple  # int arguments of an nn.spec function travel as shapes
         with self._on_stream():  # the cache launches its kernels on the stream it is created under
             self.kv_cache = self.vm["create_paged_kv_cache"](

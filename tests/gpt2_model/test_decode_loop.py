@@ -296,8 +296,13 @@ def test_cuda_generate_q0f16_preset_equals_hf_generate():
 # ------------------------------------------------------------------------- whole-step CUDA graphs
 def test_cuda_graph_flag_is_ignored_on_the_cpu(built):
     engine = _engine(built, cuda_graph=True)
-    assert engine.graphs is None and engine.page_size == 16  # no graphs, the usual pages
+    assert engine.graphs is None  # no graphs on the CPU
     assert engine.generate(PROMPT_A, 3) == _engine(built).generate(PROMPT_A, 3)
+
+
+def test_page_size_other_than_the_kernels_is_refused(built):
+    with pytest.raises(EngineError, match="page_size must be 16"):
+        _engine(built, page_size=32)
 
 
 def test_cuda_runtime_without_a_gpu_is_one_clear_error():
@@ -355,7 +360,9 @@ def test_cuda_whole_step_graphs_equal_plain_steps(caplog):
         runs.append((ids_log, logits_log))
     g = engines[1].graphs
     assert g.enabled, f"graph capture failed: {caplog.text}"
-    assert g.captures == 2 and g.replays == 2 * 24 + 2 * 2 - 2, (g.captures, g.replays)  # prefill s128 + decode b2
+    decode_keys = len({-(-(128 + i + 1) // 16) for i in range(24)})  # a new graph every 16 tokens (pages)
+    assert g.captures == 1 + decode_keys, (g.captures, g.replays)  # prefill s128 + the decode b2 keys
+    assert g.replays == 2 * (2 + 24) - g.captures  # every other graph step was a replay
     assert runs[1][0] == runs[0][0]
     for ours, plain in zip(runs[1][1], runs[0][1]):
         assert np.abs(ours - plain).max() <= 1e-3 * np.abs(plain).max()
