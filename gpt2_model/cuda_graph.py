@@ -18,6 +18,13 @@ How it works (:class:`StepGraphs`)
   (``vm.builtin.cuda_graph.get_cached_alloc``), so a replay writes where the capture wrote. The
   function's outputs (next ids, logits) come from the VM's pool: the capture-time outputs are kept
   alive for the life of the graph, so the pool never hands those blocks to anyone else.
+* **No graphs inside the graph.** The rewrite also wraps the regions between KV-cache calls in
+  ``vm.builtin.cuda_graph.run_or_capture``, which replays its own graphs with ``cudaGraphLaunch``
+  -- not allowed into a capturing stream (``cudaErrorStreamCaptureUnsupported``, seen on an
+  H200). The engine's VM is therefore created while that builtin name resolves to
+  :func:`_run_region_directly` (the VM looks builtins up once, when it is created; the original is
+  put back right after): each region runs its kernels on the current stream, which the
+  whole-step capture records.
 * **Inputs.** A graph reads its token ids from a static buffer (``ids`` for decode, one prompt
   buffer per bucket length for prefill) and ends with a captured copy of the next ids into
   ``ids``: the next decode step reads them where they are, with no host round trip.
@@ -45,6 +52,7 @@ TVM's Python API has no stream capture.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 from dataclasses import dataclass
@@ -83,6 +91,7 @@ class CudaRuntime:
             "cudaGraphDestroy": [v],
             "cudaGraphExecDestroy": [v],
             "cudaMemcpyAsync": [v, v, sz, i, v],
+            "cudaGetLastError": [],
         }
         for name, args in sig.items():
             fn = getattr(self.lib, name)
@@ -147,6 +156,32 @@ def _load_cudart():
         except OSError as err:
             errors.append(f"{name}: {err}")
     raise CudaError("no CUDA runtime library found for CUDA graphs (" + "; ".join(errors) + ")")
+
+
+_RUN_OR_CAPTURE = "vm.builtin.cuda_graph.run_or_capture"
+
+
+def _run_region_directly(vm_ctx, capture_func, args, *_):
+    """``run_or_capture`` without a graph: call the region's closure (whole-step capture records it)."""
+    import tvm  # pylint: disable=import-outside-toplevel
+
+    return tvm.get_global_func("vm.builtin.invoke_closure")(vm_ctx, capture_func, *args)
+
+
+@contextlib.contextmanager
+def regions_without_graphs():
+    """While active, a newly created ``relax.VirtualMachine`` runs the ``run_or_capture`` regions
+    of a ``use_cuda_graph`` build directly (see the module docstring)."""
+    import tvm  # pylint: disable=import-outside-toplevel
+    import tvm_ffi  # pylint: disable=import-outside-toplevel
+
+    original = tvm.get_global_func(_RUN_OR_CAPTURE, allow_missing=True)
+    tvm_ffi.register_global_func(_RUN_OR_CAPTURE, _run_region_directly, override=True)
+    try:
+        yield
+    finally:
+        if original is not None:
+            tvm_ffi.register_global_func(_RUN_OR_CAPTURE, original, override=True)
 
 
 @dataclass
@@ -261,6 +296,7 @@ class StepGraphs:  # pylint: disable=too-many-instance-attributes
             except CudaError:
                 pass
         self.enabled = False
+        self.cuda.lib.cudaGetLastError()  # clear the capture's error, or the next CUDA user (torch) reports it
         logger.warning("CUDA graph capture of step %s failed (%s): this engine runs its steps without "
                        "whole-step graphs from now on", key, err)
 

@@ -35,7 +35,7 @@ import tvm
 from tvm import relax
 
 from .config import GPT2Config
-from .cuda_graph import StepGraphs
+from .cuda_graph import StepGraphs, regions_without_graphs
 from .device import tvm_device
 from .export import ExportedModel
 from .loader import expected_shapes
@@ -122,13 +122,15 @@ class Engine:  # pylint: disable=too-many-instance-attributes
         self.device_name = device
         self.device = tvm_device(device)
         self._gpu = self.device.dlpack_device_type() != tvm.cpu(0).dlpack_device_type()  # see _step: the copy-stream wait
-        self.vm = relax.VirtualMachine(executable, self.device)
+        max_batch_size = max_batch_size or exported.config.max_batch_size
+        self.graphs = StepGraphs(self.device, max_batch_size=max_batch_size) if cuda_graph and self._gpu else None
+        with regions_without_graphs() if self.graphs else contextlib.nullcontext():
+            self.vm = relax.VirtualMachine(executable, self.device)
         self.params = self._upload(params)
         # A debug export threads IO effects (op.print_) through every compute function.
         self._effects = self.vm["_initialize_effect"]() if exported.metadata.get("debug") else None
         c = self.config
-        self.max_batch_size = max_batch_size or c.max_batch_size
-        self.graphs = StepGraphs(self.device, max_batch_size=self.max_batch_size) if cuda_graph and self._gpu else None
+        self.max_batch_size = max_batch_size
         self.max_total_seq_len = max_total_seq_len or c.context_window_size * min(self.max_batch_size, 8)
         if int(page_size) < 1 or int(self.max_total_seq_len) < 1:
             raise EngineError(f"page_size ({page_size}) and max_total_seq_len ({self.max_total_seq_len}) must be >= 1")
