@@ -8,6 +8,7 @@ the same device minutes apart. A variant that cannot run, or a point that fails,
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import numpy as np
@@ -16,6 +17,8 @@ from .checks import check_prompt, check_variant, first_line, open_tvm_variant, r
 from .config import TORCH_VARIANTS
 from .peers import torch_available
 from .timing import stats
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["make_row", "error_row", "measure_decode", "measure_prefill", "open_runner", "drive",
            "untuned_shapes", "cpu_torch_threads"]
@@ -32,7 +35,7 @@ def make_row(s, *, variant: str, phase: str, batch: int, prompt_len: int | None,
         "test": test_label(phase=phase, batch=batch, prompt_len=prompt_len, gen_len=gen_len, seq_len=seq_len),
         "phase": phase, "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len, "seq_len": seq_len,
         "status": "ok", "error": None,
-        "tok_s": None, "ms": None, "gpu_ms": None, "kernels_ms": None, "overhead_ms": None,
+        "tok_s": None, "ms": None, "gpu_ms": None, "graph_ms": None, "kernels_ms": None, "overhead_ms": None,
         "gb_s": None, "pct_bw": None, "tflops": None, "pct_peak": None, "bytes_per_step": None, "flops": None,
         "speedup_vs_untuned": None, "tuned_kernels": None, "anatomy": None,
         "samples": {"wall_ms": [], "gpu_ms": None, "tok_s": []},
@@ -68,10 +71,13 @@ def measure_decode(runner, *, timer, batch: int, prompt_len: int, gen_len: int, 
         GPU ms/step; per run GPU <= wall by construction) and raw ``samples``.
     """
     run_ms, run_gpu, run_tok, gpu_steps = [], [], [], []
+    graph_ms = None
     for r in range(warmup + repeats):
         runner.start(batch=batch, prompt_len=prompt_len, gen_len=gen_len)
         try:
             t = timer.steps(runner.step, gen_len, stream=getattr(runner, "stream", None))
+            if r == warmup + repeats - 1:
+                graph_ms = _replay_ms(runner)
         finally:
             runner.stop()
         if r < warmup:
@@ -82,7 +88,20 @@ def measure_decode(runner, *, timer, batch: int, prompt_len: int, gen_len: int, 
             gpu_steps.extend(t.gpu_ms)
             run_gpu.append(float(np.sum(t.gpu_ms)) / gen_len)
     return {"tok_s": stats(run_tok), "ms": stats(run_ms), "gpu_ms": stats(run_gpu) if run_gpu else None,
-            "samples": {"wall_ms": run_ms, "gpu_ms": gpu_steps or None, "tok_s": run_tok}}
+            "graph_ms": graph_ms, "samples": {"wall_ms": run_ms, "gpu_ms": gpu_steps or None, "tok_s": run_tok}}
+
+
+def _replay_ms(runner) -> float | None:
+    """The runner's last step replayed alone as its CUDA graph (engines with whole-step graphs), in
+    ms; None when there is none. A failure is logged and gives None: it never costs the row."""
+    fn = getattr(runner, "replay_ms", None)
+    if fn is None:
+        return None
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - a diagnostic, not the measurement
+        logger.warning("graph replay timing failed: %s", first_line(e))
+        return None
 
 
 def measure_prefill(runner, *, timer, batch: int, seq_len: int, repeats: int, warmup: int) -> dict[str, Any]:
@@ -97,10 +116,13 @@ def measure_prefill(runner, *, timer, batch: int, seq_len: int, repeats: int, wa
         Like :func:`measure_decode`; ``ms`` is per prefill of the whole batch.
     """
     wall, gpu = [], []
+    graph_ms = None
     for r in range(warmup + repeats):
         runner.prepare(batch=batch, seq_len=seq_len)
         try:
             t = timer.call(runner.run, stream=getattr(runner, "stream", None))
+            if r == warmup + repeats - 1 and batch == 1:
+                graph_ms = _replay_ms(runner)  # one chunk's graph: the whole prefill when it is one chunk
         finally:
             runner.cleanup()
         if r >= warmup:
@@ -108,7 +130,7 @@ def measure_prefill(runner, *, timer, batch: int, seq_len: int, repeats: int, wa
             if t.gpu_ms is not None:
                 gpu.append(t.gpu_ms[0])
     tok = [batch * seq_len / (w / 1e3) for w in wall]
-    return {"tok_s": stats(tok), "ms": stats(wall), "gpu_ms": stats(gpu) if gpu else None,
+    return {"tok_s": stats(tok), "ms": stats(wall), "gpu_ms": stats(gpu) if gpu else None, "graph_ms": graph_ms,
             "samples": {"wall_ms": wall, "gpu_ms": gpu or None, "tok_s": tok}}
 
 
@@ -276,6 +298,11 @@ def _run_variant(s, variant: str, *, points: list[dict], measure, figures, opts:
         an = anatomy(variant, p, m, notes) if anatomy is not None else None
         if an is not None:
             extra.update(anatomy=an, kernels_ms=an.get("kernels_ms"), overhead_ms=an.get("overhead_ms"))
+        if m.get("graph_ms") is not None:
+            extra["graph_ms"] = m["graph_ms"]
+            notes.append(f"whole-step CUDA graph replayed alone: {m['graph_ms']:.3f} ms of GPU time per "
+                         f"{'step' if p['phase'] == 'decode' else 'chunk'}; wall - graph = "
+                         f"{m['ms'].median - m['graph_ms']:.3f} ms (host work the GPU waited for, launch gaps)")
         if variant == "tuned" and info is not None:
             tk, note = _tuned_note(s, p, info, an)
             extra["tuned_kernels"] = tk
@@ -290,7 +317,8 @@ def _run_variant(s, variant: str, *, points: list[dict], measure, figures, opts:
         log(f"{variant:>13} {label:>11}" + (f" p{p['prompt_len']}" if p.get("prompt_len") else "")
             + f": {m['tok_s'].median:12.1f} tok/s  {m['ms'].median:9.3f} ms"
             + (f"  gpu {m['gpu_ms'].median:.3f} ms" if m["gpu_ms"] else "")
-            + (f"  kernels {extra['kernels_ms']:.3f} ms" if extra.get("kernels_ms") is not None else ""))
+            + (f"  kernels {extra['kernels_ms']:.3f} ms" if extra.get("kernels_ms") is not None else "")
+            + (f"  graph {extra['graph_ms']:.3f} ms" if extra.get("graph_ms") is not None else ""))
     return rows
 
 

@@ -79,6 +79,7 @@ DECODE_PREFILL_ROW_KEYS = (
     "tok_s",
     "ms",
     "gpu_ms",
+    "graph_ms",
     "kernels_ms",
     "overhead_ms",
     "gb_s",

@@ -89,6 +89,11 @@ class TvmDecodeRunner:
         """The engine's CUDA stream when it runs whole-step graphs (the timer records there), else None."""
         return self.engine.graphs.stream if self.engine.graphs else None
 
+    def replay_ms(self) -> float | None:
+        """GPU ms of the last step's whole-step graph replayed alone (graph mode), else None."""
+        g = self.engine.graphs
+        return g.replay_ms() if g is not None else None
+
     @property
     def path(self) -> str:
         """``token-steps`` (device-resident ids, argmax on the device) or ``embed+decode`` (older libraries)."""
@@ -138,6 +143,11 @@ class TvmPrefillRunner:
     def stream(self) -> int | None:
         """The engine's CUDA stream when it runs whole-step graphs, else None."""
         return self.engine.graphs.stream if self.engine.graphs else None
+
+    def replay_ms(self) -> float | None:
+        """GPU ms of the last chunk's whole-step graph replayed alone (graph mode), else None."""
+        g = self.engine.graphs
+        return g.replay_ms() if g is not None else None
 
     @property
     def path(self) -> str:

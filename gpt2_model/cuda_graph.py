@@ -92,6 +92,11 @@ class CudaRuntime:
             "cudaGraphExecDestroy": [v],
             "cudaMemcpyAsync": [v, v, sz, i, v],
             "cudaGetLastError": [],
+            "cudaEventCreate": [p],
+            "cudaEventRecord": [v, v],
+            "cudaEventSynchronize": [v],
+            "cudaEventElapsedTime": [ctypes.POINTER(ctypes.c_float), v, v],
+            "cudaEventDestroy": [v],
         }
         for name, args in sig.items():
             fn = getattr(self.lib, name)
@@ -138,6 +143,24 @@ class CudaRuntime:
 
     def launch(self, exe: int, stream: int) -> None:
         self._check(self.lib.cudaGraphLaunch(ctypes.c_void_p(exe), ctypes.c_void_p(stream)), "cudaGraphLaunch")
+
+    def elapsed_ms(self, stream: int, fn, n: int) -> float:
+        """Device time of ``n`` calls of ``fn()`` (launching on ``stream``) between two events, per call."""
+        events = [ctypes.c_void_p(), ctypes.c_void_p()]
+        for e in events:
+            self._check(self.lib.cudaEventCreate(ctypes.byref(e)), "cudaEventCreate")
+        try:
+            self._check(self.lib.cudaEventRecord(events[0], ctypes.c_void_p(stream)), "cudaEventRecord")
+            for _ in range(n):
+                fn()
+            self._check(self.lib.cudaEventRecord(events[1], ctypes.c_void_p(stream)), "cudaEventRecord")
+            self._check(self.lib.cudaEventSynchronize(events[1]), "cudaEventSynchronize")
+            ms = ctypes.c_float()
+            self._check(self.lib.cudaEventElapsedTime(ctypes.byref(ms), events[0], events[1]), "cudaEventElapsedTime")
+            return float(ms.value) / n
+        finally:
+            for e in events:
+                self.lib.cudaEventDestroy(e)
 
     def destroy_exec(self, exe: int) -> None:
         self.lib.cudaGraphExecDestroy(ctypes.c_void_p(exe))
@@ -216,6 +239,7 @@ class StepGraphs:  # pylint: disable=too-many-instance-attributes
         self._graphs: dict[tuple, _Graph] = {}
         self.captures = 0
         self.replays = 0
+        self.last_key: tuple | None = None
 
     def on_stream(self):
         """Context: TVM's current stream on this device is the engine's stream."""
@@ -260,6 +284,7 @@ class StepGraphs:  # pylint: disable=too-many-instance-attributes
         caller has done ``begin_forward`` and waited for the previous step.
         """
         out_view = self.ids_view(n_out)
+        self.last_key = key
         graph = self._graphs.get(key)
         if graph is not None:
             self.cuda.launch(graph.exe, self.stream)
@@ -299,6 +324,21 @@ class StepGraphs:  # pylint: disable=too-many-instance-attributes
         self.cuda.lib.cudaGetLastError()  # clear the capture's error, or the next CUDA user (torch) reports it
         logger.warning("CUDA graph capture of step %s failed (%s): this engine runs its steps without "
                        "whole-step graphs from now on", key, err)
+
+    def replay_ms(self, n: int = 20, warmup: int = 3) -> float | None:
+        """Device ms of the last step's graph replayed ``n`` times back to back (no host work in
+        between): what the step costs the GPU. None if the last step has no graph.
+
+        The replays re-run the last step on the same KV-cache positions (the same prompt for a
+        prefill; for a decode, the ids each replay leaves behind): use it at the end of a run,
+        before the sequences are removed."""
+        graph = self._graphs.get(self.last_key) if self.last_key is not None else None
+        if graph is None:
+            return None
+        self.sync()
+        for _ in range(warmup):
+            self.cuda.launch(graph.exe, self.stream)
+        return self.cuda.elapsed_ms(self.stream, lambda: self.cuda.launch(graph.exe, self.stream), n)
 
     def close(self) -> None:
         for graph in self._graphs.values():
