@@ -350,3 +350,35 @@ class StepGraphs:  # pylint: disable=too-many-instance-attributes
             self.close()
         except Exception:  # pylint: disable=broad-except
             pass
+
+
+class IdHistory:
+    """The ids of a single-sequence device loop, kept on the device until the host asks.
+
+    Without graphs each step's ids are their own tensor; in graph mode a step's ids live in the
+    graph's buffer until the next step, so each is copied (on the engine's stream, no host wait)
+    into one device array."""
+
+    def __init__(self, engine, n: int):
+        import tvm  # pylint: disable=import-outside-toplevel
+
+        self._tvm = tvm
+        self.engine, self.count = engine, 0
+        self._tensors: list = []
+        self._buf = self._tvm.runtime.empty((max(n, 1),), "int32", engine.device) if engine.graphs else None
+
+    def add(self, ids):
+        if self._buf is None:
+            self._tensors.append(ids)
+        else:
+            g = self.engine.graphs
+            g.cuda.copy(self._buf.data_ptr() + 4 * self.count, ids.data_ptr(), 4, g.stream)
+        self.count += 1
+        return ids
+
+    def host(self, start: int, stop: int) -> np.ndarray:
+        """Ids of steps ``start .. stop-1`` on the host (waits for the device)."""
+        if self._buf is None:
+            return np.concatenate([t.numpy().reshape(-1) for t in self._tensors[start:stop]]).astype(np.int64)
+        self.engine.synchronize()
+        return self._buf.numpy()[start:stop].astype(np.int64)

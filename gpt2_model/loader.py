@@ -159,3 +159,20 @@ def load_hf_params(model_dir: str | Path, config: GPT2Config) -> dict[str, np.nd
     if problems:
         raise CheckpointError(f"checkpoint {model_dir} does not match the config: " + " | ".join(problems))
     return out
+
+
+def random_params(exported, *, seed: int = 0) -> dict:
+    """Random fp32 weights in GPT-2's init style for ``exported`` (an ``ExportedModel``), converted
+    to the stored form of its scheme (seeded: the benchmarks' weights; speed does not depend on them)."""
+    from .quantization import convert_params  # pylint: disable=import-outside-toplevel  # start-up time
+
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in expected_shapes(exported.config).items():
+        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            params[name] = np.ones(shape, np.float32)
+        elif name.endswith(".bias"):
+            params[name] = np.zeros(shape, np.float32)
+        else:
+            params[name] = rng.normal(0.0, 0.02, size=shape).astype(np.float32)
+    return convert_params(params, exported.scheme)

@@ -35,12 +35,10 @@ import tvm
 from tvm import relax
 
 from .config import GPT2Config
-from .cuda_graph import StepGraphs, regions_without_graphs
+from .cuda_graph import IdHistory, StepGraphs, regions_without_graphs
 from .device import tvm_device
 from .export import ExportedModel
-from .loader import expected_shapes
 from .model import bucket_function
-from .quantization import convert_params
 
 logger = logging.getLogger(__name__)
 
@@ -60,20 +58,6 @@ class KVCacheFullError(EngineError):
 
 #: generate(stop_at_eos=True) copies the new ids to the host every this many steps to look for EOS.
 EOS_CHECK_EVERY = 16
-
-
-def random_params(exported: ExportedModel, *, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random fp32 weights in GPT-2's init style, converted to the stored form of the scheme."""
-    rng = np.random.default_rng(seed)
-    params = {}
-    for name, shape in expected_shapes(exported.config).items():
-        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-            params[name] = np.ones(shape, np.float32)
-        elif name.endswith(".bias"):
-            params[name] = np.zeros(shape, np.float32)
-        else:
-            params[name] = rng.normal(0.0, 0.02, size=shape).astype(np.float32)
-    return convert_params(params, exported.scheme)
 
 
 class Engine:  # pylint: disable=too-many-instance-attributes
@@ -293,13 +277,10 @@ class Engine:  # pylint: disable=too-many-instance-attributes
         self.begin_forward(seqs, lengths)
         if self._gpu:
             # TVM's paged KV cache copies this step's auxiliary arrays (page table, positions) on
-            # its own copy stream at the step's first attention call, into the same device
-            # buffers the previous step's attention kernels read, and that stream never waits
-            # for the compute stream: with the host running ahead (the device loop), the copy
-            # overwrote them under a still-running step (greedy q0f32 diverged from HF at step
-            # 7 on an H200). So the host waits here for the previous step -- after its own
-            # begin_forward bookkeeping, which overlaps the previous step, and before the call
-            # that starts the copy. No data crosses: it is a wait, not a copy.
+            # its own copy stream, at the first attention call, into the buffers the previous step's
+            # kernels read, and that stream never waits for the compute stream (greedy q0f32 diverged
+            # from HF at step 7 on an H200 without this): wait for the previous step -- after this
+            # step's begin_forward, which overlaps it, before the copy. A wait, not a copy.
             self.synchronize()
         try:
             out = run()
@@ -449,18 +430,13 @@ class Engine:  # pylint: disable=too-many-instance-attributes
 
         Notes
         -----
-        Why passing a step's output straight back is safe with ``relax.backend.use_cuda_graph``:
-        ``RewriteCUDAGraph`` captures only bindings whose arguments are *static* -- weights
-        (params after ``num_input``) and storage planned inside the function -- so (1) the
-        embedding lookup, which reads the ``input_ids`` argument, is never inside a captured
-        graph and reads whatever buffer it is given at launch, and (2) storage that flows to the
-        function's outputs is excluded from the graph's static storage
-        (``OutputStorageCollector`` in ``rewrite_cuda_graph.cc``): the next ids and the logits are
-        allocated per call from the VM's pooled allocator and live as long as Python holds them,
-        so a later replay cannot overwrite them. The captured regions in between (the layers,
-        lm_head, argmax reading the planned logits buffer) only touch the graph's own static
-        storage and the weights. Device ids of a token step are always in range: the argmax
-        kernel clamps to ``vocab - 1``.
+        Feeding a step's output straight back is safe: with ``relax.backend.use_cuda_graph`` the
+        rewrite captures only bindings with static arguments (the embedding lookup reads its
+        ``input_ids`` at launch) and keeps storage that flows to the outputs out of its graphs
+        (``OutputStorageCollector``), so a later replay never overwrites the ids a caller holds.
+        In graph mode (``cuda_graph=True``) the outputs of a replayed step are the graph's own
+        buffers, valid until the next step (:mod:`gpt2_model.cuda_graph`). Device ids are always
+        in range: the argmax kernel clamps to ``vocab - 1``.
         """
         if isinstance(ids, tvm.runtime.Tensor):
             if str(ids.dtype) != "int32" or len(ids.shape) != 1:
@@ -536,7 +512,7 @@ class Engine:  # pylint: disable=too-many-instance-attributes
             if not self.has_token_steps:
                 return self._generate_on_host(seq, prompt, max_new_tokens, stop_at_eos)
             eos = self.config.eos_token_id
-            history = _IdHistory(self, max_new_tokens)
+            history = IdHistory(self, max_new_tokens)
             ids = history.add(self.prefill_tokens(seq, prompt))
             for step in range(1, max_new_tokens):
                 if stop_at_eos and step % EOS_CHECK_EVERY == 0 and eos in history.host(step - EOS_CHECK_EVERY, step):
@@ -560,32 +536,3 @@ class Engine:  # pylint: disable=too-many-instance-attributes
                 break
             logits = self.decode([seq], [token])[0]
         return out
-
-
-class _IdHistory:
-    """The ids of a single-sequence device loop, kept on the device until the host asks.
-
-    Without graphs each step's ids are their own tensor; in graph mode a step's ids live in the
-    graph's buffer until the next step, so each is copied (on the engine's stream, no host wait)
-    into one device array."""
-
-    def __init__(self, engine: Engine, n: int):
-        self.engine, self.count = engine, 0
-        self._tensors: list = []
-        self._buf = tvm.runtime.empty((max(n, 1),), "int32", engine.device) if engine.graphs else None
-
-    def add(self, ids):
-        if self._buf is None:
-            self._tensors.append(ids)
-        else:
-            g = self.engine.graphs
-            g.cuda.copy(self._buf.data_ptr() + 4 * self.count, ids.data_ptr(), 4, g.stream)
-        self.count += 1
-        return ids
-
-    def host(self, start: int, stop: int) -> np.ndarray:
-        """Ids of steps ``start .. stop-1`` on the host (waits for the device)."""
-        if self._buf is None:
-            return np.concatenate([t.numpy().reshape(-1) for t in self._tensors[start:stop]]).astype(np.int64)
-        self.engine.synchronize()
-        return self._buf.numpy()[start:stop].astype(np.int64)

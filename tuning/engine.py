@@ -20,9 +20,9 @@ from tvm.target import Target
 
 from gpt2_model.config import GPT2Config, get_config
 from gpt2_model.device import arch_for_device
-from gpt2_model.loader import load_hf_params
+from gpt2_model.loader import load_hf_params, random_params
 from gpt2_model.quantization import convert_params
-from gpt2_model.runtime import Engine, random_params
+from gpt2_model.runtime import Engine
 
 from .compile import build_model
 from .targets import make_target

@@ -330,7 +330,7 @@ def test_cuda_whole_step_graphs_equal_plain_steps(caplog):
     db = Path(__file__).resolve().parents[2] / "databases" / (arch or "none") / "gpt2-q0f16"
     result = build_model(config, quantization="q0f16", target=make_target(arch), database=db if db.is_dir() else None,
                          cuda_graph=True)
-    from gpt2_model.runtime import random_params  # pylint: disable=import-outside-toplevel
+    from gpt2_model.loader import random_params  # pylint: disable=import-outside-toplevel
 
     params = random_params(result.exported, seed=0)
     engines = [Engine(exported=result.exported, executable=result.executable, params=params, device="cuda",
