@@ -45,7 +45,23 @@ def kv_bytes_per_token(config, dtype: str) -> int:
     return 2 * config.n_layer * config.n_embd * np.dtype(dtype).itemsize
 
 
-class TvmDecodeRunner:
+class _GraphAware:  # pylint: disable=too-few-public-methods
+    """What the timer asks of a TVM runner whose engine may run whole-step CUDA graphs."""
+
+    engine = None
+
+    @property
+    def stream(self) -> int | None:
+        """The engine's CUDA stream when it runs whole-step graphs (the timer records there), else None."""
+        return self.engine.graphs.stream if self.engine.graphs else None
+
+    def replay_ms(self) -> float | None:
+        """GPU ms of the last step's (prefill: chunk's) whole-step graph replayed alone, else None."""
+        g = self.engine.graphs
+        return g.replay_ms() if g is not None else None
+
+
+class TvmDecodeRunner(_GraphAware):
     """Times batched decode steps of an :class:`gpt2_model.runtime.Engine`.
 
     Parameters
@@ -85,16 +101,6 @@ class TvmDecodeRunner:
         e.synchronize()
 
     @property
-    def stream(self) -> int | None:
-        """The engine's CUDA stream when it runs whole-step graphs (the timer records there), else None."""
-        return self.engine.graphs.stream if self.engine.graphs else None
-
-    def replay_ms(self) -> float | None:
-        """GPU ms of the last step's whole-step graph replayed alone (graph mode), else None."""
-        g = self.engine.graphs
-        return g.replay_ms() if g is not None else None
-
-    @property
     def path(self) -> str:
         """``token-steps`` (device-resident ids, argmax on the device) or ``embed+decode`` (older libraries)."""
         return "token-steps" if self.engine.has_token_steps else "embed+decode"
@@ -120,7 +126,7 @@ class TvmDecodeRunner:
         self._dev_ids = None
 
 
-class TvmPrefillRunner:
+class TvmPrefillRunner(_GraphAware):
     """Times the prefill of ``batch`` fresh sequences of ``seq_len`` tokens."""
 
     def __init__(self, engine, *, variant: str, seed: int = 0):
@@ -138,16 +144,6 @@ class TvmPrefillRunner:
         rng = np.random.default_rng(self.seed)
         self._seqs = [e.add_sequence() for _ in range(batch)]
         self._ids = [rng.integers(0, e.config.vocab_size, seq_len).astype(np.int32) for _ in range(batch)]
-
-    @property
-    def stream(self) -> int | None:
-        """The engine's CUDA stream when it runs whole-step graphs, else None."""
-        return self.engine.graphs.stream if self.engine.graphs else None
-
-    def replay_ms(self) -> float | None:
-        """GPU ms of the last chunk's whole-step graph replayed alone (graph mode), else None."""
-        g = self.engine.graphs
-        return g.replay_ms() if g is not None else None
 
     @property
     def path(self) -> str:
