@@ -5,7 +5,8 @@ the cluster of one tracker and two ``--no-fork`` servers under one key on a real
 fixed-seed tuning job measured by the local runner and over RPC (the printed trials per minute
 are not a scaling figure: both servers share the card), and a server SIGKILLed mid-run with the
 run finishing on the other and the committed record verified through the survivor.
-Run: ``python -m pytest -m gpu tests/tuning/test_rpc_gpu.py -s``.
+Run: ``python -m pytest -m gpu tests/tuning/test_rpc_gpu.py -s``. Not yet seen to pass: its only
+run (2026-12-01, H200) hit the device call's time limit before finishing.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .conftest import matmul_bias
 
 pytestmark = pytest.mark.gpu
 
-TRIALS = 16
+TRIALS = 8  # 2026-12-01: 16 trials x 3 runs did not finish in 170 s on the H200 box (builds dominate)
 KEY = "one-gpu-two-servers"
 
 
@@ -42,7 +43,7 @@ def _tune(target, work_dir, runner, progress=None):
     mod = matmul_bias(256, 256, 256)
     t0 = time.perf_counter()
     db = tune_tasks([TuneTask("mm", mod)], target=target, work_dir=work_dir, max_trials_global=TRIALS,
-                    max_trials_per_task=TRIALS, runner=runner, progress=progress, num_trials_per_iter=8, seed=0,
+                    max_trials_per_task=TRIALS, runner=runner, progress=progress, num_trials_per_iter=4, seed=0,
                     strategy_options=dict(population_size=32, init_min_unmeasured=8))
     wall = time.perf_counter() - t0
     n_search, n_base, best = stored_trials(db, mod)
