@@ -207,6 +207,26 @@ def regions_without_graphs():
             tvm_ffi.register_global_func(_RUN_OR_CAPTURE, original, override=True)
 
 
+def has_static_storage(executable) -> bool:
+    """Whether a library was built with ``relax.backend.use_cuda_graph`` (its intermediates in
+    storage allocated once: what whole-step graphs need). Without it a captured step would bake in
+    addresses of the VM's pool that later calls hand out again, so the engine refuses graphs for
+    it, with a warning, and runs its steps without."""
+    from tvm import relax  # pylint: disable=import-outside-toplevel
+
+    try:
+        exe = executable if isinstance(executable, relax.VMExecutable) else relax.VMExecutable(executable)
+        text = exe.as_text()
+    except Exception as err:  # pylint: disable=broad-except  # cannot tell: the safe answer
+        logger.warning("cannot read this library's VM code (%s): its steps run without whole-step CUDA graphs", err)
+        return False
+    if "vm.builtin.cuda_graph.get_cached_alloc" in text:
+        return True
+    logger.warning("this library was built without relax.backend.use_cuda_graph (cuda_graph=False): its steps run "
+                   "without whole-step CUDA graphs; rebuild with cuda_graph=True for them")
+    return False
+
+
 @dataclass
 class _Graph:
     exe: int

@@ -35,7 +35,7 @@ import tvm
 from tvm import relax
 
 from .config import GPT2Config
-from .cuda_graph import IdHistory, StepGraphs, regions_without_graphs
+from .cuda_graph import IdHistory, StepGraphs, has_static_storage, regions_without_graphs
 from .device import tvm_device
 from .export import ExportedModel
 from .model import bucket_function
@@ -107,7 +107,8 @@ class Engine:  # pylint: disable=too-many-instance-attributes
         self.device = tvm_device(device)
         self._gpu = self.device.dlpack_device_type() != tvm.cpu(0).dlpack_device_type()  # see _step: the copy-stream wait
         max_batch_size = max_batch_size or exported.config.max_batch_size
-        self.graphs = StepGraphs(self.device, max_batch_size=max_batch_size) if cuda_graph and self._gpu else None
+        use_graphs = bool(cuda_graph and self._gpu and has_static_storage(executable))
+        self.graphs = StepGraphs(self.device, max_batch_size=max_batch_size) if use_graphs else None
         with regions_without_graphs() if self.graphs else contextlib.nullcontext():
             self.vm = relax.VirtualMachine(executable, self.device)
         self.params = self._upload(params)

@@ -366,3 +366,26 @@ def test_cuda_whole_step_graphs_equal_plain_steps(caplog):
     assert runs[1][0] == runs[0][0]
     for ours, plain in zip(runs[1][1], runs[0][1]):
         assert np.abs(ours - plain).max() <= 1e-3 * np.abs(plain).max()
+
+
+@pytest.mark.slow  # two CUDA builds of the tiny model on the CPU (nvcc)
+def test_graphs_need_a_library_built_with_static_storage(tmp_path, caplog):
+    """Whole-step graphs need the use_cuda_graph rewrite's fixed storage: a library built with it
+    is recognised, one built without it (or one whose VM code cannot be read) is refused with a
+    warning (the engine then runs plain steps)."""
+    from gpt2_model.cuda_graph import has_static_storage  # pylint: disable=import-outside-toplevel
+
+    config, target = get_config("tiny"), make_target("sm_90")
+    with_graphs = build_model(config, quantization="q0f16", target=target, cuda_graph=True).executable
+    assert has_static_storage(with_graphs)
+    assert not caplog.records
+    plain = build_model(config, quantization="q0f16", target=target, cuda_graph=False).executable
+    assert not has_static_storage(plain)
+    assert "built without relax.backend.use_cuda_graph" in caplog.text
+    caplog.clear()  # an exported library loaded back is read the same way (a CPU one here)
+    cpu_lib = build_model(config, quantization="q0f32", target=make_target("cpu")).executable
+    cpu_lib.export_library(str(tmp_path / "lib.so"))
+    assert not has_static_storage(tvm.runtime.load_module(str(tmp_path / "lib.so")))
+    assert "built without" in caplog.text and "cannot read" not in caplog.text
+    assert not has_static_storage(tvm.runtime.tensor(np.zeros(1, np.float32)))  # not a library
+    assert "cannot read this library's VM code" in caplog.text
