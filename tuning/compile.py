@@ -15,6 +15,7 @@ from gpt2_model.export import export_model
 
 from .apply import apply_database, coverage, schedule_like_untuned
 from .attention import apply_attention, attention_key
+from .builder import build_config
 from .database import DatabaseMismatchError, TunedDatabase
 from .partition import attach_twins, buckets_for, tasks_of
 from .pipeline import lowering_passes, prepare
@@ -36,7 +37,7 @@ def build_module(
     """Lower a scheduled module (or prepare + dlight ``mod`` when ``scheduled`` is None)."""
     if scheduled is None:
         scheduled = apply_dlight(prepare(mod, target=target), target=target)
-    config = {"relax.backend.use_cuda_graph": bool(cuda_graph and is_gpu(target))}
+    config = {"relax.backend.use_cuda_graph": bool(cuda_graph and is_gpu(target)), **build_config(target)}
     with tvm.transform.PassContext(opt_level=3, config=config):
         return relax.build(
             scheduled,

@@ -16,6 +16,7 @@ import tvm
 from tvm.s_tir import Schedule
 from tvm.target import Target
 
+from .builder import build_kernel
 from .database import DatabaseIntegrityWarning, TunedDatabase
 
 __all__ = ["ValidationReport", "validate_database"]
@@ -76,7 +77,7 @@ def validate_database(path: str | Path, *, target: Target, build: bool = True) -
             record.trace.apply_to_schedule(sch, remove_postproc=False)
             replayed += 1
             if build:
-                tvm.compile(sch.mod, target=target)
+                build_kernel(sch.mod, target)
                 built += 1
         except Exception as err:  # pylint: disable=broad-except
             failures.append(f"record {i}: {_reason(err)}")

@@ -21,6 +21,7 @@ from tvm.s_tir.meta_schedule.runner import RPCConfig
 from tvm.support.tar import tar
 from tvm.target import Target
 
+from .builder import build_kernel
 from .runner import device_type
 from .tasks import buffer_params
 from .untuned import untuned_schedule
@@ -99,8 +100,8 @@ def verify_record(
         raise ValueError("verify: no untuned schedule applies to this workload")
     func = mod["main"]
     args = _random_args(func, np.random.default_rng(seed))
-    cand_lib = tvm.compile(sch.mod, target=target)
-    ref_lib = tvm.compile(ref_sch.mod, target=target)
+    cand_lib = build_kernel(sch.mod, target)
+    ref_lib = build_kernel(ref_sch.mod, target)
 
     session = device_or_rpc
     if isinstance(session, tuple):

@@ -13,6 +13,7 @@ import tvm
 from tvm.support import nvcc
 
 from tuning import spaces
+from tuning.builder import build_kernel
 from tuning.spaces import gemm_mma
 from tuning.spaces import workloads as wl
 from tuning.targets import make_target
@@ -69,7 +70,8 @@ def test_bad_input():
 @pytest.mark.parametrize("name", list(KERNELS))
 def test_draws_postprocess_build_and_compile(name, tmp_path):
     """Random draws of the mma spaces pass every postprocessor (VerifyGPUCode against the opt-in
-    shared memory included), build for sm_90 with and without the async-copy config, contain the
+    shared memory included), build for sm_90 as the tuner builds them (tuning.builder: async-copy
+    config) and without that config, contain the
     mma/ldmatrix/cp.async instructions, and one per kernel compiles to a cubin with nvcc."""
     func = KERNELS[name]()
     cands, stats = spaces.sample_candidates(func, target=TARGET, num=2, seed=3, include_dlight=False,
@@ -77,8 +79,8 @@ def test_draws_postprocess_build_and_compile(name, tmp_path):
     assert len(cands) == 2, stats
     assert all(c.space.startswith("gemm_mma/") for c in cands)
     for i, cand in enumerate(cands):
-        with tvm.transform.PassContext(opt_level=3, config=gemm_mma.ASYNC_COPY_CONFIG):
-            src = tvm.compile(cand.sch.mod, target=TARGET).mod.imports[0].inspect_source()
+        # the tuner's build (builder, verifier, validate and the compiled library share it)
+        src = build_kernel(cand.sch.mod, TARGET).mod.imports[0].inspect_source()
         assert "mma.sync.aligned.m16n8k16.row.col" in src
         assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in src
         assert re.search(r"cp\.async\.c[ag]\.shared\.global", src), "no cp.async with the config"
