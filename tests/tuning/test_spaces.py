@@ -350,3 +350,30 @@ def test_gemv_candidates_match_numpy_on_gpu(funcs):
         f(*args, out)
         np.testing.assert_allclose(out.numpy().astype("float32"), ref, atol=0.25, rtol=0.02,
                                    err_msg=cand.space)
+
+
+def test_decode_from_b16_also_gets_the_tensor_core_spaces():
+    """Issue 11: decode at b16-b64 is a skinny GEMM. Its matmuls stay GEMV-class (the GEMV spaces
+    and dlight) and also get the wmma and mma.sync spaces; below b16 only the GEMV spaces."""
+    names = lambda b: [n for n, _ in spaces.design_spaces(wl.linear(b, 1, 2304, 768), target=TARGET)]  # noqa: E731
+    assert all(spaces.classify(wl.linear(b, 1, 2304, 768)) == "gemv" for b in (8, 16, 32))
+    assert names(8) == ["gemv/x_global", "gemv/x_shared", "dlight"]
+    for b in (16, 32):
+        got = names(b)
+        assert got[:2] == ["gemv/x_global", "gemv/x_shared"] and got[-1] == "dlight"
+        assert any(n.startswith("gemm_tc/") for n in got) and any(n.startswith("gemm_mma/") for n in got), got
+    volta = [n for n, _ in spaces.design_spaces(wl.linear(32, 1, 2304, 768), target=make_target("sm_70"))]
+    assert any(n.startswith("gemm_tc/") for n in volta) and not any(n.startswith("gemm_mma/") for n in volta)
+
+
+@pytest.mark.slow  # sampling and building three tensor-core candidates
+def test_decode_b32_tensor_core_candidates_build():
+    from tuning.builder import build_kernel  # pylint: disable=import-outside-toplevel
+
+    func = wl.linear(32, 1, 768, 3072)
+    cands, stats = spaces.sample_candidates(func, target=TARGET, num=3, seed=1, include_dlight=False,
+                                            only=("gemm_mma/", "gemm_tc/"), max_attempts=24)
+    assert len(cands) == 3, stats
+    for cand in cands:
+        src = build_kernel(cand.sch.mod, TARGET).mod.imports[0].inspect_source()
+        assert ("mma.sync.aligned.m16n8k16" in src) if cand.space.startswith("gemm_mma/") else ("wmma" in src)

@@ -186,20 +186,30 @@ def postprocs_for(target: Target) -> list:
 # ------------------------------------------------------------------------------------------
 
 
+#: A matmul with at least this many static rows (and at most ``GEMV_MAX_ROWS``: decode at b16-b64)
+#: is a skinny GEMM as much as a GEMV: it gets the tensor-core spaces beside the GEMV ones, and
+#: the search decides (issue 11: tensor cores at b >= 16).
+SKINNY_GEMM_MIN_ROWS = 16
+
+
+def _tensorcore_spaces(target: Target) -> list[tuple[str, Callable]]:
+    if not is_tensorcore_target(target):
+        return []
+    out = [(f"gemm_tc/{v}", (lambda s, v=v: schedule_gemm_tensorcore(s, variant=v))) for v in GEMM_VARIANTS]
+    if is_mma_target(target):
+        out += [(f"gemm_mma/{v}", (lambda s, v=v: schedule_gemm_mma(s, variant=v))) for v in MMA_VARIANTS]
+    return out
+
+
 def _named_spaces(kind: str, info: MatmulInfo | None, target: Target) -> list[tuple[str, Callable]]:
     if kind == "gemv":
-        return [
-            (f"gemv/{v}", (lambda s, v=v: schedule_gemv(s, variant=v))) for v in GEMV_VARIANTS
-        ]
-    if kind == "gemm" and is_tensorcore_target(target):
-        out = [
-            (f"gemm_tc/{v}", (lambda s, v=v: schedule_gemm_tensorcore(s, variant=v)))
-            for v in GEMM_VARIANTS
-        ]
-        if is_mma_target(target):
-            out += [(f"gemm_mma/{v}", (lambda s, v=v: schedule_gemm_mma(s, variant=v)))
-                    for v in MMA_VARIANTS]
+        out = [(f"gemv/{v}", (lambda s, v=v: schedule_gemv(s, variant=v))) for v in GEMV_VARIANTS]
+        rows = None if info is None or info.m is None or info.batch is None else info.m * info.batch
+        if rows is not None and rows >= SKINNY_GEMM_MIN_ROWS:
+            out += _tensorcore_spaces(target)
         return out
+    if kind == "gemm":
+        return _tensorcore_spaces(target)
     if kind == "reduction":
         return [("row_reduction", schedule_row_reduction)]
     if kind == "elementwise":
