@@ -64,8 +64,10 @@ def _add_common(p: argparse.ArgumentParser, *, variants: bool = True) -> None:
     add_device_arg(g, default="auto", allow_auto=True)
     add_arch_arg(g)
     g.add_argument("--cuda-graph", type=_on_off, default=True, metavar="on|off",
-                   help="capture the TVM steps into CUDA graphs (and use torch.compile's reduce-overhead mode "
-                        "for hf-compile); no effect on CPU. Default: on")
+                   help="run each TVM token step (decode step, prefill chunk of a bucket length) as one CUDA "
+                        "graph, replayed after its first run (rows then carry 'graph ms': the step's graph "
+                        "replayed alone); and use torch.compile's reduce-overhead mode for hf-compile. No effect "
+                        "on CPU. Default: on")
     g.add_argument("--database-dir", default="databases",
                    help="root of the tuning databases; the tuned variant uses "
                         "<database-dir>/<arch>/<model>-<quantization>/. Default: databases")

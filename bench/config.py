@@ -117,7 +117,8 @@ class BenchConfig:
     variants : str, list or None
         See :func:`parse_variants`.
     cuda_graph : bool
-        CUDA graphs for the TVM steps (and reduce-overhead for HF's torch.compile); no effect on CPU.
+        Whole-step CUDA graphs for the TVM token steps (``Engine(cuda_graph=True)``), and
+        reduce-overhead for HF's torch.compile; no effect on CPU.
     repeats, warmup : int
         Kept and discarded runs per row.
     database_dir, database : str
