@@ -55,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,6 +184,10 @@ def _load_cudart():
 
 _RUN_OR_CAPTURE = "vm.builtin.cuda_graph.run_or_capture"
 
+#: Captured steps kept per engine (least recently used dropped): a key per 16 tokens of context and
+#: batch size, each holding its outputs (b x vocab fp32 logits: 6.4 MB at b32 for GPT-2).
+MAX_GRAPHS = 256
+
 
 def _run_region_directly(vm_ctx, capture_func, args, *_):
     """``run_or_capture`` without a graph: call the region's closure (whole-step capture records it)."""
@@ -256,7 +261,7 @@ class StepGraphs:  # pylint: disable=too-many-instance-attributes
         self.enabled = True
         self.ids = tvm.runtime.empty((max(int(max_batch_size), 1),), "int32", device)
         self._prompts: dict[int, Any] = {}
-        self._graphs: dict[tuple, _Graph] = {}
+        self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()  # least recently used first
         self.captures = 0
         self.replays = 0
         self.last_key: tuple | None = None
@@ -307,6 +312,7 @@ class StepGraphs:  # pylint: disable=too-many-instance-attributes
         self.last_key = key
         graph = self._graphs.get(key)
         if graph is not None:
+            self._graphs.move_to_end(key)
             self.cuda.launch(graph.exe, self.stream)
             self.replays += 1
             return out_view, graph.logits
@@ -331,6 +337,9 @@ class StepGraphs:  # pylint: disable=too-many-instance-attributes
             return
         self._graphs[key] = _Graph(exe=exe, keep=(next_ids, logits), logits=logits)
         self.captures += 1
+        while len(self._graphs) > MAX_GRAPHS:  # never replayed again: its buffers may go back to the pool
+            _, old = self._graphs.popitem(last=False)
+            self.cuda.destroy_exec(old.exe)
 
     def _give_up(self, key: tuple, err: Exception, *, ended: bool) -> None:
         if not ended:
