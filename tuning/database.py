@@ -367,6 +367,8 @@ def prune_best(
     *,
     out_path: str | os.PathLike | None = None,
     verify: Callable[[ms.database.TuningRecord], bool] | None = None,
+    trusted: str | os.PathLike | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict[int, float | None]:
     """Keep only the best valid record per workload (the form committed under ``databases/``).
 
@@ -382,6 +384,12 @@ def prune_best(
         ``verify(record) -> bool``. When it rejects (or raises on) the fastest record of a
         workload, the next fastest is tried, and so on; each rejection is logged. A workload whose
         records are all rejected keeps none (compile then falls back to the untuned schedule).
+    trusted : path, optional
+        A committed database whose records were verified when they were committed: a record found
+        there unchanged (same workload, same trace, same times) is kept without checking it again
+        (a work directory seeded from the committed database holds all of them).
+    log : callable, optional
+        Progress lines (one per verified workload).
 
     Returns
     -------
@@ -397,12 +405,19 @@ def prune_best(
         if is_failed_run(secs):
             continue
         by_workload[widx].append((sum(float(s) for s in secs) / len(secs), pos))
+    known = _record_keys(Path(trusted)) if trusted is not None and verify is not None else set()
     kept_lines, summary = [], {}
+    to_check = sum(1 for w, c in by_workload.items() if c and _record_key(parsed, w, min(c)[1]) not in known)
+    checked = 0
     for widx, cands in by_workload.items():
         cands.sort()
         summary[widx] = None
         for rank, (secs, pos) in enumerate(cands):
-            if verify is not None:
+            if verify is not None and _record_key(parsed, widx, pos) not in known:
+                if rank == 0:
+                    checked += 1
+                    if log is not None:
+                        log(f"verify {checked}/{to_check}: workload {widx} ({secs * 1e6:.2f} us)")
                 record = ms.database.TuningRecord.from_json(parsed.records[pos][1], parsed.workloads[widx])
                 try:
                     ok = bool(verify(record))
@@ -426,6 +441,18 @@ def prune_best(
         atomic_write_text(out / META_FILE, json.dumps({**meta, "pruned": True}, indent=2, sort_keys=True, default=str))
     atomic_write_text(out / RECORD_FILE, "".join(x + "\n" for x in kept_lines))
     return summary
+
+
+def _record_key(parsed, widx: int, pos: int) -> tuple[str, str]:
+    return parsed.workload_lines[widx], json.dumps(parsed.records[pos][1], sort_keys=True)
+
+
+def _record_keys(path: Path) -> set[tuple[str, str]]:
+    """(workload line, record JSON) of every good record of the database at ``path``."""
+    if not (path / RECORD_FILE).exists():
+        return set()
+    parsed = parse_database(path)
+    return {_record_key(parsed, w, pos) for pos, (w, _) in enumerate(parsed.records)}
 
 
 def merge_untuned(src: Path, dst: Path) -> None:

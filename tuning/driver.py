@@ -199,9 +199,10 @@ def _tune_kernels(config: TuneConfig, task_list, *, target, work_dir: Path, comm
     # by accumulation order (K up to 3072: differences of ~1% of max-abs seen on an H200), fp32 ones barely.
     rtol = 3e-2 if scheme.activation_dtype == "float16" else 1e-4
     write_meta(work_dir, tasks=all_tasks)
-    _say(f"[commit] verifying the best record of each workload numerically, into {committed}")
+    _say(f"[commit] verifying the best record of each workload numerically (records already committed were "
+         f"verified then), into {committed}")
     with DirLock(committed, what="committed database", wait=config.wait):
-        kept = prune_best(work_dir, out_path=committed,
+        kept = prune_best(work_dir, out_path=committed, trusted=committed, log=_say,
                           verify=make_verifier(target=target, device_or_rpc=verify_device, rtol=rtol, atol=1e-5))
         merge_untuned(work_dir, committed)  # compile skips records slower than the untuned kernel
         used = (read_meta(work_dir) or {}).get("trials_used")

@@ -137,6 +137,37 @@ def test_verify_record_rejects_wrong_schedule_and_prune_falls_back(tmp_path, cpu
     assert [i.kind.name for i in kept[0].trace.insts][-1] == "Split"  # the good record
 
 
+def test_prune_trusts_committed_records_and_verifies_new_ones(tmp_path, cpu_target):
+    """A record already in the committed database (verified when committed) is not checked again;
+    a new, faster record is, and a wrong one still loses to the trusted one."""
+    mod = matmul_bias()
+    db = open_database(tmp_path / "work", target=cpu_target, create=True)
+    sch = Schedule(mod)
+    i, _, _ = sch.get_loops(sch.get_sblock("C"))
+    sch.split(i, factors=[None, 8])
+    good = ms.database.TuningRecord(sch.trace, db.commit_workload(mod),
+                                    [tvm.tirx.FloatImm("float32", 5e-6)], cpu_target,
+                                    ms.arg_info.ArgInfo.from_prim_func(mod["main"]))
+    db.commit_tuning_record(good)
+    prune_best(tmp_path / "work", out_path=tmp_path / "db", verify=make_verifier(target=cpu_target))
+    _bad_record(db, mod, cpu_target, 1e-6)  # a faster, wrong record from a later run
+    checked, lines = [], []
+
+    def verify(record):
+        checked.append(record_latency_s(record))
+        return verify_record(record, target=cpu_target, rtol=1e-5, atol=1e-5)
+
+    summary = prune_best(tmp_path / "work", out_path=tmp_path / "db", trusted=tmp_path / "db",
+                         verify=verify, log=lines.append)
+    assert checked == [pytest.approx(1e-6)]  # only the new record was run; the committed one was trusted
+    assert summary[0] == pytest.approx(5e-6)
+    assert lines == ["verify 1/1: workload 0 (1.00 us)"]
+    # nothing new: nothing to check
+    checked.clear()
+    prune_best(tmp_path / "db", trusted=tmp_path / "db", verify=verify)
+    assert checked == []
+
+
 def test_resume_spends_only_the_remaining_budget(tuned_copy, cpu_target, measure):
     untuned_before = (tuned_copy / "untuned.json").read_text()
     reports = []
