@@ -290,6 +290,11 @@ def parse_database(path: str | os.PathLike) -> Parsed:
     # Tensor-core traces name intrinsics (wmma_load_..._shared_dyn) registered by importing
     # tvm.s_tir.tensor_intrin: without them a valid record does not parse.
     preload_tensor_intrinsics()
+    # ... and the mma space's own intrinsics (its records name them: without them its records do not
+    # replay in a process that only compiles or validates, and compile falls back to untuned kernels)
+    from .spaces.gemm_mma import _register_intrinsics  # pylint: disable=import-outside-toplevel
+
+    _register_intrinsics()
     path = Path(path)
     wfile, rfile = path / WORKLOAD_FILE, path / RECORD_FILE
     wl_lines, workloads, remap, bad = [], [], {}, []

@@ -99,3 +99,23 @@ def test_draws_postprocess_build_and_compile(name, tmp_path):
     # without the config the same kernel builds with synchronous copies
     plain = tvm.compile(cands[0].sch.mod, target=TARGET).mod.imports[0].inspect_source()
     assert "mma.sync" in plain and not re.search(r"cp_async_legacy_c[ag]_\d+\(", plain.split("__global__")[-1])
+
+
+def test_reading_a_database_registers_the_mma_intrinsics(tmp_path):
+    """A process that only compiles or validates (it never imports the spaces) must still replay
+    mma-space records: reading a database registers the intrinsics they name. Without this, the
+    records failed to replay and compile silently used untuned kernels (seen on an H200)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from tuning.dbfiles import parse_database\n"
+            "assert 'tuning.spaces.gemm_mma' not in sys.modules\n"
+            f"parse_database({str(tmp_path)!r})\n"
+            "from tvm.s_tir import TensorIntrin\n"
+            "from tuning.spaces import gemm_mma as g\n"
+            "names = [g.LDMATRIX_A, g.LDMATRIX_B_TRANS, *g.MMA_STORE.values(), *g.MMA_TRANS_B.values()]\n"
+            "missing = [n for n in names if TensorIntrin.get(n, allow_missing=True) is None]\n"
+            "assert not missing, missing\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
