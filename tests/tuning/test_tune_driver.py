@@ -116,17 +116,23 @@ def _bad_record(db, mod, target, secs):
     return rec
 
 
+def _split_record(db, mod, target, secs):
+    """A correct record: the unscheduled function with its first loop split by 8."""
+    sch = Schedule(mod)
+    i, _, _ = sch.get_loops(sch.get_sblock("C"))
+    sch.split(i, factors=[None, 8])
+    rec = ms.database.TuningRecord(sch.trace, db.commit_workload(mod),
+                                   [tvm.tirx.FloatImm("float32", secs)], target,
+                                   ms.arg_info.ArgInfo.from_prim_func(mod["main"]))
+    db.commit_tuning_record(rec)
+    return rec
+
+
 def test_verify_record_rejects_wrong_schedule_and_prune_falls_back(tmp_path, cpu_target):
     mod = matmul_bias()
     db = open_database(tmp_path, target=cpu_target, create=True)
     bad = _bad_record(db, mod, cpu_target, 1e-6)
-    sch = Schedule(mod)
-    i, _, _ = sch.get_loops(sch.get_sblock("C"))
-    sch.split(i, factors=[None, 8])
-    good = ms.database.TuningRecord(sch.trace, db.commit_workload(mod),
-                                    [tvm.tirx.FloatImm("float32", 5e-6)], cpu_target,
-                                    ms.arg_info.ArgInfo.from_prim_func(mod["main"]))
-    db.commit_tuning_record(good)
+    good = _split_record(db, mod, cpu_target, 5e-6)
     assert verify_record(good, target=cpu_target, rtol=1e-5, atol=1e-5) is True
     assert verify_record(bad, target=cpu_target, rtol=1e-5, atol=1e-5) is False
     summary = prune_best(tmp_path, out_path=tmp_path / "out",
@@ -142,13 +148,7 @@ def test_prune_trusts_committed_records_and_verifies_new_ones(tmp_path, cpu_targ
     a new, faster record is, and a wrong one still loses to the trusted one."""
     mod = matmul_bias()
     db = open_database(tmp_path / "work", target=cpu_target, create=True)
-    sch = Schedule(mod)
-    i, _, _ = sch.get_loops(sch.get_sblock("C"))
-    sch.split(i, factors=[None, 8])
-    good = ms.database.TuningRecord(sch.trace, db.commit_workload(mod),
-                                    [tvm.tirx.FloatImm("float32", 5e-6)], cpu_target,
-                                    ms.arg_info.ArgInfo.from_prim_func(mod["main"]))
-    db.commit_tuning_record(good)
+    good = _split_record(db, mod, cpu_target, 5e-6)
     prune_best(tmp_path / "work", out_path=tmp_path / "db", verify=make_verifier(target=cpu_target))
     _bad_record(db, mod, cpu_target, 1e-6)  # a faster, wrong record from a later run
     checked, lines = [], []
