@@ -93,9 +93,13 @@ def random_args(func, *, device, seed: int = 0) -> list:
 def _compile(func, *, target, scheduled_mod=None):
     import tvm
 
+    from tuning.builder import build_kernel
+
     mod = scheduled_mod if scheduled_mod is not None else tvm.IRModule({"main": func})
     mod = tvm.IRModule({"main": mod["main"].with_attr("global_symbol", "main")})
-    ex = tvm.compile(mod, target=target)
+    # the tuner's and the library's build config (cp.async for the mma space's pipelines): a kernel
+    # built without it is not the kernel the library runs
+    ex = build_kernel(mod, target)
     return ex.jit() if hasattr(ex, "jit") else ex  # a runtime Module (has time_evaluator)
 
 
@@ -239,6 +243,18 @@ def _peer_figures(row: dict, peer_us: float | None) -> None:
         row["vs_peer"] = (row["tuned_graph_us"] or row["untuned_graph_us"]) / peer_us
 
 
+def stored_prefill_config(attention: dict | None, key):
+    """The stored ``batch_prefill_ragged_kv`` choice of an ``attention.json`` for ``key`` (its template's
+    config object, as compile applies it: SIMT constants or the tensor-core template), or ``None``."""
+    from tuning.attention import config_of
+
+    for entry in (attention or {}).get("kernels", []):
+        if (entry.get("kernel", "batch_prefill_ragged_kv") == "batch_prefill_ragged_kv"
+                and entry["key"] == {"h_kv": key.h_kv, "h_q": key.h_q, "d": key.d, "dtype": key.dtype}):
+            return config_of(entry["best"].get("template", "simt"), entry["best"]["config"])
+    return None
+
+
 def attention_row(s, *, bucket: int, attention: dict | None, repeats: int, log) -> dict[str, Any] | None:
     """The prefill attention row: the KV cache's ``batch_prefill_ragged_kv`` (untuned: TVM's template;
     tuned: the database's ``attention.json`` choice) vs torch SDPA (flash, causal), graph-timed both.
@@ -248,8 +264,7 @@ def attention_row(s, *, bucket: int, attention: dict | None, repeats: int, log) 
     """
     if s.device.kind != "cuda":
         return None
-    from tuning.attention import (PrefillConfig, attention_key, make_ragged_prefill, ragged_prefill_args,
-                                  reference_causal_attention)
+    from tuning.attention import attention_key, make_prefill_kernel, ragged_prefill_args, reference_causal_attention
 
     from .peers import cuda_graph_us, sdpa_us
 
@@ -262,16 +277,13 @@ def attention_row(s, *, bucket: int, attention: dict | None, repeats: int, log) 
     row["untuned_from"] = "TVM's KV-cache template"
     tdev = s.device.tvm_device()
     try:
-        tuned_cfg = None
-        for entry in (attention or {}).get("kernels", []):
-            if entry["key"] == {"h_kv": key.h_kv, "h_q": key.h_q, "d": key.d, "dtype": key.dtype}:
-                tuned_cfg = PrefillConfig(**entry["best"]["config"])
+        tuned_cfg = stored_prefill_config(attention, key)
         args, q, k, v, sm_scale = ragged_prefill_args(key, n, device=tdev, seed=s.seed)
         scalars = (1, 0, 1.0, 1.0, sm_scale)  # causal, no rotary, rope scale/theta, softmax scale
         ref = reference_causal_attention(q, k, v, sm_scale)
         variants = [("untuned", None)] + ([("tuned", tuned_cfg)] if tuned_cfg is not None else [])
         for name, pc in variants:
-            lib = _compile(make_ragged_prefill(pc, key, s.target), target=s.target)
+            lib = _compile(make_prefill_kernel(pc, key, s.target), target=s.target)
             fn = lib["main"]
             fn(*args, *scalars)
             tdev.sync()
