@@ -95,6 +95,52 @@ def test_runner_interface(checkpoint):
         runner.logits(np.array([1, 2, 3]))
 
 
+def test_sdpa_choices_and_options(checkpoint):
+    """Every SDPA choice of the decode and the prefill gives HF's greedy tokens (eager, CPU);
+    unknown choices are refused; one module class for every model (dynamo guards on the type)."""
+    config, params, reference = checkpoint
+    expected = _hf_generate(reference, PROMPTS, 6)
+    for choice in gptfast.SDPA_CHOICES:
+        runner = gptfast.GptFastDecodeRunner(config, params, dtype="float32", device="cpu", compiled=False,
+                                             decode_sdpa=choice, prefill_sdpa=choice)
+        assert np.array_equal(runner.generate(PROMPTS, 6), expected), choice
+    assert type(runner.model) is type(gptfast.GptFast(config, params, dtype="float32", device="cpu"))
+    with pytest.raises(ValueError, match="SDPA choice"):
+        gptfast.GptFastDecodeRunner(config, params, dtype="float32", device="cpu", compiled=False, decode_sdpa="x")
+
+
+def test_compiled_on_cpu_no_recompiles_or_graph_breaks(checkpoint):
+    """torch.compile (inductor on the CPU, fullgraph): HF's greedy tokens, and exactly one graph per
+    shape: a prefill and a decode step per batch size, none per step or per run (the step's inputs
+    stay the same kind of tensor, input_pos is a device tensor), none for a second runner of the
+    same shapes, no graph break."""
+    from torch._dynamo.utils import counters
+
+    config, params, reference = checkpoint
+    torch._dynamo.reset()  # pylint: disable=protected-access
+    counters.clear()
+    runner = gptfast.GptFastDecodeRunner(config, params, dtype="float32", device="cpu", compiled=True)
+    expected = _hf_generate(reference, PROMPTS, 8)
+    assert np.array_equal(runner.generate(PROMPTS, 8), expected)
+    assert np.array_equal(runner.generate(PROMPTS, 8), expected)  # a second run: same cache shape
+    assert counters["stats"]["unique_graphs"] == 2  # prefill (2, 9) + decode (2, 1) over a 16-position cache
+    runner.generate(PROMPTS[:1], 8)  # batch 1: one more prefill and decode graph
+    assert counters["stats"]["unique_graphs"] == 4
+    other = gptfast.GptFastDecodeRunner(config, params, dtype="float32", device="cpu", compiled=True)
+    assert np.array_equal(other.generate(PROMPTS, 8), expected)
+    assert counters["stats"]["unique_graphs"] == 4
+    assert not counters["graph_break"]
+    prefill = gptfast.GptFastPrefillRunner(config, params, dtype="float32", device="cpu", compiled=True)
+    prefill.prepare(batch=2, seq_len=9)
+    ids = prefill._ids.numpy()  # pylint: disable=protected-access - the random prompts it timed
+    logits = prefill.run().numpy()
+    prefill.cleanup()
+    assert counters["stats"]["unique_graphs"] == 5  # the cache sized to the prompt: a new shape
+    for row, prompt in zip(logits, ids):
+        assert rel_err(row, hf_last_logits(reference, prompt.tolist())) < 1e-4
+    assert not counters["graph_break"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not has_cuda(), reason="needs a CUDA GPU")
 def test_compiled_on_cuda_equals_hf_generate(checkpoint):
