@@ -156,9 +156,10 @@ def _build_kernels(build_only: bool):
     """Every tensor-core candidate, TVM's SIMT kernel (default and tuned constants), and a GQA pair."""
     from tuning.attention import AttentionKey, PrefillConfig, _build_all, make_ragged_prefill  # pylint: disable=import-outside-toplevel
     from tuning.attention_tc import TCConfig, make_tc_ragged_prefill, tc_candidates  # pylint: disable=import-outside-toplevel
-    from tuning.targets import detect_local_cuda_arch, make_target  # pylint: disable=import-outside-toplevel
+    from gpt2_model.device import detect_cuda_arch  # pylint: disable=import-outside-toplevel
+    from tuning.targets import make_target  # pylint: disable=import-outside-toplevel
 
-    target = make_target("sm_90" if build_only else detect_local_cuda_arch())
+    target = make_target("sm_90" if build_only else (detect_cuda_arch() or "sm_90"))
     key = AttentionKey(12, 12, 64, "float16")
     gqa = AttentionKey(2, 4, 64, "float16")
     specs, funcs = [], []

@@ -37,9 +37,14 @@ same search, checked and scored the same way. ``attention.json`` names the templ
 result (``"template"``; a file without it is SIMT).
 
 The result is ``attention.json`` in the database directory; compiling with the database
-(:func:`apply_attention`) regenerates the kernel with the stored constants. Only
+(:func:`apply_attention`) regenerates the kernel with the stored constants.
 ``batch_prefill_ragged_kv`` (the self-attention of a chunk over itself, which is all of a prefill
-from an empty sequence) is tuned; the paged prefill and decode kernels stay TVM's.
+from an empty sequence) is tuned by :func:`tune_attention`; ``batch_decode_paged_kv`` (a decode
+step over the paged cache) by :func:`tuning.attention_decode_tune.tune_decode_attention`, whose candidates are TVM's kernel and
+the template of :mod:`tuning.attention_decode` (``"template": "decode"``; stored only when a
+candidate passed the NumPy check and beats TVM's kernel). Each is one entry of ``kernels`` in
+``attention.json`` (a file without a decode entry keeps TVM's decode kernel); the paged prefill
+kernel stays TVM's.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ import numpy as np
 
 from .attention_measure import (measure_ragged_prefill, prefill_scalars, ragged_prefill_args,  # noqa: F401 - re-exported
                                 reference_causal_attention, reference_causal_lse)
+from .attention_decode import DECODE_KERNEL, DecodeConfig, DecodeError, make_decode_kernel
 from .attention_tc import TCConfig, TCError, make_tc_ragged_prefill, tc_candidates, template_of
 
 logger = logging.getLogger(__name__)
@@ -66,6 +72,7 @@ RAGGED_PREFILL = "batch_prefill_ragged_kv"
 
 __all__ = [
     "ATTENTION_FILE",
+    "DECODE_KERNEL",
     "RAGGED_PREFILL",
     "AttentionError",
     "AttentionKey",
@@ -215,12 +222,19 @@ def make_ragged_prefill(cfg: PrefillConfig | None, key: AttentionKey, target):
 
 
 def config_of(template: str, config: dict):
-    """The configuration object of a stored result: ``"simt"`` (TVM's template) or ``"tc"``."""
+    """The configuration object of a stored result: ``"simt"`` (TVM's template) or ``"tc"`` (prefill),
+    ``"decode"`` (:class:`tuning.attention_decode.DecodeConfig`)."""
     if template == "simt":
         return PrefillConfig(**config)
     if template == "tc":
         return TCConfig(**config)
+    if template == "decode":
+        return DecodeConfig(**config)
     raise KeyError(f"unknown attention template {template!r}")
+
+
+#: The templates each tuned kernel of ``attention.json`` may name.
+_TEMPLATES = {RAGGED_PREFILL: ("simt", "tc"), DECODE_KERNEL: ("decode",)}
 
 
 def make_prefill_kernel(cfg, key: AttentionKey, target):
@@ -250,9 +264,12 @@ def read_attention(db_dir: str | os.PathLike) -> dict | None:
         doc = json.loads(path.read_text(encoding="utf-8"))
         for entry in doc["kernels"]:
             AttentionKey(**entry["key"])
-            config_of(entry["best"].get("template", "simt"), entry["best"]["config"])
-            if entry["kernel"] != RAGGED_PREFILL:
+            if entry["kernel"] not in _TEMPLATES:
                 raise KeyError(f"unknown kernel {entry['kernel']!r}")
+            template = entry["best"].get("template", "simt")
+            if template not in _TEMPLATES[entry["kernel"]]:
+                raise KeyError(f"template {template!r} is not one of {entry['kernel']}")
+            config_of(template, entry["best"]["config"])
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
         raise AttentionError(f"{path} is not a valid attention tuning file ({err}); delete it or re-run "
                              "tune --kinds attention") from err
@@ -284,22 +301,30 @@ def apply_attention(mod, db_dir: str | os.PathLike | None, *, key: AttentionKey,
         if AttentionKey(**entry["key"]) != key or entry["kernel"] not in names:
             continue
         best = config_of(entry["best"].get("template", "simt"), entry["best"]["config"])
-        default = default_prefill_config(key, target)
-        if best == default:
-            continue
+        if entry["kernel"] == DECODE_KERNEL:
+            default_label, make = "its own kernel", make_decode_kernel
+        else:
+            default = default_prefill_config(key, target)
+            if best == default:
+                continue
+            default_label, make = default.label(), make_prefill_kernel
         gv = names[entry["kernel"]]
         current = mod[gv]
         # compare and replace with the module's own function attributes (global_symbol, and
         # op_pattern that relax's AnnotateTIROpPattern adds)
-        if not tvm_ffi.structural_equal(current, _with_attrs_of(make_ragged_prefill(None, key, target), current)):
+        if not tvm_ffi.structural_equal(current, _with_attrs_of(make(None, key, target), current)):
             logger.warning("%s in the module is not TVM's default kernel for %s: stored attention tuning not applied",
                            entry["kernel"], key.label())
             continue
-        func = _with_attrs_of(make_prefill_kernel(best, key, target), current)
+        try:
+            func = _with_attrs_of(make(best, key, target), current)
+        except (AttentionError, DecodeError, TCError) as err:
+            raise AttentionError(f"{Path(db_dir) / ATTENTION_FILE}: the stored {entry['kernel']} choice cannot be "
+                                 f"built ({err}); delete the entry or re-run tune --kinds attention") from err
         if out is mod:
             out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs, global_infos=mod.global_infos)
         out[gv] = func
-        applied.append(f"{entry['kernel']}: {best.label()} (TVM: {default.label()})")
+        applied.append(f"{entry['kernel']}: {best.label()} (TVM: {default_label})")
     for line in applied:
         logger.info("tuned attention %s", line)
     return out, applied
@@ -424,33 +449,49 @@ def tune_attention(config, *, dtype: str, target, out_dir: str | os.PathLike, le
     ok = sorted((r for r in finalists if r["max_abs_err"] <= tol and r["eligible"]), key=lambda r: r["score"])
     rejected = sum(r["max_abs_err"] > tol for r in results)
     best = ok[0] if ok and ok[0]["score"] < 1.0 else base
-    doc = {
-        "kernels": [{
-            "kernel": RAGGED_PREFILL,
-            "key": asdict(key),
-            "lengths": lengths,
-            "default": base,
-            "best": best,
-            "speedup": base["total_us"] / best["total_us"],
-            "objective": f"geometric mean over lengths of time / TVM's time, no length more than "
-                         f"{100 * (MAX_REGRESSION - 1):.0f}% slower than TVM's",
-            "candidates": len(results),
-            "rejected_numerics": rejected,
-            "tolerance_abs": tol,
-            "top": ok[:8],
-            "screened": [{"template": r["template"], "config": r["config"], "us": r.get("screened_us", r["us"]),
-                          "max_abs_err": r["max_abs_err"]} for r in results],
-        }],
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "device": device.device_name if hasattr(device, "device_name") else str(device),
-        "tvm": tvm.__version__,
-        "tuning_s": time.time() - t0,
+    entry = {
+        "kernel": RAGGED_PREFILL,
+        "key": asdict(key),
+        "lengths": lengths,
+        "default": base,
+        "best": best,
+        "speedup": base["total_us"] / best["total_us"],
+        "objective": f"geometric mean over lengths of time / TVM's time, no length more than "
+                     f"{100 * (MAX_REGRESSION - 1):.0f}% slower than TVM's",
+        "candidates": len(results),
+        "rejected_numerics": rejected,
+        "tolerance_abs": tol,
+        "top": ok[:8],
+        "screened": [{"template": r["template"], "config": r["config"], "us": r.get("screened_us", r["us"]),
+                      "max_abs_err": r["max_abs_err"]} for r in results],
     }
-    from .dbfiles import atomic_write_text as _atomic_write_text  # pylint: disable=import-outside-toplevel
-
     out = Path(out_dir)
-    _atomic_write_text(out / ATTENTION_FILE, json.dumps(doc, indent=1))
+    doc = _write_entry(out, entry, device=device, tuning_s=time.time() - t0)
     per = ", ".join(f"{n}: {base['us'][n]:.1f}->{best['us'][n]:.1f} us" for n in lengths)
     log(f"attention: best {config_of(best['template'], best['config']).label()} ({per}; "
         f"geomean {1 / best['score']:.2f}x over TVM's; {rejected} rejected by the NumPy check) in {doc['tuning_s']:.0f} s -> {out / ATTENTION_FILE}")
+    return doc
+
+
+def _write_entry(out: Path, entry: dict, *, device, tuning_s: float) -> dict:
+    """Write ``entry`` first into ``out/attention.json``, keeping the file's entries of other kernels
+    or keys (an unreadable file is replaced); returns the document written."""
+    import tvm  # pylint: disable=import-outside-toplevel
+
+    from .dbfiles import atomic_write_text as _atomic_write_text  # pylint: disable=import-outside-toplevel
+
+    try:
+        previous = read_attention(out) or {}
+    except AttentionError as err:
+        logger.warning("%s; replacing it", err)
+        previous = {}
+    others = [e for e in previous.get("kernels", []) if (e["kernel"], e["key"]) != (entry["kernel"], entry["key"])]
+    doc = {
+        "kernels": [entry] + others,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "device": device.device_name if hasattr(device, "device_name") else str(device),
+        "tvm": tvm.__version__,
+        "tuning_s": tuning_s,
+    }
+    _atomic_write_text(out / ATTENTION_FILE, json.dumps(doc, indent=1))
     return doc

@@ -25,6 +25,7 @@ from gpt2_model.export import export_model
 from gpt2_model.quantization import get_scheme
 
 from .attention import tune_attention
+from .attention_decode_tune import tune_decode_attention
 from .config import TuneConfig, TuneError
 from .database import DatabaseIntegrityWarning, TunedDatabase, database_path, merge_untuned, prune_best
 from .dbfiles import RECORD_FILE, WORKLOAD_FILE, read_meta, record_latency_s, write_meta
@@ -137,6 +138,8 @@ def run_tune(config: TuneConfig) -> int:  # pylint: disable=too-many-locals,too-
     # The KV cache's prefill attention kernel (outside the partition) has its own search
     # (tuning.attention); it runs with the prefill phase on a GPU unless --kinds leaves it out.
     want_attention = is_gpu(target) and "prefill" in buckets and (kinds is None or "attention" in kinds)
+    # Likewise the decode attention kernel (tuning.attention_decode's template vs TVM's) with the decode phase.
+    want_decode_attention = is_gpu(target) and "decode" in buckets and (kinds is None or "attention" in kinds)
     if config.list_kernels:
         print(f"{name} {scheme.name} on {arch}: {len(task_list)} tasks ({time.monotonic() - start:.1f} s)")
         print(table(task_list))
@@ -145,7 +148,7 @@ def run_tune(config: TuneConfig) -> int:  # pylint: disable=too-many-locals,too-
     # Gathers (embedding rows) read what their indices say: MetaSchedule's random inputs index out
     # of range and crash the measurement, and a row copy has nothing to tune. Listed, not tuned.
     task_list = [t for t in task_list if t.kind != "gather"]
-    if not task_list and not want_attention:
+    if not task_list and not want_attention and not want_decode_attention:
         raise TuneError("no tasks to tune (check --phases / --kinds)")
     rel = committed.relative_to(config.database_dir)
     work_dir = config.work_dir if config.work_dir is not None else Path(".tune-work") / rel
@@ -160,6 +163,12 @@ def run_tune(config: TuneConfig) -> int:  # pylint: disable=too-many-locals,too-
             _tune_attention(config, model_cfg=model_cfg, scheme=scheme, target=target, committed=committed,
                             lengths=buckets["prefill"], remote=isinstance(verify_device, tuple),
                             meta={"model": name, "quantization": scheme.name, "config_hash": model_cfg.model_hash()})
+    if want_decode_attention:
+        with DirLock(committed, what="committed database", wait=config.wait):
+            _tune_decode_attention(config, model_cfg=model_cfg, scheme=scheme, target=target, committed=committed,
+                                   batches=buckets["decode"], remote=isinstance(verify_device, tuple),
+                                   meta={"model": name, "quantization": scheme.name,
+                                         "config_hash": model_cfg.model_hash()})
     _say(f"[done] tune finished in {fmt_secs(time.monotonic() - start)}")
     return 0
 
@@ -229,6 +238,27 @@ def _tune_attention(config: TuneConfig, *, model_cfg, scheme, target, committed:
     entry = doc["kernels"][0]
     _record_run(committed, previous, {"kinds": "attention", "lengths": list(lengths), "candidates": entry["candidates"],
                                       "speedup_geomean": round(1 / entry["best"]["score"], 3)})
+
+
+def _tune_decode_attention(config: TuneConfig, *, model_cfg, scheme, target, committed: Path, batches, remote: bool,
+                           meta: dict) -> None:
+    """Search the KV cache's decode attention kernel (``tuning.attention.tune_decode_attention``) into
+    ``committed`` (stored only when a checked candidate beats TVM's kernel)."""
+    if remote:
+        _say("attention: skipped: the decode attention search measures on a GPU of this machine, not over RPC "
+             "(run tune --kinds attention on the GPU host)")
+        return
+    _say(f"[attention] searching the KV cache's decode attention kernel at batches {list(batches)}")
+    previous = read_meta(committed) or {}
+    res = tune_decode_attention(model_cfg, dtype=scheme.activation_dtype, target=target, out_dir=committed,
+                                batches=batches, workers=config.workers, log=_say)
+    entry = res["entry"]
+    if entry is None:
+        return
+    if not previous:  # an attention-only run on a new database still names what it is for
+        write_meta(committed, target=target, **meta)
+    _record_run(committed, previous, {"kinds": "attention", "kernel": entry["kernel"], "batches": list(batches),
+                                      "candidates": entry["candidates"], "speedup_geomean": round(entry["speedup"], 3)})
 
 
 def _record_run(committed: Path, previous: dict, run: dict) -> None:

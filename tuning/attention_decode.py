@@ -1,0 +1,478 @@
+"""A decode attention template for TVM's paged KV cache (``batch_decode_paged_kv``), searched like prefill.
+
+TVM's decode kernel (``_attention_decode`` in ``tvm.relax.frontend.nn.llm._decode_kernels``) runs
+one block of 512 threads per (sequence, KV head) for GPT-2 small (16 lanes x 32 token rows), walks
+the context 64 tokens per iteration through shared memory (a block-wide barrier per iteration) and
+finishes with a *serial* 32-step merge of the rows' softmax states. On an H200 that is 7.6 µs per
+layer at batch 1 with ~200 tokens of context.
+
+This module writes the same kernel — same 13 parameters, same buffer declarations, same
+``output`` and base-2 ``lse`` — with another schedule, one block per (sequence, head) still (the
+grid can only be ``B x H``: the KV cache passes no workspace for a split-KV merge):
+
+* a block is ``groups`` token groups of ``lanes`` threads (``lanes * vec = d``, ``vec`` elements
+  = 8 bytes per lane: 16 lanes of 4 fp16 for a 64-wide head); group ``g`` takes ``tokens``
+  consecutive tokens (one page lookup: they share a page) of every ``groups * tokens`` of the
+  context, loading K and V straight from global memory into registers (all loads of an
+  iteration issued before the math), and keeps its own online-softmax state (no barrier in the
+  loop; the score's sum over the lanes is a warp-shuffle butterfly);
+* the groups' states are merged by a log2-depth tree through shared memory.
+
+Searched constants (:class:`DecodeConfig`): ``groups`` (4 ... 64; threads = groups * lanes <= 1024)
+and ``tokens`` (1, 2, 4, 8; divides the page size 16). TVM's own kernel is candidate 0 (config
+``None``).
+
+Semantics kept from TVM's kernel: page size 16 (the KV cache is compiled for it); ``length_info``
+is the last-page length per sequence (the non-sliding-window form), so a sequence's context is
+``(pages - 1) * 16 + last_page_len``; scores are scaled by ``sm_scale * log2(e)`` and ``lse`` is
+``max + log2(sum exp2(score - max))`` (natural lse = ``lse * ln 2``); a sequence with no pages
+gets output 0 and ``lse = -5e4`` (TVM's initial state). Slots of a page past the context are
+never read into the result (they may hold anything, NaN included).
+
+Not supported: rotary embedding inside the kernel (``rotary_mode == 1``; GPT-2 has learned
+positions and its KV cache passes 0 — another value fails the kernel's host-side assertion) and
+grouped-query keys (``h_q != h_kv``: :func:`make_decode_kernel` raises; candidates are then only
+TVM's kernel).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["DECODE_KERNEL", "DECODE_LSE_ATOL", "DECODE_OUT_RTOL", "MIXED_CASE", "PAGE_SIZE", "DecodeConfig",
+           "DecodeError", "DecodeInputs", "decode_candidates", "decode_case_name", "decode_cases", "decode_errors",
+           "decode_scalars", "decode_shared_bytes", "is_decode_legal", "make_decode_kernel", "measure_paged_decode",
+           "paged_decode_args", "reference_paged_decode"]
+
+DECODE_KERNEL = "batch_decode_paged_kv"
+PAGE_SIZE = 16
+_LOG2E = math.log2(math.e)
+_EMPTY_LSE = -5e4  # TVM's initial softmax max: the lse of a sequence without pages
+
+
+class DecodeError(ValueError):
+    """A configuration or key the decode template does not support."""
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """The template constants of the decode kernel."""
+
+    groups: int  # token groups per block (threadIdx.y), each with its own softmax state
+    tokens: int  # consecutive tokens per group per iteration (same page)
+
+    def label(self) -> str:
+        return f"decode groups={self.groups} tokens={self.tokens}"
+
+
+def _vec_lanes(key) -> tuple[int, int]:
+    """(elements per 8-byte load, lanes per token row)."""
+    elem = 2 if "16" in str(key.dtype) else 4
+    vec = 8 // elem
+    return vec, key.d // vec
+
+
+def decode_shared_bytes(cfg: DecodeConfig, key) -> int:
+    """Static shared memory of one block (bytes): the groups' output rows and (max, sum) in fp32, twice
+    (the tree merge reads one copy and writes the other)."""
+    return 2 * 4 * cfg.groups * (key.d + 2)
+
+
+def _limits(target) -> tuple[int, int]:
+    threads, smem = 1024, 48 * 1024
+    if target is not None:
+        attrs = target.attrs
+        for name in ("max_threads_per_block", "max_num_threads"):
+            if name in attrs:
+                threads = min(threads, int(attrs[name]))
+                break
+        if "max_shared_memory_per_block" in attrs:
+            smem = int(attrs["max_shared_memory_per_block"])
+    return threads, smem
+
+
+def _pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def is_decode_legal(cfg: DecodeConfig, key, target=None) -> bool:
+    """Whether the template can be built for ``key`` with ``cfg``: MHA, lanes a power of two within a
+    warp, groups a power of two (tree merge), tokens dividing the page, threads and static shared
+    memory within the target's per-block limits."""
+    vec, lanes = _vec_lanes(key)
+    threads, smem = _limits(target)
+    return (key.h_q == key.h_kv and key.d % vec == 0 and _pow2(lanes) and lanes <= 32
+            and _pow2(cfg.groups) and cfg.tokens in (1, 2, 4, 8, 16)
+            and cfg.groups * lanes <= threads and decode_shared_bytes(cfg, key) <= smem)
+
+
+def decode_candidates(key, target=None, *, groups: Sequence[int] = (4, 8, 16, 32, 64),
+                      tokens: Sequence[int] = (1, 2, 4, 8)) -> list:
+    """``None`` (TVM's kernel) first, then the template's legal configurations of the grid."""
+    return [None] + [c for g in groups for t in tokens
+                     if is_decode_legal(c := DecodeConfig(groups=g, tokens=t), key, target)]
+
+
+def _tvm_decode(key, target):
+    from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode  # pylint: disable=import-outside-toplevel
+
+    return _attention_decode(key.h_kv, key.h_q, key.d, key.dtype, False, {}, target)
+
+
+def make_decode_kernel(cfg: DecodeConfig | None, key, target):  # pylint: disable=too-many-locals,too-many-statements
+    """The ``batch_decode_paged_kv`` PrimFunc for ``key`` (an ``AttentionKey``); ``cfg`` None: TVM's.
+
+    Raises
+    ------
+    DecodeError
+        ``cfg`` or ``key`` is not supported (see :func:`is_decode_legal`), e.g. ``h_q != h_kv``.
+    """
+    if cfg is None:
+        return _tvm_decode(key, target)
+    if key.h_q != key.h_kv:
+        raise DecodeError(f"decode template: grouped-query keys are not supported ({key.label()})")
+    if not is_decode_legal(cfg, key, target):
+        raise DecodeError(f"decode template {cfg.label()} is not legal for {key.label()} on this target")
+    from tvm.script import tirx as T  # pylint: disable=import-outside-toplevel
+
+    H, D, dtype = key.h_q, key.d, key.dtype
+    vec, lanes = _vec_lanes(key)
+    G, TT = cfg.groups, cfg.tokens
+    per_it = G * TT  # tokens per block iteration
+    lane_steps = int(math.log2(lanes))
+    merge_steps = int(math.log2(G))
+    page_size = PAGE_SIZE
+    full = T.uint32(0xFFFFFFFF)
+
+    # pylint: disable=invalid-name,unused-variable,too-many-arguments
+    @T.macro
+    def merge_step(O_src: T.Buffer, md_src: T.Buffer, O_dst: T.Buffer, md_dst: T.Buffer, o_loc: T.Buffer,
+                   st: T.Buffer, ty: T.int32, tx: T.int32, stride: T.int32):
+        # (the two slots are separate buffers: TVM's sync planner cannot tell two slots of one
+        # buffer apart, and would want a barrier inside ``ty < stride``)
+        if ty < stride:
+            st[2] = T.max(st[0], md_src[ty + stride, 0])
+            st[3] = T.exp2(st[0] - st[2])
+            st[4] = T.exp2(md_src[ty + stride, 0] - st[2])
+            st[1] = st[1] * st[3] + md_src[ty + stride, 1] * st[4]
+            st[0] = st[2]
+            for i in T.unroll(vec):
+                o_loc[i] = o_loc[i] * st[3] + O_src[ty + stride, tx * vec + i] * st[4]
+            if stride > 1:  # the last step's result stays in group 0's registers
+                for i in T.unroll(vec):
+                    O_dst[ty, tx * vec + i] = o_loc[i]
+                if tx == 0:
+                    md_dst[ty, 0] = st[0]
+                    md_dst[ty, 1] = st[1]
+        if stride > 1:  # (no barrier after the last step: only group 0 goes on, from registers)
+            T.tvm_storage_sync("shared")
+
+    @T.prim_func(s_tir=True)
+    def batch_decode_paged_kv(
+        Q_handle: T.handle,
+        pages_handle: T.handle,
+        page_table_indptr_handle: T.handle,
+        page_table_values_handle: T.handle,
+        var_length_info: T.handle,
+        k_rope_pos_offset_handle: T.handle,
+        q_rope_position_handle: T.handle,
+        output_handle: T.handle,
+        lse_handle: T.handle,
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "global_symbol": "batch_decode_paged_kv"})
+        B = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        pages_elem_offset = T.int64()
+        page_indptr_elem_offset = T.int32()
+        page_values_elem_offset = T.int32()
+        k_rope_pos_offset_elem_offset = T.int32()
+        q_rope_position_elem_offset = T.int32()
+        length_info_elem_offset = T.int32()
+
+        Q = T.match_buffer(Q_handle, (B, H, D), dtype)
+        pages = T.match_buffer(pages_handle, (max_num_pages, 2, H, page_size, D), dtype, elem_offset=pages_elem_offset)
+        page_table_indptr = T.match_buffer(page_table_indptr_handle, (B + 1,), "int32", elem_offset=page_indptr_elem_offset)
+        page_table_values = T.match_buffer(page_table_values_handle, (nnz_pages,), "int32", elem_offset=page_values_elem_offset)
+        k_rope_pos_offset = T.match_buffer(k_rope_pos_offset_handle, (B,), "int32", elem_offset=k_rope_pos_offset_elem_offset)
+        q_rope_position = T.match_buffer(q_rope_position_handle, (B,), "int32", elem_offset=q_rope_position_elem_offset)
+        output = T.match_buffer(output_handle, (B, H, D), dtype)
+        lse = T.match_buffer(lse_handle, (B, H), "float32")
+        length_info = T.match_buffer(var_length_info, (B,), "int32", elem_offset=length_info_elem_offset)
+
+        assert rotary_mode == 0, "tuned batch_decode_paged_kv: rotary_mode must be 0 (no RoPE in the kernel)"
+        assert pages_elem_offset % vec == 0, "tuned batch_decode_paged_kv: pages must start 8-byte aligned"
+        # the pages again, at an offset the codegen can prove 8-byte aligned: one vector load per lane
+        # and token (a ramp off ``pages_elem_offset`` itself becomes ``vec`` scalar loads)
+        pages_v = T.decl_buffer((max_num_pages, 2, H, page_size, D), dtype, data=pages.data,
+                                elem_offset=pages_elem_offset // vec * vec)
+        for bx in T.thread_binding(B, thread="blockIdx.x"):
+            for by in T.thread_binding(H, thread="blockIdx.y"):
+                for ty in T.thread_binding(G, thread="threadIdx.y"):
+                    for tx in T.thread_binding(lanes, thread="threadIdx.x"):
+                        with T.sblock("attn"):
+                            T.reads()
+                            T.writes()
+                            q_loc = T.sblock_alloc_buffer((vec,), "float32", scope="local")
+                            k_loc = T.sblock_alloc_buffer((TT * vec,), dtype, scope="local")
+                            v_loc = T.sblock_alloc_buffer((TT * vec,), dtype, scope="local")
+                            o_loc = T.sblock_alloc_buffer((vec,), "float32", scope="local")
+                            s_loc = T.sblock_alloc_buffer((TT,), "float32", scope="local")
+                            st = T.sblock_alloc_buffer((5,), "float32", scope="local")  # m, d, m_new, alpha, beta
+                            O_a = T.sblock_alloc_buffer((G, D), "float32", scope="shared")
+                            md_a = T.sblock_alloc_buffer((G, 2), "float32", scope="shared")
+                            O_b = T.sblock_alloc_buffer((G, D), "float32", scope="shared")
+                            md_b = T.sblock_alloc_buffer((G, 2), "float32", scope="shared")
+
+                            page_begin: T.let[T.int32] = page_table_indptr[bx]
+                            page_end: T.let[T.int32] = page_table_indptr[bx + 1]
+                            kv_len: T.let[T.int32] = T.if_then_else(
+                                page_begin != page_end, (page_end - page_begin - 1) * page_size + length_info[bx], 0)
+                            sc: T.let[T.float32] = sm_scale * T.float32(_LOG2E)
+                            for i in T.unroll(vec):
+                                q_loc[i] = T.cast(Q[bx, by, tx * vec + i], "float32") * sc
+                            st[0] = T.float32(_EMPTY_LSE)
+                            st[1] = T.float32(0)
+                            for i in T.unroll(vec):
+                                o_loc[i] = T.float32(0)
+                            for it in T.serial(T.ceildiv(kv_len, per_it)):
+                                tok0: T.let[T.int32] = it * per_it + ty * TT
+                                page_no: T.let[T.int32] = T.if_then_else(
+                                    tok0 < kv_len, page_table_values[page_begin + tok0 // page_size], 0)
+                                # all loads of the iteration first (the page's tail past the context: zeros)
+                                for j in T.unroll(TT):
+                                    if tok0 + j < kv_len:
+                                        k_loc[T.ramp(j * vec, 1, vec)] = pages_v[page_no, 0, by, tok0 % page_size + j,
+                                                                                 T.ramp(tx * vec, 1, vec)]
+                                        v_loc[T.ramp(j * vec, 1, vec)] = pages_v[page_no, 1, by, tok0 % page_size + j,
+                                                                                 T.ramp(tx * vec, 1, vec)]
+                                    else:
+                                        k_loc[T.ramp(j * vec, 1, vec)] = T.broadcast(T.cast(0, dtype), vec)
+                                        v_loc[T.ramp(j * vec, 1, vec)] = T.broadcast(T.cast(0, dtype), vec)
+                                # scores: each lane's share, then a butterfly over the group's lanes
+                                for j in T.unroll(TT):
+                                    s_loc[j] = T.float32(0)
+                                    for i in T.unroll(vec):
+                                        s_loc[j] = s_loc[j] + q_loc[i] * T.cast(k_loc[j * vec + i], "float32")
+                                    for r in T.unroll(lane_steps):
+                                        s_loc[j] = s_loc[j] + T.tvm_warp_shuffle_xor(
+                                            full, s_loc[j], T.shift_left(1, r), 32, 32)
+                                # online softmax of this group's tokens
+                                st[2] = st[0]
+                                for j in T.unroll(TT):
+                                    st[2] = T.max(st[2], T.if_then_else(tok0 + j < kv_len, s_loc[j],
+                                                                        T.float32(_EMPTY_LSE)))
+                                st[3] = T.exp2(st[0] - st[2])
+                                st[1] = st[1] * st[3]
+                                for i in T.unroll(vec):
+                                    o_loc[i] = o_loc[i] * st[3]
+                                for j in T.unroll(TT):
+                                    st[4] = T.if_then_else(tok0 + j < kv_len, T.exp2(s_loc[j] - st[2]), T.float32(0))
+                                    st[1] = st[1] + st[4]
+                                    for i in T.unroll(vec):
+                                        o_loc[i] = o_loc[i] + st[4] * T.cast(v_loc[j * vec + i], "float32")
+                                st[0] = st[2]
+                            # tree merge of the groups' states (log2(G) steps): at the step of stride s,
+                            # group g < s takes in group g + s; states ping-pong between two shared slots
+                            for i in T.unroll(vec):
+                                O_a[ty, tx * vec + i] = o_loc[i]
+                            if tx == 0:
+                                md_a[ty, 0] = st[0]
+                                md_a[ty, 1] = st[1]
+                            T.tvm_storage_sync("shared")
+                            # (unrolled here: constant strides and slots; G <= 64)
+                            if merge_steps > 0:
+                                merge_step(O_a, md_a, O_b, md_b, o_loc, st, ty, tx, G >> 1)
+                            if merge_steps > 1:
+                                merge_step(O_b, md_b, O_a, md_a, o_loc, st, ty, tx, G >> 2)
+                            if merge_steps > 2:
+                                merge_step(O_a, md_a, O_b, md_b, o_loc, st, ty, tx, G >> 3)
+                            if merge_steps > 3:
+                                merge_step(O_b, md_b, O_a, md_a, o_loc, st, ty, tx, G >> 4)
+                            if merge_steps > 4:
+                                merge_step(O_a, md_a, O_b, md_b, o_loc, st, ty, tx, G >> 5)
+                            if merge_steps > 5:
+                                merge_step(O_b, md_b, O_a, md_a, o_loc, st, ty, tx, G >> 6)
+                            if ty == 0:
+                                for i in T.unroll(vec):
+                                    output[bx, by, tx * vec + i] = T.cast(
+                                        T.if_then_else(st[1] > T.float32(0), o_loc[i] / st[1], T.float32(0)), dtype)
+                                if tx == 0:
+                                    lse[bx, by] = T.if_then_else(st[1] > T.float32(0), st[0] + T.log2(st[1]),
+                                                                 T.float32(_EMPTY_LSE))
+
+    return batch_decode_paged_kv
+
+
+# ------------------------------------------------------------------------------------------------
+# NumPy reference and inputs
+# ------------------------------------------------------------------------------------------------
+
+
+def reference_paged_decode(q: np.ndarray, pages: np.ndarray, indptr: np.ndarray, values: np.ndarray,
+                           last_page_len: np.ndarray, sm_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """(output float32 ``[B, h_q, d]``, base-2 ``lse`` float32 ``[B, h_q]``) of one decode step.
+
+    ``q`` ``[B, h_q, d]``; ``pages`` ``[num_pages, 2, h_kv, 16, d]`` (K then V); sequence ``b``
+    owns pages ``values[indptr[b]:indptr[b + 1]]`` in order, the last one filled to
+    ``last_page_len[b]``. Computed in float64. A sequence without pages: output 0, ``lse = -5e4``.
+    """
+    q = np.asarray(q, np.float64)
+    pages = np.asarray(pages)
+    batch, h_q, d = q.shape
+    group = h_q // pages.shape[2]
+    ps = pages.shape[3]
+    out = np.zeros((batch, h_q, d), np.float64)
+    lse = np.full((batch, h_q), _EMPTY_LSE, np.float64)
+    for b in range(batch):
+        npg = int(indptr[b + 1] - indptr[b])
+        if npg == 0:
+            continue
+        n = (npg - 1) * ps + int(last_page_len[b])
+        pos = np.arange(n)
+        pid = np.asarray(values)[indptr[b] + pos // ps]
+        k = np.repeat(pages[pid, 0, :, pos % ps, :].astype(np.float64), group, axis=1)  # [n, h_q, d]
+        v = np.repeat(pages[pid, 1, :, pos % ps, :].astype(np.float64), group, axis=1)
+        s = np.einsum("hd,nhd->hn", q[b], k) * sm_scale
+        m = s.max(axis=1, keepdims=True)
+        p = np.exp(s - m)
+        den = p.sum(axis=1, keepdims=True)
+        out[b] = np.einsum("hn,nhd->hd", p / den, v)
+        lse[b] = (m[:, 0] + np.log(den[:, 0])) / math.log(2)
+    return out.astype(np.float32), lse.astype(np.float32)
+
+
+def decode_scalars(sm_scale: float) -> tuple:
+    """rotary_mode=0 (GPT-2 has learned positions), rope_scale, rope_theta, sm_scale."""
+    return (0, 1.0, 10000.0, float(sm_scale))
+
+
+@dataclass
+class DecodeInputs:
+    """One decode step's kernel arguments (``args``: the 9 tensors; output at 7, lse at 8) and host data."""
+
+    args: list
+    q: np.ndarray
+    pages: np.ndarray
+    indptr: np.ndarray
+    values: np.ndarray
+    last_page_len: np.ndarray
+    sm_scale: float
+
+    @property
+    def scalars(self) -> tuple:
+        return decode_scalars(self.sm_scale)
+
+    def reference(self) -> tuple[np.ndarray, np.ndarray]:
+        return reference_paged_decode(self.q, self.pages, self.indptr, self.values, self.last_page_len, self.sm_scale)
+
+
+def paged_decode_args(key, ctx_lens: Sequence[int], *, device, seed: int = 0, spare_pages: int = 3,
+                      poison: bool = True) -> DecodeInputs:
+    """Random paged inputs of a decode step over sequences of ``ctx_lens`` tokens (0: no pages).
+
+    Pages are scattered: the page table is a random permutation of the cache's pages (plus
+    ``spare_pages`` unused ones). With ``poison`` the slots no sequence owns (the last pages' tails,
+    unused pages) hold NaN, so a kernel that reads them into the result fails the check.
+    ``device`` None: host arrays only (``args`` empty).
+    """
+    rng = np.random.default_rng(seed)
+    lens = [int(n) for n in ctx_lens]
+    npages = [-(-n // PAGE_SIZE) for n in lens]
+    total = sum(npages) + spare_pages
+    q = rng.standard_normal((len(lens), key.h_q, key.d)).astype(key.dtype)
+    pages = rng.standard_normal((total, 2, key.h_kv, PAGE_SIZE, key.d)).astype(key.dtype)
+    values = rng.permutation(total)[: sum(npages)].astype(np.int32)
+    indptr = np.concatenate([[0], np.cumsum(npages)]).astype(np.int32)
+    last = np.array([n - (p - 1) * PAGE_SIZE if p else 0 for n, p in zip(lens, npages)], np.int32)
+    if poison:
+        owned = np.zeros((total, PAGE_SIZE), bool)
+        for b, n in enumerate(lens):
+            pos = np.arange(n)
+            owned[values[indptr[b] + pos // PAGE_SIZE], pos % PAGE_SIZE] = True
+        pages.transpose(0, 3, 1, 2, 4)[~owned] = np.nan  # a view: (page, slot) first
+    args = []
+    if device is not None:
+        import tvm  # pylint: disable=import-outside-toplevel
+
+        nd = lambda a: tvm.runtime.tensor(a, device)  # noqa: E731
+        zeros_b = np.zeros(len(lens), np.int32)
+        args = [nd(q), nd(pages), nd(indptr), nd(values if len(values) else np.zeros(1, np.int32)), nd(last),
+                nd(zeros_b), nd(zeros_b), nd(np.zeros(q.shape, key.dtype)), nd(np.zeros(q.shape[:2], np.float32))]
+    return DecodeInputs(args=args, q=q, pages=pages, indptr=indptr, values=values, last_page_len=last,
+                        sm_scale=1.0 / math.sqrt(key.d))
+
+
+# ------------------------------------------------------------------------------------------------
+# Checking and timing a built kernel
+# ------------------------------------------------------------------------------------------------
+
+#: Output error bound, relative to the reference's max |output| (fp16 output rounding alone is
+#: 2^-11 ~ 4.9e-4 of a value), and the base-2 ``lse`` bound (absolute; ``lse`` ~ log2(context) + max score).
+DECODE_OUT_RTOL = {"float16": 2e-3, "float32": 1e-5}
+DECODE_LSE_ATOL = 2e-3
+
+
+def decode_case_name(batch: int, ctx: int) -> str:
+    return f"b{batch}_ctx{ctx}"
+
+
+def decode_cases(batches: Sequence[int], contexts: Sequence[int]) -> dict[str, list[int]]:
+    """Timed cases: every sequence of a batch at the same context length."""
+    return {decode_case_name(b, n): [n] * b for n in contexts for b in batches}
+
+
+#: Checked, not timed: 1 token, a full page, one token into a page, a page minus one, no pages, long.
+MIXED_CASE = {"mixed": [1, 16, 17, 255, 0, 129, 300]}
+
+
+def decode_errors(inp: DecodeInputs, ref: tuple, args=None) -> tuple[float, float]:
+    """(output error relative to max |reference|, base-2 lse absolute error) of a kernel's results in
+    ``args`` (default ``inp.args``); NaN anywhere is an infinite error."""
+    args = inp.args if args is None else args
+    out, lse = args[7].numpy().astype(np.float32), args[8].numpy()
+    if not (np.isfinite(out).all() and np.isfinite(lse).all()):
+        return float("inf"), float("inf")
+    scale = max(float(np.abs(ref[0]).max()), 1e-6)
+    return float(np.abs(out - ref[0]).max()) / scale, float(np.abs(lse - ref[1]).max())
+
+
+def measure_paged_decode(lib, key, cases: dict, *, device, number: int = 50, repeat: int = 5,
+                         timed: Sequence[str] | None = None, cache: dict | None = None) -> dict:
+    """Check a built ``batch_decode_paged_kv`` (``lib["main"]``) on every case and time the ``timed`` ones.
+
+    ``cases`` maps a name to the sequences' context lengths; ``cache`` keeps the inputs on the device
+    and their NumPy references across kernels (same seeded inputs for every kernel). The result
+    has ``us`` (median µs per call of ``time_evaluator`` over ``repeat`` runs of ``number`` calls;
+    no CUDA graph), ``errors`` per case (output rel err, lse abs err), ``out_err``/``lse_err`` (max)
+    and ``ok`` (within :data:`DECODE_OUT_RTOL` / :data:`DECODE_LSE_ATOL`).
+    """
+    fn = lib["main"]
+    cache = {} if cache is None else cache
+    timed = list(cases) if timed is None else list(timed)
+    res = {"us": {}, "errors": {}}
+    for i, (name, lens) in enumerate(cases.items()):
+        if name not in cache:
+            inp = paged_decode_args(key, lens, device=device, seed=i)
+            cache[name] = (inp, inp.reference())
+        inp, ref = cache[name]
+        inp.args[7].copyfrom(np.full(inp.q.shape, np.nan, key.dtype))  # a kernel that writes nothing fails
+        inp.args[8].copyfrom(np.full(inp.q.shape[:2], np.nan, np.float32))
+        fn(*inp.args, *inp.scalars)
+        device.sync()
+        res["errors"][name] = decode_errors(inp, ref)
+        if name in timed:
+            te = lib.time_evaluator("main", device, number=number, repeat=repeat)
+            res["us"][name] = float(np.median(te(*inp.args, *inp.scalars).results) * 1e6)
+    res["out_err"] = max(e[0] for e in res["errors"].values())
+    res["lse_err"] = max(e[1] for e in res["errors"].values())
+    res["ok"] = res["out_err"] <= DECODE_OUT_RTOL.get(key.dtype, 2e-3) and res["lse_err"] <= DECODE_LSE_ATOL
+    return res

@@ -1,0 +1,127 @@
+"""The decode attention search: TVM's ``batch_decode_paged_kv`` against :mod:`tuning.attention_decode`'s template.
+
+Measured on the local GPU like the prefill search (:func:`tuning.attention.tune_attention`); the
+winner, when a checked candidate beats TVM's kernel, becomes the ``batch_decode_paged_kv`` entry of
+``attention.json``, which :func:`tuning.attention.apply_attention` applies at compile time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .attention import (ATTENTION_FILE, MAX_REGRESSION, AttentionError, _build_all, _score, _write_entry,
+                        attention_key)
+from .attention_decode import (DECODE_KERNEL, DECODE_LSE_ATOL, DECODE_OUT_RTOL, MIXED_CASE, DecodeConfig, DecodeError,
+                               decode_candidates, decode_cases, make_decode_kernel, measure_paged_decode)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DECODE_CONTEXTS", "tune_decode_attention"]
+
+#: Context lengths (tokens per sequence) the decode search times at each decode batch.
+DECODE_CONTEXTS = (256, 129)
+
+
+def tune_decode_attention(config, *, dtype: str, target, out_dir: str | os.PathLike, batches: Sequence[int],
+                          contexts: Sequence[int] = DECODE_CONTEXTS, device=None, candidates: Sequence | None = None,
+                          workers: int | None = None, log: Callable[[str], None] = print) -> dict:
+    """Search the decode attention template against TVM's ``batch_decode_paged_kv`` on the local GPU.
+
+    Every candidate (default :func:`tuning.attention_decode.decode_candidates`; TVM's kernel is always
+    measured) is built in parallel, checked against the NumPy reference on NaN-poisoned paged inputs
+    (every timed case and a mixed batch; ``DECODE_OUT_RTOL`` / ``DECODE_LSE_ATOL``) and timed at each
+    batch x context (``time_evaluator``, 50 calls x 5). Objective: the geometric mean over the cases
+    of time / TVM's time, no case more than :data:`MAX_REGRESSION` slower.
+
+    The best candidate is written to ``attention.json`` (``"kernel": "batch_decode_paged_kv"``,
+    ``"template": "decode"``; other entries kept) only when it passed the check and beats TVM's
+    kernel; otherwise the file is left as it was.
+
+    Returns
+    -------
+    dict
+        ``entry`` (the stored entry, or None), ``results`` (every candidate measured), ``default``.
+    """
+    import tvm  # pylint: disable=import-outside-toplevel
+
+    device = device or tvm.cuda(0)
+    if not device.exist:
+        raise AttentionError("attention tuning measures on a local CUDA GPU, and this machine has none")
+    key = attention_key(config, dtype)
+    cands = [None] + [c for c in (candidates if candidates is not None else decode_candidates(key, target))
+                      if c is not None]
+    t0 = time.time()
+    funcs, kept = [], []
+    for c in cands:
+        try:
+            funcs.append(make_decode_kernel(c, key, target))
+            kept.append(c)
+        except DecodeError as err:
+            logger.info("%s", err)
+    batches = sorted({int(b) for b in batches})
+    contexts = sorted({int(n) for n in contexts})
+    timed = decode_cases(batches, contexts)
+    cases = {**timed, **MIXED_CASE}
+    log(f"attention: {len(kept) - 1} candidates of {DECODE_KERNEL} for {key.label()} and TVM's, timed at batches "
+        f"{batches} x contexts {contexts}; building...")
+    paths, errors = _build_all(funcs, target, workers=workers)
+    log(f"attention: built {sum(p is not None for p in paths)}/{len(paths)} in {time.time() - t0:.0f} s; measuring")
+    if errors:
+        tail = [ln for ln in errors[0].splitlines() if ln.strip()][-3:]
+        log(f"attention: {len(errors)} failed to build; first error: {' | '.join(tail)}")
+    results, cache = [], {}
+    for c, p in zip(kept, paths):
+        if p is None:
+            continue
+        try:
+            r = measure_paged_decode(tvm.runtime.load_module(p), key, cases, device=device, number=50, repeat=5,
+                                     timed=list(timed), cache=cache)
+        except Exception as exc:  # noqa: BLE001 - a candidate that faults is dropped, not fatal
+            msg = str(exc).splitlines()[0] if str(exc) else repr(exc)
+            log(f"attention: {'TVM' if c is None else c.label()} failed to run: {msg}")
+            continue
+        r["errors"] = {n: list(e) for n, e in r["errors"].items()}
+        results.append({"template": "tvm" if c is None else "decode", "config": None if c is None else asdict(c), **r})
+    base = next((r for r in results if r["template"] == "tvm"), None)
+    if base is None:
+        raise AttentionError("TVM's own decode attention kernel could not be measured on this device")
+    if not base["ok"]:
+        log(f"attention: note: TVM's decode kernel itself misses the NumPy check (out {base['out_err']:.2e}, "
+            f"lse {base['lse_err']:.2e})")
+    _score(results, base)
+    results.sort(key=lambda r: (not r["ok"], not r["eligible"], r["score"]))
+    ok = [r for r in results if r["ok"] and r["eligible"] and r["template"] == "decode"]
+    rejected = sum(not r["ok"] for r in results)
+    best = ok[0] if ok and ok[0]["score"] < 1.0 else None
+    if best is None:
+        log(f"attention: no decode candidate beats TVM's {DECODE_KERNEL} and passes the check ({rejected} rejected "
+            f"by the NumPy check); {ATTENTION_FILE} unchanged")
+        return {"entry": None, "results": results, "default": base}
+    entry = {
+        "kernel": DECODE_KERNEL,
+        "key": asdict(key),
+        "batches": batches,
+        "contexts": contexts,
+        "default": base,
+        "best": best,
+        "speedup": 1 / best["score"],
+        "objective": f"geometric mean over batch x context of time / TVM's time, no case more than "
+                     f"{100 * (MAX_REGRESSION - 1):.0f}% slower than TVM's",
+        "candidates": len(results),
+        "rejected_numerics": rejected,
+        "tolerance": {"out_rel": DECODE_OUT_RTOL.get(dtype, 2e-3), "lse_abs": DECODE_LSE_ATOL},
+        "top": ok[:8],
+        "screened": [{"template": r["template"], "config": r["config"], "us": r["us"], "ok": r["ok"],
+                      "out_err": r["out_err"], "lse_err": r["lse_err"]} for r in results],
+    }
+    _write_entry(Path(out_dir), entry, device=device, tuning_s=time.time() - t0)
+    per = ", ".join(f"{n}: {base['us'][n]:.2f}->{best['us'][n]:.2f} us" for n in timed)
+    log(f"attention: best decode {DecodeConfig(**best['config']).label()} ({per}; geomean {1 / best['score']:.2f}x "
+        f"over TVM's; {rejected} rejected by the NumPy check) in {time.time() - t0:.0f} s -> "
+        f"{Path(out_dir) / ATTENTION_FILE}")
+    return {"entry": entry, "results": results, "default": base}
