@@ -20,8 +20,13 @@ software pipeline        two design spaces: 2-stage pipeline          pipelined
 
 M and N are padded to multiples of 128 and K to 64 (``pad_einsum``, as dlight does), which
 covers the lm_head's N = 50257: padded operand reads are predicated inside the shared-memory
-copies, and the padded rows/columns never reach the output. Block tiles that do not divide the
-padded extents fail tensorization and are rejected as invalid samples.
+copies, and the padded rows/columns never reach the output. N is padded to 256 instead where
+128 leaves an odd number of 128-column tiles (the lm_head: 50257 -> 50432, not 50304; see
+:func:`pad_n`): a 256-wide block tile (4 warps x 4 fragments) that does not divide the padded N
+makes the tensorization of the B fragment load fail with an internal check of TVM's
+``TensorizeComparator`` (``rhs_buffer_map_.count(desc)``), not a ``ScheduleError`` — a hard
+error that aborts MetaSchedule's whole search round instead of rejecting the sample. GPT-2's
+other N (768, 2304, 3072) are multiples of 256: their spaces are unchanged.
 """
 
 from __future__ import annotations
@@ -38,12 +43,27 @@ from ..intrinsics import preload_tensor_intrinsics
 from ._analysis import NotApplicable
 from ._analysis import uniform as _uniform
 
-__all__ = ["GEMM_VARIANTS", "schedule_gemm_tensorcore"]
+__all__ = ["GEMM_VARIANTS", "MAX_BLOCK_N", "pad_n", "schedule_gemm_tensorcore"]
 
 #: The structural variants (one design space each).
 GEMM_VARIANTS = ("pipelined", "plain")
 
 _PAD = (1, 128, 128, 64)
+
+#: The largest block tile along N: 16 x warps (<= 4) x wmma tiles per warp (<= 4).
+MAX_BLOCK_N = 256
+
+
+def pad_n(extent) -> int:
+    """Multiple the (normalized) N extent is padded to: 128 as dlight, or :data:`MAX_BLOCK_N`
+    where the 128-padded extent is not a multiple of it (every sampled block tile along N then
+    divides the padded N). A symbolic extent keeps 128."""
+    try:
+        n = int(extent)
+    except TypeError:
+        return _PAD[2]
+    tiles = -(-n // _PAD[2])
+    return MAX_BLOCK_N if (tiles * _PAD[2]) % MAX_BLOCK_N else _PAD[2]
 
 
 def normalize_matmul(sch: s_tir.Schedule, main) -> None:
@@ -109,7 +129,8 @@ def schedule_gemm_tensorcore(sch: s_tir.Schedule, *, variant: str = "pipelined")
 
     # ---- normalize to C[S, I, J] += A[S, I, K] * B[S, J, K] and pad (as dlight) ---------------
     normalize_matmul(sch, main)
-    sch.pad_einsum(main, list(_PAD))
+    n_extent = sch.get(main).iter_vars[2].dom.extent
+    sch.pad_einsum(main, [_PAD[0], _PAD[1], pad_n(n_extent), _PAD[3]])
     batch, i, j, k, block_outer = tile_16x16x16(sch, main)
     block_inner = main
 
