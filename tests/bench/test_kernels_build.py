@@ -41,7 +41,7 @@ def test_the_attention_row_reads_the_stored_template_of_the_committed_database()
     from tuning.attention_tc import TCConfig
 
     stored = json.loads((Path(__file__).parents[2] / "databases/sm_90/gpt2-q0f16/attention.json").read_text())
-    entry = stored["kernels"][0]
+    entry = next(e for e in stored["kernels"] if e.get("kernel", "batch_prefill_ragged_kv") == "batch_prefill_ragged_kv")
     key = attention_key(get_config("gpt2"), "float16")
     cfg = kernels.stored_prefill_config(stored, key)
     assert entry["best"]["template"] == "tc" and isinstance(cfg, TCConfig)
