@@ -1,4 +1,5 @@
-"""Offline check of a database: every line parses and every record replays on its workload and builds.
+"""Offline check of a database: every line parses and every record replays on its workload and builds,
+and every stored attention choice (``attention.json``) parses and builds for the target.
 
 The numerical check of each committed record ran when it was committed (``prune_best`` with
 ``tuning.verify.verify_record`` on the card that measured it: tuned kernel vs untuned kernel on
@@ -19,7 +20,7 @@ from tvm.target import Target
 from .builder import build_kernel
 from .database import DatabaseIntegrityWarning, TunedDatabase
 
-__all__ = ["ValidationReport", "validate_database"]
+__all__ = ["ValidationReport", "validate_attention", "validate_database"]
 
 
 @dataclasses.dataclass
@@ -30,15 +31,53 @@ class ValidationReport:
     replayed: int
     built: int
     failures: list[str]
+    attention: int = 0
+    attention_built: int = 0
 
     def ok(self) -> bool:
-        """True when every line parsed and every record replayed and built."""
-        return not self.failures and self.records == self.built
+        """True when every line parsed, every record replayed and built, and every stored
+        attention choice built."""
+        return not self.failures and self.records == self.built and self.attention == self.attention_built
 
     def line(self) -> str:
         """One summary line."""
         return (f"{self.records} records: {self.replayed} replayed, {self.built} built"
+                + (f"; attention.json: {self.attention_built} of {self.attention} built" if self.attention else "")
                 + (f", {len(self.failures)} failed" if self.failures else ""))
+
+
+def validate_attention(path: str | Path, *, target: Target, build: bool = True) -> tuple[int, int, list[str]]:
+    """Check the stored attention choices of the database at ``path``: ``(entries, built, failures)``.
+
+    The file must parse (:func:`tuning.attention.read_attention`), and each entry's kernel is
+    generated from its stored template and constants and built for ``target`` as compile would
+    (:func:`tuning.builder.build_kernel`). Only CUDA targets (the KV cache's kernels are GPU
+    templates); nothing is checked for other targets. Never writes.
+    """
+    # pylint: disable=import-outside-toplevel
+    from .attention import AttentionError, AttentionKey, config_of, make_prefill_kernel, read_attention
+    from .attention_decode import DECODE_KERNEL, make_decode_kernel
+
+    if target.kind.name != "cuda":
+        return 0, 0, []
+    try:
+        doc = read_attention(path)
+    except AttentionError as err:
+        return 1, 0, [f"attention.json: {err}"]
+    entries = (doc or {}).get("kernels", [])
+    built, failures = 0, []
+    for i, entry in enumerate(entries):
+        try:
+            key = AttentionKey(**entry["key"])
+            cfg = config_of(entry["best"].get("template", "simt"), entry["best"]["config"])
+            make = make_decode_kernel if entry["kernel"] == DECODE_KERNEL else make_prefill_kernel
+            func = make(cfg, key, target)
+            if build:
+                build_kernel(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+            built += 1
+        except Exception as err:  # pylint: disable=broad-except
+            failures.append(f"attention.json entry {i} ({entry.get('kernel')}): {_reason(err)}")
+    return len(entries), built, failures
 
 
 def _reason(err: Exception) -> str:
@@ -82,5 +121,6 @@ def validate_database(path: str | Path, *, target: Target, build: bool = True) -
         except Exception as err:  # pylint: disable=broad-except
             failures.append(f"record {i}: {_reason(err)}")
     total = len(records) + len(db.bad_lines)
+    n_att, att_built, att_failures = validate_attention(path, target=target, build=build)
     return ValidationReport(records=total, replayed=replayed, built=built if build else replayed,
-                            failures=failures)
+                            failures=failures + att_failures, attention=n_att, attention_built=att_built)
