@@ -262,6 +262,55 @@ def _build_library(*, config, quantization: str, target, database: DatabaseInfo 
                                  if res.coverage is not None else None)}, res.exported
 
 
+def ensure_library(*, config, quantization: str, target, database: DatabaseInfo | None = None,
+                   cuda_graph: bool = False, cache_dir: str | Path | None = None, use_cache: bool = True):
+    """The library of one variant in the cache: built unless already there (no device needed: a
+    CUDA library can be built on a machine without a GPU and carried to one, ``scripts/prebuild_libs.py``).
+
+    Returns
+    -------
+    (lib_dir, key, meta, cache_hit, build_s, exported)
+        ``lib_dir / "lib.so"`` is the library; ``exported`` is the ``ExportedModel`` of a fresh
+        build (``None`` on a cache hit).
+    """
+    cuda_graph = bool(cuda_graph) and target.kind.name == "cuda"  # meaningless elsewhere: one cache entry
+    key, parts = library_key(config=config, quantization=quantization, target=target,
+                             database_hash=database.hash if database else None, cuda_graph=cuda_graph)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    lib_dir = root / key
+    lib = lib_dir / "lib.so"
+    hit = use_cache and lib.is_file() and (lib_dir / "meta.json").is_file()
+    build_s = 0.0
+    exported = None
+    if hit:
+        meta = json.loads((lib_dir / "meta.json").read_text())
+    else:
+        t0 = time.perf_counter()
+        if use_cache:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+            try:
+                built, exported = _build_library(config=config, quantization=quantization, target=target,
+                                                 database=database, cuda_graph=cuda_graph, out=tmp / "lib.so")
+                meta = dict(parts, **built, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                            database_path=str(database.path) if database else None)
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+                try:
+                    os.replace(tmp, lib_dir)
+                except OSError:  # another run won the race: use theirs
+                    pass
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            lib_dir = Path(tempfile.mkdtemp(prefix="gpt2k-lib-"))
+            lib = lib_dir / "lib.so"
+            meta, exported = _build_library(config=config, quantization=quantization, target=target,
+                                            database=database, cuda_graph=cuda_graph, out=lib)
+        build_s = time.perf_counter() - t0
+    return lib_dir, key, meta, hit, build_s, exported
+
+
 def load_engine(*, config, quantization: str, device: str, target, params_fp32: dict[str, np.ndarray],
                 database: DatabaseInfo | None = None, cuda_graph: bool = False,
                 cache_dir: str | Path | None = None, use_cache: bool = True,
@@ -299,40 +348,10 @@ def load_engine(*, config, quantization: str, device: str, target, params_fp32: 
     from gpt2_model.runtime import Engine
 
     cuda_graph = bool(cuda_graph) and target.kind.name == "cuda"  # meaningless elsewhere: one cache entry
-    key, parts = library_key(config=config, quantization=quantization, target=target,
-                             database_hash=database.hash if database else None, cuda_graph=cuda_graph)
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    lib_dir = root / key
+    lib_dir, key, meta, hit, build_s, exported = ensure_library(
+        config=config, quantization=quantization, target=target, database=database, cuda_graph=cuda_graph,
+        cache_dir=cache_dir, use_cache=use_cache)
     lib = lib_dir / "lib.so"
-    hit = use_cache and lib.is_file() and (lib_dir / "meta.json").is_file()
-    build_s = 0.0
-    exported = None
-    if hit:
-        meta = json.loads((lib_dir / "meta.json").read_text())
-    else:
-        t0 = time.perf_counter()
-        if use_cache:
-            root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
-            try:
-                built, exported = _build_library(config=config, quantization=quantization, target=target,
-                                                 database=database, cuda_graph=cuda_graph, out=tmp / "lib.so")
-                meta = dict(parts, **built, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                            database_path=str(database.path) if database else None)
-                (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-                try:
-                    os.replace(tmp, lib_dir)
-                except OSError:  # another run won the race: use theirs
-                    pass
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            lib_dir = Path(tempfile.mkdtemp(prefix="gpt2k-lib-"))
-            lib = lib_dir / "lib.so"
-            meta, exported = _build_library(config=config, quantization=quantization, target=target,
-                                            database=database, cuda_graph=cuda_graph, out=lib)
-        build_s = time.perf_counter() - t0
     if exported is None:  # cache hit: the same export (bucket entry points included) as the build
         exported = export_model(config, quantization=quantization, target=target,
                                 buckets=meta.get("buckets") or None)

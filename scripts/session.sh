@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Steps run on the GPU machine (device tool), each with its own time limit; results under $OUT.
 #   bash scripts/session.sh STEP [STEP ...]
-# Steps: env gputests gputests-extra gputests-new gputests-graph decode-check mma-check peer-diag bench-decode bench-prefill bench-kernels tune restore profile
+# Steps: libs env gputests gputests-extra gputests-new gputests-graph decode-check mma-check peer-diag bench-decode bench-prefill bench-kernels tune restore profile
 # (settings through environment variables)
 set -uo pipefail
 export PYTHONPATH=/opt/devsite:$PWD
@@ -10,6 +10,9 @@ export GPT2K_CACHE_DIR=/root/keep/libs
 log() { echo "== $(date +%T) $*"; }
 for step in "$@"; do
   case $step in
+    libs)
+      # libraries built off the device (scripts/prebuild_libs.py --cache-dir .devlibs, carried): into the cache bench reads
+      mkdir -p "$GPT2K_CACHE_DIR"; if [ -d .devlibs ]; then cp -r .devlibs/. "$GPT2K_CACHE_DIR/"; ls "$GPT2K_CACHE_DIR"; else echo "no .devlibs carried"; fi ;;
     env)
       nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw,clocks_throttle_reasons.active --format=csv | tee "$OUT/env.txt"
       python -c "import tvm; d=tvm.cuda(0); print('tvm', tvm.__version__, d.exist, d.compute_version)" | tee -a "$OUT/env.txt" ;;
