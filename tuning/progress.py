@@ -1,8 +1,12 @@
 """Progress of a tuning run: phase lines, one line per measured batch with a measured-rate ETA.
 
-The rate is measured from the end of the first measured batch on: the first batch also pays for
-design-space generation and cost-model start-up, and counting it made the ETA of a run tens of
-minutes when it ended in under one.
+The rate is measured from the end of the first round on (the first measured batch of every
+searched task): those batches also pay for design-space generation, the builds of a whole
+population and cost-model start-up, and counting them made the ETA of a run tens of minutes when
+it ended in under one. MetaSchedule reports a round's batches together when it joins them (on an
+H200, 2026-12-02: five tasks' first batches 0.2 s apart after 2m38s of work), so a rate measured
+from the first batch alone read 10,000 trials/min; until the first round is over the rate is the
+session's average.
 """
 
 from __future__ import annotations
@@ -87,10 +91,10 @@ class ProgressCallback(PyMeasureCallback):
         left = max(0, min(left_global, left_tasks))
         now = time.monotonic()
         elapsed = now - st["t0"]
-        if "first" not in st:  # rate is measured after the first batch (see module doc)
+        if "first" not in st and st["round"] >= len(st["ids"]):  # the first round is over (module doc)
             st["first"] = (now, session)
-        t1, n1 = st["first"]
-        if session > n1 and now > t1:
+        t1, n1 = st.get("first", (None, None))
+        if t1 is not None and session > n1 and now > t1:
             rate = (session - n1) / (now - t1)
         else:
             rate = session / elapsed if elapsed > 0 else None
