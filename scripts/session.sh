@@ -3,6 +3,15 @@
 #   bash scripts/session.sh STEP [STEP ...]
 # Steps: libs env gputests gputests-extra gputests-new gputests-graph decode-check mma-check peer-diag bench-decode bench-prefill bench-kernels tune restore profile
 # (settings through environment variables)
+# Plan a session's device time (30 min, start-ups included; lessons of 2026-12-02):
+#  - build the TVM libraries here first, after the last code change (the cache key hashes the
+#    source): `python scripts/prebuild_libs.py --cache-dir .devlibs`, carry `.devlibs` with p2
+#    (~12 MB beside p2's 48 MB) and start with the `libs` step; a bench call without them spends
+#    ~4 minutes building the untuned and tuned libraries on the device.
+#  - `tune` verifies and commits only after its search: give TUNE_LIMIT a minute beyond the search
+#    (a b32 search that ended 9 s before its limit stored nothing).
+#  - bench decode + prefill with four variants took ~12 device minutes with builds; keep one run
+#    per table and ask for the variants the table needs.
 set -uo pipefail
 export PYTHONPATH=/opt/devsite:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
