@@ -8,8 +8,9 @@
 #    source): `python scripts/prebuild_libs.py --cache-dir .devlibs`, carry `.devlibs` with p2
 #    (~12 MB beside p2's 48 MB) and start with the `libs` step; a bench call without them spends
 #    ~4 minutes building the untuned and tuned libraries on the device.
-#  - `tune` verifies and commits only after its search: give TUNE_LIMIT a minute beyond the search
-#    (a b32 search that ended 9 s before its limit stored nothing).
+#  - `tune` verifies and commits only after its search: bound the search with SEARCH_MIN (tune
+#    --search-minutes) and give TUNE_LIMIT a minute or two beyond it (a b32 search that ended 9 s
+#    before an outside limit stored nothing).
 #  - bench decode + prefill with four variants took ~12 device minutes with builds; keep one run
 #    per table and ask for the variants the table needs.
 set -uo pipefail
@@ -48,7 +49,7 @@ for step in "$@"; do
     tune)
       # PHASES, BATCHES, CHUNKS, TRIALS, KINDS, SPACE, QUANT select the run; the committed database comes back in $OUT/db-QUANT.tgz
       q=${QUANT:-q0f16}
-      log tune $q; timeout ${TUNE_LIMIT:-540} python -m tuning.cli --arch sm_90 --quantization $q --phases ${PHASES:-decode} --batch-buckets ${BATCHES:-8} --prefill-buckets ${CHUNKS:-1024} --trials-per-task ${TRIALS:-32} --space ${SPACE:-llm} ${KINDS:+--kinds $KINDS} --work-dir /root/keep/work-$q > "$OUT/tune_$q.log" 2>&1; grep -v "Warning: Fast" "$OUT/tune_$q.log" | grep -v "^\[round" | tail -40
+      log tune $q; timeout ${TUNE_LIMIT:-540} python -m tuning.cli --arch sm_90 --quantization $q --phases ${PHASES:-decode} --batch-buckets ${BATCHES:-8} --prefill-buckets ${CHUNKS:-1024} --trials-per-task ${TRIALS:-32} --space ${SPACE:-llm} ${KINDS:+--kinds $KINDS} ${SEARCH_MIN:+--search-minutes $SEARCH_MIN} --work-dir /root/keep/work-$q > "$OUT/tune_$q.log" 2>&1; grep -v "Warning: Fast" "$OUT/tune_$q.log" | grep -v "^\[round" | tail -40
       mkdir -p /root/keep/db-$q; cp databases/sm_90/gpt2-$q/* /root/keep/db-$q/; tar czf "$OUT/db-$q.tgz" -C databases/sm_90 gpt2-$q; ls -la databases/sm_90/gpt2-$q ;;
     restore)
       # later calls start from the working tree's copy: put back what this machine tuned so far

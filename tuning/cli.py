@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rpc-tracker", default=None, help="HOST:PORT of a TVM RPC tracker to measure on remote cards")
     p.add_argument("--rpc-key", default=None, help="device key the RPC servers registered with")
     p.add_argument("--workers", type=int, default=None, help="parallel build workers (default: CPU count)")
+    p.add_argument("--search-minutes", type=float, default=None, metavar="M",
+                   help="stop starting new search batches after M minutes (the untuned baselines before "
+                        "and the verification and commit after still run; a rerun resumes). Default: no limit")
     p.add_argument("--seed", type=int, default=0, help="random seed of the search (default 0)")
     p.add_argument("--space", default="llm", choices=SPACES,
                    help="design space: llm (our LLM-aware spaces + dlight + generic), generic (MetaSchedule's), "
@@ -91,7 +94,7 @@ def config_from_args(args: argparse.Namespace) -> TuneConfig:
         trials_per_task=args.trials_per_task, prefill_buckets=as_list(args.prefill_buckets),
         batch_buckets=as_list(args.batch_buckets), phases=args.phases, kinds=args.kinds,
         database_dir=args.database_dir, work_dir=args.work_dir, rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
-        workers=args.workers, seed=args.seed, space=args.space, list_kernels=args.list_kernels,
+        workers=args.workers, search_minutes=args.search_minutes, seed=args.seed, space=args.space, list_kernels=args.list_kernels,
         validate=args.validate, repair=args.repair, wait=args.wait)
 
 

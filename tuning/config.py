@@ -55,6 +55,7 @@ class TuneConfig:  # pylint: disable=too-many-instance-attributes
     rpc_key: str | None = None
     workers: int | None = None
     seed: int = 0
+    search_minutes: float | None = None
     space: str = "llm"
     list_kernels: bool = False
     validate: bool = False
@@ -68,6 +69,8 @@ class TuneConfig:  # pylint: disable=too-many-instance-attributes
             raise TuneError(f"--trials must be a positive integer, got {self.trials}")
         if self.workers is not None and self.workers <= 0:
             raise TuneError(f"--workers must be a positive integer, got {self.workers}")
+        if self.search_minutes is not None and not self.search_minutes > 0:
+            raise TuneError(f"--search-minutes must be a positive number, got {self.search_minutes}")
         for flag, values in (("--prefill-buckets", self.prefill_buckets), ("--batch-buckets", self.batch_buckets)):
             if not values or any(not isinstance(v, int) or v <= 0 for v in values):
                 raise TuneError(f"{flag}: expected positive integers, got {values}")

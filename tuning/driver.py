@@ -198,6 +198,7 @@ def _tune_kernels(config: TuneConfig, task_list, *, target, work_dir: Path, comm
         seed=config.seed,
         untuned_rules=dlight_rules(target),
         progress=lambda p: _say(p.format()),
+        search_seconds=None if config.search_minutes is None else 60.0 * config.search_minutes,
         log=lambda m: _say(f"[{'baseline' if m.startswith('untuned') else 'search'}] {m}"),
         meta={"model": name, "quantization": scheme.name, "buckets": all_buckets, "run_buckets": buckets,
               "config_hash": model_cfg.model_hash(), "trials": total, "trials_per_task": per_task,

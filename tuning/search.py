@@ -43,11 +43,20 @@ class SearchConfig:
     module_equality: str = "structural"
     quiet: bool = True
     progress: Callable[[TuneProgress], None] | None = None
+    #: Wall seconds after which no new batch is generated (None: no limit); what was measured is kept.
+    search_seconds: float | None = None
 
 
 class _SharedBudget:
-    def __init__(self, remaining: int):
+    def __init__(self, remaining: int, *, deadline: float | None = None):
         self.remaining = remaining
+        self.deadline = deadline  # time.monotonic() after which no new batch starts
+        self.expired = False
+
+    def time_left(self) -> bool:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.expired = True
+        return not self.expired
 
 
 @derived_object
@@ -78,7 +87,7 @@ class BudgetedSearch(PySearchStrategy):
 
     def generate_measure_candidates(self):
         allowed = min(self.budget - self.used, self.shared.remaining)
-        if allowed <= 0:
+        if allowed <= 0 or not self.shared.time_left():
             return None
         cands = self.inner.generate_measure_candidates()
         if cands is None:
@@ -148,8 +157,11 @@ def _setup_logs(work_dir: Path, names: list[str], *, quiet: bool):
     return loggers, restore
 
 
-def run_search(tasks, *, target, work_dir: Path, database, builder, runner, config: SearchConfig) -> None:
-    """Search every task with budget left (stored search trials count against the budgets)."""
+def run_search(tasks, *, target, work_dir: Path, database, builder, runner, config: SearchConfig) -> bool:
+    """Search every task with budget left (stored search trials count against the budgets).
+
+    Returns True when ``config.search_seconds`` ran out before the budget (no batch was started
+    after it; the measured ones are in the database), False otherwise."""
     c = config
     max_trials_global, max_trials_per_task, space = c.max_trials_global, c.max_trials_per_task, c.space
     stored = {}
@@ -172,11 +184,12 @@ def run_search(tasks, *, target, work_dir: Path, database, builder, runner, conf
         len(todo), len(tasks), sum(stored.values()), global_left,
     )
     if not todo or global_left == 0:
-        return
+        return False
 
     loggers, restore = _setup_logs(work_dir, [t.name for t, _ in todo], quiet=c.quiet)
     try:
-        shared = _SharedBudget(global_left)
+        shared = _SharedBudget(global_left, deadline=(None if c.search_seconds is None
+                                                      else time.monotonic() + float(c.search_seconds)))
         ctxs = []
         for (task, task_space), task_logger, rand in zip(todo, loggers,
                                                          fork_seed(c.seed, n=len(todo))):
@@ -221,5 +234,6 @@ def run_search(tasks, *, target, work_dir: Path, database, builder, runner, conf
                 seed=-1 if c.seed is None else int(c.seed)),
             module_equality=c.module_equality,
         )
+        return shared.expired
     finally:
         restore()

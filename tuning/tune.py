@@ -38,7 +38,7 @@ from .database import TunedDatabase
 from .dbfiles import UNTUNED_FILE, read_json, write_meta
 from .intrinsics import preload_tensor_intrinsics
 from .lock import DirLock
-from .progress import TuneProgress
+from .progress import TuneProgress, fmt_secs
 from .runner import make_local_runner
 from .search import SearchConfig, run_search
 from .tasks import TuneTask, check_tasks, stored_trials_all
@@ -71,6 +71,7 @@ def tune_tasks(
     quiet: bool = True,
     wait: bool = False,
     log: Callable[[str], None] | None = None,
+    search_seconds: float | None = None,
 ) -> ms.database.JSONDatabase:
     """Tune tasks with MetaSchedule into the JSON database in ``work_dir`` (resumable).
 
@@ -123,6 +124,9 @@ def tune_tasks(
         :class:`tuning.lock.LockedError` naming the holder).
     log : callable, optional
         Receives one line as each phase starts (untuned baselines n/N, search).
+    search_seconds : float, optional
+        Wall-clock limit of the search phase: no new batch starts after it, the measured records
+        stay (and the caller's verification and commit still run); a rerun resumes. None: no limit.
 
     Returns
     -------
@@ -148,7 +152,7 @@ def tune_tasks(
             max_trials_global=max_trials_global, max_trials_per_task=max_trials_per_task,
             num_trials_per_iter=num_trials_per_iter, space=space, seed=seed, cost_model=cost_model,
             strategy_options=strategy_options or {}, num_tuning_cores=num_tuning_cores,
-            module_equality=module_equality, quiet=quiet, progress=progress)
+            module_equality=module_equality, quiet=quiet, progress=progress, search_seconds=search_seconds)
         _run(tasks, target=target, work_dir=work_dir, database=database, builder=builder,
              runner=runner, search=search, measure_untuned=measure_untuned,
              untuned_rules=untuned_rules, log=log)
@@ -169,8 +173,11 @@ def _run(tasks, *, target, work_dir: Path, database, builder, runner, search: Se
                               runner=runner, rules=untuned_rules, work_dir=work_dir, log=log)
         if log is not None:
             log("search: MetaSchedule evolutionary search (progress after every measured batch)")
-        run_search(tasks, target=target, work_dir=work_dir, database=database, builder=builder,
-                   runner=runner, config=search)
+        expired = run_search(tasks, target=target, work_dir=work_dir, database=database, builder=builder,
+                             runner=runner, config=search)
+        if expired and log is not None:
+            log(f"search: time limit of {fmt_secs(search.search_seconds)} reached: no new batch started; "
+                "what was measured is kept (a rerun resumes with the remaining trials)")
     finally:
         if own_builder:
             builder.shutdown()

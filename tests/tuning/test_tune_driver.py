@@ -305,3 +305,31 @@ def test_gpu_tune_verify_prune(tmp_path):
     out = tvm.runtime.tensor(np.zeros((256, 256), "float32"), device=dev)
     lib["main"](*(tvm.runtime.tensor(x, device=dev) for x in (a, b, bias)), out)
     np.testing.assert_allclose(out.numpy(), matmul_bias_reference(a, b, bias), rtol=1e-4, atol=1e-4)
+
+
+def test_search_time_limit_stops_new_batches_and_keeps_what_was_measured(tmp_path, cpu_target, measure):
+    """``search_seconds`` (``tune --search-minutes``): once it is over no batch starts, the run ends
+    normally with what was measured stored, and a rerun without the limit resumes the budget. On an
+    H200 a run killed by an outside limit after its search lost everything (2026-12-02)."""
+    lines, reports = [], []
+    work = tmp_path / "work"
+    db = tune_tasks([TuneTask("mm", matmul_bias())], target=cpu_target, work_dir=work, max_trials_global=400,
+                    max_trials_per_task=400, progress=reports.append, log=lines.append, search_seconds=1e-3,
+                    **measure, **FAST)
+    n_after_limit = stored_trials(db, matmul_bias())[0]
+    assert n_after_limit < 400 and sum(r.session_trials > 0 for r in reports) <= 1
+    assert any("time limit of" in line and "reached" in line for line in lines), lines
+    assert (work / RECORD_FILE).is_file() and read_meta(work)["trials_used"] == n_after_limit
+    lines.clear()
+    db = tune_tasks([TuneTask("mm", matmul_bias())], target=cpu_target, work_dir=work, max_trials_global=8,
+                    max_trials_per_task=8, progress=reports.append, log=lines.append, **measure, **FAST)
+    assert stored_trials(db, matmul_bias())[0] == max(8, n_after_limit)
+    assert not any("time limit" in line for line in lines)
+
+
+def test_search_minutes_must_be_positive():
+    from tuning.config import TuneConfig, TuneError
+
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(TuneError, match="--search-minutes"):
+            TuneConfig(arch="cpu", search_minutes=bad)
