@@ -246,12 +246,12 @@ def _peer_figures(row: dict, peer_us: float | None) -> None:
 def stored_prefill_config(attention: dict | None, key):
     """The stored ``batch_prefill_ragged_kv`` choice of an ``attention.json`` for ``key`` (its template's
     config object, as compile applies it: SIMT constants or the tensor-core template), or ``None``."""
-    from tuning.attention import config_of
+    from tuning.attention import AttentionKey, stored_best
 
     for entry in (attention or {}).get("kernels", []):
         if (entry.get("kernel", "batch_prefill_ragged_kv") == "batch_prefill_ragged_kv"
-                and entry["key"] == {"h_kv": key.h_kv, "h_q": key.h_q, "d": key.d, "dtype": key.dtype}):
-            return config_of(entry["best"].get("template", "simt"), entry["best"]["config"])
+                and AttentionKey(**entry["key"]) == key):
+            return stored_best(entry)
     return None
 
 

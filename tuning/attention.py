@@ -84,6 +84,8 @@ __all__ = [
     "measure_ragged_prefill",
     "prefill_candidates",
     "read_attention",
+    "stored_best",
+    "KERNEL_MAKERS",
     "reference_causal_attention",
     "ragged_prefill_args",
     "tune_attention",
@@ -244,6 +246,15 @@ def make_prefill_kernel(cfg, key: AttentionKey, target):
     return make_ragged_prefill(cfg, key, target)
 
 
+#: The generator of each tuned KV-cache kernel (called with config None: TVM's own kernel).
+KERNEL_MAKERS = {RAGGED_PREFILL: make_prefill_kernel, DECODE_KERNEL: make_decode_kernel}
+
+
+def stored_best(entry: dict):
+    """The configuration object of an ``attention.json`` entry's stored choice (its template's)."""
+    return config_of(entry["best"].get("template", "simt"), entry["best"]["config"])
+
+
 # ------------------------------------------------------------------------------------------------
 # attention.json
 # ------------------------------------------------------------------------------------------------
@@ -300,14 +311,14 @@ def apply_attention(mod, db_dir: str | os.PathLike | None, *, key: AttentionKey,
     for entry in doc["kernels"]:
         if AttentionKey(**entry["key"]) != key or entry["kernel"] not in names:
             continue
-        best = config_of(entry["best"].get("template", "simt"), entry["best"]["config"])
+        best, make = stored_best(entry), KERNEL_MAKERS[entry["kernel"]]
         if entry["kernel"] == DECODE_KERNEL:
-            default_label, make = "its own kernel", make_decode_kernel
+            default_label = "its own kernel"
         else:
             default = default_prefill_config(key, target)
             if best == default:
                 continue
-            default_label, make = default.label(), make_prefill_kernel
+            default_label = default.label()
         gv = names[entry["kernel"]]
         current = mod[gv]
         # compare and replace with the module's own function attributes (global_symbol, and

@@ -55,8 +55,7 @@ def validate_attention(path: str | Path, *, target: Target, build: bool = True) 
     templates); nothing is checked for other targets. Never writes.
     """
     # pylint: disable=import-outside-toplevel
-    from .attention import AttentionError, AttentionKey, config_of, make_prefill_kernel, read_attention
-    from .attention_decode import DECODE_KERNEL, make_decode_kernel
+    from .attention import KERNEL_MAKERS, AttentionError, AttentionKey, read_attention, stored_best
 
     if target.kind.name != "cuda":
         return 0, 0, []
@@ -69,9 +68,7 @@ def validate_attention(path: str | Path, *, target: Target, build: bool = True) 
     for i, entry in enumerate(entries):
         try:
             key = AttentionKey(**entry["key"])
-            cfg = config_of(entry["best"].get("template", "simt"), entry["best"]["config"])
-            make = make_decode_kernel if entry["kernel"] == DECODE_KERNEL else make_prefill_kernel
-            func = make(cfg, key, target)
+            func = KERNEL_MAKERS[entry["kernel"]](stored_best(entry), key, target)
             if build:
                 build_kernel(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
             built += 1
