@@ -152,10 +152,12 @@ def _cpu_smoke_kernels(out: str):
     return specs, [os.path.join(out, f"{s['name']}.so") for s in specs]
 
 
-def _build_kernels(build_only: bool):
-    """Every tensor-core candidate, TVM's SIMT kernel (default and tuned constants), and a GQA pair."""
+def _build_kernels(build_only: bool, only: str = "all"):
+    """Every tensor-core candidate, TVM's SIMT kernel (default and tuned constants), and a GQA pair;
+    with ``only="mma"``: the mma.sync candidates, the committed wmma choice, TVM's default and an
+    mma GQA pair."""
     from tuning.attention import AttentionKey, PrefillConfig, _build_all, make_ragged_prefill  # pylint: disable=import-outside-toplevel
-    from tuning.attention_tc import TCConfig, make_tc_ragged_prefill, tc_candidates  # pylint: disable=import-outside-toplevel
+    from tuning.attention_tc import TCConfig, make_tc_ragged_prefill, mma_candidates, tc_candidates  # pylint: disable=import-outside-toplevel
     from gpt2_model.device import detect_cuda_arch  # pylint: disable=import-outside-toplevel
     from tuning.targets import make_target  # pylint: disable=import-outside-toplevel
 
@@ -163,15 +165,19 @@ def _build_kernels(build_only: bool):
     key = AttentionKey(12, 12, 64, "float16")
     gqa = AttentionKey(2, 4, 64, "float16")
     specs, funcs = [], []
-    for c in tc_candidates(key, target):
+    tcs = (tc_candidates(key, target) if only == "all"
+           else [TCConfig(1, 16, prefetch=True, kv_warps=4)] + mma_candidates(key, target))
+    for c in tcs:
         specs.append({"name": c.label().replace(" ", "_"), "h_kv": 12, "h_q": 12})
         funcs.append(make_tc_ragged_prefill(c, key, target))
     specs.append({"name": "simt_default", "h_kv": 12, "h_q": 12})
     funcs.append(make_ragged_prefill(None, key, target))
-    specs.append({"name": "simt_tuned", "h_kv": 12, "h_q": 12})
-    funcs.append(make_ragged_prefill(PrefillConfig(**SIMT_TUNED), key, target))
-    specs.append({"name": "tc_gqa_warps2_tk64_prefetch", "h_kv": 2, "h_q": 4})
-    funcs.append(make_tc_ragged_prefill(TCConfig(2, 64, prefetch=True), gqa, target))
+    if only == "all":
+        specs.append({"name": "simt_tuned", "h_kv": 12, "h_q": 12})
+        funcs.append(make_ragged_prefill(PrefillConfig(**SIMT_TUNED), key, target))
+    gqa_cfg = TCConfig(2, 64, prefetch=True, mma=only == "mma")
+    specs.append({"name": f"tc_gqa_{gqa_cfg.label().replace(' ', '_')}", "h_kv": 2, "h_q": 4})
+    funcs.append(make_tc_ragged_prefill(gqa_cfg, gqa, target))
     specs.append({"name": "simt_gqa", "h_kv": 2, "h_q": 4})
     funcs.append(make_ragged_prefill(None, gqa, target))
     t0 = time.time()
@@ -188,12 +194,14 @@ def main() -> None:
     ap.add_argument("--child", default=None)
     ap.add_argument("--build-only", action="store_true", help="build for sm_90 and stop (no GPU needed)")
     ap.add_argument("--cpu-smoke", action="store_true", help="run the checks on TVM's CPU kernel (plumbing test)")
+    ap.add_argument("--only", choices=("all", "mma"), default="all",
+                    help="mma: only the mma.sync candidates (with the committed wmma choice and TVM's default)")
     args = ap.parse_args()
     if args.child:
         for spec in json.loads(args.child):
             print("RESULT " + json.dumps(run_one(spec)), flush=True)
         return
-    specs, paths = _cpu_smoke_kernels(args.out) if args.cpu_smoke else _build_kernels(args.build_only)
+    specs, paths = _cpu_smoke_kernels(args.out) if args.cpu_smoke else _build_kernels(args.build_only, args.only)
     if args.build_only:
         return
     results, todo = {}, []

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Steps run on the GPU machine (device tool), each with its own time limit; results under $OUT.
 #   bash scripts/session.sh STEP [STEP ...]
-# Steps: libs env gputests gputests-extra gputests-new gputests-graph decode-check mma-check peer-diag bench-decode bench-prefill bench-kernels tune restore profile
+# Steps: libs env host-profile rpc-gpu gputests gputests-extra gputests-new gputests-graph decode-check mma-check peer-diag bench-decode bench-prefill bench-kernels tune restore profile
 # (settings through environment variables)
 # Plan a session's device time (30 min, start-ups included; lessons of 2026-12-02):
 #  - build the TVM libraries here first, after the last code change (the cache key hashes the
@@ -45,7 +45,13 @@ for step in "$@"; do
     bench-prefill)
       log bench prefill; timeout 420 python -m bench.cli prefill ${DB:+--database $DB} --seq-len 128,512,1024 --variants ${VARIANTS:-untuned,tuned,torch-compile,torch-eager} ${BENCH_ARGS:-} --json "$OUT/prefill${TAG:-}.json" 2>&1 | tail -30 | tee "$OUT/prefill${TAG:-}.txt" ;;
     bench-kernels)
-      log bench kernels; timeout 420 python -m bench.cli kernels ${DB:+--database $DB} --phase ${KPHASE:-decode} --batch 8 --seq-len 1024 --json "$OUT/kernels_${KPHASE:-decode}.json" 2>&1 | tail -40 | tee "$OUT/kernels_${KPHASE:-decode}.txt" ;;
+      log bench kernels; timeout 420 python -m bench.cli kernels ${DB:+--database $DB} --phase ${KPHASE:-decode} --batch ${KBATCH:-8} --seq-len ${KSEQ:-1024} --json "$OUT/kernels_${KPHASE:-decode}${TAG:-}.json" 2>&1 | tail -40 | tee "$OUT/kernels_${KPHASE:-decode}${TAG:-}.txt" ;;
+    host-profile)
+      # where a graph-mode step's host time goes (scripts/step_profile.py --host), tuned library
+      log host-profile; timeout ${HP_LIMIT:-240} python scripts/step_profile.py --host --out "$OUT" --variants tuned ${DB:+--database $DB} --prefill 128,512,1024 --decode 1,8,32 --steps 32 2>&1 | grep -v "^USDT\|Warning" | tail -60 ;;
+    rpc-gpu)
+      # issue 16 on one GPU: a tracker and two --no-fork servers sharing the card, a server killed mid-run
+      log rpc-gpu; timeout ${RPC_LIMIT:-300} python -m pytest -m gpu -q -s -p no:cacheprovider tests/tuning/test_rpc_gpu.py 2>&1 | grep -v Warning | tail -30 | tee "$OUT/rpc_gpu.txt" ;;
     tune)
       # PHASES, BATCHES, CHUNKS, TRIALS, KINDS, SPACE, QUANT select the run; the committed database comes back in $OUT/db-QUANT.tgz
       q=${QUANT:-q0f16}

@@ -56,6 +56,52 @@ def _profile(fn, *, steps: int, sync) -> tuple[float, list[dict]]:
     return wall, _kernel_table(prof, steps)
 
 
+class _HostClock:
+    """Host time inside named engine calls (perf_counter around each), for ``--host``."""
+
+    def __init__(self):
+        self.us: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def wrap(self, obj, name: str, label: str | None = None) -> None:
+        fn = getattr(obj, name)
+        label = label or name
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.us[label] += (time.perf_counter() - t0) * 1e6
+                self.calls[label] += 1
+
+        setattr(obj, name, timed)
+
+
+def _host_phases(engine, fn, *, steps: int, sync) -> dict:
+    """Wall per call of ``fn`` (synchronised) and the host µs per call spent in each engine phase."""
+    clock = _HostClock()
+    for name in ("begin_forward", "end_forward", "synchronize", "add_sequence", "remove_sequence", "_check_prompt",
+                 "_flush_aux", "_pages"):
+        if hasattr(engine, name):
+            clock.wrap(engine, name)
+    if getattr(engine, "graphs", None) is not None:
+        for name in ("run", "load_prompt", "load_ids"):
+            clock.wrap(engine.graphs, name, f"graphs.{name}")
+    for _ in range(3):
+        fn()
+    sync()
+    clock.us.clear()
+    clock.calls.clear()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync()
+    wall_us = (time.perf_counter() - t0) * 1e6 / steps
+    phases = {k: {"us_per_step": v / steps, "calls_per_step": clock.calls[k] / steps} for k, v in clock.us.items()}
+    return {"wall_us": wall_us, "phases": dict(sorted(phases.items(), key=lambda kv: -kv[1]["us_per_step"]))}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -68,6 +114,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--top", type=int, default=14)
+    ap.add_argument("--host", action="store_true",
+                    help="instead of kernels: host µs per step in each engine phase, CUDA graphs on")
     args = ap.parse_args(argv)
 
     from bench.checks import open_tvm_variant, release
@@ -87,6 +135,8 @@ def main(argv=None) -> int:
         print(line, flush=True)
         lines.append(line)
 
+    if args.host:
+        return _main_host(args, s, pre, dec, out, emit, lines)
     for variant in s.variants:
         engine, info, _ = open_tvm_variant(s, variant, cuda_graph=False, cache_dir=None, max_batch=max(dec or [1]),
                                            max_tokens=max(dec or [1]) * (args.prompt_len + 4 * args.steps + 16) + 2048,
@@ -125,6 +175,51 @@ def main(argv=None) -> int:
             emit(f"   {k['us_per_step']:9.1f} us  {k['calls_per_step']:6.1f}x  {k['kernel'][:90]}")
     (out / "profile.json").write_text(json.dumps({"env": s.env, "results": results}, indent=1, default=str))
     (out / "profile.txt").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+def _main_host(args, s, pre, dec, out, emit, lines) -> int:
+    """``--host``: where the host time of a graph-mode step goes (the GPU waits for it)."""
+    from bench.checks import open_tvm_variant, release
+    from bench.runners import TvmDecodeRunner, TvmPrefillRunner
+
+    results = []
+    for variant in s.variants:
+        engine, _, _ = open_tvm_variant(s, variant, cuda_graph=True, cache_dir=None, max_batch=max(dec or [1]),
+                                        max_tokens=max(dec or [1]) * (args.prompt_len + 4 * args.steps + 64) + 2048,
+                                        check=False, untuned_logits=None, log=lambda m: print(m, file=sys.stderr))
+        sync = engine.device.sync
+        for n in pre:
+            r = TvmPrefillRunner(engine, variant=variant)
+
+            def once(r=r, n=n):
+                r.prepare(batch=1, seq_len=n)
+                try:
+                    r.run()
+                    sync()
+                finally:
+                    r.cleanup()
+
+            res = _host_phases(engine, once, steps=args.steps, sync=sync)
+            res.update(variant=variant, scenario=f"prefill {n}", graph_ms=engine.graphs.replay_ms() if getattr(engine, "graphs", None) else None)
+            results.append(res)
+        for b in dec:
+            r = TvmDecodeRunner(engine, variant=variant)
+            r.start(batch=b, prompt_len=args.prompt_len, gen_len=4 * args.steps + 40)
+            try:
+                res = _host_phases(engine, r.step, steps=args.steps, sync=sync)
+                res.update(variant=variant, scenario=f"decode b{b}", graph_ms=engine.graphs.replay_ms() if getattr(engine, "graphs", None) else None)
+            finally:
+                r.stop()
+            results.append(res)
+        release(engine)
+    for res in results:
+        emit(f"== {res['variant']} {res['scenario']} (graphs on): wall {res['wall_us']:.1f} us/step, "
+             f"graph alone {1e3 * (res['graph_ms'] or 0):.1f} us")
+        for k, v in res["phases"].items():
+            emit(f"   {v['us_per_step']:9.1f} us  {v['calls_per_step']:5.1f}x  {k}")
+    (out / "host_profile.json").write_text(json.dumps({"env": s.env, "results": results}, indent=1, default=str))
+    (out / "host_profile.txt").write_text("\n".join(lines) + "\n")
     return 0
 
 

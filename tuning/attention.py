@@ -63,7 +63,7 @@ import numpy as np
 from .attention_measure import (measure_ragged_prefill, prefill_scalars, ragged_prefill_args,  # noqa: F401 - re-exported
                                 reference_causal_attention, reference_causal_lse)
 from .attention_decode import DECODE_KERNEL, DecodeConfig, DecodeError, make_decode_kernel
-from .attention_tc import TCConfig, TCError, make_tc_ragged_prefill, tc_candidates, template_of
+from .attention_tc import TCConfig, TCError, make_tc_ragged_prefill, mma_candidates, tc_candidates, template_of
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ __all__ = [
     "make_ragged_prefill",
     "measure_ragged_prefill",
     "prefill_candidates",
+    "search_candidates",
     "read_attention",
     "stored_best",
     "KERNEL_MAKERS",
@@ -182,6 +183,29 @@ def prefill_candidates(key: AttentionKey, target, *, num_blks: Sequence[int] = (
                         c = PrefillConfig(num_blks=nb, tile_x=tx, tile_z=tz, num_warps=w, load_vec=v)
                         if c != default and is_legal(c, key, target):
                             out.append(c)
+    return out
+
+
+def search_candidates(key: AttentionKey, target, templates: Sequence[str] | None = None,
+                      stored: dict | None = None) -> list:
+    """The prefill search's candidates of the families ``templates`` (``simt``: TVM's template's grid,
+    ``tc``: the wmma tensor-core grid, ``mma``: its mma.sync variant; default all), TVM's own
+    choice first, plus ``stored`` (an ``attention.json`` entry) 's choice, so that a narrowed search
+    is always measured against what the database holds."""
+    templates = tuple(templates) if templates else ("simt", "tc", "mma")
+    out = prefill_candidates(key, target) if "simt" in templates else [default_prefill_config(key, target)]
+    if "tc" in templates:
+        out += [c for c in tc_candidates(key, target) if not c.mma]
+    if "mma" in templates:
+        out += mma_candidates(key, target)
+    if stored is not None and stored.get("kernel") == RAGGED_PREFILL and stored.get("key") == asdict(key):
+        try:
+            best = stored_best(stored)
+        except (KeyError, TypeError) as err:  # an entry this version cannot read: searched without it
+            logger.warning("attention.json's stored prefill choice is unreadable (%s); not re-timed", err)
+        else:
+            if best not in out:
+                out.append(best)
     return out
 
 

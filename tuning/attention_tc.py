@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["TCConfig", "TCError", "is_tc_legal", "make_tc_ragged_prefill",
+__all__ = ["TCConfig", "TCError", "is_tc_legal", "make_tc_ragged_prefill", "mma_candidates",
            "tc_candidates", "tc_shared_bytes", "template_of"]
 
 _LOG2E = math.log2(math.e)
@@ -58,14 +58,21 @@ class TCConfig:
     row_lanes: int = 2  # lanes sharing a query row's softmax (1: both lanes of a row scan all of it)
     prefetch: bool = False  # load the next K/V tile into registers while computing this one
     kv_warps: int = 1  # warps splitting each key step (of kv_warps * tile_k keys) per row group; merged at the end
+    mma: bool = False  # mma.sync m16n8k16 with S, P and O in registers (tuning.attention_mma); row_lanes unused
 
     def label(self) -> str:
+        if self.mma:
+            return (f"tc mma warps={self.num_warps} tile={16 * self.num_warps}x{self.tile_k}"
+                    f"{' prefetch' if self.prefetch else ''}")
         return (f"tc warps={self.num_warps}x{self.kv_warps} tile={16 * self.num_warps}x{self.kv_warps * self.tile_k}"
                 f" lanes={self.row_lanes}{' prefetch' if self.prefetch else ''}")
 
 
 def tc_shared_bytes(cfg: TCConfig, d: int) -> int:
-    """Static shared memory of one block (bytes): Q/P, K, V tiles (fp16, padded rows) and S (fp32)."""
+    """Static shared memory of one block (bytes): Q/P, K, V tiles (fp16, padded rows) and S (fp32);
+    with ``mma``: Q, K and Vᵀ tiles only (fp16, padded rows)."""
+    if cfg.mma:
+        return 2 * (16 * cfg.num_warps * (d + 8) + cfg.tile_k * (d + 8) + d * (cfg.tile_k + 8))
     nw, tk = cfg.num_warps * cfg.kv_warps, cfg.tile_k
     half = 2 * (16 * nw * (max(d, tk) + 8) + 2 * cfg.kv_warps * tk * (d + 8))
     return half + 4 * 16 * nw * (max(tk, d) + 4 + 2 * (cfg.kv_warps > 1))
@@ -77,6 +84,11 @@ def is_tc_legal(cfg: TCConfig, key, target=None) -> bool:
     limit = 48 * 1024
     if target is not None and "max_shared_memory_per_block" in target.attrs:
         limit = int(target.attrs["max_shared_memory_per_block"])
+    if cfg.mma:
+        return (str(key.dtype) == "float16" and key.d % 16 == 0 and key.h_q % key.h_kv == 0
+                and cfg.num_warps in (1, 2, 4, 8) and cfg.tile_k in (16, 32, 64, 128) and cfg.kv_warps == 1
+                and (not cfg.prefetch or cfg.tile_k * key.d <= 64 * 32 * cfg.num_warps)
+                and tc_shared_bytes(cfg, key.d) <= limit)
     return (str(key.dtype) == "float16" and key.d % 16 == 0 and key.h_q % key.h_kv == 0
             and cfg.num_warps in (1, 2, 4, 8) and cfg.tile_k in (16, 32, 64, 128) and cfg.row_lanes in (1, 2)
             and cfg.kv_warps in (1, 2, 4) and cfg.num_warps * cfg.kv_warps <= 8
@@ -87,8 +99,15 @@ def is_tc_legal(cfg: TCConfig, key, target=None) -> bool:
 def tc_candidates(key, target=None) -> list[TCConfig]:
     """The legal configurations of the tensor-core template's search grid."""
     # row_lanes=1 is kept as a knob but not searched: slower at every size on an H200 (2026-12-01)
-    return [c for w in (1, 2, 4, 8) for kw in (1, 2, 4) for tk in (16, 32, 64, 128) for pf in (False, True)
+    wmma = [c for w in (1, 2, 4, 8) for kw in (1, 2, 4) for tk in (16, 32, 64, 128) for pf in (False, True)
             if is_tc_legal(c := TCConfig(num_warps=w, tile_k=tk, prefetch=pf, kv_warps=kw), key, target)]
+    return wmma + mma_candidates(key, target)
+
+
+def mma_candidates(key, target=None) -> list[TCConfig]:
+    """The legal configurations of the register-resident mma.sync variant (``mma=True``)."""
+    return [c for w in (1, 2, 4, 8) for tk in (32, 64, 128) for pf in (False, True)
+            if is_tc_legal(c := TCConfig(num_warps=w, tile_k=tk, prefetch=pf, mma=True), key, target)]
 
 
 def template_of(cfg) -> str:
@@ -109,6 +128,10 @@ def make_tc_ragged_prefill(cfg: TCConfig, key, target=None):  # pylint: disable=
 
     if not is_tc_legal(cfg, key, target):
         raise TCError(f"tensor-core attention {cfg.label()} is not supported for {key.label()}")
+    if cfg.mma:
+        from .attention_mma import make_mma_ragged_prefill  # pylint: disable=import-outside-toplevel
+
+        return make_mma_ragged_prefill(cfg, key)
     h_kv, h_q, d, dtype = key.h_kv, key.h_q, key.d, key.dtype
     group = h_q // h_kv
     ks, tk = cfg.kv_warps, cfg.tile_k
@@ -360,3 +383,4 @@ def make_tc_ragged_prefill(cfg: TCConfig, key, target=None):  # pylint: disable=
                                             lse[q_start + pos_out, by * group + r_out % group] = ms[0] + T.log2(ms[1])
 
     return batch_prefill_ragged_kv
+

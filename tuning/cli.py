@@ -25,7 +25,7 @@ from gpt2_model.cli_common import add_arch_arg, add_quantization_arg, positive_i
 
 # Parsing and --help import nothing of TVM (≈10 s): tuning.config is plain Python, and the
 # driver (which imports TVM) is imported in main() only after the arguments are parsed.
-from .config import KINDS, PHASES, SPACES, TuneConfig, TuneError
+from .config import ATTENTION_TEMPLATES, KINDS, PHASES, SPACES, TuneConfig, TuneError
 
 DEFAULT_PREFILL = "128,256,512,1024,2048"
 DEFAULT_BATCH = "1,2,4,8,16,32,64"
@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-minutes", type=float, default=None, metavar="M",
                    help="stop starting new search batches after M minutes (the untuned baselines before "
                         "and the verification and commit after still run; a rerun resumes). Default: no limit")
+    p.add_argument("--attention-templates", default=None, metavar="T,...",
+                   help=f"prefill attention search: only these candidate families, of {', '.join(ATTENTION_TEMPLATES)} "
+                        "(TVM's SIMT template, the wmma tensor-core one, its mma.sync register-resident variant); "
+                        "TVM's own kernel and the database's stored choice are always timed with them. Default all")
     p.add_argument("--seed", type=int, default=0, help="random seed of the search (default 0)")
     p.add_argument("--space", default="llm", choices=SPACES,
                    help="design space: llm (our LLM-aware spaces + dlight + generic), generic (MetaSchedule's), "
@@ -94,7 +98,8 @@ def config_from_args(args: argparse.Namespace) -> TuneConfig:
         trials_per_task=args.trials_per_task, prefill_buckets=as_list(args.prefill_buckets),
         batch_buckets=as_list(args.batch_buckets), phases=args.phases, kinds=args.kinds,
         database_dir=args.database_dir, work_dir=args.work_dir, rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
-        workers=args.workers, search_minutes=args.search_minutes, seed=args.seed, space=args.space, list_kernels=args.list_kernels,
+        workers=args.workers, search_minutes=args.search_minutes,
+        attention_templates=args.attention_templates, seed=args.seed, space=args.space, list_kernels=args.list_kernels,
         validate=args.validate, repair=args.repair, wait=args.wait)
 
 

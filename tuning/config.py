@@ -9,12 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-__all__ = ["KINDS", "PHASES", "SPACES", "TuneConfig", "TuneError"]
+__all__ = ["ATTENTION_TEMPLATES", "KINDS", "PHASES", "SPACES", "TuneConfig", "TuneError"]
 
 PHASES = ("decode", "prefill")
 #: Kernel kinds of the partition (``tuning.partition.classify``) plus the KV cache's attention.
 KINDS = ("gemv", "gemm", "reduction", "elementwise", "attention")
 SPACES = ("llm", "generic", "dlight")
+#: Families of prefill attention candidates (``tuning.attention``): TVM's SIMT template, the wmma
+#: tensor-core template, its register-resident mma.sync variant.
+ATTENTION_TEMPLATES = ("simt", "tc", "mma")
 
 
 class TuneError(ValueError):
@@ -56,6 +59,7 @@ class TuneConfig:  # pylint: disable=too-many-instance-attributes
     workers: int | None = None
     seed: int = 0
     search_minutes: float | None = None
+    attention_templates: tuple[str, ...] | None = None
     space: str = "llm"
     list_kernels: bool = False
     validate: bool = False
@@ -77,6 +81,8 @@ class TuneConfig:  # pylint: disable=too-many-instance-attributes
         self.phases = _names(self.phases, PHASES, "--phases")
         if self.kinds is not None:
             self.kinds = _names(self.kinds, KINDS, "--kinds")
+        if self.attention_templates is not None:
+            self.attention_templates = _names(self.attention_templates, ATTENTION_TEMPLATES, "--attention-templates")
         if self.space not in SPACES:
             raise TuneError(f"--space: unknown {self.space} (choose from {', '.join(SPACES)})")
         if self.rpc_tracker and not self.rpc_key:

@@ -24,7 +24,7 @@ from gpt2_model.device import detect_cuda_arch
 from gpt2_model.export import export_model
 from gpt2_model.quantization import get_scheme
 
-from .attention import tune_attention
+from .attention import RAGGED_PREFILL, attention_key, read_attention, search_candidates, tune_attention
 from .attention_decode_tune import tune_decode_attention
 from .config import TuneConfig, TuneError
 from .database import DatabaseIntegrityWarning, TunedDatabase, database_path, merge_untuned, prune_best
@@ -232,8 +232,16 @@ def _tune_attention(config: TuneConfig, *, model_cfg, scheme, target, committed:
         return
     _say(f"[attention] searching the KV cache's prefill attention kernel at lengths {list(lengths)}")
     previous = read_meta(committed) or {}
+    candidates = None
+    if config.attention_templates is not None:
+        key = attention_key(model_cfg, scheme.activation_dtype)
+        stored = next((e for e in (read_attention(committed) or {}).get("kernels", [])
+                       if e.get("kernel") == RAGGED_PREFILL), None)
+        candidates = search_candidates(key, target, config.attention_templates, stored=stored)
+        _say(f"attention: templates {','.join(config.attention_templates)}: {len(candidates)} candidates "
+             "(with TVM's kernel and the stored choice)")
     doc = tune_attention(model_cfg, dtype=scheme.activation_dtype, target=target, out_dir=committed, lengths=lengths,
-                         workers=config.workers, log=_say)
+                         candidates=candidates, workers=config.workers, log=_say)
     if not previous:  # an attention-only run on a new database still names what it is for
         write_meta(committed, target=target, **meta)
     entry = doc["kernels"][0]

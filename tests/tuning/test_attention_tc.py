@@ -122,8 +122,10 @@ def test_unknown_template_is_one_clear_error(tmp_path, sm90):
 
 
 @pytest.mark.gpu
-def test_tc_kernel_matches_numpy_on_gpu():
-    """On a CUDA GPU: output and lse of a causal 300-token prefill match NumPy."""
+@pytest.mark.parametrize("cfg", [TC.TCConfig(4, 64), TC.TCConfig(4, 64, prefetch=True, mma=True),
+                                 TC.TCConfig(2, 32, mma=True)])
+def test_tc_kernel_matches_numpy_on_gpu(cfg):
+    """On a CUDA GPU: output and lse of a causal 300-token prefill match NumPy (wmma and mma.sync)."""
     from tuning.targets import detect_local_cuda_arch
 
     dev = tvm.cuda(0)
@@ -131,7 +133,7 @@ def test_tc_kernel_matches_numpy_on_gpu():
         pytest.skip("no CUDA GPU")
     target = make_target(detect_local_cuda_arch())
     key = A.AttentionKey(4, 4, 64, "float16")
-    func = TC.make_tc_ragged_prefill(TC.TCConfig(4, 64), key, target)
+    func = TC.make_tc_ragged_prefill(cfg, key, target)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
     args, q, k, v, sm_scale = A.ragged_prefill_args(key, 300, device=dev, seed=1)
     lib["main"](*args, 1, 0, 1.0, 1.0, sm_scale)
@@ -165,3 +167,56 @@ def test_search_stores_the_tc_winner_and_rejects_a_wrong_one(tmp_path, sm90, mon
     assert {(r["template"], r["config"]["num_warps"]) for r in entry["screened"]} >= {("tc", 1), ("tc", 2)}
     stored = A.read_attention(tmp_path)["kernels"][0]["best"]
     assert A.config_of(stored["template"], stored["config"]) == good
+
+
+def test_mma_variant_candidates_legality_and_stored_form(sm90):
+    """The mma.sync variant: its own grid (fp16 only, static shared memory within 48 KiB), its label,
+    and the stored config round trip (records written before the field existed still load)."""
+    big = A.AttentionKey(12, 12, 64, "float16")
+    cands = TC.mma_candidates(big, sm90)
+    assert cands and all(c.mma and c.kv_warps == 1 for c in cands)
+    assert all(TC.tc_shared_bytes(c, 64) <= 48 * 1024 for c in cands)
+    assert TC.TCConfig(8, 128, mma=True) not in cands  # Q 128 rows + K 128 keys + Vᵀ: 53 KiB
+    assert set(cands) <= set(TC.tc_candidates(big, sm90))
+    assert TC.mma_candidates(A.AttentionKey(2, 2, 64, "float32"), sm90) == []
+    cfg = TC.TCConfig(4, 64, prefetch=True, mma=True)
+    assert cfg.label() == "tc mma warps=4 tile=64x64 prefetch" and TC.template_of(cfg) == "tc"
+    assert A.config_of("tc", asdict(cfg)) == cfg
+    assert A.config_of("tc", {"num_warps": 1, "tile_k": 16, "row_lanes": 2, "prefetch": True,
+                              "kv_warps": 4}).mma is False
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("cfg", [TC.TCConfig(4, 64, prefetch=True, mma=True), TC.TCConfig(2, 32, mma=True)])
+def test_mma_kernel_builds_for_sm90_with_register_fragments(sm90, cfg):
+    """The mma.sync variant lowers to m16n8k16 mma.sync with S, P and O in registers: no wmma, no
+    barrier inside a key step beyond the two around the K/V store, quad shuffles for the softmax,
+    and nvcc compiles it."""
+    from tvm.support import nvcc
+
+    func = TC.make_tc_ragged_prefill(cfg, A.AttentionKey(12, 12, 64, "float16"), sm90)
+    ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=sm90)
+    source = ex.mod.imports[0].inspect_source()
+    # per key step: (tile_k / 8) x (64 / 16) products for S and (tile_k / 16) x (64 / 8) for P V
+    assert source.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") == 2 * (cfg.tile_k // 8) * 4
+    assert "wmma::" not in source and f"__launch_bounds__({32 * cfg.num_warps})" in source
+    assert source.count("__syncthreads()") == 3  # after the Q load, and around each step's K/V store
+    assert source.count("__shfl_xor_sync") >= 6  # max and sum over the 4 lanes of rows g and g + 8
+    with sm90:
+        cubin = nvcc.compile_cuda(source, target_format="cubin", compiler="nvcc")
+    assert len(cubin) > 1000
+
+
+def test_search_candidates_by_family_keep_tvms_and_the_stored_choice(sm90):
+    key = A.AttentionKey(12, 12, 64, "float16")
+    default = A.default_prefill_config(key, sm90)
+    stored_cfg = TC.TCConfig(1, 16, prefetch=True, kv_warps=4)
+    stored = {"kernel": A.RAGGED_PREFILL, "key": asdict(key), "best": {"template": "tc", "config": asdict(stored_cfg)}}
+    only_mma = A.search_candidates(key, sm90, ["mma"], stored=stored)
+    assert only_mma[0] == default and stored_cfg in only_mma
+    assert [c for c in only_mma if c not in (default, stored_cfg)] == TC.mma_candidates(key, sm90)
+    every = A.search_candidates(key, sm90)
+    assert len(every) == len(A.prefill_candidates(key, sm90)) + len(TC.tc_candidates(key, sm90))
+    # another key's stored choice is not this search's
+    other = dict(stored, key=asdict(A.AttentionKey(2, 2, 64, "float16")))
+    assert stored_cfg not in A.search_candidates(key, sm90, ["mma"], stored=other)

@@ -333,3 +333,16 @@ def test_search_minutes_must_be_positive():
     for bad in (0, -1.0, float("nan")):
         with pytest.raises(TuneError, match="--search-minutes"):
             TuneConfig(arch="cpu", search_minutes=bad)
+
+
+def test_attention_templates_are_checked_and_reach_the_config():
+    """``tune --attention-templates``: a comma list of known families, one clear error otherwise."""
+    from tuning.cli import build_parser, config_from_args
+    from tuning.config import TuneConfig, TuneError
+
+    args = build_parser().parse_args(["--arch", "sm_90", "--kinds", "attention", "--attention-templates", "mma,tc"])
+    assert config_from_args(args).attention_templates == ("mma", "tc")
+    assert TuneConfig(arch="sm_90").attention_templates is None  # default: every family
+    for bad in ("wgmma", "mma,foo", ","):
+        with pytest.raises(TuneError, match="--attention-templates"):
+            TuneConfig(arch="sm_90", attention_templates=bad)
