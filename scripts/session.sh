@@ -51,11 +51,11 @@ for step in "$@"; do
       log host-profile; timeout ${HP_LIMIT:-240} python scripts/step_profile.py --host --out "$OUT" --variants tuned ${DB:+--database $DB} --prefill 128,512,1024 --decode 1,8,32 --steps 32 2>&1 | grep -v "^USDT\|Warning" | tail -60 ;;
     rpc-gpu)
       # issue 16 on one GPU: a tracker and two --no-fork servers sharing the card, a server killed mid-run
-      log rpc-gpu; timeout ${RPC_LIMIT:-300} python -m pytest -m gpu -q -s -p no:cacheprovider tests/tuning/test_rpc_gpu.py 2>&1 | grep -v Warning | tail -30 | tee "$OUT/rpc_gpu.txt" ;;
+      log rpc-gpu; timeout ${RPC_LIMIT:-300} python -m pytest -m gpu -q -s -p no:cacheprovider tests/tuning/test_rpc_gpu.py > "$OUT/rpc_gpu.txt" 2>&1; grep -v Warning "$OUT/rpc_gpu.txt" | tail -30 ;;
     tune)
-      # PHASES, BATCHES, CHUNKS, TRIALS, KINDS, SPACE, QUANT select the run; the committed database comes back in $OUT/db-QUANT.tgz
+      # PHASES, BATCHES, CHUNKS, TRIALS, KINDS, SPACE, QUANT, SEARCH_MIN, ATT_TEMPLATES select the run; the committed database comes back in $OUT/db-QUANT.tgz
       q=${QUANT:-q0f16}
-      log tune $q; timeout ${TUNE_LIMIT:-540} python -m tuning.cli --arch sm_90 --quantization $q --phases ${PHASES:-decode} --batch-buckets ${BATCHES:-8} --prefill-buckets ${CHUNKS:-1024} --trials-per-task ${TRIALS:-32} --space ${SPACE:-llm} ${KINDS:+--kinds $KINDS} ${SEARCH_MIN:+--search-minutes $SEARCH_MIN} --work-dir /root/keep/work-$q > "$OUT/tune_$q.log" 2>&1; grep -v "Warning: Fast" "$OUT/tune_$q.log" | grep -v "^\[round" | tail -40
+      log tune $q; timeout ${TUNE_LIMIT:-540} python -m tuning.cli --arch sm_90 --quantization $q --phases ${PHASES:-decode} --batch-buckets ${BATCHES:-8} --prefill-buckets ${CHUNKS:-1024} --trials-per-task ${TRIALS:-32} --space ${SPACE:-llm} ${KINDS:+--kinds $KINDS} ${SEARCH_MIN:+--search-minutes $SEARCH_MIN} ${ATT_TEMPLATES:+--attention-templates $ATT_TEMPLATES} --work-dir /root/keep/work-$q > "$OUT/tune_$q.log" 2>&1; grep -v "Warning: Fast" "$OUT/tune_$q.log" | grep -v "^\[round" | tail -40
       mkdir -p /root/keep/db-$q; cp databases/sm_90/gpt2-$q/* /root/keep/db-$q/; tar czf "$OUT/db-$q.tgz" -C databases/sm_90 gpt2-$q; ls -la databases/sm_90/gpt2-$q ;;
     restore)
       # later calls start from the working tree's copy: put back what this machine tuned so far

@@ -11,8 +11,12 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["measure_ragged_prefill", "ragged_prefill_args", "reference_causal_attention", "reference_causal_lse",
-           "prefill_scalars"]
+__all__ = ["BATCH_CASE", "measure_ragged_prefill", "ragged_batch_args", "ragged_prefill_args",
+           "reference_causal_attention", "reference_causal_lse", "prefill_scalars"]
+
+#: The ragged batch every candidate is also checked on (not timed): several sequences of uneven
+#: lengths in one call, so that tile scheduling across sequences and partial tiles are verified too.
+BATCH_CASE = (77, 200, 33, 1)
 
 
 def reference_causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, sm_scale: float) -> np.ndarray:
@@ -54,6 +58,41 @@ def ragged_prefill_args(key, n: int, *, device, seed: int = 0):
     return args, q, k, v, sm_scale
 
 
+def ragged_batch_args(key, lengths: Sequence[int], *, device, seed: int = 0):
+    """(positional args, q, k, v, indptr, sm_scale) of one causal prefill of a ragged batch: sequence
+    ``i`` has ``lengths[i]`` tokens (queries and keys alike, as in a fresh prefill chunk)."""
+    import tvm  # pylint: disable=import-outside-toplevel
+
+    n = int(sum(lengths))
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((n, key.h_q, key.d)).astype(key.dtype)
+    k = rng.standard_normal((n, key.h_kv, key.d)).astype(key.dtype)
+    v = rng.standard_normal((n, key.h_kv, key.d)).astype(key.dtype)
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    positions = np.concatenate([np.arange(m, dtype=np.int32) for m in lengths])
+    nd = lambda a: tvm.runtime.tensor(a, device)  # noqa: E731
+    sm_scale = 1.0 / math.sqrt(key.d)
+    args = [nd(q), nd(indptr), nd(k), nd(v), nd(indptr), nd(positions),
+            nd(np.zeros(len(lengths), np.int32)), nd(np.zeros((n, key.h_q, key.d), key.dtype)),
+            nd(np.zeros((n, key.h_q), np.float32))]
+    return args, q, k, v, indptr, sm_scale
+
+
+def _batch_error(fn, key, *, device, refs: dict) -> float:
+    """Max abs error (output and lse) of ``fn`` on :data:`BATCH_CASE` against NumPy, per sequence."""
+    args, q, k, v, indptr, sm_scale = ragged_batch_args(key, BATCH_CASE, device=device, seed=99)
+    fn(*args, *prefill_scalars(sm_scale))
+    device.sync()
+    if "batch" not in refs:
+        refs["batch"] = [(reference_causal_attention(q[a:b], k[a:b], v[a:b], sm_scale),
+                          reference_causal_lse(q[a:b], k[a:b], sm_scale)) for a, b in zip(indptr[:-1], indptr[1:])]
+    out, lse = args[7].numpy().astype(np.float32), args[8].numpy()
+    err = 0.0
+    for (a, b), (ref_out, ref_lse) in zip(zip(indptr[:-1], indptr[1:]), refs["batch"]):
+        err = max(err, float(np.abs(out[a:b] - ref_out).max()), float(np.abs(lse[a:b] - ref_lse).max()))
+    return err
+
+
 def prefill_scalars(sm_scale: float) -> tuple:
     # causal=1, rotary_mode=0 (GPT-2 has learned positions), rope_scale, rope_theta, sm_scale
     return (1, 0, 1.0, 1.0, sm_scale)
@@ -62,7 +101,8 @@ def prefill_scalars(sm_scale: float) -> tuple:
 def measure_ragged_prefill(lib, key, lengths: Sequence[int], *, device, number: int = 10,
                            repeat: int = 5, refs: dict | None = None) -> tuple[dict[int, float], float]:
     """Median µs per call at each length, and the max abs error against NumPy over all lengths
-    (of the output and of the base-2 ``lse``, which the KV cache merges with later chunks).
+    (of the output and of the base-2 ``lse``, which the KV cache merges with later chunks) and
+    over the ragged batch :data:`BATCH_CASE` (checked, not timed).
 
     ``lib`` is a runtime module whose ``main`` is a ``batch_prefill_ragged_kv`` kernel; ``refs``
     caches the NumPy references per length across candidates (same seeded inputs).
@@ -82,4 +122,5 @@ def measure_ragged_prefill(lib, key, lengths: Sequence[int], *, device, number: 
         te = lib.time_evaluator("main", device, number=number, repeat=repeat)
         res = te(*args, *prefill_scalars(sm_scale))
         times[int(n)] = float(np.median(res.results) * 1e6)
+    err = max(err, _batch_error(fn, key, device=device, refs=refs))
     return times, err

@@ -155,3 +155,36 @@ def test_compile_with_a_database_applies_and_reports_the_attention_choice(tmp_pa
     assert len(res.attention) == 1 and "blks=64 tile=16x64" in res.attention[0]
     untuned = build_model(config, quantization="q0f16", target=sm90, buckets={})
     assert untuned.attention == []
+
+
+def test_search_check_covers_a_ragged_batch():
+    """measure_ragged_prefill checks every candidate on a ragged batch of sequences too (not only one
+    sequence per length): a kernel that treats the batch as one sequence passes the single-sequence
+    lengths and fails there. TVM's own CPU kernel stands in for a candidate."""
+    from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_ragged_cpu
+
+    from tuning.attention_measure import BATCH_CASE, measure_ragged_prefill
+
+    key = A.AttentionKey(h_kv=2, h_q=2, d=16, dtype="float32")
+    func = _attention_prefill_ragged_cpu(key.h_kv, key.h_q, key.d, key.d, key.dtype, {})
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target="llvm").mod
+    dev = tvm.cpu()
+    times, err = measure_ragged_prefill(lib, key, [8, 24], device=dev, number=1, repeat=1)
+    assert set(times) == {8, 24} and all(t > 0 for t in times.values())
+    assert err < 1e-4  # float32 kernel vs float32 NumPy, the ragged batch included
+    assert len(BATCH_CASE) >= 3 and len(set(BATCH_CASE)) == len(BATCH_CASE)
+
+    class OneSequence:  # runs the real kernel as if the whole batch were one sequence
+        def __getitem__(self, name):
+            def run(q, q_indptr, k, v, kv_indptr, *rest):
+                n = q.shape[0]
+                whole = tvm.runtime.tensor(np.array([0, n], np.int32), dev)
+                offset = tvm.runtime.tensor(np.zeros(1, np.int32), dev)
+                return lib[name](q, whole, k, v, whole, rest[0], offset, *rest[2:])
+            return run
+
+        def time_evaluator(self, *a, **kw):
+            return lib.time_evaluator(*a, **kw)
+
+    _, wrong = measure_ragged_prefill(OneSequence(), key, [8, 24], device=dev, number=1, repeat=1)
+    assert wrong > 0.05

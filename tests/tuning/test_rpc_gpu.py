@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -51,14 +52,23 @@ def _tune(target, work_dir, runner, progress=None):
             "trials_per_min": 60.0 * (n_search + n_base) / wall}
 
 
+def _phase(msg: str, t0: float = time.perf_counter()) -> None:
+    """A progress line at once (a device call's time limit must not swallow where it stood)."""
+    print(f"[rpc-gpu {time.perf_counter() - t0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
 def test_two_servers_sharing_one_gpu_tune_and_survive_a_kill(tmp_path):
     target = _target()
+    _phase(f"target {target.attrs.get('arch')}: tuning with the local runner")
     local = _tune(target, tmp_path / "local", make_local_runner(min_repeat_ms=20))
+    _phase(f"local runner done: {local}; starting a tracker and two servers on GPU 0")
     with LocalRPC(key=KEY, n_servers=2, devices=["0", "0"]) as cluster:
         assert check_tracker(cluster.host, cluster.port, KEY)["free"] == 2
+        _phase("both servers registered; tuning over RPC")
         runner = make_rpc_runner(cluster.host, cluster.port, KEY, min_repeat_ms=20, max_workers=2,
                                  session_timeout_sec=60)
         rpc = _tune(target, tmp_path / "rpc", runner)
+        _phase(f"rpc done: {rpc}; tuning again, one server killed mid-run")
         victim, killed = cluster.servers[1], []
 
         def kill_one(progress):
@@ -70,6 +80,7 @@ def test_two_servers_sharing_one_gpu_tune_and_survive_a_kill(tmp_path):
                                  session_timeout_sec=60)
         after_kill = _tune(target, tmp_path / "killed", runner, progress=kill_one)
         assert killed and victim.proc.poll() is not None
+        _phase(f"run with a kill done: {after_kill}; verifying through the survivor")
         survivor = (cluster.host, cluster.port, KEY)
         assert check_tracker(*survivor)["free"] == 1
         kept = prune_best(tmp_path / "killed", out_path=tmp_path / "committed",
