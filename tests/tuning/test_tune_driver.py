@@ -346,3 +346,40 @@ def test_attention_templates_are_checked_and_reach_the_config():
     for bad in ("wgmma", "mma,foo", ","):
         with pytest.raises(TuneError, match="--attention-templates"):
             TuneConfig(arch="sm_90", attention_templates=bad)
+
+
+def test_attention_templates_narrow_the_prefill_search_and_keep_the_stored_choice(tmp_path, monkeypatch):
+    """The driver passes ``--attention-templates``' families (plus TVM's kernel and the stored
+    choice) to the attention search; without the flag the search gets no list (every family)."""
+    import shutil as _shutil
+
+    from gpt2_model.config import get_config
+    from gpt2_model.quantization import get_scheme
+    from tuning import driver
+    from tuning.attention import RAGGED_PREFILL, TCConfig, attention_key, read_attention, stored_best
+    from tuning.attention_tc import mma_candidates
+    from tuning.config import TuneConfig
+    from tuning.targets import make_target
+
+    committed = tmp_path / "db"
+    _shutil.copytree("databases/sm_90/gpt2-q0f16", committed)
+    seen = []
+
+    def fake_tune_attention(model_cfg, *, candidates=None, **kw):
+        seen.append(candidates)
+        return {"kernels": [{"kernel": RAGGED_PREFILL, "candidates": 0, "best": {"score": 0.5}}]}
+
+    monkeypatch.setattr(driver, "tune_attention", fake_tune_attention)
+    target, cfg = make_target("sm_90"), get_config("gpt2")
+    scheme = get_scheme("q0f16")
+    for templates in (("mma",), None):
+        config = TuneConfig(arch="sm_90", attention_templates=templates)
+        driver._tune_attention(config, model_cfg=cfg, scheme=scheme, target=target, committed=committed,  # pylint: disable=protected-access
+                               lengths=[128, 512, 1024], remote=False, meta={})
+    narrowed, full = seen
+    assert full is None
+    key = attention_key(cfg, scheme.activation_dtype)
+    entry = next(e for e in read_attention(committed)["kernels"] if e["kernel"] == RAGGED_PREFILL)
+    stored = stored_best(entry)  # the committed database's prefill choice
+    assert stored in narrowed and set(mma_candidates(key, target)) <= set(narrowed)
+    assert not any(isinstance(c, TCConfig) and not c.mma and c != stored for c in narrowed)
