@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -469,6 +470,9 @@ def tune_attention(config, *, dtype: str, target, out_dir: str | os.PathLike, le
     base = next((r for r in results if r["template"] == "simt" and r["config"] == asdict(default)), None)
     if base is None:
         raise AttentionError("TVM's own prefill attention kernel could not be measured on this device")
+    if not math.isfinite(base["max_abs_err"]):
+        raise AttentionError("TVM's own prefill attention kernel fails the NumPy check on this device "
+                             f"(error {base['max_abs_err']}): the search has no reference to trust")
     tol = max(2 * base["max_abs_err"], 2e-2 if "16" in dtype else 1e-4)
     _score(results, base)
     results.sort(key=lambda r: (not r["eligible"], r["score"]))

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["BATCH_CASE", "measure_ragged_prefill", "ragged_batch_args", "ragged_prefill_args",
+__all__ = ["BATCH_CASE", "abs_error", "measure_ragged_prefill", "ragged_batch_args", "ragged_prefill_args",
            "reference_causal_attention", "reference_causal_lse", "prefill_scalars"]
 
 #: The ragged batch every candidate is also checked on (not timed): several sequences of uneven
@@ -78,9 +78,25 @@ def ragged_batch_args(key, lengths: Sequence[int], *, device, seed: int = 0):
     return args, q, k, v, indptr, sm_scale
 
 
+def abs_error(got: np.ndarray, ref: np.ndarray) -> float:
+    """Max abs difference of a kernel's result from its reference; a NaN or inf anywhere in the
+    result is an infinite error (``max`` over NaN differences would silently give 0)."""
+    got = np.asarray(got, np.float32)
+    if not np.isfinite(got).all():
+        return float("inf")
+    return float(np.abs(got - ref).max())
+
+
+def _poison(args, key) -> None:
+    """Fill the output and lse buffers with NaN: an element the kernel does not write fails the check."""
+    args[7].copyfrom(np.full(args[7].shape, np.nan, key.dtype))
+    args[8].copyfrom(np.full(args[8].shape, np.nan, np.float32))
+
+
 def _batch_error(fn, key, *, device, refs: dict) -> float:
     """Max abs error (output and lse) of ``fn`` on :data:`BATCH_CASE` against NumPy, per sequence."""
     args, q, k, v, indptr, sm_scale = ragged_batch_args(key, BATCH_CASE, device=device, seed=99)
+    _poison(args, key)
     fn(*args, *prefill_scalars(sm_scale))
     device.sync()
     if "batch" not in refs:
@@ -89,7 +105,7 @@ def _batch_error(fn, key, *, device, refs: dict) -> float:
     out, lse = args[7].numpy().astype(np.float32), args[8].numpy()
     err = 0.0
     for (a, b), (ref_out, ref_lse) in zip(zip(indptr[:-1], indptr[1:]), refs["batch"]):
-        err = max(err, float(np.abs(out[a:b] - ref_out).max()), float(np.abs(lse[a:b] - ref_lse).max()))
+        err = max(err, abs_error(out[a:b], ref_out), abs_error(lse[a:b], ref_lse))
     return err
 
 
@@ -102,7 +118,9 @@ def measure_ragged_prefill(lib, key, lengths: Sequence[int], *, device, number: 
                            repeat: int = 5, refs: dict | None = None) -> tuple[dict[int, float], float]:
     """Median µs per call at each length, and the max abs error against NumPy over all lengths
     (of the output and of the base-2 ``lse``, which the KV cache merges with later chunks) and
-    over the ragged batch :data:`BATCH_CASE` (checked, not timed).
+    over the ragged batch :data:`BATCH_CASE` (checked, not timed). The outputs are NaN before each
+    checked call, and a non-finite result is an infinite error (2026-12-02: a candidate whose
+    output was NaN scored 0.0 through ``max`` and was stored).
 
     ``lib`` is a runtime module whose ``main`` is a ``batch_prefill_ragged_kv`` kernel; ``refs``
     caches the NumPy references per length across candidates (same seeded inputs).
@@ -113,12 +131,12 @@ def measure_ragged_prefill(lib, key, lengths: Sequence[int], *, device, number: 
     err = 0.0
     for i, n in enumerate(lengths):
         args, q, k, v, sm_scale = ragged_prefill_args(key, n, device=device, seed=i)
+        _poison(args, key)
         fn(*args, *prefill_scalars(sm_scale))
         device.sync()
         if n not in refs:
             refs[n] = reference_causal_attention(q, k, v, sm_scale), reference_causal_lse(q, k, sm_scale)
-        err = max(err, float(np.abs(args[7].numpy().astype(np.float32) - refs[n][0]).max()),
-                  float(np.abs(args[8].numpy() - refs[n][1]).max()))
+        err = max(err, abs_error(args[7].numpy(), refs[n][0]), abs_error(args[8].numpy(), refs[n][1]))
         te = lib.time_evaluator("main", device, number=number, repeat=repeat)
         res = te(*args, *prefill_scalars(sm_scale))
         times[int(n)] = float(np.median(res.results) * 1e6)

@@ -170,11 +170,14 @@ def make_mma_ragged_prefill(cfg, key):  # pylint: disable=too-many-locals,too-ma
                                 lim0: T.let[T.int32] = T.if_then_else(causal > 0, T.min(kv_n - q_n + pos0 + 1, kv_n), kv_n)
                                 lim1: T.let[T.int32] = T.if_then_else(causal > 0, T.min(kv_n - q_n + pos1 + 1, kv_n), kv_n)
                                 T.tvm_storage_sync("shared")
+                                # element-wise stores: a vectorized store would make TVM declare the
+                                # fragment array as half2, and the mma operand offsets (in halves) wrong
                                 for kk in T.unroll(nd16):
                                     for hh in T.unroll(2):  # columns +0 / +8 of the 16-wide step
                                         for h in T.unroll(2):  # rows g / g + 8
-                                            qf[T.ramp(kk * 8 + hh * 4 + h * 2, 1, 2)] = Q_smem[
-                                                T.ramp((ty * 16 + g + 8 * h) * dp + kk * 16 + hh * 8 + c4 * 2, 1, 2)]
+                                            for e in T.unroll(2):
+                                                qf[kk * 8 + hh * 4 + h * 2 + e] = Q_smem[
+                                                    (ty * 16 + g + 8 * h) * dp + kk * 16 + hh * 8 + c4 * 2 + e]
                                 if prefetch:
                                     load_kv(kv_reg, k, v, kv_start, kv_n, by, tid, 0)
                                 for it in T.serial(T.ceildiv(st[3], tk)):
@@ -197,8 +200,8 @@ def make_mma_ragged_prefill(cfg, key):  # pylint: disable=too-many-locals,too-ma
                                             sacc[j * 4 + e] = T.float32(0)
                                         for kk in T.unroll(nd16):
                                             for hh in T.unroll(2):
-                                                kb[T.ramp(hh * 2, 1, 2)] = K_smem[
-                                                    T.ramp((j * 8 + g) * dp + kk * 16 + hh * 8 + c4 * 2, 1, 2)]
+                                                for e in T.unroll(2):
+                                                    kb[hh * 2 + e] = K_smem[(j * 8 + g) * dp + kk * 16 + hh * 8 + c4 * 2 + e]
                                             mma(qf, kk * 8, kb, sacc, j * 4)
                                     # online softmax in base 2 of rows g (h=0) and g+8 (h=1)
                                     for h in T.unroll(2):
@@ -228,8 +231,8 @@ def make_mma_ragged_prefill(cfg, key):  # pylint: disable=too-many-locals,too-ma
                                     for kk in T.unroll(nk16):
                                         for j in T.unroll(nd8):
                                             for hh in T.unroll(2):
-                                                vb[T.ramp(hh * 2, 1, 2)] = Vt_smem[
-                                                    T.ramp((j * 8 + g) * tkp + kk * 16 + hh * 8 + c4 * 2, 1, 2)]
+                                                for e in T.unroll(2):
+                                                    vb[hh * 2 + e] = Vt_smem[(j * 8 + g) * tkp + kk * 16 + hh * 8 + c4 * 2 + e]
                                             mma(pf, kk * 8, vb, oacc, j * 4)
                                 for h in T.unroll(2):
                                     for lm in T.unroll(2):

@@ -188,3 +188,21 @@ def test_search_check_covers_a_ragged_batch():
 
     _, wrong = measure_ragged_prefill(OneSequence(), key, [8, 24], device=dev, number=1, repeat=1)
     assert wrong > 0.05
+
+    class WritesNothing(OneSequence):  # leaves the outputs as they were: NaN before each checked call
+        def __getitem__(self, name):
+            return lambda *args: None
+
+    _, nothing = measure_ragged_prefill(WritesNothing(), key, [8], device=dev, number=1, repeat=1)
+    assert nothing == float("inf")  # not 0.0: NaN differences must not vanish in max()
+
+
+def test_abs_error_treats_non_finite_results_as_infinitely_wrong():
+    from tuning.attention_measure import abs_error
+
+    ref = np.ones((3, 2), np.float32)
+    assert abs_error(ref + 0.25, ref) == pytest.approx(0.25)
+    for bad in (np.nan, np.inf, -np.inf):
+        got = ref.copy()
+        got[1, 1] = bad
+        assert abs_error(got, ref) == float("inf")

@@ -220,3 +220,21 @@ def test_search_candidates_by_family_keep_tvms_and_the_stored_choice(sm90):
     # another key's stored choice is not this search's
     other = dict(stored, key=asdict(A.AttentionKey(2, 2, 64, "float16")))
     assert stored_cfg not in A.search_candidates(key, sm90, ["mma"], stored=other)
+
+
+@pytest.mark.parametrize("cfg", [TC.TCConfig(4, 64, prefetch=True, mma=True), TC.TCConfig(1, 32, mma=True)])
+def test_mma_fragment_arrays_keep_half_elements(sm90, cfg):
+    """Every array an ``mma.sync`` operand points into is declared ``half`` / ``float``: the operand
+    offsets are counted in those elements. (2026-12-02, H200: vectorized stores into the Q fragments
+    made TVM declare them ``half2``, the k-step offsets pointed twice as far, and 18 of 19 candidates
+    failed the NumPy check.)"""
+    import re
+
+    func = TC.make_tc_ragged_prefill(cfg, A.AttentionKey(12, 12, 64, "float16"), sm90)
+    ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=sm90)
+    source = ex.mod.imports[0].inspect_source()
+    decl = dict((name, typ) for typ, name in re.findall(r"alignas\(\d+\) (\w+) (\w+)\[\d+\];", source))
+    operands = set(re.findall(r"\(\((?:unsigned|float) \*\)\((\w+) \+ \d+\)\)", source))
+    assert {"qf_ptr", "kb_ptr", "pf_ptr", "vb_ptr", "sacc_ptr", "oacc_ptr"} <= operands
+    for name in operands:
+        assert decl[name] in ("half", "float"), (name, decl[name])
