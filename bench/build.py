@@ -181,8 +181,12 @@ class DatabaseInfo:
 
 
 def database_hash(path: Path) -> str:
-    """SHA-256 over the names and bytes of the files of a database directory."""
-    files = [p for p in Path(path).rglob("*") if p.is_file()]
+    """SHA-256 over the names and bytes of the files of a database directory; hidden files (the
+    ``.tune.lock`` a tune leaves behind: ``tuning.lock`` never deletes its lock file) are not part
+    of the database. (On the H200 box a lock left by one call's tune changed the hash in the next
+    call and made bench rebuild a library carried there prebuilt: ~1 device minute, 2026-12-02.)"""
+    files = [p for p in Path(path).rglob("*")
+             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
     return _hash_files(files, root=Path(path))
 
 

@@ -6,6 +6,13 @@ them). This variant uses PTX ``mma.sync.m16n8k16`` instead, whose fragment layou
 and keeps S, P and O in registers (FlashAttention-2's arrangement, below). Same signature,
 semantics and search as the wmma kernel; :func:`tuning.attention_tc.make_tc_ragged_prefill`
 dispatches here for ``mma=True`` after the legality check.
+
+Verification: the search's NumPy check on the GPU, and on machines without one
+``tests/tuning/test_attention_mma_emulated.py`` (the generated CUDA run on the CPU through an
+emulation of threads, barriers, shuffles and ``mma.sync``). Fragment arrays must be written element
+by element: a vectorized store makes TVM declare the array ``half2``, and the ``mma`` operand
+offsets (counted in the array's elements) then point twice as far (the fault of the first H200 run,
+2026-12-02).
 """
 
 from __future__ import annotations

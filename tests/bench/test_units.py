@@ -500,3 +500,22 @@ def test_shapes_without_a_tuned_bucket():
     assert _untuned_shapes(s, {"phase": "prefill", "seq_len": 256}, b) is None  # two full chunks of 128
     assert _untuned_shapes(s, {"phase": "prefill", "seq_len": 300}, b) == "prefill chunk length(s) [44]"
     assert _untuned_shapes(s, {"phase": "prefill", "seq_len": 64}, {}) == "prefill chunk length(s) [64]"
+
+
+def test_database_hash_covers_the_database_files_but_not_a_leftover_lock(tmp_path):
+    """The library cache key's database hash changes with any database file's name or bytes, and
+    not with the hidden ``.tune.lock`` a finished tune leaves in the directory."""
+    from bench.build import database_hash
+
+    db = tmp_path / "db"
+    db.mkdir()
+    (db / "meta.json").write_text('{"arch": "sm_90"}')
+    (db / "attention.json").write_text("{}")
+    base = database_hash(db)
+    (db / ".tune.lock").write_text("")
+    assert database_hash(db) == base
+    (db / "attention.json").write_text('{"kernels": []}')
+    changed = database_hash(db)
+    assert changed != base
+    (db / "untuned.json").write_text("{}")
+    assert database_hash(db) != changed
