@@ -13,6 +13,11 @@
 #    before an outside limit stored nothing).
 #  - bench decode + prefill with four variants took ~12 device minutes with builds; keep one run
 #    per table and ask for the variants the table needs.
+#  - carry limit 64 MiB per call (tree ~6.5 MB): pack.sh's p2 (48 MB) leaves room for one ~6 MB
+#    library only if p1 is re-split smaller (2026-12-02): cat .devwheels/p1/tvm.part.* .devwheels/p2/tvm.part.* > /tmp/t.whl;
+#    rm .devwheels/p[12]/tvm.part.*; split -b 54m -d /tmp/t.whl .devwheels/p1/tvm.part.; mv .devwheels/p1/tvm.part.01 .devwheels/p2/
+#  - first GPU check of a hand-written kernel: its search (tune --kinds attention ...) before the
+#    benches, so a rejected candidate costs a minute and not a bench table.
 set -uo pipefail
 export PYTHONPATH=/opt/devsite:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
