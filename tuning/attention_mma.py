@@ -7,6 +7,11 @@ and keeps S, P and O in registers (FlashAttention-2's arrangement, below). Same 
 semantics and search as the wmma kernel; :func:`tuning.attention_tc.make_tc_ragged_prefill`
 dispatches here for ``mma=True`` after the legality check.
 
+Knobs (``TCConfig``): warps (16 query rows each), key tile, K/V prefetch into registers, and
+``stages=2``: K/V double-buffered in shared memory, the next tile stored into the other buffer after
+this one's products (TVM's ThreadSync still adds a barrier before that store: it does not tell the
+buffer halves apart).
+
 Verification: the search's NumPy check on the GPU, and on machines without one
 ``tests/tuning/test_attention_mma_emulated.py`` (the generated CUDA run on the CPU through an
 emulation of threads, barriers, shuffles and ``mma.sync``). Fragment arrays must be written element
@@ -51,7 +56,8 @@ def make_mma_ragged_prefill(cfg, key):  # pylint: disable=too-many-locals,too-ma
     vec = 8  # fp16 elements per 16-byte load
     q_chunks, kv_chunks = tq * d // vec, tk * d // vec
     n_ld = -(-kv_chunks // nthr)
-    prefetch = cfg.prefetch
+    stages = cfg.stages  # 2: K/V double-buffered in shared memory (register staging, one barrier per step)
+    prefetch = cfg.prefetch or stages == 2
     scale_log2 = _LOG2E
     f32 = "float32"
 
@@ -82,6 +88,17 @@ def make_mma_ragged_prefill(cfg, key):  # pylint: disable=too-many-locals,too-ma
                     kv_reg[T.ramp((n_ld + c) * vec, 1, vec)] = v[kv_start + it * tk + rv, by, T.ramp(cv, 1, vec)]
                 else:
                     kv_reg[T.ramp((n_ld + c) * vec, 1, vec)] = T.broadcast(T.cast(0, dtype), vec)
+
+    @T.macro
+    def store_kv(kv_reg: T.Buffer, K_smem: T.Buffer, Vt_smem: T.Buffer, tid: T.int32, stage: T.int32):
+        # K row-major (16-byte stores), V transposed (the B operand of P V), into buffer ``stage``
+        for c in T.unroll(n_ld):
+            if c * nthr + tid < kv_chunks:
+                K_smem[T.ramp(stage * (tk * dp) + (c * nthr + tid) // (d // vec) * dp + (c * nthr + tid) % (d // vec) * vec,
+                              1, vec)] = kv_reg[T.ramp(c * vec, 1, vec)]
+                for e in T.unroll(vec):
+                    Vt_smem[stage * (d * tkp) + ((c * nthr + tid) // tk * vec + e) * tkp + (c * nthr + tid) % tk] = \
+                        kv_reg[(n_ld + c) * vec + e]
 
     @T.prim_func(s_tir=True)
     def batch_prefill_ragged_kv(  # pylint: disable=too-many-branches,too-many-arguments
@@ -119,8 +136,8 @@ def make_mma_ragged_prefill(cfg, key):  # pylint: disable=too-many-locals,too-ma
                             T.reads()
                             T.writes()
                             Q_smem = T.sblock_alloc_buffer((tq * dp,), dtype, scope="shared")
-                            K_smem = T.sblock_alloc_buffer((tk * dp,), dtype, scope="shared")
-                            Vt_smem = T.sblock_alloc_buffer((d * tkp,), dtype, scope="shared")
+                            K_smem = T.sblock_alloc_buffer((stages * tk * dp,), dtype, scope="shared")
+                            Vt_smem = T.sblock_alloc_buffer((stages * d * tkp,), dtype, scope="shared")
                             qf = T.sblock_alloc_buffer((nd16 * 8,), dtype, scope="local")
                             kb = T.sblock_alloc_buffer((4,), dtype, scope="local")
                             vb = T.sblock_alloc_buffer((4,), dtype, scope="local")
@@ -187,20 +204,21 @@ def make_mma_ragged_prefill(cfg, key):  # pylint: disable=too-many-locals,too-ma
                                                     (ty * 16 + g + 8 * h) * dp + kk * 16 + hh * 8 + c4 * 2 + e]
                                 if prefetch:
                                     load_kv(kv_reg, k, v, kv_start, kv_n, by, tid, 0)
+                                if stages == 2:  # tile 0 into buffer 0, tile 1's loads in flight
+                                    store_kv(kv_reg, K_smem, Vt_smem, tid, 0)
+                                    T.tvm_storage_sync("shared")
+                                    load_kv(kv_reg, k, v, kv_start, kv_n, by, tid, 1)
                                 for it in T.serial(T.ceildiv(st[3], tk)):
-                                    T.tvm_storage_sync("shared")
-                                    if not prefetch:
-                                        load_kv(kv_reg, k, v, kv_start, kv_n, by, tid, it)
-                                    for c in T.unroll(n_ld):
-                                        if c * nthr + tid < kv_chunks:
-                                            K_smem[T.ramp((c * nthr + tid) // (d // vec) * dp + (c * nthr + tid) % (d // vec) * vec,
-                                                          1, vec)] = kv_reg[T.ramp(c * vec, 1, vec)]
-                                            for e in T.unroll(vec):
-                                                Vt_smem[((c * nthr + tid) // tk * vec + e) * tkp + (c * nthr + tid) % tk] = \
-                                                    kv_reg[(n_ld + c) * vec + e]
-                                    T.tvm_storage_sync("shared")
-                                    if prefetch:  # the next tile's loads fly while this one is computed
-                                        load_kv(kv_reg, k, v, kv_start, kv_n, by, tid, it + 1)
+                                    if stages == 1:
+                                        T.tvm_storage_sync("shared")
+                                        if not prefetch:
+                                            load_kv(kv_reg, k, v, kv_start, kv_n, by, tid, it)
+                                        store_kv(kv_reg, K_smem, Vt_smem, tid, 0)
+                                        T.tvm_storage_sync("shared")
+                                        if prefetch:  # the next tile's loads fly while this one is computed
+                                            load_kv(kv_reg, k, v, kv_start, kv_n, by, tid, it + 1)
+                                    ko: T.let[T.int32] = T.if_then_else(stages == 2, it % 2, 0) * (tk * dp)
+                                    vo: T.let[T.int32] = T.if_then_else(stages == 2, it % 2, 0) * (d * tkp)
                                     # S = Q Kᵀ: n-tile j holds keys 8j .. 8j + 7 of the step
                                     for j in T.unroll(nk8):
                                         for e in T.unroll(4):
@@ -208,7 +226,7 @@ def make_mma_ragged_prefill(cfg, key):  # pylint: disable=too-many-locals,too-ma
                                         for kk in T.unroll(nd16):
                                             for hh in T.unroll(2):
                                                 for e in T.unroll(2):
-                                                    kb[hh * 2 + e] = K_smem[(j * 8 + g) * dp + kk * 16 + hh * 8 + c4 * 2 + e]
+                                                    kb[hh * 2 + e] = K_smem[ko + (j * 8 + g) * dp + kk * 16 + hh * 8 + c4 * 2 + e]
                                             mma(qf, kk * 8, kb, sacc, j * 4)
                                     # online softmax in base 2 of rows g (h=0) and g+8 (h=1)
                                     for h in T.unroll(2):
@@ -239,8 +257,12 @@ def make_mma_ragged_prefill(cfg, key):  # pylint: disable=too-many-locals,too-ma
                                         for j in T.unroll(nd8):
                                             for hh in T.unroll(2):
                                                 for e in T.unroll(2):
-                                                    vb[hh * 2 + e] = Vt_smem[(j * 8 + g) * tkp + kk * 16 + hh * 8 + c4 * 2 + e]
+                                                    vb[hh * 2 + e] = Vt_smem[vo + (j * 8 + g) * tkp + kk * 16 + hh * 8 + c4 * 2 + e]
                                             mma(pf, kk * 8, vb, oacc, j * 4)
+                                    if stages == 2:  # tile it + 1 into the other buffer, one barrier per step
+                                        store_kv(kv_reg, K_smem, Vt_smem, tid, (it + 1) % 2)
+                                        T.tvm_storage_sync("shared")
+                                        load_kv(kv_reg, k, v, kv_start, kv_n, by, tid, it + 2)
                                 for h in T.unroll(2):
                                     for lm in T.unroll(2):
                                         sm[2 + h] = combine(sm[2 + h], lm + 1, False)

@@ -59,11 +59,12 @@ class TCConfig:
     prefetch: bool = False  # load the next K/V tile into registers while computing this one
     kv_warps: int = 1  # warps splitting each key step (of kv_warps * tile_k keys) per row group; merged at the end
     mma: bool = False  # mma.sync m16n8k16 with S, P and O in registers (tuning.attention_mma); row_lanes unused
+    stages: int = 1  # mma only: 2 = K/V double-buffered in shared memory, one barrier per key step
 
     def label(self) -> str:
         if self.mma:
             return (f"tc mma warps={self.num_warps} tile={16 * self.num_warps}x{self.tile_k}"
-                    f"{' prefetch' if self.prefetch else ''}")
+                    f"{' prefetch' if self.prefetch else ''}{' 2-stage' if self.stages == 2 else ''}")
         return (f"tc warps={self.num_warps}x{self.kv_warps} tile={16 * self.num_warps}x{self.kv_warps * self.tile_k}"
                 f" lanes={self.row_lanes}{' prefetch' if self.prefetch else ''}")
 
@@ -72,7 +73,7 @@ def tc_shared_bytes(cfg: TCConfig, d: int) -> int:
     """Static shared memory of one block (bytes): Q/P, K, V tiles (fp16, padded rows) and S (fp32);
     with ``mma``: Q, K and Vᵀ tiles only (fp16, padded rows)."""
     if cfg.mma:
-        return 2 * (16 * cfg.num_warps * (d + 8) + cfg.tile_k * (d + 8) + d * (cfg.tile_k + 8))
+        return 2 * (16 * cfg.num_warps * (d + 8) + cfg.stages * (cfg.tile_k * (d + 8) + d * (cfg.tile_k + 8)))
     nw, tk = cfg.num_warps * cfg.kv_warps, cfg.tile_k
     half = 2 * (16 * nw * (max(d, tk) + 8) + 2 * cfg.kv_warps * tk * (d + 8))
     return half + 4 * 16 * nw * (max(tk, d) + 4 + 2 * (cfg.kv_warps > 1))
@@ -87,9 +88,10 @@ def is_tc_legal(cfg: TCConfig, key, target=None) -> bool:
     if cfg.mma:
         return (str(key.dtype) == "float16" and key.d % 16 == 0 and key.h_q % key.h_kv == 0
                 and cfg.num_warps in (1, 2, 4, 8) and cfg.tile_k in (16, 32, 64, 128) and cfg.kv_warps == 1
+                and cfg.stages in (1, 2) and (cfg.stages == 1 or cfg.prefetch)
                 and (not cfg.prefetch or cfg.tile_k * key.d <= 64 * 32 * cfg.num_warps)
                 and tc_shared_bytes(cfg, key.d) <= limit)
-    return (str(key.dtype) == "float16" and key.d % 16 == 0 and key.h_q % key.h_kv == 0
+    return (str(key.dtype) == "float16" and key.d % 16 == 0 and key.h_q % key.h_kv == 0 and cfg.stages == 1
             and cfg.num_warps in (1, 2, 4, 8) and cfg.tile_k in (16, 32, 64, 128) and cfg.row_lanes in (1, 2)
             and cfg.kv_warps in (1, 2, 4) and cfg.num_warps * cfg.kv_warps <= 8
             and (not cfg.prefetch or cfg.tile_k * key.d <= 64 * 32 * cfg.num_warps)  # ≤ 64 registers of K/V
@@ -106,8 +108,8 @@ def tc_candidates(key, target=None) -> list[TCConfig]:
 
 def mma_candidates(key, target=None) -> list[TCConfig]:
     """The legal configurations of the register-resident mma.sync variant (``mma=True``)."""
-    return [c for w in (1, 2, 4, 8) for tk in (32, 64, 128) for pf in (False, True)
-            if is_tc_legal(c := TCConfig(num_warps=w, tile_k=tk, prefetch=pf, mma=True), key, target)]
+    return [c for w in (1, 2, 4, 8) for tk in (32, 64, 128) for pf, st in ((False, 1), (True, 1), (True, 2))
+            if is_tc_legal(c := TCConfig(num_warps=w, tile_k=tk, prefetch=pf, mma=True, stages=st), key, target)]
 
 
 def template_of(cfg) -> str:

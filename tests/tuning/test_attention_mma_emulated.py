@@ -59,7 +59,8 @@ def _run(launch, cfg, lengths, seed=0):
     return errs
 
 
-@pytest.mark.parametrize("cfg", [TC.TCConfig(2, 32, mma=True), TC.TCConfig(4, 64, prefetch=True, mma=True)])
+@pytest.mark.parametrize("cfg", [TC.TCConfig(2, 32, mma=True), TC.TCConfig(4, 64, prefetch=True, mma=True),
+                                 TC.TCConfig(2, 32, prefetch=True, mma=True, stages=2)])
 def test_mma_attention_matches_numpy_under_emulation(tmp_path, cfg):
     launch = emulate(_source(cfg), tmp_path)
     for lengths in ((100,), (37, 70, 5)):

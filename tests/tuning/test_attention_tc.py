@@ -181,14 +181,20 @@ def test_mma_variant_candidates_legality_and_stored_form(sm90):
     assert TC.mma_candidates(A.AttentionKey(2, 2, 64, "float32"), sm90) == []
     cfg = TC.TCConfig(4, 64, prefetch=True, mma=True)
     assert cfg.label() == "tc mma warps=4 tile=64x64 prefetch" and TC.template_of(cfg) == "tc"
+    two = TC.TCConfig(4, 64, prefetch=True, mma=True, stages=2)
+    assert two in cands and two.label().endswith("2-stage")
+    assert TC.TCConfig(4, 64, mma=True, stages=2) not in cands  # double buffering stages through registers
+    assert not TC.is_tc_legal(TC.TCConfig(4, 64, prefetch=True, stages=2), big, sm90)  # wmma: one stage only
     assert A.config_of("tc", asdict(cfg)) == cfg
     assert A.config_of("tc", {"num_warps": 1, "tile_k": 16, "row_lanes": 2, "prefetch": True,
                               "kv_warps": 4}).mma is False
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-@pytest.mark.parametrize("cfg", [TC.TCConfig(4, 64, prefetch=True, mma=True), TC.TCConfig(2, 32, mma=True)])
-def test_mma_kernel_builds_for_sm90_with_register_fragments(sm90, cfg):
+@pytest.mark.parametrize("cfg, syncs", [(TC.TCConfig(4, 64, prefetch=True, mma=True), 3),
+                                        (TC.TCConfig(2, 32, mma=True), 3),
+                                        (TC.TCConfig(4, 64, prefetch=True, mma=True, stages=2), 4)])
+def test_mma_kernel_builds_for_sm90_with_register_fragments(sm90, cfg, syncs):
     """The mma.sync variant lowers to m16n8k16 mma.sync with S, P and O in registers: no wmma, no
     barrier inside a key step beyond the two around the K/V store, quad shuffles for the softmax,
     and nvcc compiles it."""
@@ -200,7 +206,10 @@ def test_mma_kernel_builds_for_sm90_with_register_fragments(sm90, cfg):
     # per key step: (tile_k / 8) x (64 / 16) products for S and (tile_k / 16) x (64 / 8) for P V
     assert source.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") == 2 * (cfg.tile_k // 8) * 4
     assert "wmma::" not in source and f"__launch_bounds__({32 * cfg.num_warps})" in source
-    assert source.count("__syncthreads()") == 3  # after the Q load, and around each step's K/V store
+    # 1 stage: after the Q load, and around each step's K/V store. 2 stages: after the Q load, after
+    # the prologue's store, and per step one after the store into the other buffer plus one that
+    # TVM's ThreadSync adds before it (it does not tell the two halves of the buffer apart)
+    assert source.count("__syncthreads()") == syncs
     assert source.count("__shfl_xor_sync") >= 6  # max and sum over the 4 lanes of rows g and g + 8
     with sm90:
         cubin = nvcc.compile_cuda(source, target_format="cubin", compiler="nvcc")
