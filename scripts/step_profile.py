@@ -118,9 +118,7 @@ def main(argv=None) -> int:
                     help="instead of kernels: host µs per step in each engine phase, CUDA graphs on")
     args = ap.parse_args(argv)
 
-    from bench.checks import open_tvm_variant, release
     from bench.config import BenchConfig
-    from bench.runners import TvmDecodeRunner, TvmPrefillRunner
     from bench.setup import setup
 
     out = Path(args.out)
@@ -129,7 +127,7 @@ def main(argv=None) -> int:
                           database=args.database))
     pre = [int(x) for x in args.prefill.split(",") if x]
     dec = [int(x) for x in args.decode.split(",") if x]
-    results, lines = [], []
+    lines: list[str] = []
 
     def emit(line=""):
         print(line, flush=True)
@@ -137,34 +135,12 @@ def main(argv=None) -> int:
 
     if args.host:
         return _main_host(args, s, pre, dec, out, emit, lines)
-    for variant in s.variants:
-        engine, info, _ = open_tvm_variant(s, variant, cuda_graph=False, cache_dir=None, max_batch=max(dec or [1]),
-                                           max_tokens=max(dec or [1]) * (args.prompt_len + 4 * args.steps + 16) + 2048,
-                                           check=False, untuned_logits=None, log=lambda m: print(m, file=sys.stderr))
-        sync = engine.device.sync
-        for n in pre:
-            r = TvmPrefillRunner(engine, variant=variant)
 
-            def once(r=r, n=n):
-                r.prepare(batch=1, seq_len=n)
-                try:
-                    r.run()
-                finally:
-                    sync()
-                    r.cleanup()
+    def kernels(engine, fn, sync):
+        wall, table = _profile(fn, steps=args.steps, sync=sync)
+        return {"wall_ms": wall, "kernels": table}
 
-            wall, table = _profile(once, steps=args.steps, sync=sync)
-            results.append({"variant": variant, "scenario": f"prefill {n}", "wall_ms": wall, "kernels": table})
-        for b in dec:
-            r = TvmDecodeRunner(engine, variant=variant)
-            r.start(batch=b, prompt_len=args.prompt_len, gen_len=4 * args.steps + 8)
-            try:
-                wall, table = _profile(r.step, steps=args.steps, sync=sync)
-            finally:
-                r.stop()
-            results.append({"variant": variant, "scenario": f"decode b{b}", "wall_ms": wall, "kernels": table})
-        release(engine)
-
+    results = _scenarios(s, args, pre, dec, cuda_graph=False, measure=kernels)
     for res in results:
         ktot = sum(k["us_per_step"] for k in res["kernels"]) / 1e3
         calls = sum(k["calls_per_step"] for k in res["kernels"])
@@ -178,14 +154,15 @@ def main(argv=None) -> int:
     return 0
 
 
-def _main_host(args, s, pre, dec, out, emit, lines) -> int:
-    """``--host``: where the host time of a graph-mode step goes (the GPU waits for it)."""
+def _scenarios(s, args, pre, dec, *, cuda_graph: bool, measure) -> list[dict]:
+    """Each variant's prefill (one fresh sequence per length) and decode (per batch) scenarios:
+    ``measure(engine, fn, sync)`` on the step ``fn``, with the variant and scenario added."""
     from bench.checks import open_tvm_variant, release
     from bench.runners import TvmDecodeRunner, TvmPrefillRunner
 
     results = []
     for variant in s.variants:
-        engine, _, _ = open_tvm_variant(s, variant, cuda_graph=True, cache_dir=None, max_batch=max(dec or [1]),
+        engine, _, _ = open_tvm_variant(s, variant, cuda_graph=cuda_graph, cache_dir=None, max_batch=max(dec or [1]),
                                         max_tokens=max(dec or [1]) * (args.prompt_len + 4 * args.steps + 64) + 2048,
                                         check=False, untuned_logits=None, log=lambda m: print(m, file=sys.stderr))
         sync = engine.device.sync
@@ -196,23 +173,31 @@ def _main_host(args, s, pre, dec, out, emit, lines) -> int:
                 r.prepare(batch=1, seq_len=n)
                 try:
                     r.run()
-                    sync()
                 finally:
+                    sync()
                     r.cleanup()
 
-            res = _host_phases(engine, once, steps=args.steps, sync=sync)
-            res.update(variant=variant, scenario=f"prefill {n}", graph_ms=engine.graphs.replay_ms() if getattr(engine, "graphs", None) else None)
-            results.append(res)
+            results.append(dict(measure(engine, once, sync), variant=variant, scenario=f"prefill {n}"))
         for b in dec:
             r = TvmDecodeRunner(engine, variant=variant)
             r.start(batch=b, prompt_len=args.prompt_len, gen_len=4 * args.steps + 40)
             try:
-                res = _host_phases(engine, r.step, steps=args.steps, sync=sync)
-                res.update(variant=variant, scenario=f"decode b{b}", graph_ms=engine.graphs.replay_ms() if getattr(engine, "graphs", None) else None)
+                results.append(dict(measure(engine, r.step, sync), variant=variant, scenario=f"decode b{b}"))
             finally:
                 r.stop()
-            results.append(res)
         release(engine)
+    return results
+
+
+def _main_host(args, s, pre, dec, out, emit, lines) -> int:
+    """``--host``: where the host time of a graph-mode step goes (the GPU waits for it)."""
+
+    def host(engine, fn, sync):
+        res = _host_phases(engine, fn, steps=args.steps, sync=sync)
+        graphs = getattr(engine, "graphs", None)
+        return dict(res, graph_ms=graphs.replay_ms() if graphs else None)  # the step's graph alone
+
+    results = _scenarios(s, args, pre, dec, cuda_graph=True, measure=host)
     for res in results:
         emit(f"== {res['variant']} {res['scenario']} (graphs on): wall {res['wall_us']:.1f} us/step, "
              f"graph alone {1e3 * (res['graph_ms'] or 0):.1f} us")

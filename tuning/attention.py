@@ -64,7 +64,8 @@ import numpy as np
 from .attention_measure import (measure_ragged_prefill, prefill_scalars, ragged_prefill_args,  # noqa: F401 - re-exported
                                 reference_causal_attention, reference_causal_lse)
 from .attention_decode import DECODE_KERNEL, DecodeConfig, DecodeError, make_decode_kernel
-from .attention_tc import TCConfig, TCError, make_tc_ragged_prefill, mma_candidates, tc_candidates, template_of
+from .attention_tc import (TCConfig, TCError, make_tc_ragged_prefill, mma_candidates, tc_candidates, template_of,
+                           wmma_candidates)
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ def search_candidates(key: AttentionKey, target, templates: Sequence[str] | None
     templates = tuple(templates) if templates else ("simt", "tc", "mma")
     out = prefill_candidates(key, target) if "simt" in templates else [default_prefill_config(key, target)]
     if "tc" in templates:
-        out += [c for c in tc_candidates(key, target) if not c.mma]
+        out += wmma_candidates(key, target)
     if "mma" in templates:
         out += mma_candidates(key, target)
     if stored is not None and stored.get("kernel") == RAGGED_PREFILL and stored.get("key") == asdict(key):

@@ -43,18 +43,7 @@ def reference_causal_lse(q: np.ndarray, k: np.ndarray, sm_scale: float) -> np.nd
 
 def ragged_prefill_args(key, n: int, *, device, seed: int = 0):
     """(positional args, q, k, v, sm_scale) of one causal prefill of ``n`` tokens (batch of 1)."""
-    import tvm  # pylint: disable=import-outside-toplevel
-
-    rng = np.random.default_rng(seed)
-    q = rng.standard_normal((n, key.h_q, key.d)).astype(key.dtype)
-    k = rng.standard_normal((n, key.h_kv, key.d)).astype(key.dtype)
-    v = rng.standard_normal((n, key.h_kv, key.d)).astype(key.dtype)
-    indptr = np.array([0, n], np.int32)
-    nd = lambda a: tvm.runtime.tensor(a, device)  # noqa: E731
-    sm_scale = 1.0 / math.sqrt(key.d)
-    args = [nd(q), nd(indptr), nd(k), nd(v), nd(indptr), nd(np.arange(n, dtype=np.int32)),
-            nd(np.zeros(1, np.int32)), nd(np.zeros((n, key.h_q, key.d), key.dtype)),
-            nd(np.zeros((n, key.h_q), np.float32))]
+    args, q, k, v, _, sm_scale = ragged_batch_args(key, [n], device=device, seed=seed)
     return args, q, k, v, sm_scale
 
 

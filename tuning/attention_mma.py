@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import math
 
+from .attention_tiles import pick_tile_macro, stage_q_macro
+
 __all__ = ["make_mma_ragged_prefill"]
 
 _LOG2E = math.log2(math.e)
@@ -54,7 +56,9 @@ def make_mma_ragged_prefill(cfg, key):  # pylint: disable=too-many-locals,too-ma
     nd16, nd8 = d // 16, d // 8  # k-steps of Q Kᵀ over d; n-tiles of P V over d
     nk8, nk16 = tk // 8, tk // 16  # n-tiles of S over the keys; k-steps of P V over the keys
     vec = 8  # fp16 elements per 16-byte load
-    q_chunks, kv_chunks = tq * d // vec, tk * d // vec
+    kv_chunks = tk * d // vec
+    pick_tile = pick_tile_macro(group, tq)
+    stage_q = stage_q_macro(group=group, tq=tq, d=d, nthr=nthr, stride=dp, dtype=dtype)
     n_ld = -(-kv_chunks // nthr)
     stages = cfg.stages  # 2: K/V double-buffered in shared memory (register staging, one barrier per step)
     prefetch = cfg.prefetch or stages == 2
@@ -149,15 +153,7 @@ def make_mma_ragged_prefill(cfg, key):  # pylint: disable=too-many-locals,too-ma
                             # per fragment row (g, g + 8): m, l, m_new, alpha, row sum of this step
                             sm = T.sblock_alloc_buffer((10,), f32, scope="local")
 
-                            # which (sequence, tile) this block computes; last tiles of a sequence first
-                            st[0] = 0
-                            st[1] = bx
-                            st[2] = T.ceildiv((q_indptr[1] - q_indptr[0]) * group, tq)
-                            while st[0] < batch_size and st[1] >= st[2]:
-                                st[1] = st[1] - st[2]
-                                st[0] = st[0] + 1
-                                if st[0] < batch_size:
-                                    st[2] = T.ceildiv((q_indptr[st[0] + 1] - q_indptr[st[0]]) * group, tq)
+                            pick_tile(st, q_indptr, batch_size, bx)
                             if T.tvm_thread_invariant(st[0] < batch_size):
                                 b: T.let[T.int32] = st[0]
                                 tid: T.let[T.int32] = ty * 32 + tx
@@ -172,17 +168,7 @@ def make_mma_ragged_prefill(cfg, key):  # pylint: disable=too-many-locals,too-ma
                                 # keys any row of the tile may see
                                 st[3] = T.if_then_else(
                                     causal > 0, T.min(kv_n, T.max(kv_n - q_n + (row0 + tq - 1) // group + 1, 0)), kv_n)
-                                for c in T.unroll(T.ceildiv(q_chunks, nthr)):
-                                    idx: T.let[T.int32] = c * nthr + tid
-                                    if idx < q_chunks:
-                                        r: T.let[T.int32] = idx // (d // vec)
-                                        col: T.let[T.int32] = idx % (d // vec) * vec
-                                        pos: T.let[T.int32] = (row0 + r) // group
-                                        if pos < q_n:
-                                            Q_smem[T.ramp(r * dp + col, 1, vec)] = q[q_start + pos, by * group + (row0 + r) % group,
-                                                                                     T.ramp(col, 1, vec)]
-                                        else:
-                                            Q_smem[T.ramp(r * dp + col, 1, vec)] = T.broadcast(T.cast(0, dtype), vec)
+                                stage_q(Q_smem, q, q_start, q_n, row0, by, tid)
                                 for h in T.unroll(2):
                                     sm[h] = T.float32(-5e4)
                                     sm[2 + h] = T.float32(0)

@@ -39,8 +39,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .attention_tiles import pick_tile_macro, stage_q_macro
+
 __all__ = ["TCConfig", "TCError", "is_tc_legal", "make_tc_ragged_prefill", "mma_candidates",
-           "tc_candidates", "tc_shared_bytes", "template_of"]
+           "tc_candidates", "tc_shared_bytes", "template_of", "wmma_candidates"]
 
 _LOG2E = math.log2(math.e)
 
@@ -85,25 +87,26 @@ def is_tc_legal(cfg: TCConfig, key, target=None) -> bool:
     limit = 48 * 1024
     if target is not None and "max_shared_memory_per_block" in target.attrs:
         limit = int(target.attrs["max_shared_memory_per_block"])
+    common = (str(key.dtype) == "float16" and key.d % 16 == 0 and key.h_q % key.h_kv == 0
+              and cfg.num_warps in (1, 2, 4, 8) and cfg.tile_k in (16, 32, 64, 128)
+              and (not cfg.prefetch or cfg.tile_k * key.d <= 64 * 32 * cfg.num_warps)  # ≤ 64 registers of K/V
+              and tc_shared_bytes(cfg, key.d) <= limit)
     if cfg.mma:
-        return (str(key.dtype) == "float16" and key.d % 16 == 0 and key.h_q % key.h_kv == 0
-                and cfg.num_warps in (1, 2, 4, 8) and cfg.tile_k in (16, 32, 64, 128) and cfg.kv_warps == 1
-                and cfg.stages in (1, 2) and (cfg.stages == 1 or cfg.prefetch)
-                and (not cfg.prefetch or cfg.tile_k * key.d <= 64 * 32 * cfg.num_warps)
-                and tc_shared_bytes(cfg, key.d) <= limit)
-    return (str(key.dtype) == "float16" and key.d % 16 == 0 and key.h_q % key.h_kv == 0 and cfg.stages == 1
-            and cfg.num_warps in (1, 2, 4, 8) and cfg.tile_k in (16, 32, 64, 128) and cfg.row_lanes in (1, 2)
-            and cfg.kv_warps in (1, 2, 4) and cfg.num_warps * cfg.kv_warps <= 8
-            and (not cfg.prefetch or cfg.tile_k * key.d <= 64 * 32 * cfg.num_warps)  # ≤ 64 registers of K/V
-            and tc_shared_bytes(cfg, key.d) <= limit)
+        return common and cfg.kv_warps == 1 and cfg.stages in (1, 2) and (cfg.stages == 1 or cfg.prefetch)
+    return (common and cfg.stages == 1 and cfg.row_lanes in (1, 2) and cfg.kv_warps in (1, 2, 4)
+            and cfg.num_warps * cfg.kv_warps <= 8)
 
 
 def tc_candidates(key, target=None) -> list[TCConfig]:
-    """The legal configurations of the tensor-core template's search grid."""
+    """The legal configurations of the tensor-core template's search grid: wmma, then mma.sync."""
+    return wmma_candidates(key, target) + mma_candidates(key, target)
+
+
+def wmma_candidates(key, target=None) -> list[TCConfig]:
+    """The legal configurations of the wmma kernel (``mma=False``)."""
     # row_lanes=1 is kept as a knob but not searched: slower at every size on an H200 (2026-12-01)
-    wmma = [c for w in (1, 2, 4, 8) for kw in (1, 2, 4) for tk in (16, 32, 64, 128) for pf in (False, True)
+    return [c for w in (1, 2, 4, 8) for kw in (1, 2, 4) for tk in (16, 32, 64, 128) for pf in (False, True)
             if is_tc_legal(c := TCConfig(num_warps=w, tile_k=tk, prefetch=pf, kv_warps=kw), key, target)]
-    return wmma + mma_candidates(key, target)
 
 
 def mma_candidates(key, target=None) -> list[TCConfig]:
@@ -146,7 +149,9 @@ def make_tc_ragged_prefill(cfg: TCConfig, key, target=None):  # pylint: disable=
     sw = max(tk, d) + 4  # fp32 row stride of S (also receives P V)
     nd, nk = d // 16, tk // 16  # 16-wide fragments along d and along the key tile
     vec = 8  # fp16 elements per 16-byte load
-    q_chunks, kv_chunks = tq * d // vec, tkb * d // vec
+    kv_chunks = tkb * d // vec
+    pick_tile = pick_tile_macro(group, tq)
+    stage_q = stage_q_macro(group=group, tq=tq, d=d, nthr=nthr, stride=qpw, dtype=dtype)
     half_d = d // 2
     scale_log2 = _LOG2E
 
@@ -240,15 +245,7 @@ def make_tc_ragged_prefill(cfg: TCConfig, key, target=None):  # pylint: disable=
                             st = T.sblock_alloc_buffer((6,), "int32", scope="local")  # b, tile, tiles, n_kv
                             ms = T.sblock_alloc_buffer((5,), "float32", scope="local")  # m, d, m_new, alpha, sum
 
-                            # which (sequence, tile) this block computes; last tiles of a sequence first
-                            st[0] = 0
-                            st[1] = bx
-                            st[2] = T.ceildiv((q_indptr[1] - q_indptr[0]) * group, tq)
-                            while st[0] < batch_size and st[1] >= st[2]:
-                                st[1] = st[1] - st[2]
-                                st[0] = st[0] + 1
-                                if st[0] < batch_size:
-                                    st[2] = T.ceildiv((q_indptr[st[0] + 1] - q_indptr[st[0]]) * group, tq)
+                            pick_tile(st, q_indptr, batch_size, bx)
                             if T.tvm_thread_invariant(st[0] < batch_size):
                                 b: T.let[T.int32] = st[0]
                                 sc: T.let[T.float32] = sm_scale * T.float32(scale_log2)
@@ -260,17 +257,7 @@ def make_tc_ragged_prefill(cfg: TCConfig, key, target=None):  # pylint: disable=
                                 # keys any row of the tile may see
                                 st[3] = T.if_then_else(
                                     causal > 0, T.min(kv_n, T.max(kv_n - q_n + (row0 + tq - 1) // group + 1, 0)), kv_n)
-                                for c in T.unroll(T.ceildiv(q_chunks, nthr)):
-                                    idx: T.let[T.int32] = c * nthr + ty * 32 + tx
-                                    if idx < q_chunks:
-                                        r: T.let[T.int32] = idx // (d // vec)
-                                        col: T.let[T.int32] = idx % (d // vec) * vec
-                                        pos: T.let[T.int32] = (row0 + r) // group
-                                        if pos < q_n:
-                                            QP_smem[T.ramp(r * qpw + col, 1, vec)] = q[q_start + pos, by * group + (row0 + r) % group,
-                                                                               T.ramp(col, 1, vec)]
-                                        else:
-                                            QP_smem[T.ramp(r * qpw + col, 1, vec)] = T.broadcast(T.cast(0, dtype), vec)
+                                stage_q(QP_smem, q, q_start, q_n, row0, by, ty * 32 + tx)
                                 ms[0] = T.float32(-5e4)
                                 ms[1] = T.float32(0)
                                 for j in T.unroll(half_d):

@@ -10,7 +10,6 @@ declaration in the fixed kernel's source and sees the results go wrong, with no 
 
 from __future__ import annotations
 
-import math
 import shutil
 
 import numpy as np
@@ -19,7 +18,7 @@ import tvm
 
 from tuning import attention as A
 from tuning import attention_tc as TC
-from tuning.attention_measure import abs_error, reference_causal_attention, reference_causal_lse
+from tuning.attention_measure import abs_error, ragged_batch_args, reference_causal_attention, reference_causal_lse
 from tuning.targets import make_target
 
 from .cuda_emu import emulate
@@ -36,15 +35,10 @@ def _source(cfg):
 
 
 def _run(launch, cfg, lengths, seed=0):
-    rng = np.random.default_rng(seed)
-    n = int(sum(lengths))
-    q = rng.standard_normal((n, KEY.h_q, KEY.d)).astype(np.float16)
-    k = rng.standard_normal((n, KEY.h_kv, KEY.d)).astype(np.float16)
-    v = rng.standard_normal((n, KEY.h_kv, KEY.d)).astype(np.float16)
-    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    _, q, k, v, indptr, sm_scale = ragged_batch_args(KEY, lengths, device=tvm.cpu(), seed=seed)
+    n = q.shape[0]
     out = np.full((n, KEY.h_q, KEY.d), np.nan, np.float16)
     lse = np.full((n, KEY.h_q), np.nan, np.float32)
-    sm_scale = 1.0 / math.sqrt(KEY.d)
     values = {"q_ptr": q, "k_ptr": k, "v_ptr": v, "q_indptr_ptr": indptr, "kv_indptr_ptr": indptr.copy(),
               "output_ptr": out, "lse_ptr": lse, "batch_size": len(lengths), "causal": 1, "qo_len": n, "kv_len": n,
               "q_indptr_elem_offset": 0, "kv_indptr_elem_offset": 0, "sm_scale": sm_scale}
