@@ -243,11 +243,11 @@ def test_space_for_generates_named_spaces(funcs):
     gen = spaces.space_for(funcs["gemv_b8_qkv"], target=TARGET)
     ctx = ms.TuneContext(mod=mod, target=TARGET, space_generator=gen, task_name="t", num_threads=1)
     design = ctx.generate_design_space()
-    assert len(design) == 3  # two tunable structures + dlight
+    assert len(design) == 3 + 5  # two tunable structures + dlight + the skinny mma.sync spaces (b8)
     kinds = [Counter(i.kind.name for i in s.trace.insts) for s in design]
     # fp16: vector, rows per block, rows per thread, unroll, K threads, batch split (all categorical)
     assert kinds[0]["SampleCategorical"] >= 6
-    assert kinds[2]["SampleCategorical"] == 0  # the dlight space has no knobs
+    assert kinds[-1]["SampleCategorical"] == 0  # the dlight space has no knobs
 
     mod = tvm.IRModule({"main": funcs["gemm_s1024_qkv"]})
     gen = spaces.space_for(funcs["gemm_s1024_qkv"], target=TARGET, include_generic=True)
@@ -352,18 +352,21 @@ def test_gemv_candidates_match_numpy_on_gpu(funcs):
                                    err_msg=cand.space)
 
 
-def test_decode_from_b16_also_gets_the_tensor_core_spaces():
-    """Issue 11: decode at b16-b64 is a skinny GEMM. Its matmuls stay GEMV-class (the GEMV spaces
-    and dlight) and also get the wmma and mma.sync spaces; below b16 only the GEMV spaces."""
-    names = lambda b: [n for n, _ in spaces.design_spaces(wl.linear(b, 1, 2304, 768), target=TARGET)]  # noqa: E731
-    assert all(spaces.classify(wl.linear(b, 1, 2304, 768)) == "gemv" for b in (8, 16, 32))
-    assert names(8) == ["gemv/x_global", "gemv/x_shared", "dlight"]
-    for b in (16, 32):
+def test_decode_from_b8_also_gets_the_tensor_core_spaces():
+    """Issue 11: decode at b8-b64 is a skinny GEMM. Its matmuls stay GEMV-class (the GEMV spaces
+    and dlight) and also get the (skinny) mma.sync spaces; below b8 only the GEMV spaces. Before
+    sm_80 (no mma.sync) the wmma spaces stand in from b16."""
+    names = lambda b, arch="sm_90": [n for n, _ in spaces.design_spaces(wl.linear(b, 1, 2304, 768),  # noqa: E731
+                                                                      target=make_target(arch))]
+    assert all(spaces.classify(wl.linear(b, 1, 2304, 768)) == "gemv" for b in (4, 8, 16, 32))
+    assert names(4) == ["gemv/x_global", "gemv/x_shared", "dlight"]
+    for b in (8, 16, 32):
         got = names(b)
         assert got[:2] == ["gemv/x_global", "gemv/x_shared"] and got[-1] == "dlight"
-        assert any(n.startswith("gemm_tc/") for n in got) and any(n.startswith("gemm_mma/") for n in got), got
-    volta = [n for n, _ in spaces.design_spaces(wl.linear(32, 1, 2304, 768), target=make_target("sm_70"))]
+        assert any(n.startswith("gemm_mma/") for n in got) and not any(n.startswith("gemm_tc/") for n in got), got
+    volta = names(32, "sm_70")
     assert any(n.startswith("gemm_tc/") for n in volta) and not any(n.startswith("gemm_mma/") for n in volta)
+    assert names(8, "sm_70") == ["gemv/x_global", "gemv/x_shared", "dlight"]
 
 
 @pytest.mark.slow  # sampling and building three tensor-core candidates

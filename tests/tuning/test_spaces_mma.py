@@ -51,8 +51,9 @@ def test_registered_beside_wmma_on_sm80_plus_only():
     assert {f"gemm_mma/{v}" for v in gemm_mma.MMA_VARIANTS} <= names
     assert {"gemm_tc/pipelined", "gemm_tc/plain", "dlight"} <= names  # still candidates
     assert _mma_names(func, make_target("sm_75")) == []  # no cp.async / m16n8k16 path before sm_80
-    # GEMVs (decode, <= 64 rows) keep their own spaces
-    assert _mma_names(wl.linear(8, 1, 768, 768), TARGET) == []
+    # decode GEMVs: their own spaces, and from 8 rows the skinny form of the mma spaces
+    assert _mma_names(wl.linear(4, 1, 768, 768), TARGET) == []
+    assert len(_mma_names(wl.linear(8, 1, 768, 768), TARGET)) == len(gemm_mma.MMA_VARIANTS)
 
 
 def test_bad_input():
@@ -64,6 +65,7 @@ def test_bad_input():
     with pytest.raises(spaces.NotApplicable, match="float16"):
         gemm_mma.schedule_gemm_mma(tvm.s_tir.Schedule(tvm.IRModule({"main": func})))
     assert gemm_mma.mma_pad(50257) == 256 and gemm_mma.mma_pad(128) == 128
+    assert gemm_mma.mma_pad(32) == gemm_mma.mma_pad(8) == 16 and gemm_mma.mma_pad(65) == 128
 
 
 @pytest.mark.slow

@@ -1,8 +1,9 @@
-"""The tensor-core spaces on decode GEMVs of 16 and 32 rows (skinny GEMMs, issue 11): no tile
+"""The tensor-core spaces on decode GEMVs of 8 to 32 rows (skinny GEMMs, issue 11): no tile
 decision may reach an internal check (``ICHECK``) of TVM's tensorization.
 
-Decode at b >= 16 gets the wmma (``gemm_tc/*``) and mma.sync (``gemm_mma/*``) spaces beside the
-GEMV ones. MetaSchedule's evolutionary search replays every design space's trace with fresh
+Decode at b >= 8 gets the mma.sync (``gemm_mma/*``) spaces beside the GEMV ones, in their skinny
+form (M padded to 16 only, all rows in one block); the wmma space (``gemm_tc/*``), which pads M to
+128, is no longer offered there but is still checked on these shapes below. MetaSchedule's evolutionary search replays every design space's trace with fresh
 decisions; a decision whose replay fails with a ``ScheduleError`` is skipped as invalid, but any
 other error (an ``ICHECK`` such as ``TensorizeComparator``'s
 ``comparator.rhs_buffer_map_.count(desc)``) aborts the whole search round
@@ -16,6 +17,7 @@ CPU only: the replays run here, the builds target sm_90 (nothing runs).
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import tvm
@@ -45,14 +47,23 @@ def _lm_head(rows: int) -> tvm.IRModule:
                                                      bias=LM_HEAD["bias"])}))
 
 
+def _wmma(mod, variant: str) -> s_tir.Schedule:
+    sch = s_tir.Schedule(mod, seed=1, debug_mask=0)
+    gemm.schedule_gemm_tensorcore(sch, variant=variant)
+    return sch
+
+
 @pytest.fixture(scope="module")
 def tc_spaces():
-    """{rows: (mod, {space name: schedule})} with the tensor-core spaces of the decode lm_head."""
+    """{rows: (mod, {space name: schedule})} with the tensor-core spaces of the decode lm_head: the
+    mma.sync ones of the design spaces, the wmma ones applied directly."""
     out = {}
     for rows in ROWS:
         mod = _lm_head(rows)
         named = spaces.design_spaces(mod, target=TARGET, include_dlight=False)
-        out[rows] = (mod, {n: s for n, s in named if n.startswith(("gemm_tc/", "gemm_mma/"))})
+        tc = {n: s for n, s in named if n.startswith(("gemm_tc/", "gemm_mma/"))}
+        tc.update({f"gemm_tc/{v}": _wmma(mod, v) for v in gemm.GEMM_VARIANTS})
+        out[rows] = (mod, tc)
     return out
 
 
@@ -75,6 +86,42 @@ def _replay(mod, trace, decisions=None, seed=1):
 
 def _categoricals(trace):
     return [i for i in trace.insts if i.kind.name == "SampleCategorical"]
+
+
+@pytest.mark.parametrize("rows", (1, 8, 32))
+def test_skinny_rows_get_the_mma_space_not_wmma(rows):
+    """b8 and b32 decode GEMMs: GEMV and mma.sync spaces (the search decides); b1: GEMV only."""
+    mod = normalize(tvm.IRModule({"main": wl.linear(rows, 1, 2304, 768)}))
+    names = [n for n, _ in spaces.design_spaces(mod, target=TARGET, include_dlight=False)]
+    assert any(n.startswith("gemv/") for n in names)
+    assert not any(n.startswith("gemm_tc/") for n in names)
+    assert any(n.startswith("gemm_mma/") for n in names) == (rows >= spaces.SKINNY_GEMM_MIN_ROWS)
+
+
+SKINNY_SHAPES = {"qkv": (2304, 768, True), "fc2": (768, 3072, True), "lm_head": (50257, 768, False)}
+
+
+@pytest.mark.parametrize("rows", (8, 32))
+@pytest.mark.parametrize("shape", sorted(SKINNY_SHAPES))
+def test_skinny_mma_every_decision_replays(rows, shape):
+    """The skinny mma.sync space: M padded to a multiple of 16 only (not 128), one block row (all
+    rows in each block, so the weights are streamed once), and every decision of two structural
+    variants replays (the 512-wide N tile that would not divide 2304 or the padded lm_head is not
+    offered)."""
+    n, k, bias = SKINNY_SHAPES[shape]
+    mod = normalize(tvm.IRModule({"main": wl.linear(rows, 1, n, k, bias=bias)}))
+    named = dict(spaces.design_spaces(mod, target=TARGET, include_dlight=False))
+    for name in ("gemm_mma/s3_swizzle", "gemm_mma/s2_pad"):
+        trace = named[name].trace
+        pads = [tuple(int(p) for p in i.attrs[0]) for i in trace.insts if i.kind.name == "PadEinsum"]
+        assert pads == [(1, 16, 256 if n > 1024 else 128, 128)]
+        cats = _categoricals(trace)
+        assert [len(c.attrs[0]) for c in cats] == [4, 2, 3, 2]  # warps N, frags N, K chunk, vector
+        results = [_replay(mod, trace, dict(zip(cats, dec)))
+                   for dec in itertools.product(*[range(len(c.attrs[0])) for c in cats])]
+        assert results == ["ok"] * 48, [r for r in results if r != "ok"][:3]
+        rows_grid = re.findall(r'thread_binding\((?:T\.int64\()?(\d+)\)?, thread="blockIdx.y"\)', named[name].mod.script())
+        assert rows_grid == ["1"], rows_grid
 
 
 def test_lm_head_n_padding():

@@ -186,16 +186,21 @@ def postprocs_for(target: Target) -> list:
 # ------------------------------------------------------------------------------------------
 
 
-#: A matmul with at least this many static rows (and at most ``GEMV_MAX_ROWS``: decode at b16-b64)
-#: is a skinny GEMM as much as a GEMV: it gets the tensor-core spaces beside the GEMV ones, and
-#: the search decides (issue 11: tensor cores at b >= 16).
-SKINNY_GEMM_MIN_ROWS = 16
+#: A matmul with at least this many static rows (and at most ``GEMV_MAX_ROWS``: decode at b8-b64)
+#: is a skinny GEMM as much as a GEMV: it gets the mma.sync space (whose skinny form keeps all rows
+#: in one block, ``gemm_mma.SKINNY_MAX_ROWS``) beside the GEMV ones, and the search decides
+#: (issue 11: tensor cores at b >= 16). The wmma space, which pads M to 128, is offered there only
+#: on targets without mma.sync (sm_70/sm_75), from :data:`SKINNY_WMMA_MIN_ROWS` rows.
+SKINNY_GEMM_MIN_ROWS = 8
+SKINNY_WMMA_MIN_ROWS = 16
 
 
-def _tensorcore_spaces(target: Target) -> list[tuple[str, Callable]]:
+def _tensorcore_spaces(target: Target, *, wmma: bool = True) -> list[tuple[str, Callable]]:
     if not is_tensorcore_target(target):
         return []
-    out = [(f"gemm_tc/{v}", (lambda s, v=v: schedule_gemm_tensorcore(s, variant=v))) for v in GEMM_VARIANTS]
+    out = []
+    if wmma:
+        out += [(f"gemm_tc/{v}", (lambda s, v=v: schedule_gemm_tensorcore(s, variant=v))) for v in GEMM_VARIANTS]
     if is_mma_target(target):
         out += [(f"gemm_mma/{v}", (lambda s, v=v: schedule_gemm_mma(s, variant=v))) for v in MMA_VARIANTS]
     return out
@@ -206,7 +211,10 @@ def _named_spaces(kind: str, info: MatmulInfo | None, target: Target) -> list[tu
         out = [(f"gemv/{v}", (lambda s, v=v: schedule_gemv(s, variant=v))) for v in GEMV_VARIANTS]
         rows = None if info is None or info.m is None or info.batch is None else info.m * info.batch
         if rows is not None and rows >= SKINNY_GEMM_MIN_ROWS:
-            out += _tensorcore_spaces(target)
+            if is_mma_target(target):
+                out += _tensorcore_spaces(target, wmma=False)
+            elif rows >= SKINNY_WMMA_MIN_ROWS:
+                out += _tensorcore_spaces(target)
         return out
     if kind == "gemm":
         return _tensorcore_spaces(target)

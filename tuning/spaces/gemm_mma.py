@@ -79,6 +79,12 @@ _WARPS = [1, 2, 4]
 _FRAGS = [1, 2, 4]
 _K_CHUNK = [2, 4]
 _VEC = [4, 8]
+#: Skinny GEMMs: all rows in one block (warps along N only), and deeper K chunks (more bytes of
+#: the weights in flight per block: a decode GEMM is bound by streaming them).
+#: (8 warps x 4 fragments, a 512-wide tile, would not divide the padded N of 2304 or the lm_head.)
+_SKINNY_WARPS_N = [1, 2, 4, 8]
+_SKINNY_FRAGS_N = [1, 2]
+_SKINNY_K_CHUNK = [2, 4, 8]
 
 
 def _parse_variant(variant: str) -> tuple[int, bool]:
@@ -88,15 +94,25 @@ def _parse_variant(variant: str) -> tuple[int, bool]:
     return int(stages[1:]), layout == "swizzle"
 
 
+#: A GEMM with at most this many rows (decode at b8-b64) is *skinny*: its M is padded to a
+#: multiple of 16 only and one block covers all rows (see :func:`schedule_gemm_mma`).
+SKINNY_MAX_ROWS = 64
+
+
 def mma_pad(extent: int, *, small: int = 128, large: int = 256, k: bool = False) -> int:
     """Multiple an M/N (or K, ``k=True``) extent is padded to.
 
     M/N: to 128, or to 256 when the extent is at least 1024 (then a 256-wide block tile divides
-    it, at < 1 % extra work for the lm_head's 50257 -> 50432). K: to 64 (the largest K chunk).
-    Extents that are already multiples are unchanged either way.
+    it, at < 1 % extra work for the lm_head's 50257 -> 50432), or to 16 when it is at most
+    :data:`SKINNY_MAX_ROWS` (decode rows: padding b32 to 128 would quadruple the work and split the
+    rows over blocks that each re-read the weights). K: to 64 (the largest K chunk; 128 for a
+    skinny GEMM, see :data:`SKINNY_MAX_ROWS`). Extents that are already multiples are unchanged
+    either way.
     """
     if k:
         return 64
+    if extent <= SKINNY_MAX_ROWS:
+        return 16
     return large if extent >= 1024 else small
 
 
@@ -300,17 +316,26 @@ def schedule_gemm_mma(sch: s_tir.Schedule, *, variant: str = "s3_swizzle"):
     if len(dom) != 4:
         raise NotApplicable("unexpected matmul iteration space")
     _, m, n, k = dom
-    sch.pad_einsum(main, [1, mma_pad(m), mma_pad(n), mma_pad(k, k=True)])
+    skinny = m <= SKINNY_MAX_ROWS
+    sch.pad_einsum(main, [1, mma_pad(m), mma_pad(n), 128 if skinny else mma_pad(k, k=True)])
 
     batch, i, j, k, block_outer = tile_16x16x16(sch, main)
     block_inner = main
 
     # ---- knobs ----------------------------------------------------------------------------
-    warps_i = sch.sample_categorical(_WARPS, _uniform(len(_WARPS)))
-    warps_j = sch.sample_categorical(_WARPS, _uniform(len(_WARPS)))
-    frags_i = sch.sample_categorical(_FRAGS, _uniform(len(_FRAGS)))
-    frags_j = sch.sample_categorical(_FRAGS, _uniform(len(_FRAGS)))
-    k_chunk = sch.sample_categorical(_K_CHUNK, _uniform(len(_K_CHUNK)))
+    if skinny:
+        # skinny (decode b8-b64): one block row holds every (padded) row, each warp all of them
+        # (m/16 fragments along M), so every block streams its own slice of the weights once
+        warps_i, frags_i = 1, -(-m // 16)
+        warps_j = sch.sample_categorical(_SKINNY_WARPS_N, _uniform(len(_SKINNY_WARPS_N)))
+        frags_j = sch.sample_categorical(_SKINNY_FRAGS_N, _uniform(len(_SKINNY_FRAGS_N)))
+        k_chunk = sch.sample_categorical(_SKINNY_K_CHUNK, _uniform(len(_SKINNY_K_CHUNK)))
+    else:
+        warps_i = sch.sample_categorical(_WARPS, _uniform(len(_WARPS)))
+        warps_j = sch.sample_categorical(_WARPS, _uniform(len(_WARPS)))
+        frags_i = sch.sample_categorical(_FRAGS, _uniform(len(_FRAGS)))
+        frags_j = sch.sample_categorical(_FRAGS, _uniform(len(_FRAGS)))
+        k_chunk = sch.sample_categorical(_K_CHUNK, _uniform(len(_K_CHUNK)))
     vec = sch.sample_categorical(_VEC, _uniform(len(_VEC)))
 
     i0, i1, i2 = sch.split(i, [None, warps_i, frags_i], preserve_unit_iters=True)
