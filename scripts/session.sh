@@ -18,6 +18,10 @@
 #    rm .devwheels/p[12]/tvm.part.*; split -b 54m -d /tmp/t.whl .devwheels/p1/tvm.part.; mv .devwheels/p1/tvm.part.01 .devwheels/p2/
 #  - first GPU check of a hand-written kernel: its search (tune --kinds attention ...) before the
 #    benches, so a rejected candidate costs a minute and not a bench table.
+#  - never issue call 2 in the same batch as call 1: when call 1 finds no machine, call 2 still
+#    starts one (without p1, so its install fails) and its start-up is charged (2026-12-02: ~3.5 min).
+#  - `tune` writes the database of the device's tree, which the next call's copy of the tree
+#    replaces: unpack $OUT/db-*.tgz here (drop .tune.lock), or start the next call with `restore`.
 set -uo pipefail
 export PYTHONPATH=/opt/devsite:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -64,7 +68,7 @@ for step in "$@"; do
       mkdir -p /root/keep/db-$q; cp databases/sm_90/gpt2-$q/* /root/keep/db-$q/; tar czf "$OUT/db-$q.tgz" -C databases/sm_90 gpt2-$q; ls -la databases/sm_90/gpt2-$q ;;
     restore)
       # later calls start from the working tree's copy: put back what this machine tuned so far
-      for q in q0f16 q4f16_1; do [ -d /root/keep/db-$q ] && cp /root/keep/db-$q/* databases/sm_90/gpt2-$q/ && echo "restored db-$q"; done ;;
+      for q in q0f16 q4f16_1; do if [ -d /root/keep/db-$q ]; then cp /root/keep/db-$q/* databases/sm_90/gpt2-$q/ && echo "restored db-$q"; fi; done ;;
     profile)
       log profile; timeout ${PROFILE_LIMIT:-400} python scripts/step_profile.py --out "$OUT" --variants ${PVARIANTS:-untuned,tuned} ${DB:+--database $DB} 2>&1 | grep -v "^USDT\|Warning" | tail -80 ;;
     *) echo "unknown step $step" ;;
