@@ -386,7 +386,9 @@ def collect_env(device: DeviceSpec, *, arch: str | None = None,
     dict
         ``date`` (ISO 8601, UTC), ``host``, ``platform``, ``device`` (``cpu``/``cuda:N``),
         ``arch``, ``cpu`` (model, logical cores), ``gpu`` (NVML snapshot, CUDA only, else
-        ``None``), ``versions`` (python, tvm, numpy, torch, transformers), ``database``.
+        ``None``), ``versions`` (python, tvm, numpy, torch, transformers), ``database``,
+        ``settings`` (the ``GPT2K_*`` environment variables that change how the engine runs, e.g.
+        ``GPT2K_STEP_MARK``: a figure measured with one is labelled by it).
     """
     env: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -398,6 +400,7 @@ def collect_env(device: DeviceSpec, *, arch: str | None = None,
         "gpu": None,
         "versions": _versions(),
         "database": database,
+        "settings": {k: v for k, v in sorted(os.environ.items()) if k in ENGINE_SETTINGS},
     }
     try:
         env["arch"] = arch or arch_of(device)
@@ -415,6 +418,10 @@ def collect_env(device: DeviceSpec, *, arch: str | None = None,
                 pass
         env["gpu"] = gpu
     return env
+
+
+#: Environment variables that change how the engine runs a step (recorded with every bench run).
+ENGINE_SETTINGS = ("GPT2K_STEP_MARK",)
 
 
 def peak_to_dict(peak: Peak | None) -> dict[str, Any] | None:

@@ -56,6 +56,8 @@ def _header(result: dict[str, Any]) -> str:
     graphs_apply = result.get("command") != "kernels" and "cuda_graph" in (result.get("args") or {})
     if str(dev).startswith("cuda") and graphs_apply:
         line += f", CUDA graphs {'on' if result['args']['cuda_graph'] else 'off'}"
+    for key, value in (env.get("settings") or {}).items():  # engine settings from the environment
+        line += f", {key}={value}"
     return line + f", timer {result.get('timer')}"
 
 

@@ -36,8 +36,11 @@ How it works (:class:`StepGraphs`)
   kernels are compiled for), so a growing sequence meets a new key every 16 steps: the first
   pass through a length pays one real step + one capture there, every later pass replays.
   Before each replay the engine waits for the previous step (the cache's copy stream does not
-  wait for ``S``: see ``Engine._step``), then flushes the copy (``get_query_positions``), which
-  makes ``S`` wait for it; inside the captured call the flush is a no-op.
+  wait for ``S``: see ``Engine._step``) -- or, with ``GPT2K_STEP_MARK=1``, only for its *step mark*,
+  an event the step records after its last KV-cache read (:mod:`gpt2_model.step_mark`; captured
+  as an event-record node, so replays record it too) -- then flushes the copy
+  (``get_query_positions``), which makes ``S`` wait for it; inside the captured call the flush is a
+  no-op.
 * **First use of a key** runs the step for real (its result is returned), then captures the same
   call (nothing executes during a capture; the KV cache's host state is not changed by an
   attention call), instantiates and caches it. A capture that fails disables graphs for the
@@ -55,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +69,8 @@ logger = logging.getLogger(__name__)
 
 _CAPTURE_MODE_RELAXED = 2  # cudaStreamCaptureModeRelaxed: the VM's pool may cudaMalloc mid-capture
 _MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: direction from the pointers (unified addressing)
+_EVENT_DISABLE_TIMING = 2  # cudaEventDisableTiming
+_EVENT_RECORD_EXTERNAL = 1  # cudaEventRecordExternal: captured as an event-record node
 _CUDART_NAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so")
 
 
@@ -98,6 +104,8 @@ class CudaRuntime:
             "cudaEventSynchronize": [v],
             "cudaEventElapsedTime": [ctypes.POINTER(ctypes.c_float), v, v],
             "cudaEventDestroy": [v],
+            "cudaEventCreateWithFlags": [p, ctypes.c_uint],
+            "cudaEventRecordWithFlags": [v, v, ctypes.c_uint],
         }
         for name, args in sig.items():
             fn = getattr(self.lib, name)
@@ -162,6 +170,21 @@ class CudaRuntime:
         finally:
             for e in events:
                 self.lib.cudaEventDestroy(e)
+
+    def create_event(self) -> int:
+        """An event without timing (the cheapest to record and wait for)."""
+        handle = ctypes.c_void_p()
+        self._check(self.lib.cudaEventCreateWithFlags(ctypes.byref(handle), _EVENT_DISABLE_TIMING),
+                    "cudaEventCreate")
+        return int(handle.value)
+
+    def record_external(self, event: int, stream: int) -> None:
+        """Record ``event`` on ``stream``; inside a stream capture, as an event-record node of the graph."""
+        self._check(self.lib.cudaEventRecordWithFlags(ctypes.c_void_p(event), ctypes.c_void_p(stream),
+                                                      _EVENT_RECORD_EXTERNAL), "cudaEventRecord")
+
+    def wait_event(self, event: int) -> None:
+        self._check(self.lib.cudaEventSynchronize(ctypes.c_void_p(event)), "cudaEventSynchronize")
 
     def destroy_exec(self, exe: int) -> None:
         self.lib.cudaGraphExecDestroy(ctypes.c_void_p(exe))
@@ -237,6 +260,7 @@ class _Graph:
     exe: int
     keep: Any  # the capture-time outputs: (next ids, logits); kept alive so the pool never reuses them
     logits: Any
+    marked: bool = False  # the step recorded its mark during the capture: each replay records it
 
 
 class StepGraphs:  # pylint: disable=too-many-instance-attributes
@@ -265,6 +289,13 @@ class StepGraphs:  # pylint: disable=too-many-instance-attributes
         self.captures = 0
         self.replays = 0
         self.last_key: tuple | None = None
+        # the step mark (gpt2_model.step_mark): an event recorded after each step's last KV-cache read
+        self.mark_event = self.cuda.create_event()
+        self.marks = 0  # marks recorded (or captured) so far
+        self.mark_waits = 0  # steps that waited for the previous step's mark, not the whole step
+        self.step_marked = False  # the last step enqueued recorded its mark
+        self._replay_marked = False
+        self.wait_for_mark = os.environ.get("GPT2K_STEP_MARK", "0") == "1"
 
     def on_stream(self):
         """Context: TVM's current stream on this device is the engine's stream."""
@@ -273,6 +304,31 @@ class StepGraphs:  # pylint: disable=too-many-instance-attributes
     def sync(self) -> None:
         """Wait for everything queued on the engine's stream."""
         self.cuda.sync(self.stream)
+
+    # ------------------------------------------------------------------ the step mark
+    def mark(self, src, dst) -> None:
+        """The step mark's recorder: copy ``src`` to ``dst`` on the engine's stream, then record the
+        mark event (captured as a node inside a whole-step capture)."""
+        nbytes = int(np.prod([int(d) for d in src.shape])) * np.dtype(str(src.dtype)).itemsize
+        self.cuda.copy(dst.data_ptr(), src.data_ptr(), nbytes, self.stream)
+        self.cuda.record_external(self.mark_event, self.stream)
+        self.marks += 1
+
+    def step_done(self, marks_before: int) -> None:
+        """After a step was enqueued: whether it recorded the mark (``marks_before``: :attr:`marks`
+        before it), so that the next step may wait for the mark instead of the whole step."""
+        self.step_marked = self.marks > marks_before or self._replay_marked
+        self._replay_marked = False
+
+    def wait_previous(self) -> None:
+        """Wait until the previous step no longer reads the KV cache's auxiliary arrays: for its
+        mark (with :attr:`wait_for_mark` and a marked step), else for everything on the stream."""
+        if self.wait_for_mark and self.step_marked:
+            self.cuda.wait_event(self.mark_event)
+            self.mark_waits += 1
+        else:
+            self.sync()
+        self.step_marked = False
 
     def ids_view(self, n: int):
         return self.ids._create_view((n,), "int32", 0)
@@ -315,6 +371,7 @@ class StepGraphs:  # pylint: disable=too-many-instance-attributes
             self._graphs.move_to_end(key)
             self.cuda.launch(graph.exe, self.stream)
             self.replays += 1
+            self._replay_marked = graph.marked
             return out_view, graph.logits
         next_ids, logits = call(inp)
         self.cuda.copy(out_view.data_ptr(), next_ids.data_ptr(), 4 * n_out, self.stream)
@@ -323,6 +380,7 @@ class StepGraphs:  # pylint: disable=too-many-instance-attributes
         return out_view, logits
 
     def _capture(self, key: tuple, call, inp, out_view, n_out: int) -> None:
+        marks = self.marks
         self.cuda.begin_capture(self.stream)
         try:
             next_ids, logits = call(inp)
@@ -335,7 +393,7 @@ class StepGraphs:  # pylint: disable=too-many-instance-attributes
         except CudaError as err:
             self._give_up(key, err, ended=True)
             return
-        self._graphs[key] = _Graph(exe=exe, keep=(next_ids, logits), logits=logits)
+        self._graphs[key] = _Graph(exe=exe, keep=(next_ids, logits), logits=logits, marked=self.marks > marks)
         self.captures += 1
         while len(self._graphs) > MAX_GRAPHS:  # never replayed again: its buffers may go back to the pool
             _, old = self._graphs.popitem(last=False)
@@ -373,6 +431,9 @@ class StepGraphs:  # pylint: disable=too-many-instance-attributes
         for graph in self._graphs.values():
             self.cuda.destroy_exec(graph.exe)
         self._graphs.clear()
+        if self.mark_event:
+            self.cuda.lib.cudaEventDestroy(ctypes.c_void_p(self.mark_event))
+            self.mark_event = 0
 
     def __del__(self):
         try:

@@ -39,6 +39,7 @@ from .cuda_graph import IdHistory, StepGraphs, has_static_storage, regions_witho
 from .device import tvm_device
 from .export import ExportedModel
 from .model import bucket_function
+from .step_mark import recording
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +254,7 @@ class Engine:  # pylint: disable=too-many-instance-attributes
     # ------------------------------------------------------------------ low-level steps
     def call(self, func, *args):
         """Call a compute function of the library (params appended, effects threaded if debug)."""
-        with self._on_stream():
+        with self._on_stream(), recording(self.graphs.mark if self.graphs else None):
             if self._effects is None:
                 return func(*args, self.params)
             out, self._effects = func(*args, self._effects, self.params)
@@ -280,9 +281,13 @@ class Engine:  # pylint: disable=too-many-instance-attributes
             # TVM's paged KV cache copies this step's auxiliary arrays (page table, positions) on
             # its own copy stream, at the first attention call, into the buffers the previous step's
             # kernels read, and that stream never waits for the compute stream (greedy q0f32 diverged
-            # from HF at step 7 on an H200 without this): wait for the previous step -- after this
-            # step's begin_forward, which overlaps it, before the copy. A wait, not a copy.
-            self.synchronize()
+            # from HF at step 7 on an H200 without this): wait for the previous step (or for its
+            # step mark, gpt2_model.step_mark) -- after this step's begin_forward, before the copy.
+            if self.graphs:
+                self.graphs.wait_previous()
+            else:
+                self.synchronize()
+        marks = self.graphs.marks if self.graphs else 0
         try:
             out = run()
             self.end_forward()
@@ -293,6 +298,8 @@ class Engine:  # pylint: disable=too-many-instance-attributes
                 except Exception:  # pylint: disable=broad-except
                     logger.exception("could not roll back sequence %s after a failed step", seq)
             raise
+        if self.graphs:
+            self.graphs.step_done(marks)
         for seq, n in zip(seqs, lengths):
             self._lengths[seq] += int(n)
         return out

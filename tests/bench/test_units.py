@@ -119,6 +119,20 @@ def test_collect_env_cpu():
     json.dumps(e)  # JSON-ready
 
 
+def test_engine_settings_from_the_environment_are_recorded_and_shown(monkeypatch):
+    from bench.tables import _header  # pylint: disable=import-outside-toplevel
+
+    monkeypatch.delenv("GPT2K_STEP_MARK", raising=False)
+    assert envmod.collect_env(envmod.DeviceSpec("cpu"))["settings"] == {}
+    monkeypatch.setenv("GPT2K_STEP_MARK", "1")
+    monkeypatch.setenv("GPT2K_UNRELATED", "x")
+    e = envmod.collect_env(envmod.DeviceSpec("cpu"))
+    assert e["settings"] == {"GPT2K_STEP_MARK": "1"}
+    row = {"model": "gpt2", "quantization": "q0f16", "device": "cuda:0", "arch": "sm_90"}
+    line = _header({"rows": [row], "env": e, "command": "decode", "args": {"cuda_graph": True}, "timer": "cuda-events"})
+    assert "CUDA graphs on, GPT2K_STEP_MARK=1, timer cuda-events" in line
+
+
 # ---------------------------------------------------------------------------------------------- timing
 def test_stats_match_numpy_percentiles():
     data = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0]

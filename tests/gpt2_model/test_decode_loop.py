@@ -276,6 +276,14 @@ def _gpu_generate_check(preset: str, quantization: str, dtype: str, *, database=
     assert ours == theirs, detail
     seq = engine.add_sequence()  # and the host-argmax loop agrees
     assert engine._generate_on_host(seq, np.array(prompt, np.int32), 32, False) == ours  # pylint: disable=protected-access
+    return engine
+
+
+def _committed_db(arch: str | None):
+    from pathlib import Path  # pylint: disable=import-outside-toplevel
+
+    db = Path(__file__).resolve().parents[2] / "databases" / (arch or "none") / "gpt2-q0f16"
+    return db if db.is_dir() else None
 
 
 @pytest.mark.gpu
@@ -285,12 +293,25 @@ def test_cuda_generate_q0f32_equals_hf_generate():
 
 @pytest.mark.gpu
 def test_cuda_generate_q0f16_preset_equals_hf_generate():
-    from pathlib import Path  # pylint: disable=import-outside-toplevel
-
     from gpt2_model.device import detect_cuda_arch  # pylint: disable=import-outside-toplevel
 
-    db = Path(__file__).resolve().parents[2] / "databases" / (detect_cuda_arch() or "none") / "gpt2-q0f16"
-    _gpu_generate_check("gpt2", "q0f16", "float16", database=db if db.is_dir() else None)
+    _gpu_generate_check("gpt2", "q0f16", "float16", database=_committed_db(detect_cuda_arch()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset,quantization,dtype", [("tiny-h64", "q0f32", "float32"), ("gpt2", "q0f16", "float16")])
+def test_cuda_generate_waiting_for_step_marks_equals_hf_generate(monkeypatch, preset, quantization, dtype):
+    """GPT2K_STEP_MARK=1: each step waits only for the previous step's mark (after its last
+    attention), so the host's KV-cache copy and launch overlap the previous step's tail. Greedy
+    generate still equals HF token for token, and the device loop's waits were mark waits."""
+    from gpt2_model.device import detect_cuda_arch  # pylint: disable=import-outside-toplevel
+
+    monkeypatch.setenv("GPT2K_STEP_MARK", "1")
+    db = _committed_db(detect_cuda_arch()) if preset == "gpt2" else None
+    engine = _gpu_generate_check(preset, quantization, dtype, database=db)
+    g = engine.graphs
+    assert g.wait_for_mark and g.marks > 0
+    assert g.mark_waits >= 31, (g.marks, g.mark_waits, g.captures, g.replays)  # every decode step of generate
 
 
 # ------------------------------------------------------------------------- whole-step CUDA graphs

@@ -1,0 +1,62 @@
+"""The step mark: a point of every model step, after the last layer's attention, that the host can
+wait for instead of the whole step (issue 11: host and device overlap).
+
+Why: TVM's paged KV cache copies a step's auxiliary arrays (page table, positions) on its own copy
+stream, which never waits for the compute stream, into the buffers the previous step's kernels
+read. So before that copy the host must know the previous step no longer reads them. Waiting for
+the whole previous step leaves the GPU idle while the host flushes the copy and launches the next
+step (~55 µs per decode step on an H200, 2026-12-02). The last reader of those arrays is the last
+layer's attention: what follows (the final layer norm, lm_head, argmax: ~30 µs of GPU at b1) never
+touches them. Waiting for a mark placed there lets the host's flush and launch overlap that tail.
+
+How: the model (:class:`gpt2_model.model.GPT2Model`) passes the transformer's output through the
+extern function :data:`MARK_FUNC` (``op.extern``, a copy of ``b x s x n_embd`` values into the
+next layer norm's input). Registered here (the VM resolves it when created, so the runtime imports
+this module), it
+
+* with a *recorder* installed (a CUDA engine's :class:`~gpt2_model.cuda_graph.StepGraphs`, for the
+  duration of each library call), lets the recorder copy on the engine's stream and record an event
+  after the copy -- captured into a whole-step graph as an event-record node, so every replay
+  records it too;
+* otherwise copies with TVM (CPU, or a CUDA engine without whole-step graphs, whose kernels run on
+  TVM's default stream).
+
+Whether the engine waits for the mark or for the whole step is
+:attr:`gpt2_model.cuda_graph.StepGraphs.wait_for_mark` (``GPT2K_STEP_MARK=1`` turns it on; off by
+default until measured on a GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Callable
+
+import tvm_ffi
+
+#: The extern function's global name (the library calls it by this name).
+MARK_FUNC = "gpt2k.step_mark"
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def recording(recorder: Callable | None):
+    """While active (in this thread), :data:`MARK_FUNC` calls ``recorder(src, dst)`` (if not None)."""
+    previous = getattr(_local, "recorder", None)
+    _local.recorder = recorder
+    try:
+        yield
+    finally:
+        _local.recorder = previous
+
+
+def _step_mark(src, dst) -> None:
+    recorder = getattr(_local, "recorder", None)
+    if recorder is not None:
+        recorder(src, dst)
+    else:
+        dst.copyfrom(src)
+
+
+tvm_ffi.register_global_func(MARK_FUNC, _step_mark, override=True)
