@@ -306,12 +306,10 @@ class StepGraphs:  # pylint: disable=too-many-instance-attributes
         self.cuda.sync(self.stream)
 
     # ------------------------------------------------------------------ the step mark
-    def mark(self, src, dst) -> None:
-        """The step mark's recorder: copy ``src`` to ``dst`` on the engine's stream, then record the
-        mark event (captured as a node inside a whole-step capture)."""
-        nbytes = int(np.prod([int(d) for d in src.shape])) * np.dtype(str(src.dtype)).itemsize
-        self.cuda.copy(dst.data_ptr(), src.data_ptr(), nbytes, self.stream)
-        self.cuda.record_external(self.mark_event, self.stream)
+    def mark(self, stream: int) -> None:
+        """The step mark's recorder: record the mark event on ``stream`` (the engine's, which is TVM's
+        current one during library calls; captured as a node inside a whole-step capture)."""
+        self.cuda.record_external(self.mark_event, stream)
         self.marks += 1
 
     def step_done(self, marks_before: int) -> None:

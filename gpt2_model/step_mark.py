@@ -12,14 +12,12 @@ touches them. Waiting for a mark placed there lets the host's flush and launch o
 How: the model (:class:`gpt2_model.model.GPT2Model`) passes the transformer's output through the
 extern function :data:`MARK_FUNC` (``op.extern``, a copy of ``b x s x n_embd`` values into the
 next layer norm's input). Registered here (the VM resolves it when created, so the runtime imports
-this module), it
-
-* with a *recorder* installed (a CUDA engine's :class:`~gpt2_model.cuda_graph.StepGraphs`, for the
-  duration of each library call), lets the recorder copy on the engine's stream and record an event
-  after the copy -- captured into a whole-step graph as an event-record node, so every replay
-  records it too;
-* otherwise copies with TVM (CPU, or a CUDA engine without whole-step graphs, whose kernels run on
-  TVM's default stream).
+this module), it copies on the device's *current* stream (CUDA: ``cudaMemcpyAsync`` on TVM's current
+stream, so a capture on that stream -- the engine's whole-step graphs, or the graph regions of
+``relax.backend.use_cuda_graph``, which contain the call in static-shape functions -- records the
+copy; CPU: a plain copy) and then, with a *recorder* installed (a CUDA engine's
+:class:`~gpt2_model.cuda_graph.StepGraphs`, for the duration of each library call), lets it record
+its event on that stream: captured as an event-record node, so every replay records it too.
 
 Whether the engine waits for the mark or for the whole step is
 :attr:`gpt2_model.cuda_graph.StepGraphs.wait_for_mark` (``GPT2K_STEP_MARK=1`` turns it on; off by
@@ -32,7 +30,10 @@ import contextlib
 import threading
 from typing import Callable
 
+import numpy as np
 import tvm_ffi
+
+from .cuda_graph import CudaRuntime
 
 #: The extern function's global name (the library calls it by this name).
 MARK_FUNC = "gpt2k.step_mark"
@@ -42,7 +43,8 @@ _local = threading.local()
 
 @contextlib.contextmanager
 def recording(recorder: Callable | None):
-    """While active (in this thread), :data:`MARK_FUNC` calls ``recorder(src, dst)`` (if not None)."""
+    """While active (in this thread), :data:`MARK_FUNC` calls ``recorder(stream)`` (if not None)
+    after its copy, with the stream the copy went to."""
     previous = getattr(_local, "recorder", None)
     _local.recorder = recorder
     try:
@@ -51,12 +53,22 @@ def recording(recorder: Callable | None):
         _local.recorder = previous
 
 
+_cudart: dict[int, CudaRuntime] = {}
+
+
 def _step_mark(src, dst) -> None:
+    dev = src.device
+    if dev.dlpack_device_type() == tvm_ffi.device("cpu").dlpack_device_type():
+        dst.copyfrom(src)
+        stream = 0
+    else:
+        stream = int(tvm_ffi.get_raw_stream(dev) or 0)
+        cuda = _cudart.get(dev.index) or _cudart.setdefault(dev.index, CudaRuntime(dev.index))
+        nbytes = int(np.prod([int(d) for d in src.shape])) * np.dtype(str(src.dtype)).itemsize
+        cuda.copy(dst.data_ptr(), src.data_ptr(), nbytes, stream)
     recorder = getattr(_local, "recorder", None)
     if recorder is not None:
-        recorder(src, dst)
-    else:
-        dst.copyfrom(src)
+        recorder(stream)
 
 
 tvm_ffi.register_global_func(MARK_FUNC, _step_mark, override=True)
