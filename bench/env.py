@@ -26,6 +26,8 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from gpt2_model.cuda_graph import STEP_MARK_ENV
+
 __all__ = [
     "DeviceSpec",
     "Peak",
@@ -421,7 +423,7 @@ def collect_env(device: DeviceSpec, *, arch: str | None = None,
 
 
 #: Environment variables that change how the engine runs a step (recorded with every bench run).
-ENGINE_SETTINGS = ("GPT2K_STEP_MARK",)
+ENGINE_SETTINGS = (STEP_MARK_ENV,)
 
 
 def peak_to_dict(peak: Peak | None) -> dict[str, Any] | None:

@@ -71,6 +71,8 @@ _CAPTURE_MODE_RELAXED = 2  # cudaStreamCaptureModeRelaxed: the VM's pool may cud
 _MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: direction from the pointers (unified addressing)
 _EVENT_DISABLE_TIMING = 2  # cudaEventDisableTiming
 _EVENT_RECORD_EXTERNAL = 1  # cudaEventRecordExternal: captured as an event-record node
+#: ``1``: each step waits only for the previous step's mark (:mod:`gpt2_model.step_mark`).
+STEP_MARK_ENV = "GPT2K_STEP_MARK"
 _CUDART_NAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so")
 
 
@@ -291,11 +293,10 @@ class StepGraphs:  # pylint: disable=too-many-instance-attributes
         self.last_key: tuple | None = None
         # the step mark (gpt2_model.step_mark): an event recorded after each step's last KV-cache read
         self.mark_event = self.cuda.create_event()
-        self.marks = 0  # marks recorded (or captured) so far
+        self.marks = 0  # marks recorded, captured or replayed so far
         self.mark_waits = 0  # steps that waited for the previous step's mark, not the whole step
         self.step_marked = False  # the last step enqueued recorded its mark
-        self._replay_marked = False
-        self.wait_for_mark = os.environ.get("GPT2K_STEP_MARK", "0") == "1"
+        self.wait_for_mark = os.environ.get(STEP_MARK_ENV, "0") == "1"
 
     def on_stream(self):
         """Context: TVM's current stream on this device is the engine's stream."""
@@ -315,8 +316,7 @@ class StepGraphs:  # pylint: disable=too-many-instance-attributes
     def step_done(self, marks_before: int) -> None:
         """After a step was enqueued: whether it recorded the mark (``marks_before``: :attr:`marks`
         before it), so that the next step may wait for the mark instead of the whole step."""
-        self.step_marked = self.marks > marks_before or self._replay_marked
-        self._replay_marked = False
+        self.step_marked = self.marks > marks_before
 
     def wait_previous(self) -> None:
         """Wait until the previous step no longer reads the KV cache's auxiliary arrays: for its
@@ -369,7 +369,7 @@ class StepGraphs:  # pylint: disable=too-many-instance-attributes
             self._graphs.move_to_end(key)
             self.cuda.launch(graph.exe, self.stream)
             self.replays += 1
-            self._replay_marked = graph.marked
+            self.marks += graph.marked  # the replay records the captured mark node
             return out_view, graph.logits
         next_ids, logits = call(inp)
         self.cuda.copy(out_view.data_ptr(), next_ids.data_ptr(), 4 * n_out, self.stream)

@@ -27,6 +27,7 @@ default until measured on a GPU).
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from typing import Callable
 
@@ -53,17 +54,22 @@ def recording(recorder: Callable | None):
         _local.recorder = previous
 
 
-_cudart: dict[int, CudaRuntime] = {}
+_CPU = tvm_ffi.device("cpu").dlpack_device_type()
+
+
+@functools.lru_cache(maxsize=None)
+def _cudart(index: int) -> CudaRuntime:
+    return CudaRuntime(index)
 
 
 def _step_mark(src, dst) -> None:
     dev = src.device
-    if dev.dlpack_device_type() == tvm_ffi.device("cpu").dlpack_device_type():
+    if dev.dlpack_device_type() == _CPU:
         dst.copyfrom(src)
         stream = 0
     else:
         stream = int(tvm_ffi.get_raw_stream(dev) or 0)
-        cuda = _cudart.get(dev.index) or _cudart.setdefault(dev.index, CudaRuntime(dev.index))
+        cuda = _cudart(dev.index)
         nbytes = int(np.prod([int(d) for d in src.shape])) * np.dtype(str(src.dtype)).itemsize
         cuda.copy(dst.data_ptr(), src.data_ptr(), nbytes, stream)
     recorder = getattr(_local, "recorder", None)

@@ -66,31 +66,33 @@ def _extent(script: str, tag: str) -> int:
     return int(found[0]) if found else 1
 
 
+def _run(src: str, sch, tmp_path, rows: int, n: int, k: int, *, bias: bool):
+    """Launch the emulated kernel on seeded inputs; (output, f32 NumPy reference)."""
+    script = sch.mod.script()
+    grid = (_extent(script, "blockIdx.x"), _extent(script, "blockIdx.y"))
+    block = (_extent(script, "threadIdx.x"), _extent(script, "threadIdx.y"))
+    launch = emulate(src, tmp_path)
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((rows, 1, k)) * 0.5).astype(np.float16)
+    w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float16)
+    b = (rng.standard_normal(n) * 0.1).astype(np.float16) if bias else np.zeros(n, np.float16)
+    out = np.full((rows, 1, n), np.nan, np.float16)
+    values = [b if "bias" in nm else w if "weight" in nm else x if nm.startswith("x") else out
+              for _, nm in launch.params]
+    assert sum(v is out for v in values) == 1, launch.params
+    launch(grid, block, *values)
+    return out, x.astype(np.float32) @ w.astype(np.float32).T + b.astype(np.float32)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_mma_gemm_matches_numpy_under_emulation(tmp_path, case):
     rows, n, k, space, decisions = CASES[case]
     sch = _scheduled(rows, n, k, space, decisions)
-    script = sch.mod.script()
-    grid = (_extent(script, "blockIdx.x"), _extent(script, "blockIdx.y"))
-    block = (_extent(script, "threadIdx.x"), _extent(script, "threadIdx.y"))
     if rows <= 64:
-        assert grid[1] == 1, "skinny: all rows in one block row"
+        assert _extent(sch.mod.script(), "blockIdx.y") == 1, "skinny: all rows in one block row"
     src = build_kernel(sch.mod, TARGET).mod.imports[0].inspect_source()
     assert "mma.sync.aligned.m16n8k16" in src and "ldmatrix" in src and "cp.async" in src
-    launch = emulate(src, tmp_path)
-
-    rng = np.random.default_rng(0)
-    x = (rng.standard_normal((rows, 1, k)) * 0.5).astype(np.float16)
-    w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float16)
-    bias = (rng.standard_normal(n) * 0.1).astype(np.float16)
-    out = np.full((rows, 1, n), np.nan, np.float16)
-    values = []
-    for _, name in launch.params:
-        values.append(bias if "bias" in name else w if "weight" in name else x if name.startswith("x") else out)
-    assert sum(v is out for v in values) == 1, launch.params
-    launch(grid, block, *values)
-
-    ref = x.astype(np.float32) @ w.astype(np.float32).T + bias.astype(np.float32)
+    out, ref = _run(src, sch, tmp_path, rows, n, k, bias=True)
     err = np.abs(out.astype(np.float32) - ref)
     assert np.isfinite(out).all(), "rows or columns left unwritten"
     # f16 accumulation over K (one rounding per 16-wide step): within 2e-2 of the f32 reference
@@ -105,15 +107,5 @@ def test_emulation_catches_a_wrong_ldmatrix_layout(tmp_path):
     src = build_kernel(sch.mod, TARGET).mod.imports[0].inspect_source()
     bad = src.replace("ldmatrix.sync.aligned.m8n8.x4.shared.b16", "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16")
     assert bad != src
-    launch = emulate(bad, tmp_path)
-    rng = np.random.default_rng(0)
-    x = (rng.standard_normal((rows, 1, k)) * 0.5).astype(np.float16)
-    w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float16)
-    bias = np.zeros(n, np.float16)
-    out = np.full((rows, 1, n), np.nan, np.float16)
-    values = [bias if "bias" in nm else w if "weight" in nm else x if nm.startswith("x") else out
-              for _, nm in launch.params]
-    script = sch.mod.script()
-    launch((_extent(script, "blockIdx.x"), 1), (32, _extent(script, "threadIdx.y")), *values)
-    ref = x.astype(np.float32) @ w.astype(np.float32).T
+    out, ref = _run(bad, sch, tmp_path, rows, n, k, bias=False)
     assert np.abs(out.astype(np.float32) - ref).max() > 0.1

@@ -99,18 +99,15 @@ def _parse_variant(variant: str) -> tuple[int, bool]:
 SKINNY_MAX_ROWS = 64
 
 
-def mma_pad(extent: int, *, small: int = 128, large: int = 256, k: bool = False) -> int:
-    """Multiple an M/N (or K, ``k=True``) extent is padded to.
+def mma_pad(extent: int, *, small: int = 128, large: int = 256) -> int:
+    """Multiple an M/N extent is padded to.
 
-    M/N: to 128, or to 256 when the extent is at least 1024 (then a 256-wide block tile divides
-    it, at < 1 % extra work for the lm_head's 50257 -> 50432), or to 16 when it is at most
+    To 128, or to 256 when the extent is at least 1024 (then a 256-wide block tile divides it, at
+    < 1 % extra work for the lm_head's 50257 -> 50432), or to 16 when it is at most
     :data:`SKINNY_MAX_ROWS` (decode rows: padding b32 to 128 would quadruple the work and split the
-    rows over blocks that each re-read the weights). K: to 64 (the largest K chunk; 128 for a
-    skinny GEMM, see :data:`SKINNY_MAX_ROWS`). Extents that are already multiples are unchanged
-    either way.
+    rows over blocks that each re-read the weights). Extents that are already multiples are
+    unchanged either way. (K is padded to the largest K chunk of the space.)
     """
-    if k:
-        return 64
     if extent <= SKINNY_MAX_ROWS:
         return 16
     return large if extent >= 1024 else small
@@ -317,7 +314,8 @@ def schedule_gemm_mma(sch: s_tir.Schedule, *, variant: str = "s3_swizzle"):
         raise NotApplicable("unexpected matmul iteration space")
     _, m, n, k = dom
     skinny = m <= SKINNY_MAX_ROWS
-    sch.pad_einsum(main, [1, mma_pad(m), mma_pad(n), 128 if skinny else mma_pad(k, k=True)])
+    k_chunks = _SKINNY_K_CHUNK if skinny else _K_CHUNK
+    sch.pad_einsum(main, [1, mma_pad(m), mma_pad(n), 16 * max(k_chunks)])
 
     batch, i, j, k, block_outer = tile_16x16x16(sch, main)
     block_inner = main
@@ -329,13 +327,13 @@ def schedule_gemm_mma(sch: s_tir.Schedule, *, variant: str = "s3_swizzle"):
         warps_i, frags_i = 1, -(-m // 16)
         warps_j = sch.sample_categorical(_SKINNY_WARPS_N, _uniform(len(_SKINNY_WARPS_N)))
         frags_j = sch.sample_categorical(_SKINNY_FRAGS_N, _uniform(len(_SKINNY_FRAGS_N)))
-        k_chunk = sch.sample_categorical(_SKINNY_K_CHUNK, _uniform(len(_SKINNY_K_CHUNK)))
+        k_chunk = sch.sample_categorical(k_chunks, _uniform(len(k_chunks)))
     else:
         warps_i = sch.sample_categorical(_WARPS, _uniform(len(_WARPS)))
         warps_j = sch.sample_categorical(_WARPS, _uniform(len(_WARPS)))
         frags_i = sch.sample_categorical(_FRAGS, _uniform(len(_FRAGS)))
         frags_j = sch.sample_categorical(_FRAGS, _uniform(len(_FRAGS)))
-        k_chunk = sch.sample_categorical(_K_CHUNK, _uniform(len(_K_CHUNK)))
+        k_chunk = sch.sample_categorical(k_chunks, _uniform(len(k_chunks)))
     vec = sch.sample_categorical(_VEC, _uniform(len(_VEC)))
 
     i0, i1, i2 = sch.split(i, [None, warps_i, frags_i], preserve_unit_iters=True)
