@@ -389,8 +389,8 @@ def collect_env(device: DeviceSpec, *, arch: str | None = None,
         ``date`` (ISO 8601, UTC), ``host``, ``platform``, ``device`` (``cpu``/``cuda:N``),
         ``arch``, ``cpu`` (model, logical cores), ``gpu`` (NVML snapshot, CUDA only, else
         ``None``), ``versions`` (python, tvm, numpy, torch, transformers), ``database``,
-        ``settings`` (the ``GPT2K_*`` environment variables that change how the engine runs, e.g.
-        ``GPT2K_STEP_MARK``: a figure measured with one is labelled by it).
+        ``settings`` (the ``GPT2K_*`` settings in effect that change how the engine runs, defaults
+        included, e.g. ``GPT2K_STEP_MARK``: a figure is labelled by them).
     """
     env: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -402,7 +402,7 @@ def collect_env(device: DeviceSpec, *, arch: str | None = None,
         "gpu": None,
         "versions": _versions(),
         "database": database,
-        "settings": {k: v for k, v in sorted(os.environ.items()) if k in ENGINE_SETTINGS},
+        "settings": {k: os.environ.get(k, default) for k, default in sorted(ENGINE_SETTINGS.items())},
     }
     try:
         env["arch"] = arch or arch_of(device)
@@ -422,8 +422,9 @@ def collect_env(device: DeviceSpec, *, arch: str | None = None,
     return env
 
 
-#: Environment variables that change how the engine runs a step (recorded with every bench run).
-ENGINE_SETTINGS = (STEP_MARK_ENV,)
+#: Environment variables that change how the engine runs a step, with their defaults (the value in
+#: effect is recorded with every bench run).
+ENGINE_SETTINGS = {STEP_MARK_ENV: "1"}
 
 
 def peak_to_dict(peak: Peak | None) -> dict[str, Any] | None:

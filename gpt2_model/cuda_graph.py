@@ -36,7 +36,7 @@ How it works (:class:`StepGraphs`)
   kernels are compiled for), so a growing sequence meets a new key every 16 steps: the first
   pass through a length pays one real step + one capture there, every later pass replays.
   Before each replay the engine waits for the previous step (the cache's copy stream does not
-  wait for ``S``: see ``Engine._step``) -- or, with ``GPT2K_STEP_MARK=1``, only for its *step mark*,
+  wait for ``S``: see ``Engine._step``) -- by default only for its *step mark* (``GPT2K_STEP_MARK=0``: the whole step),
   an event the step records after its last KV-cache read (:mod:`gpt2_model.step_mark`; captured
   as an event-record node, so replays record it too) -- then flushes the copy
   (``get_query_positions``), which makes ``S`` wait for it; inside the captured call the flush is a
@@ -71,7 +71,9 @@ _CAPTURE_MODE_RELAXED = 2  # cudaStreamCaptureModeRelaxed: the VM's pool may cud
 _MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: direction from the pointers (unified addressing)
 _EVENT_DISABLE_TIMING = 2  # cudaEventDisableTiming
 _EVENT_RECORD_EXTERNAL = 1  # cudaEventRecordExternal: captured as an event-record node
-#: ``1``: each step waits only for the previous step's mark (:mod:`gpt2_model.step_mark`).
+_CAPTURE_ACTIVE = 1  # cudaStreamCaptureStatusActive
+#: ``0``: each step waits for the whole previous step; anything else (the default): only for its mark
+#: (:mod:`gpt2_model.step_mark`; on an H200, 2026-12-02, wall time per decode step fell to the graph time).
 STEP_MARK_ENV = "GPT2K_STEP_MARK"
 _CUDART_NAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so")
 
@@ -180,10 +182,23 @@ class CudaRuntime:
                     "cudaEventCreate")
         return int(handle.value)
 
+    def is_capturing(self, stream: int) -> bool:
+        """Whether ``stream`` is being captured into a graph now."""
+        status = ctypes.c_int(0)
+        self._check(self.lib.cudaStreamIsCapturing(ctypes.c_void_p(stream), ctypes.byref(status)),
+                    "cudaStreamIsCapturing")
+        return status.value == _CAPTURE_ACTIVE
+
     def record_external(self, event: int, stream: int) -> None:
-        """Record ``event`` on ``stream``; inside a stream capture, as an event-record node of the graph."""
-        self._check(self.lib.cudaEventRecordWithFlags(ctypes.c_void_p(event), ctypes.c_void_p(stream),
-                                                      _EVENT_RECORD_EXTERNAL), "cudaEventRecord")
+        """Record ``event`` on ``stream``; inside a stream capture, as an event-record node of the graph.
+
+        The external flag only where the stream is capturing: on an H200 (2026-12-02) recording
+        with it on a stream that was not capturing failed with error 401 (illegal state)."""
+        if self.is_capturing(stream):
+            self._check(self.lib.cudaEventRecordWithFlags(ctypes.c_void_p(event), ctypes.c_void_p(stream),
+                                                          _EVENT_RECORD_EXTERNAL), "cudaEventRecord")
+        else:
+            self._check(self.lib.cudaEventRecord(ctypes.c_void_p(event), ctypes.c_void_p(stream)), "cudaEventRecord")
 
     def wait_event(self, event: int) -> None:
         self._check(self.lib.cudaEventSynchronize(ctypes.c_void_p(event)), "cudaEventSynchronize")
@@ -296,7 +311,7 @@ class StepGraphs:  # pylint: disable=too-many-instance-attributes
         self.marks = 0  # marks recorded, captured or replayed so far
         self.mark_waits = 0  # steps that waited for the previous step's mark, not the whole step
         self.step_marked = False  # the last step enqueued recorded its mark
-        self.wait_for_mark = os.environ.get(STEP_MARK_ENV, "0") == "1"
+        self.wait_for_mark = os.environ.get(STEP_MARK_ENV, "1") != "0"
 
     def on_stream(self):
         """Context: TVM's current stream on this device is the engine's stream."""

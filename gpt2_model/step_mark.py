@@ -20,8 +20,10 @@ copy; CPU: a plain copy) and then, with a *recorder* installed (a CUDA engine's
 its event on that stream: captured as an event-record node, so every replay records it too.
 
 Whether the engine waits for the mark or for the whole step is
-:attr:`gpt2_model.cuda_graph.StepGraphs.wait_for_mark` (``GPT2K_STEP_MARK=1`` turns it on; off by
-default until measured on a GPU).
+:attr:`gpt2_model.cuda_graph.StepGraphs.wait_for_mark`: on by default (measured on an H200,
+2026-12-02: wall time per decode step 0.306 / 0.421 / 0.548 ms at b1 / b8 / b32 without it, 0.284 /
+0.398 / 0.523 with it, graph time 0.28 / 0.40 / 0.52); ``GPT2K_STEP_MARK=0`` waits for the whole
+step. The recorder is installed only while marks are waited for (an event record costs host time).
 """
 
 from __future__ import annotations

@@ -123,14 +123,14 @@ def test_engine_settings_from_the_environment_are_recorded_and_shown(monkeypatch
     from bench.tables import _header  # pylint: disable=import-outside-toplevel
 
     monkeypatch.delenv("GPT2K_STEP_MARK", raising=False)
-    assert envmod.collect_env(envmod.DeviceSpec("cpu"))["settings"] == {}
-    monkeypatch.setenv("GPT2K_STEP_MARK", "1")
+    assert envmod.collect_env(envmod.DeviceSpec("cpu"))["settings"] == {"GPT2K_STEP_MARK": "1"}  # the default
+    monkeypatch.setenv("GPT2K_STEP_MARK", "0")
     monkeypatch.setenv("GPT2K_UNRELATED", "x")
     e = envmod.collect_env(envmod.DeviceSpec("cpu"))
-    assert e["settings"] == {"GPT2K_STEP_MARK": "1"}
+    assert e["settings"] == {"GPT2K_STEP_MARK": "0"}
     row = {"model": "gpt2", "quantization": "q0f16", "device": "cuda:0", "arch": "sm_90"}
     line = _header({"rows": [row], "env": e, "command": "decode", "args": {"cuda_graph": True}, "timer": "cuda-events"})
-    assert "CUDA graphs on, GPT2K_STEP_MARK=1, timer cuda-events" in line
+    assert "CUDA graphs on, GPT2K_STEP_MARK=0, timer cuda-events" in line
 
 
 # ---------------------------------------------------------------------------------------------- timing

@@ -301,7 +301,7 @@ def test_cuda_generate_q0f16_preset_equals_hf_generate():
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset,quantization,dtype", [("tiny-h64", "q0f32", "float32"), ("gpt2", "q0f16", "float16")])
 def test_cuda_generate_waiting_for_step_marks_equals_hf_generate(monkeypatch, preset, quantization, dtype):
-    """GPT2K_STEP_MARK=1: each step waits only for the previous step's mark (after its last
+    """GPT2K_STEP_MARK=1 (the default): each step waits only for the previous step's mark (after its last
     attention), so the host's KV-cache copy and launch overlap the previous step's tail. Greedy
     generate still equals HF token for token, and the device loop's waits were mark waits."""
     from gpt2_model.device import detect_cuda_arch  # pylint: disable=import-outside-toplevel
