@@ -18,6 +18,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from tvm.target import Target
 
 from .config import GPT2Config
+from .norm_gemv import NormGemvKey, NormGemvPlan, make_norm_gemv
 from .quantization import QuantScheme, make_embedding, make_linear
 from .step_mark import MARK_FUNC
 
@@ -42,9 +43,12 @@ class GPT2Attention(nn.Module):
         self.sm_scale = scale
 
     def forward(self, x: Tensor, kv_cache: PagedKVCache) -> Tensor:
-        b, s, _ = x.shape
+        return self.attend(self.c_attn(x), kv_cache)
+
+    def attend(self, qkv: Tensor, kv_cache: PagedKVCache) -> Tensor:
+        """Attention and output projection of the fused QKV activations (b, s, 3 * h * d)."""
+        b, s, _ = qkv.shape
         h, d = self.num_heads, self.head_dim
-        qkv = self.c_attn(x)  # (b, s, 3 * h * d)
         qkv = op.reshape(qkv, (b, s, 3 * h, d))
         out = kv_cache.attention_with_fused_qkv(self.layer_id, qkv, h, sm_scale=self.sm_scale)
         out = op.reshape(out, (b, s, h * d))  # (b, s, h * d)
@@ -60,14 +64,21 @@ class GPT2MLP(nn.Module):
         self.activation = config.activation_function
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.c_fc(x)  # (b, s, n_inner)
+        return self.c_proj(self.activate(self.c_fc(x)))
+
+    def activate(self, x: Tensor) -> Tensor:
         if self.activation in ("gelu_new", "gelu_pytorch_tanh"):
             x = op.gelu(x, approximate="tanh")
         elif self.activation == "gelu":
             x = op.gelu(x)
         else:
             x = op.relu(x)
-        return self.c_proj(x)
+        return x
+
+    @property
+    def fusable_epilogue(self) -> str | None:
+        """The fused norm + GEMV epilogue of ``c_fc`` + activation (None: no such epilogue)."""
+        return "bias_gelu" if self.activation in ("gelu_new", "gelu_pytorch_tanh") else None
 
 
 class GPT2Block(nn.Module):
@@ -78,9 +89,17 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, dtype=dtype)
         self.mlp = GPT2MLP(config, scheme)
 
+        self.norm_gemv: NormGemvPlan | None = None  # decode shapes whose norm runs inside the next GEMV
+
     def forward(self, x: Tensor, kv_cache: PagedKVCache) -> Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache)
-        return x + self.mlp(self.ln_2(x))
+        qkv = norm_linear(self.norm_gemv, self.ln_1, self.attn.c_attn, x, "bias")
+        if qkv is None:
+            qkv = self.attn.c_attn(self.ln_1(x))
+        x = x + self.attn.attend(qkv, kv_cache)
+        h = norm_linear(self.norm_gemv, self.ln_2, self.mlp.c_fc, x, self.mlp.fusable_epilogue)
+        if h is None:
+            h = self.mlp.activate(self.mlp.c_fc(self.ln_2(x)))
+        return x + self.mlp.c_proj(h)
 
 
 class GPT2Model(nn.Module):
@@ -90,7 +109,9 @@ class GPT2Model(nn.Module):
         self.h = nn.ModuleList([GPT2Block(config, scheme, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, dtype=scheme.activation_dtype)
 
-    def forward(self, embeds: Tensor, kv_cache: PagedKVCache) -> Tensor:
+    def forward(self, embeds: Tensor, kv_cache: PagedKVCache, *, final_norm: bool = True) -> Tensor:
+        """The last layer's output, through ``ln_f`` unless ``final_norm`` is False (the caller
+        fuses it into the lm_head)."""
         # Positions come from the KV cache: for each query slot, its index in its sequence.
         positions = kv_cache.get_query_positions(embeds.shape[0] * embeds.shape[1])  # (b*s,)
         pos = op.reshape(self.wpe(positions), embeds.shape)  # (b, s, n_embd)
@@ -100,18 +121,23 @@ class GPT2Model(nn.Module):
         # The step mark (gpt2_model.step_mark): after the last attention, the host may start the
         # next step's KV-cache copy; a copy of x on the way to the final layer norm.
         x = op.extern(MARK_FUNC, [x], out=Tensor.placeholder(x.shape, x.dtype, "step_mark"))
-        return self.ln_f(x)
+        return self.ln_f(x) if final_norm else x
 
 
 class GPT2LMHeadModel(nn.Module):
     """The exported model: embed / prefill / decode / batch_* / create_paged_kv_cache."""
 
-    def __init__(self, config: GPT2Config, scheme: QuantScheme, target: Target):
+    def __init__(self, config: GPT2Config, scheme: QuantScheme, target: Target, norm_gemv: NormGemvPlan | None = None):
         self.config = config
         self.scheme = scheme
         self.target = target
         self.dtype = scheme.activation_dtype
         self.transformer = GPT2Model(config, scheme)
+        # Fused layer norm + GEMV kernels for the decode shapes the plan names (gpt2_model.norm_gemv;
+        # CUDA targets only: the kernels are written for CUDA threads)
+        self.norm_gemv = norm_gemv if norm_gemv is not None and target.kind.name == "cuda" else None
+        for block in self.transformer.h:
+            block.norm_gemv = self.norm_gemv
 
     # ---------------------------------------------------------------- pieces
     def _lm_head(self, hidden: Tensor) -> Tensor:
@@ -133,9 +159,15 @@ class GPT2LMHeadModel(nn.Module):
         hidden = op.tensor_expr_op(_last_position, name_hint="index", args=[hidden])  # (1, 1, n_embd)
         return self._lm_head(hidden), paged_kv_cache
 
+    def _decode_logits(self, embeds: Tensor, paged_kv_cache: PagedKVCache) -> Tensor:
+        """Logits (b, 1, vocab) fp32 of a decode step: ``ln_f`` fused into the lm_head where planned."""
+        hidden = self.transformer(embeds, paged_kv_cache, final_norm=False)  # (b, 1, n_embd)
+        logits = norm_linear(self.norm_gemv, self.transformer.ln_f, self.transformer.wte, hidden, "none",
+                             out_dtype="float32")
+        return logits if logits is not None else self._lm_head(self.transformer.ln_f(hidden))
+
     def decode(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
-        hidden = self.transformer(input_embed, paged_kv_cache)  # (1, 1, n_embd)
-        return self._lm_head(hidden), paged_kv_cache
+        return self._decode_logits(input_embed, paged_kv_cache), paged_kv_cache
 
     def batch_prefill(self, input_embeds: Tensor, logit_positions: Tensor, paged_kv_cache: PagedKVCache):
         hidden = self.transformer(input_embeds, paged_kv_cache)  # (1, total, n_embd)
@@ -143,8 +175,7 @@ class GPT2LMHeadModel(nn.Module):
         return self._lm_head(hidden), paged_kv_cache
 
     def batch_decode(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
-        hidden = self.transformer(input_embeds, paged_kv_cache)  # (batch, 1, n_embd)
-        return self._lm_head(hidden), paged_kv_cache
+        return self._decode_logits(input_embeds, paged_kv_cache), paged_kv_cache
 
     # Token in, token out: the whole step on the device (embedding lookup .. greedy argmax), so a
     # decode loop feeds step n+1 with step n's output and never waits for the host. The logits
@@ -306,3 +337,31 @@ def bucket_function(phase: str, value: int, *, tokens: bool = True) -> str:
     if phase == "decode":
         return f"batch_decode_tokens_b{value}" if tokens else f"batch_decode_b{value}"
     return f"prefill_tokens_s{value}" if tokens else f"prefill_s{value}"
+
+
+def norm_linear(plan: NormGemvPlan | None, norm: nn.LayerNorm, linear: nn.Module, x: Tensor, epilogue: str | None,
+                *, out_dtype: str | None = None) -> Tensor | None:
+    """``linear(norm(x))`` (+ the epilogue) as one fused kernel (:mod:`gpt2_model.norm_gemv`) where
+    ``plan`` names this static decode shape, else None (the caller runs the two layers).
+
+    ``linear`` is an unquantized ``nn.Linear`` (its bias per ``epilogue``) or the tied embedding
+    (``epilogue="none"``: its table is the weight). Only static shapes of one token per row.
+    """
+    if plan is None or epilogue is None:
+        return None
+    b, s, k = x.shape
+    if not (isinstance(b, int) and isinstance(s, int) and s == 1):
+        return None
+    weight = getattr(linear, "weight", None)
+    bias = getattr(linear, "bias", None) if epilogue != "none" else None
+    if not isinstance(weight, nn.Parameter) or (epilogue != "none") != (bias is not None):
+        return None  # quantized layers keep their own kernels
+    n = int(weight.shape[0])
+    key = NormGemvKey(batch=b, k=int(k), n=n, epilogue=epilogue, dtype=str(x.dtype), out_dtype=out_dtype or str(x.dtype))
+    cfg = plan.config_for(key)
+    if cfg is None:
+        return None
+    name = f"norm_gemv_{key.name()}"
+    func = make_norm_gemv(cfg, key, eps=float(norm.eps), name=name)
+    args = [x, norm.weight, norm.bias, weight] + ([bias] if bias is not None else [])
+    return op.tensor_ir_op(func, name, args=args, out=Tensor.placeholder((b, 1, n), key.out_dtype))

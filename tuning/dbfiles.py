@@ -7,6 +7,7 @@ Layout of one directory::
     meta.json                     how and for what the records were made (identity fields)
     untuned.json                  untuned kernel time per task (what users get without tuning)
     attention.json                the KV cache's tuned prefill attention choice (tuning.attention)
+    norm_gemv.json                the fused layer norm + decode GEMV choices (tuning.norm_gemv_tune)
     *.quarantine                  lines moved out by a writer (``tune``) or ``tune --repair``
     .tune.lock                    held (flock) while ``tune`` writes the directory
 
@@ -44,6 +45,7 @@ RECORD_FILE = "database_tuning_record.json"
 META_FILE = "meta.json"
 UNTUNED_FILE = "untuned.json"
 ATTENTION_FILE = "attention.json"
+NORM_GEMV_FILE = "norm_gemv.json"
 LOCK_FILE = ".tune.lock"
 QUARANTINE_SUFFIX = ".quarantine"
 

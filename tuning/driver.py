@@ -26,6 +26,7 @@ from gpt2_model.quantization import get_scheme
 
 from .attention import RAGGED_PREFILL, attention_key, read_attention, search_candidates, tune_attention
 from .attention_decode_tune import tune_decode_attention
+from .norm_gemv_tune import tune_norm_gemv
 from .config import TuneConfig, TuneError
 from .database import DatabaseIntegrityWarning, TunedDatabase, database_path, merge_untuned, prune_best
 from .dbfiles import RECORD_FILE, WORKLOAD_FILE, read_meta, record_latency_s, write_meta
@@ -140,6 +141,8 @@ def run_tune(config: TuneConfig) -> int:  # pylint: disable=too-many-locals,too-
     want_attention = is_gpu(target) and "prefill" in buckets and (kinds is None or "attention" in kinds)
     # Likewise the decode attention kernel (tuning.attention_decode's template vs TVM's) with the decode phase.
     want_decode_attention = is_gpu(target) and "decode" in buckets and (kinds is None or "attention" in kinds)
+    # The fused layer norm + decode GEMV kernels (gpt2_model.norm_gemv): a template search of their own.
+    want_norm_gemv = is_gpu(target) and "decode" in buckets and (kinds is None or "norm-gemv" in kinds)
     if config.list_kernels:
         print(f"{name} {scheme.name} on {arch}: {len(task_list)} tasks ({time.monotonic() - start:.1f} s)")
         print(table(task_list))
@@ -148,7 +151,7 @@ def run_tune(config: TuneConfig) -> int:  # pylint: disable=too-many-locals,too-
     # Gathers (embedding rows) read what their indices say: MetaSchedule's random inputs index out
     # of range and crash the measurement, and a row copy has nothing to tune. Listed, not tuned.
     task_list = [t for t in task_list if t.kind != "gather"]
-    if not task_list and not want_attention and not want_decode_attention:
+    if not task_list and not want_attention and not want_decode_attention and not want_norm_gemv:
         raise TuneError("no tasks to tune (check --phases / --kinds)")
     rel = committed.relative_to(config.database_dir)
     work_dir = config.work_dir if config.work_dir is not None else Path(".tune-work") / rel
@@ -169,8 +172,32 @@ def run_tune(config: TuneConfig) -> int:  # pylint: disable=too-many-locals,too-
                                    batches=buckets["decode"], remote=isinstance(verify_device, tuple),
                                    meta={"model": name, "quantization": scheme.name,
                                          "config_hash": model_cfg.model_hash()})
+    if want_norm_gemv:
+        with DirLock(committed, what="committed database", wait=config.wait):
+            _tune_norm_gemv(config, model_cfg=model_cfg, scheme=scheme, target=target, committed=committed,
+                            batches=buckets["decode"], remote=isinstance(verify_device, tuple),
+                            meta={"model": name, "quantization": scheme.name, "config_hash": model_cfg.model_hash()})
     _say(f"[done] tune finished in {fmt_secs(time.monotonic() - start)}")
     return 0
+
+
+def _tune_norm_gemv(config: TuneConfig, *, model_cfg, scheme, target, committed: Path, batches, remote: bool,
+                    meta: dict) -> None:
+    """Search the fused layer norm + decode GEMV kernels (``tuning.norm_gemv_tune``) into ``committed``."""
+    if remote:
+        _say("norm+gemv: skipped: its search measures on a GPU of this machine, not over RPC "
+             "(run tune --kinds norm-gemv on the GPU host)")
+        return
+    _say(f"[norm+gemv] searching the fused layer norm + decode GEMV kernels at batches {list(batches)}")
+    previous = read_meta(committed) or {}
+    doc = tune_norm_gemv(model_cfg, dtype=scheme.activation_dtype, target=target, out_dir=committed,
+                         batches=batches, workers=config.workers, log=_say)
+    if not doc.get("kernels"):
+        return
+    if not previous:
+        write_meta(committed, target=target, **meta)
+    _record_run(committed, previous, {"kinds": "norm-gemv", "batches": list(batches),
+                                      "stored": sorted(doc["kernels"])})
 
 
 def _tune_kernels(config: TuneConfig, task_list, *, target, work_dir: Path, committed: Path, buckets,

@@ -48,6 +48,7 @@ struct half2 { half x, y; };
 struct half4 { half x, y, z, w; };
 static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return uint4{a, b, c, d}; }
 static inline half __float2half_rn(float x) { return (half)x; }
+static inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 static inline unsigned __pack_half2(half x, half y) {
   unsigned short a, b; std::memcpy(&a, &x, 2); std::memcpy(&b, &y, 2); return ((unsigned)b << 16) | a;
 }

@@ -1,0 +1,235 @@
+"""Layer norm fused into the decode GEMV that consumes it: one kernel instead of two (issue 11 item 2).
+
+In a decode step every layer norm feeds one linear layer: ``ln_1`` the fused QKV projection,
+``ln_2`` the MLP's ``c_fc`` (+GELU), ``ln_f`` the tied lm_head (+cast to fp32). Separately they are
+25 small norm kernels per step (~1.8 µs each, graph-timed, on an H200) beside the GEMVs. Here one
+CUDA kernel does both: each block normalizes the step's ``B`` rows (768 values each) into shared
+memory -- the loads of its weight rows are issued first, so the norm runs under their latency --
+and then each warp computes ``rows`` output columns for all ``B`` rows from that shared copy.
+
+Same arithmetic as the unfused pair: the norm in fp32 (two passes: mean, then the mean square of
+the deviations), its output rounded to the activation dtype (what the unfused norm kernel stores),
+the dot products accumulated in fp32, bias, GELU (tanh form) and the cast applied to the fp32 sum.
+
+The kernel is written scheduled (``tirx.is_scheduled``: dlight and MetaSchedule leave it alone).
+Its constants (:class:`NormGemvConfig`: warps per block, output columns per warp) are searched on
+the GPU by :mod:`tuning.norm_gemv_tune` and stored in the database's ``norm_gemv.json``; the model
+uses the fused kernel only for the static decode shapes that file names (:class:`NormGemvPlan`), so
+an untuned build, or a database without it, is the unfused model exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+__all__ = ["EPILOGUES", "MAX_ROWS", "NormGemvConfig", "NormGemvError", "NormGemvKey", "NormGemvPlan",
+           "is_norm_gemv_legal", "make_norm_gemv", "norm_gemv_candidates", "norm_gemv_shared_bytes"]
+
+#: Epilogues after ``sum_k norm(x)[b, k] * W[n, k]`` (fp32): ``bias``: + bias[n]; ``bias_gelu``:
+#: GELU(tanh form) of that; ``none``: nothing (the tied lm_head); then the cast to the output dtype.
+EPILOGUES = ("bias", "bias_gelu", "none")
+MAX_ROWS = 32  # batch rows the kernel takes (their normalized copy lives in 48 KB of shared memory)
+_LANES = 32
+_VEC = 8  # fp16 elements per 16-byte load
+_SHARED_LIMIT = 48 * 1024
+_ACC_LIMIT = 64  # fp32 accumulators per thread (rows x batch)
+
+
+class NormGemvError(ValueError):
+    """A shape or configuration the fused norm + GEMV kernel does not support."""
+
+
+@dataclass(frozen=True)
+class NormGemvKey:
+    """What one fused kernel computes: ``batch`` rows of ``k`` -> ``n`` columns."""
+
+    batch: int
+    k: int
+    n: int
+    epilogue: str
+    dtype: str = "float16"
+    out_dtype: str = "float16"
+
+    def label(self) -> str:
+        return f"norm+gemv b{self.batch} {self.k}->{self.n} {self.epilogue} {self.dtype}->{self.out_dtype}"
+
+    def name(self) -> str:
+        return f"b{self.batch}_k{self.k}_n{self.n}_{self.epilogue}"
+
+
+@dataclass(frozen=True)
+class NormGemvConfig:
+    """The kernel's constants: warps per block and output columns per warp."""
+
+    warps: int
+    rows: int
+
+    def label(self) -> str:
+        return f"norm_gemv warps={self.warps} rows={self.rows}"
+
+
+def norm_gemv_shared_bytes(key: NormGemvKey) -> int:
+    return key.batch * key.k * 2
+
+
+def _key_problem(key: NormGemvKey) -> str | None:
+    if key.epilogue not in EPILOGUES:
+        return f"epilogue {key.epilogue!r} is not one of {EPILOGUES}"
+    if key.dtype != "float16":
+        return f"activation dtype {key.dtype} (only float16)"
+    if key.out_dtype not in ("float16", "float32"):
+        return f"output dtype {key.out_dtype}"
+    if not 1 <= key.batch <= MAX_ROWS:
+        return f"batch {key.batch} (1..{MAX_ROWS})"
+    if key.k % (_LANES * _VEC) != 0:
+        return f"k={key.k} is not a multiple of {_LANES * _VEC}"
+    if norm_gemv_shared_bytes(key) > _SHARED_LIMIT:
+        return f"{norm_gemv_shared_bytes(key)} bytes of shared memory (limit {_SHARED_LIMIT})"
+    return None
+
+
+def is_norm_gemv_legal(cfg: NormGemvConfig, key: NormGemvKey) -> bool:
+    return (_key_problem(key) is None and cfg.warps in (1, 2, 4, 8, 16) and cfg.rows >= 1
+            and cfg.rows * key.batch <= _ACC_LIMIT)
+
+
+def norm_gemv_candidates(key: NormGemvKey, *, warps=(2, 4, 8, 16), rows=(1, 2, 4)) -> list[NormGemvConfig]:
+    """Every legal configuration of ``key`` (empty when the key itself is unsupported)."""
+    return [NormGemvConfig(w, r) for w in warps for r in rows if is_norm_gemv_legal(NormGemvConfig(w, r), key)]
+
+
+def make_norm_gemv(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float, name: str = "norm_gemv"):
+    """The scheduled PrimFunc ``(x (B,1,K), gamma (K,), beta (K,), W (N,K)[, bias (N,)], out (B,1,N))``.
+
+    Raises
+    ------
+    NormGemvError
+        The key or the configuration is not supported.
+    """
+    problem = _key_problem(key)
+    if problem is None and not is_norm_gemv_legal(cfg, key):
+        problem = f"{cfg.label()} is not legal"
+    if problem is not None:
+        raise NormGemvError(f"fused norm + GEMV ({key.label()}): {problem}")
+    from tvm.script import tirx as T  # pylint: disable=import-outside-toplevel
+
+    B, K, N, dtype, out_dtype = key.batch, key.k, key.n, key.dtype, key.out_dtype
+    WARPS, ROWS = cfg.warps, cfg.rows
+    KV = K // (_LANES * _VEC)  # 16-byte vectors per lane along K
+    VEC = _VEC
+    per_block = WARPS * ROWS
+    blocks = (N + per_block - 1) // per_block
+    norm_iters = (B + WARPS - 1) // WARPS
+    has_bias = key.epilogue != "none"
+    gelu = key.epilogue == "bias_gelu"
+    inv_k = 1.0 / K
+    full = T.uint32(0xFFFFFFFF)
+
+    # pylint: disable=invalid-name,unused-variable,too-many-locals,too-many-statements
+    @T.macro
+    def butterfly(buf: T.Buffer, i: T.int32):
+        for r in T.unroll(5):
+            buf[i] = buf[i] + T.tvm_warp_shuffle_xor(full, buf[i], T.shift_left(1, r), 32, 32)
+
+    @T.macro
+    def body(x: T.Buffer, gamma: T.Buffer, beta: T.Buffer, W: T.Buffer, bias: T.Buffer, out: T.Buffer):
+        for bx in T.thread_binding(blocks, thread="blockIdx.x"):
+            for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
+                for tx in T.thread_binding(_LANES, thread="threadIdx.x"):
+                    with T.sblock("norm_gemv"):
+                        T.reads()
+                        T.writes()
+                        xn = T.sblock_alloc_buffer((B, K), dtype, scope="shared")
+                        w_loc = T.sblock_alloc_buffer((ROWS * KV * VEC,), dtype, scope="local")
+                        h_loc = T.sblock_alloc_buffer((KV * VEC,), dtype, scope="local")
+                        g_loc = T.sblock_alloc_buffer((KV * VEC,), dtype, scope="local")
+                        be_loc = T.sblock_alloc_buffer((KV * VEC,), dtype, scope="local")
+                        x_loc = T.sblock_alloc_buffer((KV * VEC,), "float32", scope="local")
+                        n_loc = T.sblock_alloc_buffer((VEC,), dtype, scope="local")
+                        acc = T.sblock_alloc_buffer((ROWS * B,), "float32", scope="local")
+                        st = T.sblock_alloc_buffer((3,), "float32", scope="local")  # sum, mean, rstd
+                        col0: T.let[T.int32] = (bx * WARPS + ty) * ROWS
+                        # 1. this warp's weight rows: issued first, the norm runs under their latency
+                        for r in T.unroll(ROWS):
+                            for j in T.unroll(KV):
+                                if col0 + r < N:
+                                    w_loc[T.ramp((r * KV + j) * VEC, 1, VEC)] = W[col0 + r, T.ramp(
+                                        (j * _LANES + tx) * VEC, 1, VEC)]
+                                else:
+                                    w_loc[T.ramp((r * KV + j) * VEC, 1, VEC)] = T.broadcast(T.cast(0, dtype), VEC)
+                        for j in T.unroll(KV):
+                            g_loc[T.ramp(j * VEC, 1, VEC)] = gamma[T.ramp((j * _LANES + tx) * VEC, 1, VEC)]
+                            be_loc[T.ramp(j * VEC, 1, VEC)] = beta[T.ramp((j * _LANES + tx) * VEC, 1, VEC)]
+                        # 2. the norm of the step's rows, one warp per row, into shared memory
+                        for it in T.serial(norm_iters):
+                            if it * WARPS + ty < B:
+                                for j in T.unroll(KV):
+                                    h_loc[T.ramp(j * VEC, 1, VEC)] = x[it * WARPS + ty, 0, T.ramp(
+                                        (j * _LANES + tx) * VEC, 1, VEC)]
+                                st[0] = T.float32(0)
+                                for e in T.unroll(KV * VEC):
+                                    x_loc[e] = T.cast(h_loc[e], "float32")
+                                    st[0] = st[0] + x_loc[e]
+                                butterfly(st, 0)
+                                st[1] = st[0] * T.float32(inv_k)
+                                st[0] = T.float32(0)
+                                for e in T.unroll(KV * VEC):
+                                    x_loc[e] = x_loc[e] - st[1]
+                                    st[0] = st[0] + x_loc[e] * x_loc[e]
+                                butterfly(st, 0)
+                                st[2] = T.rsqrt(st[0] * T.float32(inv_k) + T.float32(eps))
+                                for j in T.unroll(KV):
+                                    for e in T.unroll(VEC):
+                                        n_loc[e] = T.cast(x_loc[j * VEC + e] * st[2] * T.cast(g_loc[j * VEC + e], "float32")
+                                                          + T.cast(be_loc[j * VEC + e], "float32"), dtype)
+                                    xn[it * WARPS + ty, T.ramp((j * _LANES + tx) * VEC, 1, VEC)] = n_loc[T.ramp(0, 1, VEC)]
+                        T.tvm_storage_sync("shared")
+                        # 3. the dot products of this warp's columns with every normalized row
+                        for i in T.unroll(ROWS * B):
+                            acc[i] = T.float32(0)
+                        for j in T.unroll(KV):
+                            for b in T.unroll(B):
+                                n_loc[T.ramp(0, 1, VEC)] = xn[b, T.ramp((j * _LANES + tx) * VEC, 1, VEC)]
+                                for r in T.unroll(ROWS):
+                                    for e in T.unroll(VEC):
+                                        acc[r * B + b] = acc[r * B + b] + T.cast(n_loc[e], "float32") * T.cast(
+                                            w_loc[(r * KV + j) * VEC + e], "float32")
+                        for i in T.unroll(ROWS * B):
+                            butterfly(acc, i)
+                        # 4. epilogue: value i of the warp is written by lane i % 32
+                        for i in T.unroll(ROWS * B):
+                            if tx == i % _LANES and col0 + i // B < N:
+                                if has_bias:
+                                    acc[i] = acc[i] + T.cast(bias[col0 + i // B], "float32")
+                                if gelu:
+                                    acc[i] = T.float32(0.5) * acc[i] * (T.float32(1) + T.tanh(
+                                        T.float32(0.7978845608028654) * (acc[i] + T.float32(0.044715) * acc[i] * acc[i] * acc[i])))
+                                out[i % B, 0, col0 + i // B] = T.cast(acc[i], out_dtype)
+
+    if has_bias:
+        @T.prim_func(s_tir=True)
+        def func(x: T.Buffer((B, 1, K), dtype), gamma: T.Buffer((K,), dtype), beta: T.Buffer((K,), dtype),
+                 W: T.Buffer((N, K), dtype), bias: T.Buffer((N,), dtype), out: T.Buffer((B, 1, N), out_dtype)):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            body(x, gamma, beta, W, bias, out)
+    else:
+        @T.prim_func(s_tir=True)
+        def func(x: T.Buffer((B, 1, K), dtype), gamma: T.Buffer((K,), dtype), beta: T.Buffer((K,), dtype),
+                 W: T.Buffer((N, K), dtype), out: T.Buffer((B, 1, N), out_dtype)):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            body(x, gamma, beta, W, W, out)
+
+    return func.with_attr("global_symbol", name)
+
+
+@dataclass
+class NormGemvPlan:
+    """Which decode norm+linear pairs a build fuses, and with which constants: ``configs`` maps
+    :meth:`NormGemvKey.name` to a :class:`NormGemvConfig` (from the database's ``norm_gemv.json``)."""
+
+    configs: Mapping[str, NormGemvConfig]
+
+    def config_for(self, key: NormGemvKey) -> NormGemvConfig | None:
+        cfg = self.configs.get(key.name())
+        return cfg if cfg is not None and is_norm_gemv_legal(cfg, key) else None

@@ -1,0 +1,138 @@
+"""The fused layer norm + decode GEMV kernel (``gpt2_model.norm_gemv``): its CUDA source run on the
+CPU through ``cuda_emu`` against NumPy, the model's wiring (which pairs fuse, where), the
+database file's reading, and (GPU-marked) the search on a real card."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import tvm
+
+from gpt2_model.config import get_config
+from gpt2_model.export import export_model
+from gpt2_model.norm_gemv import (NormGemvConfig, NormGemvError, NormGemvKey, NormGemvPlan, make_norm_gemv,
+                                  norm_gemv_candidates)
+from tuning.norm_gemv_tune import ATOL, RTOL, _inputs, norm_gemv_keys, read_norm_gemv_plan, reference_norm_gemv
+from tuning.targets import make_target
+
+from .cuda_emu import emulate
+
+CUDA = make_target("sm_90")
+
+EMULATED = {
+    # batch, n, epilogue, output dtype, warps, rows: a ragged last block (n not a multiple of
+    # warps x rows), more rows than warps (the norm loop), the fp32 lm_head form, one row
+    "b8_qkv_gelu": (8, 1000, "bias_gelu", "float16", 4, 2),
+    "b3_lmhead_f32_ragged": (3, 1001, "none", "float32", 2, 4),
+    "b1_bias": (1, 770, "bias", "float16", 8, 1),
+    "b32_bias_rows2": (32, 96, "bias", "float16", 16, 2),
+}
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("case", sorted(EMULATED))
+def test_emulated_kernel_matches_numpy(case, tmp_path):
+    batch, n, epilogue, out_dtype, warps, rows = EMULATED[case]
+    key = NormGemvKey(batch, 768, n, epilogue, "float16", out_dtype)
+    cfg = NormGemvConfig(warps, rows)
+    with CUDA:
+        lib = tvm.compile(tvm.IRModule({"main": make_norm_gemv(cfg, key, eps=1e-5)}), target=CUDA)
+    launch = emulate(lib.mod.imports[0].inspect_source(), tmp_path)
+    inp = _inputs(key, seed=3)
+    out = np.full((batch, 1, n), np.nan, out_dtype)
+    by_name = {"W_ptr": inp["w"], "beta_ptr": inp["beta"], "bias_ptr": inp["bias"], "gamma_ptr": inp["gamma"],
+               "out_ptr": out, "x_ptr": inp["x"]}
+    launch((-(-n // (warps * rows)), 1), (32, warps), *[by_name[name] for _, name in launch.params])
+    ref = reference_norm_gemv(key, inp["x"], inp["gamma"], inp["beta"], inp["w"], inp["bias"], eps=1e-5)
+    assert not np.isnan(out).any(), "a column was never written"
+    excess = np.abs(out.astype(np.float32) - ref.astype(np.float32)) - RTOL * np.abs(ref.astype(np.float32))
+    assert excess.max() <= ATOL, float(excess.max())
+    # and the reference is what HF's order of operations gives: layer norm, then the linear layer
+    import torch  # pylint: disable=import-outside-toplevel
+
+    x = torch.tensor(inp["x"][:, 0].astype(np.float32))
+    xn = torch.nn.functional.layer_norm(x, (768,), torch.tensor(inp["gamma"].astype(np.float32)),
+                                        torch.tensor(inp["beta"].astype(np.float32)), 1e-5).half().float()
+    y = xn @ torch.tensor(inp["w"].astype(np.float32)).T
+    if epilogue != "none":
+        y = y + torch.tensor(inp["bias"].astype(np.float32))
+    if epilogue == "bias_gelu":
+        y = torch.nn.functional.gelu(y, approximate="tanh")
+    np.testing.assert_allclose(ref[:, 0].astype(np.float32), y.numpy(), rtol=1e-2, atol=2e-3)
+
+
+def test_unsupported_keys_and_configs_are_one_clear_error():
+    with pytest.raises(NormGemvError, match="batch 33"):
+        make_norm_gemv(NormGemvConfig(4, 1), NormGemvKey(33, 768, 2304, "bias"), eps=1e-5)
+    with pytest.raises(NormGemvError, match="epilogue 'relu'"):
+        make_norm_gemv(NormGemvConfig(4, 1), NormGemvKey(8, 768, 2304, "relu"), eps=1e-5)
+    with pytest.raises(NormGemvError, match="not a multiple of 256"):
+        make_norm_gemv(NormGemvConfig(4, 1), NormGemvKey(8, 100, 2304, "bias"), eps=1e-5)
+    with pytest.raises(NormGemvError, match="not legal"):  # 4 x 32 accumulators per thread
+        make_norm_gemv(NormGemvConfig(4, 4), NormGemvKey(32, 768, 2304, "bias"), eps=1e-5)
+    assert norm_gemv_candidates(NormGemvKey(8, 768, 2304, "bias", "float32")) == []  # fp16 only
+    assert all(c.rows * 32 <= 64 for c in norm_gemv_candidates(NormGemvKey(32, 768, 2304, "bias")))
+
+
+def _plan(batches=(8,)):
+    keys = norm_gemv_keys(get_config("gpt2"), dtype="float16", batches=batches)
+    assert [k.epilogue for k in keys[:3]] == ["bias", "bias_gelu", "none"] and keys[2].out_dtype == "float32"
+    return NormGemvPlan({k.name(): NormGemvConfig(4, 1) for k in keys})
+
+
+def _calls(mod, func: str) -> tuple[int, int]:
+    text = mod[func].script()
+    return len(re.findall(r"call_tir\((?:cls\.)?norm_gemv_", text)), text.count("R.nn.layer_norm(")
+
+
+def test_model_fuses_every_norm_of_the_planned_decode_shapes_only():
+    ex = export_model(get_config("gpt2"), quantization="q0f16", target=CUDA, buckets={"decode": [8, 4], "prefill": [16]},
+                      norm_gemv=_plan())
+    assert _calls(ex.mod, "batch_decode_b8") == (25, 0)  # ln_1 + QKV, ln_2 + c_fc, ln_f + lm_head: 12 + 12 + 1
+    assert _calls(ex.mod, "batch_decode_tokens_b8") == (25, 0)
+    for unplanned in ("batch_decode_b4", "batch_decode", "prefill_s16", "prefill", "decode"):
+        fused, norms = _calls(ex.mod, unplanned)
+        assert fused == 0 and norms > 0, unplanned
+    assert len(ex.metadata["norm_gemv"]) == 3
+
+
+def test_no_fusion_off_cuda_or_for_quantized_weights():
+    cpu = export_model(get_config("tiny-h64"), quantization="q0f16", target=make_target("cpu"), buckets={"decode": [8]},
+                       norm_gemv=_plan())
+    assert cpu.metadata["norm_gemv"] == [] and "norm_gemv_" not in cpu.mod.script()
+    q4 = export_model(get_config("gpt2"), quantization="q4f16_1", target=CUDA, buckets={"decode": [8]}, norm_gemv=_plan())
+    assert _calls(q4.mod, "batch_decode_b8")[0] == 0
+
+
+def test_database_file_becomes_the_plan(tmp_path):
+    assert read_norm_gemv_plan(tmp_path) is None  # no file: the unfused model
+    doc = {"schema": "gpt2k-norm-gemv/1", "kernels": {
+        "b8_k768_n2304_bias": {"config": {"warps": 8, "rows": 2}, "us": 3.0},
+        "b8_k768_n3072_bias_gelu": {"config": {"warps": "x"}},  # malformed: skipped, that pair stays unfused
+    }}
+    (tmp_path / "norm_gemv.json").write_text(json.dumps(doc))
+    plan = read_norm_gemv_plan(tmp_path)
+    assert plan.config_for(NormGemvKey(8, 768, 2304, "bias")) == NormGemvConfig(8, 2)
+    assert plan.config_for(NormGemvKey(8, 768, 3072, "bias_gelu")) is None
+
+
+@pytest.mark.gpu
+def test_search_on_the_gpu_stores_checked_winners(tmp_path):
+    from tuning.norm_gemv_tune import tune_norm_gemv  # pylint: disable=import-outside-toplevel
+
+    dev = tvm.cuda(0)
+    if not dev.exist:
+        pytest.skip("needs a CUDA GPU")
+    from gpt2_model.device import detect_cuda_arch  # pylint: disable=import-outside-toplevel
+
+    doc = tune_norm_gemv(get_config("gpt2"), dtype="float16", target=make_target(detect_cuda_arch()),
+                         out_dir=tmp_path, batches=[2], number=20, repeat=2)
+    assert set(doc["kernels"]) == {"b2_k768_n2304_bias", "b2_k768_n3072_bias_gelu", "b2_k768_n50257_none"}
+    for entry in doc["kernels"].values():
+        assert entry["rejected"] == 0 and entry["us"] > 0
+        assert all(c.get("ok") for c in entry["candidates"]), entry["candidates"]
+    assert read_norm_gemv_plan(tmp_path) is not None

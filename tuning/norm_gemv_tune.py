@@ -1,0 +1,179 @@
+"""The fused layer norm + decode GEMV search (:mod:`gpt2_model.norm_gemv`), stored in ``norm_gemv.json``.
+
+For every decode batch bucket, the three norm + linear pairs of a step (``ln_1`` + QKV, ``ln_2`` +
+``c_fc`` + GELU, ``ln_f`` + the tied lm_head) get their template's candidates built in parallel,
+each checked on the local GPU against a NumPy reference (the output poisoned with NaN first, so a
+kernel that skips a column fails) and timed with ``time_evaluator``. The fastest checked one per
+pair is stored; a pair whose candidates all fail is not stored (the build keeps the two kernels).
+
+At compile time :func:`read_norm_gemv_plan` turns the file into the
+:class:`~gpt2_model.norm_gemv.NormGemvPlan` the exported model fuses with
+(:func:`tuning.compile.build_model`); a database without the file builds the unfused model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from gpt2_model.norm_gemv import (NormGemvConfig, NormGemvError, NormGemvKey, NormGemvPlan, make_norm_gemv,
+                                  norm_gemv_candidates)
+
+from .attention import AttentionError, _build_all
+from .dbfiles import NORM_GEMV_FILE, read_json
+
+__all__ = ["NORM_GEMV_SCHEMA", "norm_gemv_keys", "read_norm_gemv_plan", "reference_norm_gemv", "tune_norm_gemv"]
+
+logger = logging.getLogger(__name__)
+
+NORM_GEMV_SCHEMA = "gpt2k-norm-gemv/1"
+#: Allowed error of a candidate against the NumPy reference: |out - ref| <= ATOL + RTOL * |ref|
+#: (fp16 outputs round to 2^-11 relative; the fp32 lm_head sums 768 products in another order).
+ATOL, RTOL = 2e-3, 1e-2
+
+
+def norm_gemv_keys(config, *, dtype: str, batches: Sequence[int]) -> list[NormGemvKey]:
+    """The norm + linear pairs of a decode step at each batch (the ones the kernel supports)."""
+    keys = []
+    gelu = config.activation_function in ("gelu_new", "gelu_pytorch_tanh")
+    for b in sorted({int(x) for x in batches}):
+        keys.append(NormGemvKey(b, config.n_embd, 3 * config.n_embd, "bias", dtype, dtype))
+        if gelu:
+            keys.append(NormGemvKey(b, config.n_embd, config.n_inner, "bias_gelu", dtype, dtype))
+        keys.append(NormGemvKey(b, config.n_embd, config.vocab_size, "none", dtype, "float32"))
+    return [k for k in keys if norm_gemv_candidates(k)]
+
+
+def reference_norm_gemv(key: NormGemvKey, x, gamma, beta, w, bias, *, eps: float) -> np.ndarray:
+    """NumPy: layer norm in fp32 rounded to the activation dtype, fp32 dot products, epilogue, cast."""
+    xf = x[:, 0].astype(np.float32)
+    mu = xf.mean(-1, keepdims=True)
+    var = ((xf - mu) ** 2).mean(-1, keepdims=True)
+    xn = ((xf - mu) / np.sqrt(var + eps) * gamma.astype(np.float32) + beta.astype(np.float32)).astype(key.dtype)
+    y = xn.astype(np.float32) @ w.astype(np.float32).T
+    if key.epilogue != "none":
+        y = y + bias.astype(np.float32)
+    if key.epilogue == "bias_gelu":
+        y = 0.5 * y * (1 + np.tanh(0.7978845608028654 * (y + 0.044715 * y**3)))
+    return y.astype(key.out_dtype)[:, None]
+
+
+def _inputs(key: NormGemvKey, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "x": (rng.standard_normal((key.batch, 1, key.k)) * 2 + 0.3).astype(key.dtype),
+        "gamma": (1 + 0.1 * rng.standard_normal(key.k)).astype(key.dtype),
+        "beta": (0.1 * rng.standard_normal(key.k)).astype(key.dtype),
+        "w": (rng.standard_normal((key.n, key.k)) / np.sqrt(key.k)).astype(key.dtype),
+        "bias": (0.1 * rng.standard_normal(key.n)).astype(key.dtype),
+    }
+
+
+def _check_and_time(lib, key: NormGemvKey, inp: dict, ref: np.ndarray, *, device, number: int, repeat: int) -> dict:
+    import tvm  # pylint: disable=import-outside-toplevel
+
+    args = [tvm.runtime.tensor(inp[n], device) for n in ("x", "gamma", "beta", "w")]
+    if key.epilogue != "none":
+        args.append(tvm.runtime.tensor(inp["bias"], device))
+    out = tvm.runtime.tensor(np.full(ref.shape, np.nan, key.out_dtype), device)
+    lib["main"](*args, out)
+    device.sync()
+    got = out.numpy().astype(np.float32)
+    want = ref.astype(np.float32)
+    err = float(np.max(np.abs(got - want) - RTOL * np.abs(want))) if got.size else 0.0
+    ok = bool(np.all(np.isfinite(got))) and err <= ATOL
+    res = {"ok": ok, "excess_err": err}
+    if ok:
+        te = lib.time_evaluator("main", device, number=number, repeat=repeat)
+        res["us"] = float(np.median(te(*args, out).results) * 1e6)
+    return res
+
+
+def tune_norm_gemv(config, *, dtype: str, target, out_dir: str | os.PathLike, batches: Sequence[int],
+                   device=None, workers: int | None = None, number: int = 100, repeat: int = 5,
+                   log: Callable[[str], None] = print) -> dict:
+    """Search every fused norm + GEMV pair of the decode ``batches`` on the local GPU; merge the
+    winners into ``out_dir/norm_gemv.json``. Returns the file's content."""
+    import tvm  # pylint: disable=import-outside-toplevel
+
+    device = device or tvm.cuda(0)
+    if not device.exist:
+        raise AttentionError("the fused norm + GEMV search measures on a local CUDA GPU, and this machine has none")
+    eps = float(config.layer_norm_epsilon)
+    keys = norm_gemv_keys(config, dtype=dtype, batches=batches)
+    if not keys:
+        log(f"norm+gemv: no supported pair at batches {list(batches)} ({dtype})")
+        return read_json(Path(out_dir) / NORM_GEMV_FILE, {}) or {}
+    t0 = time.time()
+    jobs = []  # (key, cfg, func)
+    for key in keys:
+        for cfg in norm_gemv_candidates(key):
+            try:
+                jobs.append((key, cfg, make_norm_gemv(cfg, key, eps=eps)))
+            except NormGemvError as err:
+                logger.info("%s", err)
+    log(f"norm+gemv: {len(jobs)} candidates for {len(keys)} pairs at batches {sorted(set(batches))}; building...")
+    paths, errors = _build_all([f for _, _, f in jobs], target, workers=workers)
+    log(f"norm+gemv: built {sum(p is not None for p in paths)}/{len(paths)} in {time.time() - t0:.0f} s; measuring")
+    if errors:
+        log(f"norm+gemv: {len(errors)} failed to build; first error: {errors[0].strip().splitlines()[-1]}")
+    refs = {}
+    found: dict[str, dict] = {}
+    for (key, cfg, _), path in zip(jobs, paths):
+        entry = found.setdefault(key.name(), {"key": asdict(key), "candidates": []})
+        if path is None:
+            entry["candidates"].append({"config": asdict(cfg), "error": "build failed"})
+            continue
+        if key not in refs:
+            inp = _inputs(key)
+            refs[key] = (inp, reference_norm_gemv(key, inp["x"], inp["gamma"], inp["beta"], inp["w"], inp["bias"],
+                                                  eps=eps))
+        inp, ref = refs[key]
+        res = _check_and_time(tvm.runtime.load_module(path), key, inp, ref, device=device, number=number,
+                              repeat=repeat)
+        entry["candidates"].append({"config": asdict(cfg), **res})
+    doc = read_json(Path(out_dir) / NORM_GEMV_FILE, {}) or {}
+    kernels = dict(doc.get("kernels") or {})
+    for name, entry in found.items():
+        good = [c for c in entry["candidates"] if c.get("ok")]
+        rejected = sum(1 for c in entry["candidates"] if "ok" in c and not c["ok"])
+        if not good:
+            log(f"norm+gemv: {name}: no candidate passed the check ({rejected} rejected); not stored")
+            continue
+        best = min(good, key=lambda c: c["us"])
+        kernels[name] = {**entry, "config": best["config"], "us": best["us"], "rejected": rejected}
+        log(f"norm+gemv: {name}: best {NormGemvConfig(**best['config']).label()} {best['us']:.2f} us "
+            f"({len(good)} checked, {rejected} rejected)")
+    doc = {"schema": NORM_GEMV_SCHEMA, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "device": getattr(device, "device_name", None), "eps": eps, "kernels": kernels}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (NORM_GEMV_FILE + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, out / NORM_GEMV_FILE)
+    log(f"norm+gemv: {len(found)} pairs searched in {time.time() - t0:.0f} s; {len(kernels)} stored in {out / NORM_GEMV_FILE}")
+    return doc
+
+
+def read_norm_gemv_plan(db_dir: str | os.PathLike | None) -> NormGemvPlan | None:
+    """The plan of a database's ``norm_gemv.json`` (None: no file, or nothing stored). A malformed
+    entry is skipped with a warning; the build then keeps that pair unfused."""
+    if db_dir is None:
+        return None
+    doc = read_json(Path(db_dir) / NORM_GEMV_FILE, None)
+    if not isinstance(doc, dict) or not doc.get("kernels"):
+        return None
+    configs = {}
+    for name, entry in doc["kernels"].items():
+        try:
+            configs[name] = NormGemvConfig(**entry["config"])
+        except (KeyError, TypeError) as err:
+            logger.warning("norm_gemv.json: entry %s skipped (%s)", name, err)
+    return NormGemvPlan(configs) if configs else None
