@@ -18,7 +18,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from tvm.target import Target
 
 from .config import GPT2Config
-from .norm_gemv import NormGemvKey, NormGemvPlan, make_norm_gemv
+from .norm_gemv import NormGemvKey, NormGemvPlan
 from .quantization import QuantScheme, make_embedding, make_linear
 from .step_mark import MARK_FUNC
 
@@ -135,7 +135,7 @@ class GPT2LMHeadModel(nn.Module):
         self.transformer = GPT2Model(config, scheme)
         # Fused layer norm + GEMV kernels for the decode shapes the plan names (gpt2_model.norm_gemv;
         # CUDA targets only: the kernels are written for CUDA threads)
-        self.norm_gemv = norm_gemv if norm_gemv is not None and target.kind.name == "cuda" else None
+        self.norm_gemv = norm_gemv if norm_gemv is not None and (target.kind.name == "cuda" or norm_gemv.reference) else None
         for block in self.transformer.h:
             block.norm_gemv = self.norm_gemv
 
@@ -362,6 +362,6 @@ def norm_linear(plan: NormGemvPlan | None, norm: nn.LayerNorm, linear: nn.Module
     if cfg is None:
         return None
     name = f"norm_gemv_{key.name()}"
-    func = make_norm_gemv(cfg, key, eps=float(norm.eps), name=name)
+    func = plan.make(key, cfg, eps=float(norm.eps), name=name)
     args = [x, norm.weight, norm.bias, weight] + ([bias] if bias is not None else [])
     return op.tensor_ir_op(func, name, args=args, out=Tensor.placeholder((b, 1, n), key.out_dtype))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 __all__ = ["EPILOGUES", "MAX_ROWS", "NormGemvConfig", "NormGemvError", "NormGemvKey", "NormGemvPlan",
-           "is_norm_gemv_legal", "make_norm_gemv", "norm_gemv_candidates", "norm_gemv_shared_bytes"]
+           "is_norm_gemv_legal", "make_norm_gemv", "make_norm_gemv_reference", "norm_gemv_candidates", "norm_gemv_shared_bytes"]
 
 #: Epilogues after ``sum_k norm(x)[b, k] * W[n, k]`` (fp32): ``bias``: + bias[n]; ``bias_gelu``:
 #: GELU(tanh form) of that; ``none``: nothing (the tied lm_head); then the cast to the output dtype.
@@ -73,9 +73,11 @@ def norm_gemv_shared_bytes(key: NormGemvKey) -> int:
     return key.batch * key.k * 2
 
 
-def _key_problem(key: NormGemvKey) -> str | None:
+def _key_problem(key: NormGemvKey, *, reference: bool = False) -> str | None:
     if key.epilogue not in EPILOGUES:
         return f"epilogue {key.epilogue!r} is not one of {EPILOGUES}"
+    if reference:  # the plain form takes any shape and float dtype
+        return None
     if key.dtype != "float16":
         return f"activation dtype {key.dtype} (only float16)"
     if key.out_dtype not in ("float16", "float32"):
@@ -223,13 +225,59 @@ def make_norm_gemv(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float, name: s
     return func.with_attr("global_symbol", name)
 
 
+def make_norm_gemv_reference(key: NormGemvKey, *, eps: float, name: str = "norm_gemv"):
+    """The same computation and signature as :func:`make_norm_gemv`, unscheduled (plain loops, any
+    target): what a CPU build of a fused model runs, so the model's wiring of the fused call (which
+    norm, which weight, which epilogue) is checked against Hugging Face on a machine without a GPU."""
+    problem = _key_problem(key, reference=True)
+    if problem is not None:
+        raise NormGemvError(f"fused norm + GEMV ({key.label()}): {problem}")
+    from tvm import te, tirx  # pylint: disable=import-outside-toplevel
+
+    B, K, N, f32 = key.batch, key.k, key.n, "float32"
+    x = te.placeholder((B, 1, K), key.dtype, "x")
+    gamma = te.placeholder((K,), key.dtype, "gamma")
+    beta = te.placeholder((K,), key.dtype, "beta")
+    w = te.placeholder((N, K), key.dtype, "W")
+    bias = te.placeholder((N,), key.dtype, "bias")
+    k1, k2, k3 = (te.reduce_axis((0, K), name=n) for n in ("k1", "k2", "k3"))
+    inv_k = tirx.const(1.0 / K, f32)
+    total = te.compute((B,), lambda b: te.sum(x[b, 0, k1].astype(f32), axis=k1), name="total")
+    sq = te.compute((B,), lambda b: te.sum(te.power(x[b, 0, k2].astype(f32) - total[b] * inv_k, 2), axis=k2), name="sq")
+    xn = te.compute((B, K), lambda b, i: ((x[b, 0, i].astype(f32) - total[b] * inv_k)
+                                          * tirx.rsqrt(sq[b] * inv_k + tirx.const(eps, f32))
+                                          * gamma[i].astype(f32) + beta[i].astype(f32)).astype(key.dtype), name="xn")
+    y = te.compute((B, 1, N), lambda b, _, n: te.sum(xn[b, k3].astype(f32) * w[n, k3].astype(f32), axis=k3), name="y")
+
+    def epilogue(v, n):
+        if key.epilogue != "none":
+            v = v + bias[n].astype(f32)
+        if key.epilogue == "bias_gelu":
+            v = tirx.const(0.5, f32) * v * (tirx.const(1, f32) + tirx.tanh(
+                tirx.const(0.7978845608028654, f32) * (v + tirx.const(0.044715, f32) * v * v * v)))
+        return v.astype(key.out_dtype)
+
+    out = te.compute((B, 1, N), lambda b, z, n: epilogue(y[b, z, n], n), name="out")
+    args = [x, gamma, beta, w] + ([bias] if key.epilogue != "none" else []) + [out]
+    return te.create_prim_func(args).with_attr("global_symbol", name)
+
+
 @dataclass
 class NormGemvPlan:
     """Which decode norm+linear pairs a build fuses, and with which constants: ``configs`` maps
-    :meth:`NormGemvKey.name` to a :class:`NormGemvConfig` (from the database's ``norm_gemv.json``)."""
+    :meth:`NormGemvKey.name` to a :class:`NormGemvConfig` (from the database's ``norm_gemv.json``).
+    ``reference=True`` (tests): every named pair runs :func:`make_norm_gemv_reference`, on any target."""
 
     configs: Mapping[str, NormGemvConfig]
+    reference: bool = False
 
     def config_for(self, key: NormGemvKey) -> NormGemvConfig | None:
         cfg = self.configs.get(key.name())
+        if cfg is not None and self.reference:
+            return cfg if _key_problem(key, reference=True) is None else None
         return cfg if cfg is not None and is_norm_gemv_legal(cfg, key) else None
+
+    def make(self, key: NormGemvKey, cfg: NormGemvConfig, *, eps: float, name: str):
+        if self.reference:
+            return make_norm_gemv_reference(key, eps=eps, name=name)
+        return make_norm_gemv(cfg, key, eps=eps, name=name)

@@ -28,8 +28,9 @@ from gpt2_model.norm_gemv import (NormGemvConfig, NormGemvError, NormGemvKey, No
 
 from .attention import AttentionError, _build_all
 from .dbfiles import NORM_GEMV_FILE, read_json
+from .spaces import SKINNY_GEMM_MIN_ROWS
 
-__all__ = ["NORM_GEMV_SCHEMA", "norm_gemv_keys", "read_norm_gemv_plan", "reference_norm_gemv", "tune_norm_gemv"]
+__all__ = ["FUSE_BELOW_BATCH", "NORM_GEMV_SCHEMA", "norm_gemv_keys", "read_norm_gemv_plan", "reference_norm_gemv", "tune_norm_gemv"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +40,19 @@ NORM_GEMV_SCHEMA = "gpt2k-norm-gemv/1"
 ATOL, RTOL = 2e-3, 1e-2
 
 
+#: Batches from which the fused kernel is not searched: there the decode GEMMs run the tensor-core
+#: skinny space (tuning.spaces.SKINNY_GEMM_MIN_ROWS), which this CUDA-core kernel does not match. On
+#: an H200 (2026-12-02, whole decode step, same database otherwise) fusing every pair gave 0.263 vs
+#: 0.285 ms at b1, 0.395 vs 0.397 at b8 and 0.840 vs 0.522 at b32.
+FUSE_BELOW_BATCH = SKINNY_GEMM_MIN_ROWS
+
+
 def norm_gemv_keys(config, *, dtype: str, batches: Sequence[int]) -> list[NormGemvKey]:
-    """The norm + linear pairs of a decode step at each batch (the ones the kernel supports)."""
+    """The norm + linear pairs of a decode step at each batch below :data:`FUSE_BELOW_BATCH` (the
+    ones the kernel supports)."""
     keys = []
     gelu = config.activation_function in ("gelu_new", "gelu_pytorch_tanh")
-    for b in sorted({int(x) for x in batches}):
+    for b in sorted({int(x) for x in batches if int(x) < FUSE_BELOW_BATCH}):
         keys.append(NormGemvKey(b, config.n_embd, 3 * config.n_embd, "bias", dtype, dtype))
         if gelu:
             keys.append(NormGemvKey(b, config.n_embd, config.n_inner, "bias_gelu", dtype, dtype))

@@ -78,9 +78,16 @@ def test_unsupported_keys_and_configs_are_one_clear_error():
     assert all(c.rows * 32 <= 64 for c in norm_gemv_candidates(NormGemvKey(32, 768, 2304, "bias")))
 
 
-def _plan(batches=(8,)):
-    keys = norm_gemv_keys(get_config("gpt2"), dtype="float16", batches=batches)
-    assert [k.epilogue for k in keys[:3]] == ["bias", "bias_gelu", "none"] and keys[2].out_dtype == "float32"
+def test_search_keys_stop_where_decode_gemms_use_tensor_cores():
+    keys = norm_gemv_keys(get_config("gpt2"), dtype="float16", batches=[1, 4, 8, 32])
+    assert [(k.batch, k.epilogue) for k in keys] == [(b, e) for b in (1, 4) for e in ("bias", "bias_gelu", "none")]
+    assert keys[2].out_dtype == "float32" and keys[2].n == 50257
+
+
+def _plan(batch=8):
+    config = get_config("gpt2")
+    keys = [NormGemvKey(batch, 768, 2304, "bias"), NormGemvKey(batch, 768, config.n_inner, "bias_gelu"),
+            NormGemvKey(batch, 768, config.vocab_size, "none", out_dtype="float32")]
     return NormGemvPlan({k.name(): NormGemvConfig(4, 1) for k in keys})
 
 
@@ -130,9 +137,42 @@ def test_search_on_the_gpu_stores_checked_winners(tmp_path):
     from gpt2_model.device import detect_cuda_arch  # pylint: disable=import-outside-toplevel
 
     doc = tune_norm_gemv(get_config("gpt2"), dtype="float16", target=make_target(detect_cuda_arch()),
-                         out_dir=tmp_path, batches=[2], number=20, repeat=2)
+                         out_dir=tmp_path, batches=[2, 8], number=20, repeat=2)  # 8: not searched
     assert set(doc["kernels"]) == {"b2_k768_n2304_bias", "b2_k768_n3072_bias_gelu", "b2_k768_n50257_none"}
     for entry in doc["kernels"].values():
         assert entry["rejected"] == 0 and entry["us"] > 0
         assert all(c.get("ok") for c in entry["candidates"]), entry["candidates"]
     assert read_norm_gemv_plan(tmp_path) is not None
+
+
+def test_fused_model_on_the_cpu_equals_hf(hf_sharded):
+    """The fused call's wiring (ln_1 + c_attn, ln_2 + c_fc + GELU, ln_f + tied lm_head; which weight
+    and bias goes where) in the plain form, built for the CPU: decode logits of the fused bucket
+    (b2, and the ``decode`` function at b1) equal HF's, q0f32, 1e-4 relative."""
+    from gpt2_model.loader import load_hf_params  # pylint: disable=import-outside-toplevel
+    from gpt2_model.quantization import convert_params  # pylint: disable=import-outside-toplevel
+    from gpt2_model.runtime import Engine  # pylint: disable=import-outside-toplevel
+    from tuning.compile import build  # pylint: disable=import-outside-toplevel
+
+    from ..conftest import hf_last_logits, rel_err  # pylint: disable=import-outside-toplevel
+
+    path, hf = hf_sharded
+    config = get_config(path)
+    keys = [NormGemvKey(b, config.n_embd, n, e, "float32", "float32") for b in (1, 2)
+            for n, e in ((3 * config.n_embd, "bias"), (config.n_inner, "bias_gelu"), (config.vocab_size, "none"))]
+    plan = NormGemvPlan({k.name(): NormGemvConfig(1, 1) for k in keys}, reference=True)
+    target = make_target("cpu")
+    exported = export_model(config, quantization="q0f32", target=target, buckets={"decode": [2]}, norm_gemv=plan)
+    assert _calls(exported.mod, "batch_decode_b2")[1] == 0 and _calls(exported.mod, "batch_decode_b2")[0] > 0
+    engine = Engine(exported=exported, executable=build(exported, target=target),
+                    params=convert_params(load_hf_params(path, config), exported.scheme), device="cpu")
+    prompts = [[5, 17, 300, 2], [7, 1, 2]]
+    seqs = [engine.add_sequence() for _ in prompts]
+    for s, p in zip(seqs, prompts):
+        engine.prefill(s, p)
+    nxt = [11, 400]
+    logits = engine.decode(seqs, nxt)  # the b2 bucket: fused
+    for row, p, t in zip(logits, prompts, nxt):
+        assert rel_err(row, hf_last_logits(hf, p + [t])) < 1e-4
+    one = engine.decode([seqs[0]], [3])[0]  # one sequence: the fused b1 pairs
+    assert rel_err(one, hf_last_logits(hf, prompts[0] + [11, 3])) < 1e-4
