@@ -155,24 +155,29 @@ class GPT2LMHeadModel(nn.Module):
         return op.reshape(self.transformer.wte(input_ids), (b, s, self.config.n_embd))  # (b, s, n_embd)
 
     def prefill(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
-        hidden = self.transformer(input_embed, paged_kv_cache)  # (1, s, n_embd)
+        # the final norm on the last position only (it is per row): one row, not s, and at one row
+        # it can run inside the lm_head's kernel (the fused b1 pair, where planned)
+        hidden = self.transformer(input_embed, paged_kv_cache, final_norm=False)  # (1, s, n_embd)
         hidden = op.tensor_expr_op(_last_position, name_hint="index", args=[hidden])  # (1, 1, n_embd)
-        return self._lm_head(hidden), paged_kv_cache
+        return self._final_logits(hidden), paged_kv_cache
 
-    def _decode_logits(self, embeds: Tensor, paged_kv_cache: PagedKVCache) -> Tensor:
-        """Logits (b, 1, vocab) fp32 of a decode step: ``ln_f`` fused into the lm_head where planned."""
-        hidden = self.transformer(embeds, paged_kv_cache, final_norm=False)  # (b, 1, n_embd)
+    def _final_logits(self, hidden: Tensor) -> Tensor:
+        """``lm_head(ln_f(hidden))`` (b, 1, vocab) fp32: one fused kernel where planned."""
         logits = norm_linear(self.norm_gemv, self.transformer.ln_f, self.transformer.wte, hidden, "none",
                              out_dtype="float32")
         return logits if logits is not None else self._lm_head(self.transformer.ln_f(hidden))
+
+    def _decode_logits(self, embeds: Tensor, paged_kv_cache: PagedKVCache) -> Tensor:
+        """Logits (b, 1, vocab) fp32 of a decode step."""
+        return self._final_logits(self.transformer(embeds, paged_kv_cache, final_norm=False))  # (b, 1, n_embd) in
 
     def decode(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
         return self._decode_logits(input_embed, paged_kv_cache), paged_kv_cache
 
     def batch_prefill(self, input_embeds: Tensor, logit_positions: Tensor, paged_kv_cache: PagedKVCache):
-        hidden = self.transformer(input_embeds, paged_kv_cache)  # (1, total, n_embd)
-        hidden = op.take(hidden, logit_positions, axis=1)  # (1, batch, n_embd)
-        return self._lm_head(hidden), paged_kv_cache
+        hidden = self.transformer(input_embeds, paged_kv_cache, final_norm=False)  # (1, total, n_embd)
+        hidden = op.take(hidden, logit_positions, axis=1)  # (1, batch, n_embd): the norm on these rows only
+        return self._lm_head(self.transformer.ln_f(hidden)), paged_kv_cache
 
     def batch_decode(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
         return self._decode_logits(input_embeds, paged_kv_cache), paged_kv_cache

@@ -60,12 +60,20 @@ class NormGemvKey:
 
 @dataclass(frozen=True)
 class NormGemvConfig:
-    """The kernel's constants: warps per block and output columns per warp."""
+    """The kernel's constants.
+
+    CUDA-core form (``mma=False``): ``warps`` per block, ``rows`` output columns per warp.
+    Tensor-core form (``mma=True``, ``mma.sync`` m16n8k16, batch rows padded to 16): ``warps`` split
+    the K dimension inside a block (their partial sums meet in shared memory), ``rows`` is the
+    number of 8-column tiles of the block."""
 
     warps: int
     rows: int
+    mma: bool = False
 
     def label(self) -> str:
+        if self.mma:
+            return f"norm_gemv mma ksplit={self.warps} tiles={self.rows}"
         return f"norm_gemv warps={self.warps} rows={self.rows}"
 
 
@@ -91,14 +99,32 @@ def _key_problem(key: NormGemvKey, *, reference: bool = False) -> str | None:
     return None
 
 
+def _mma_shape(key: NormGemvKey) -> tuple[int, int]:
+    """(16-row tiles of the batch, 16-wide K steps)."""
+    return (key.batch + 15) // 16, key.k // 16
+
+
 def is_norm_gemv_legal(cfg: NormGemvConfig, key: NormGemvKey) -> bool:
-    return (_key_problem(key) is None and cfg.warps in (1, 2, 4, 8, 16) and cfg.rows >= 1
-            and cfg.rows * key.batch <= _ACC_LIMIT)
+    if _key_problem(key) is not None or cfg.rows < 1:
+        return False
+    if not cfg.mma:
+        return cfg.warps in (1, 2, 4, 8, 16) and cfg.rows * key.batch <= _ACC_LIMIT
+    mt, ks = _mma_shape(key)
+    if cfg.warps not in (2, 4, 8, 16) or cfg.rows not in (1, 2, 4, 8) or ks % cfg.warps:
+        return False
+    steps = ks // cfg.warps
+    xn_bytes = mt * 16 * key.k * 2
+    red_bytes = cfg.warps * mt * 16 * cfg.rows * 8 * 4  # the partial sums reuse the normalized rows' space
+    return (steps * cfg.rows * 2 <= _ACC_LIMIT  # prefetched weight fragments (32-bit registers)
+            and mt * cfg.rows * 4 <= _ACC_LIMIT and xn_bytes <= _SHARED_LIMIT and red_bytes <= xn_bytes)
 
 
-def norm_gemv_candidates(key: NormGemvKey, *, warps=(2, 4, 8, 16), rows=(1, 2, 4)) -> list[NormGemvConfig]:
-    """Every legal configuration of ``key`` (empty when the key itself is unsupported)."""
-    return [NormGemvConfig(w, r) for w in warps for r in rows if is_norm_gemv_legal(NormGemvConfig(w, r), key)]
+def norm_gemv_candidates(key: NormGemvKey, *, warps=(2, 4, 8, 16), rows=(1, 2, 4), mma_tiles=(1, 2, 4, 8)
+                         ) -> list[NormGemvConfig]:
+    """Every legal configuration of ``key``, both forms (empty when the key itself is unsupported)."""
+    cands = [NormGemvConfig(w, r) for w in warps for r in rows]
+    cands += [NormGemvConfig(w, t, mma=True) for w in warps for t in mma_tiles]
+    return [c for c in cands if is_norm_gemv_legal(c, key)]
 
 
 def make_norm_gemv(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float, name: str = "norm_gemv"):
@@ -114,26 +140,104 @@ def make_norm_gemv(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float, name: s
         problem = f"{cfg.label()} is not legal"
     if problem is not None:
         raise NormGemvError(f"fused norm + GEMV ({key.label()}): {problem}")
+    make = _make_norm_gemv_mma if cfg.mma else _make_norm_gemv_simt
+    return make(cfg, key, eps=eps).with_attr("global_symbol", name)
+
+
+def _pieces(key: NormGemvKey, *, eps: float, warps: int, padded_rows: int):
+    """What both forms share, as TVMScript macros: the warp butterfly sum, the norm parameters'
+    load, the norm of the batch rows into shared memory (one warp per row; rows from the batch to
+    ``padded_rows`` are zeroed), the epilogue of one output value, and the PrimFunc around a body."""
     from tvm.script import tirx as T  # pylint: disable=import-outside-toplevel
 
     B, K, N, dtype, out_dtype = key.batch, key.k, key.n, key.dtype, key.out_dtype
-    WARPS, ROWS = cfg.warps, cfg.rows
-    KV = K // (_LANES * _VEC)  # 16-byte vectors per lane along K
-    VEC = _VEC
-    per_block = WARPS * ROWS
-    blocks = (N + per_block - 1) // per_block
-    norm_iters = (B + WARPS - 1) // WARPS
-    has_bias = key.epilogue != "none"
-    gelu = key.epilogue == "bias_gelu"
+    KV, VEC = K // (_LANES * _VEC), _VEC  # 16-byte vectors per lane along K
+    norm_iters = (padded_rows + warps - 1) // warps
+    has_bias, gelu = key.epilogue != "none", key.epilogue == "bias_gelu"
     inv_k = 1.0 / K
     full = T.uint32(0xFFFFFFFF)
 
-    # pylint: disable=invalid-name,unused-variable,too-many-locals,too-many-statements
+    # pylint: disable=invalid-name,too-many-arguments
     @T.macro
     def butterfly(buf: T.Buffer, i: T.int32):
         for r in T.unroll(5):
             buf[i] = buf[i] + T.tvm_warp_shuffle_xor(full, buf[i], T.shift_left(1, r), 32, 32)
 
+    @T.macro
+    def load_params(gamma: T.Buffer, beta: T.Buffer, g_loc: T.Buffer, be_loc: T.Buffer, tx: T.int32):
+        for j in T.unroll(KV):
+            g_loc[T.ramp(j * VEC, 1, VEC)] = gamma[T.ramp((j * _LANES + tx) * VEC, 1, VEC)]
+            be_loc[T.ramp(j * VEC, 1, VEC)] = beta[T.ramp((j * _LANES + tx) * VEC, 1, VEC)]
+
+    @T.macro
+    def norm_rows(x: T.Buffer, g_loc: T.Buffer, be_loc: T.Buffer, xn: T.Buffer, h_loc: T.Buffer, x_loc: T.Buffer,
+                  n_loc: T.Buffer, st: T.Buffer, ty: T.int32, tx: T.int32):
+        for it in T.serial(norm_iters):
+            if it * warps + ty < B:
+                for j in T.unroll(KV):
+                    h_loc[T.ramp(j * VEC, 1, VEC)] = x[it * warps + ty, 0, T.ramp((j * _LANES + tx) * VEC, 1, VEC)]
+                st[0] = T.float32(0)  # st: sum, mean, rstd
+                for e in T.unroll(KV * VEC):
+                    x_loc[e] = T.cast(h_loc[e], "float32")
+                    st[0] = st[0] + x_loc[e]
+                butterfly(st, 0)
+                st[1] = st[0] * T.float32(inv_k)
+                st[0] = T.float32(0)
+                for e in T.unroll(KV * VEC):
+                    x_loc[e] = x_loc[e] - st[1]
+                    st[0] = st[0] + x_loc[e] * x_loc[e]
+                butterfly(st, 0)
+                st[2] = T.rsqrt(st[0] * T.float32(inv_k) + T.float32(eps))
+                for j in T.unroll(KV):
+                    for e in T.unroll(VEC):
+                        n_loc[e] = T.cast(x_loc[j * VEC + e] * st[2] * T.cast(g_loc[j * VEC + e], "float32")
+                                          + T.cast(be_loc[j * VEC + e], "float32"), dtype)
+                    xn[it * warps + ty, T.ramp((j * _LANES + tx) * VEC, 1, VEC)] = n_loc[T.ramp(0, 1, VEC)]
+            elif it * warps + ty < padded_rows:
+                for j in T.unroll(KV):
+                    xn[it * warps + ty, T.ramp((j * _LANES + tx) * VEC, 1, VEC)] = T.broadcast(T.cast(0, dtype), VEC)
+
+    @T.macro
+    def epilogue(v: T.Buffer, i: T.int32, bias: T.Buffer, out: T.Buffer, row: T.int32, col: T.int32):
+        if has_bias:
+            v[i] = v[i] + T.cast(bias[col], "float32")
+        if gelu:
+            v[i] = T.float32(0.5) * v[i] * (T.float32(1) + T.tanh(
+                T.float32(0.7978845608028654) * (v[i] + T.float32(0.044715) * v[i] * v[i] * v[i])))
+        out[row, 0, col] = T.cast(v[i], out_dtype)
+
+    def wrap(body):
+        # (the parser reads the annotations' names from this frame's locals)
+        B, K, N, dtype, out_dtype = key.batch, key.k, key.n, key.dtype, key.out_dtype  # pylint: disable=redefined-outer-name
+        if has_bias:
+            @T.prim_func(s_tir=True)
+            def func(x: T.Buffer((B, 1, K), dtype), gamma: T.Buffer((K,), dtype), beta: T.Buffer((K,), dtype),
+                     W: T.Buffer((N, K), dtype), bias: T.Buffer((N,), dtype), out: T.Buffer((B, 1, N), out_dtype)):
+                T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+                body(x, gamma, beta, W, bias, out)
+        else:
+            @T.prim_func(s_tir=True)
+            def func(x: T.Buffer((B, 1, K), dtype), gamma: T.Buffer((K,), dtype), beta: T.Buffer((K,), dtype),
+                     W: T.Buffer((N, K), dtype), out: T.Buffer((B, 1, N), out_dtype)):
+                T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+                body(x, gamma, beta, W, W, out)  # (no bias: the epilogue never reads it)
+        return func
+
+    return butterfly, load_params, norm_rows, epilogue, wrap
+
+
+def _make_norm_gemv_simt(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float):
+    """The CUDA-core form: each warp takes ``rows`` output columns; its lanes split K, the dot
+    products of every batch row are summed by warp butterflies."""
+    from tvm.script import tirx as T  # pylint: disable=import-outside-toplevel
+
+    B, K, N, dtype = key.batch, key.k, key.n, key.dtype
+    WARPS, ROWS = cfg.warps, cfg.rows
+    KV, VEC = K // (_LANES * _VEC), _VEC
+    blocks = (N + WARPS * ROWS - 1) // (WARPS * ROWS)
+    butterfly, load_params, norm_rows, epilogue, wrap = _pieces(key, eps=eps, warps=WARPS, padded_rows=B)
+
+    # pylint: disable=invalid-name,unused-variable,too-many-locals
     @T.macro
     def body(x: T.Buffer, gamma: T.Buffer, beta: T.Buffer, W: T.Buffer, bias: T.Buffer, out: T.Buffer):
         for bx in T.thread_binding(blocks, thread="blockIdx.x"):
@@ -150,7 +254,7 @@ def make_norm_gemv(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float, name: s
                         x_loc = T.sblock_alloc_buffer((KV * VEC,), "float32", scope="local")
                         n_loc = T.sblock_alloc_buffer((VEC,), dtype, scope="local")
                         acc = T.sblock_alloc_buffer((ROWS * B,), "float32", scope="local")
-                        st = T.sblock_alloc_buffer((3,), "float32", scope="local")  # sum, mean, rstd
+                        st = T.sblock_alloc_buffer((3,), "float32", scope="local")
                         col0: T.let[T.int32] = (bx * WARPS + ty) * ROWS
                         # 1. this warp's weight rows: issued first, the norm runs under their latency
                         for r in T.unroll(ROWS):
@@ -160,32 +264,9 @@ def make_norm_gemv(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float, name: s
                                         (j * _LANES + tx) * VEC, 1, VEC)]
                                 else:
                                     w_loc[T.ramp((r * KV + j) * VEC, 1, VEC)] = T.broadcast(T.cast(0, dtype), VEC)
-                        for j in T.unroll(KV):
-                            g_loc[T.ramp(j * VEC, 1, VEC)] = gamma[T.ramp((j * _LANES + tx) * VEC, 1, VEC)]
-                            be_loc[T.ramp(j * VEC, 1, VEC)] = beta[T.ramp((j * _LANES + tx) * VEC, 1, VEC)]
-                        # 2. the norm of the step's rows, one warp per row, into shared memory
-                        for it in T.serial(norm_iters):
-                            if it * WARPS + ty < B:
-                                for j in T.unroll(KV):
-                                    h_loc[T.ramp(j * VEC, 1, VEC)] = x[it * WARPS + ty, 0, T.ramp(
-                                        (j * _LANES + tx) * VEC, 1, VEC)]
-                                st[0] = T.float32(0)
-                                for e in T.unroll(KV * VEC):
-                                    x_loc[e] = T.cast(h_loc[e], "float32")
-                                    st[0] = st[0] + x_loc[e]
-                                butterfly(st, 0)
-                                st[1] = st[0] * T.float32(inv_k)
-                                st[0] = T.float32(0)
-                                for e in T.unroll(KV * VEC):
-                                    x_loc[e] = x_loc[e] - st[1]
-                                    st[0] = st[0] + x_loc[e] * x_loc[e]
-                                butterfly(st, 0)
-                                st[2] = T.rsqrt(st[0] * T.float32(inv_k) + T.float32(eps))
-                                for j in T.unroll(KV):
-                                    for e in T.unroll(VEC):
-                                        n_loc[e] = T.cast(x_loc[j * VEC + e] * st[2] * T.cast(g_loc[j * VEC + e], "float32")
-                                                          + T.cast(be_loc[j * VEC + e], "float32"), dtype)
-                                    xn[it * WARPS + ty, T.ramp((j * _LANES + tx) * VEC, 1, VEC)] = n_loc[T.ramp(0, 1, VEC)]
+                        load_params(gamma, beta, g_loc, be_loc, tx)
+                        # 2. the norm of the step's rows into shared memory
+                        norm_rows(x, g_loc, be_loc, xn, h_loc, x_loc, n_loc, st, ty, tx)
                         T.tvm_storage_sync("shared")
                         # 3. the dot products of this warp's columns with every normalized row
                         for i in T.unroll(ROWS * B):
@@ -202,27 +283,100 @@ def make_norm_gemv(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float, name: s
                         # 4. epilogue: value i of the warp is written by lane i % 32
                         for i in T.unroll(ROWS * B):
                             if tx == i % _LANES and col0 + i // B < N:
-                                if has_bias:
-                                    acc[i] = acc[i] + T.cast(bias[col0 + i // B], "float32")
-                                if gelu:
-                                    acc[i] = T.float32(0.5) * acc[i] * (T.float32(1) + T.tanh(
-                                        T.float32(0.7978845608028654) * (acc[i] + T.float32(0.044715) * acc[i] * acc[i] * acc[i])))
-                                out[i % B, 0, col0 + i // B] = T.cast(acc[i], out_dtype)
+                                epilogue(acc, i, bias, out, i % B, col0 + i // B)
 
-    if has_bias:
-        @T.prim_func(s_tir=True)
-        def func(x: T.Buffer((B, 1, K), dtype), gamma: T.Buffer((K,), dtype), beta: T.Buffer((K,), dtype),
-                 W: T.Buffer((N, K), dtype), bias: T.Buffer((N,), dtype), out: T.Buffer((B, 1, N), out_dtype)):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-            body(x, gamma, beta, W, bias, out)
-    else:
-        @T.prim_func(s_tir=True)
-        def func(x: T.Buffer((B, 1, K), dtype), gamma: T.Buffer((K,), dtype), beta: T.Buffer((K,), dtype),
-                 W: T.Buffer((N, K), dtype), out: T.Buffer((B, 1, N), out_dtype)):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-            body(x, gamma, beta, W, W, out)
+    return wrap(body)
 
-    return func.with_attr("global_symbol", name)
+
+def _make_norm_gemv_mma(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float):
+    """The tensor-core form: the block normalizes the batch rows (padded with zero rows to 16) into
+    shared memory, each warp runs ``mma.sync`` m16n8k16 over its share of K for the block's
+    ``rows`` 8-column tiles (the weight fragments loaded from global memory before the norm, in
+    the m16n8k16 B layout), and the warps' fp32 partial sums meet in shared memory for the epilogue."""
+    from tvm.script import tirx as T  # pylint: disable=import-outside-toplevel
+
+    B, K, N, dtype = key.batch, key.k, key.n, key.dtype
+    W, NT = cfg.warps, cfg.rows
+    MT, KS = _mma_shape(key)
+    SW = KS // W  # K steps per warp
+    NB = NT * 8  # columns per block
+    RB = MT * 16  # padded rows
+    KV, VEC = K // (_LANES * _VEC), _VEC
+    blocks = (N + NB - 1) // NB
+    out_iters = (B * NB + W * _LANES - 1) // (W * _LANES)
+    _, load_params, norm_rows, epilogue, wrap = _pieces(key, eps=eps, warps=W, padded_rows=RB)
+
+    # pylint: disable=invalid-name,unused-variable,too-many-locals
+    @T.macro
+    def body(x: T.Buffer, gamma: T.Buffer, beta: T.Buffer, Wt: T.Buffer, bias: T.Buffer, out: T.Buffer):
+        for bx in T.thread_binding(blocks, thread="blockIdx.x"):
+            for ty in T.thread_binding(W, thread="threadIdx.y"):
+                for tx in T.thread_binding(_LANES, thread="threadIdx.x"):
+                    with T.sblock("norm_gemv_mma"):
+                        T.reads()
+                        T.writes()
+                        xn = T.sblock_alloc_buffer((RB, K), dtype, scope="shared")
+                        red = T.decl_buffer((W, RB, NB), "float32", data=xn.data, scope="shared")
+                        # fragments as 32-bit registers (two halves each), loaded through 32-bit views
+                        xn32 = T.decl_buffer((RB, K // 2), "uint32", data=xn.data, scope="shared")
+                        w32 = T.decl_buffer((N, K // 2), "uint32", data=Wt.data)
+                        b_frag = T.sblock_alloc_buffer((SW * NT * 2,), "uint32", scope="local")
+                        a_frag = T.sblock_alloc_buffer((MT * 4,), "uint32", scope="local")
+                        acc = T.sblock_alloc_buffer((MT * NT * 4,), "float32", scope="local")
+                        h_loc = T.sblock_alloc_buffer((KV * VEC,), dtype, scope="local")
+                        g_loc = T.sblock_alloc_buffer((KV * VEC,), dtype, scope="local")
+                        be_loc = T.sblock_alloc_buffer((KV * VEC,), dtype, scope="local")
+                        x_loc = T.sblock_alloc_buffer((KV * VEC,), "float32", scope="local")
+                        n_loc = T.sblock_alloc_buffer((VEC,), dtype, scope="local")
+                        st = T.sblock_alloc_buffer((3,), "float32", scope="local")
+                        v = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        col0: T.let[T.int32] = bx * NB
+                        # 1. this warp's weight fragments (B operand: k pairs of column tx // 4)
+                        for s in T.unroll(SW):
+                            for t in T.unroll(NT):
+                                for h in T.unroll(2):
+                                    if col0 + t * 8 + tx // 4 < N:
+                                        b_frag[(s * NT + t) * 2 + h] = w32[
+                                            col0 + t * 8 + tx // 4, (ty * SW + s) * 8 + h * 4 + tx % 4]
+                                    else:
+                                        b_frag[(s * NT + t) * 2 + h] = T.uint32(0)
+                        load_params(gamma, beta, g_loc, be_loc, tx)
+                        # 2. the norm of the batch rows into shared memory (rows past the batch: zeros)
+                        norm_rows(x, g_loc, be_loc, xn, h_loc, x_loc, n_loc, st, ty, tx)
+                        T.tvm_storage_sync("shared")
+                        # 3. mma.sync over this warp's K steps
+                        for i in T.unroll(MT * NT * 4):
+                            acc[i] = T.float32(0)
+                        for s in T.unroll(SW):
+                            for m in T.unroll(MT):
+                                for i in T.unroll(4):  # A: rows tx // 4 (+8), k pairs tx % 4 (+8)
+                                    a_frag[m * 4 + i] = xn32[m * 16 + tx // 4 + i % 2 * 8,
+                                                             (ty * SW + s) * 8 + i // 2 * 4 + tx % 4]
+                            for m in T.unroll(MT):
+                                for t in T.unroll(NT):
+                                    T.evaluate(T.ptx_legacy.mma(
+                                        "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
+                                        a_frag.data, m * 4, b_frag.data, (s * NT + t) * 2,
+                                        acc.data, (m * NT + t) * 4, False, dtype="float32"))
+                        # 4. the warps' partial sums meet in shared memory (over the normalized rows)
+                        T.tvm_storage_sync("shared")
+                        for m in T.unroll(MT):
+                            for t in T.unroll(NT):
+                                for i in T.unroll(4):
+                                    red[ty, m * 16 + tx // 4 + i // 2 * 8, t * 8 + tx % 4 * 2 + i % 2] = acc[
+                                        (m * NT + t) * 4 + i]
+                        T.tvm_storage_sync("shared")
+                        for it in T.serial(out_iters):
+                            if (it * W + ty) * _LANES + tx < B * NB:
+                                v[0] = T.float32(0)
+                                for w in T.unroll(W):
+                                    v[0] = v[0] + red[w, ((it * W + ty) * _LANES + tx) // NB,
+                                                      ((it * W + ty) * _LANES + tx) % NB]
+                                if col0 + ((it * W + ty) * _LANES + tx) % NB < N:
+                                    epilogue(v, 0, bias, out, ((it * W + ty) * _LANES + tx) // NB,
+                                             col0 + ((it * W + ty) * _LANES + tx) % NB)
+
+    return wrap(body)
 
 
 def make_norm_gemv_reference(key: NormGemvKey, *, eps: float, name: str = "norm_gemv"):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Steps run on the GPU machine (device tool), each with its own time limit; results under $OUT.
 #   bash scripts/session.sh STEP [STEP ...]
-# Steps: libs env host-profile rpc-gpu gputests gputests-extra gputests-new gputests-graph decode-check mma-check peer-diag bench-decode bench-prefill bench-kernels tune restore profile
+# Steps: libs env host-profile rpc-gpu gputests gputests-extra gputests-new gputests-graph gputests-norm decode-check mma-check peer-diag bench-decode bench-prefill bench-kernels tune restore profile
 # (settings through environment variables)
 # Plan a session's device time (30 min, start-ups included; lessons of 2026-12-02):
 #  - build the TVM libraries here first, after the last code change (the cache key hashes the
@@ -20,6 +20,8 @@
 #    benches, so a rejected candidate costs a minute and not a bench table.
 #  - never issue call 2 in the same batch as call 1: when call 1 finds no machine, call 2 still
 #    starts one (without p1, so its install fails) and its start-up is charged (2026-12-02: ~3.5 min).
+#  - the machine goes back ~30 s after a call ends (status: idle_release_s): prepare the next call
+#    before sending this one; a call sent later starts a fresh machine (call 1 again, ~1 min charged).
 #  - `tune` writes the database of the device's tree, which the next call's copy of the tree
 #    replaces: unpack $OUT/db-*.tgz here (drop .tune.lock), or start the next call with `restore`.
 set -uo pipefail
@@ -43,6 +45,9 @@ for step in "$@"; do
       log gputests-new; timeout ${GT_LIMIT:-400} python -m pytest -m gpu -q -p no:cacheprovider tests/gpt2_model/test_decode_loop.py tests/tuning/test_attention_tc.py tests/bench/test_gpu.py tests/bench/test_gptfast.py 2>&1 | grep -v Warning | tail -25 | tee "$OUT/gputests_new.txt" ;;
     gputests-graph)
       log gputests-graph; timeout ${GT_LIMIT:-400} python -m pytest -m gpu -q -x -p no:cacheprovider tests/gpt2_model/test_decode_loop.py -k cuda 2>&1 | grep -v Warning | tail -30 | tee "$OUT/gputests_graph.txt" ;;
+    gputests-norm)
+      # the fused layer norm + decode GEMV: its search on the card (tests/tuning/test_norm_gemv.py)
+      log gputests-norm; timeout ${GT_LIMIT:-300} python -m pytest -m gpu -q -p no:cacheprovider tests/tuning/test_norm_gemv.py 2>&1 | grep -v Warning | tail -15 | tee "$OUT/gputests_norm.txt" ;;
     decode-check)
       log decode-check; timeout ${DC_LIMIT:-300} python scripts/decode_check.py --out "$OUT/decode_check.json" 2>&1 | grep -v Warning | tail -40 | tee "$OUT/decode_check.txt" ;;
     mma-check)

@@ -191,7 +191,7 @@ def _tune_norm_gemv(config: TuneConfig, *, model_cfg, scheme, target, committed:
     _say(f"[norm+gemv] searching the fused layer norm + decode GEMV kernels at batches {list(batches)}")
     previous = read_meta(committed) or {}
     doc = tune_norm_gemv(model_cfg, dtype=scheme.activation_dtype, target=target, out_dir=committed,
-                         batches=batches, workers=config.workers, log=_say)
+                         batches=batches, quantization=scheme.name, workers=config.workers, log=_say)
     if not doc.get("kernels"):
         return
     if not previous:

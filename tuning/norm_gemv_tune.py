@@ -3,8 +3,13 @@
 For every decode batch bucket, the three norm + linear pairs of a step (``ln_1`` + QKV, ``ln_2`` +
 ``c_fc`` + GELU, ``ln_f`` + the tied lm_head) get their template's candidates built in parallel,
 each checked on the local GPU against a NumPy reference (the output poisoned with NaN first, so a
-kernel that skips a column fails) and timed with ``time_evaluator``. The fastest checked one per
-pair is stored; a pair whose candidates all fail is not stored (the build keeps the two kernels).
+kernel that skips a column fails) and timed with ``time_evaluator``. The pair the fused kernel
+replaces is timed the same way: the bucket's layer-norm kernel (dlight) plus its GEMM/GEMV kernel
+as the tuned build runs it (the database's record, else dlight). The fastest checked candidate is
+stored only when it beats that pair; otherwise the build keeps the two kernels. (On an H200,
+2026-12-02, the CUDA-core form fused everywhere made a whole decode step 0.263 vs 0.285 ms at b1,
+0.395 vs 0.397 at b8 and 0.840 vs 0.522 at b32: from 8 rows the GEMMs run on tensor cores, hence
+the tensor-core form and this comparison.)
 
 At compile time :func:`read_norm_gemv_plan` turns the file into the
 :class:`~gpt2_model.norm_gemv.NormGemvPlan` the exported model fuses with
@@ -28,9 +33,8 @@ from gpt2_model.norm_gemv import (NormGemvConfig, NormGemvError, NormGemvKey, No
 
 from .attention import AttentionError, _build_all
 from .dbfiles import NORM_GEMV_FILE, read_json
-from .spaces import SKINNY_GEMM_MIN_ROWS
 
-__all__ = ["FUSE_BELOW_BATCH", "NORM_GEMV_SCHEMA", "norm_gemv_keys", "read_norm_gemv_plan", "reference_norm_gemv", "tune_norm_gemv"]
+__all__ = ["NORM_GEMV_SCHEMA", "norm_gemv_keys", "read_norm_gemv_plan", "reference_norm_gemv", "tune_norm_gemv"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,19 +44,11 @@ NORM_GEMV_SCHEMA = "gpt2k-norm-gemv/1"
 ATOL, RTOL = 2e-3, 1e-2
 
 
-#: Batches from which the fused kernel is not searched: there the decode GEMMs run the tensor-core
-#: skinny space (tuning.spaces.SKINNY_GEMM_MIN_ROWS), which this CUDA-core kernel does not match. On
-#: an H200 (2026-12-02, whole decode step, same database otherwise) fusing every pair gave 0.263 vs
-#: 0.285 ms at b1, 0.395 vs 0.397 at b8 and 0.840 vs 0.522 at b32.
-FUSE_BELOW_BATCH = SKINNY_GEMM_MIN_ROWS
-
-
 def norm_gemv_keys(config, *, dtype: str, batches: Sequence[int]) -> list[NormGemvKey]:
-    """The norm + linear pairs of a decode step at each batch below :data:`FUSE_BELOW_BATCH` (the
-    ones the kernel supports)."""
+    """The norm + linear pairs of a decode step at each batch (the ones the kernel supports)."""
     keys = []
     gelu = config.activation_function in ("gelu_new", "gelu_pytorch_tanh")
-    for b in sorted({int(x) for x in batches if int(x) < FUSE_BELOW_BATCH}):
+    for b in sorted({int(x) for x in batches}):
         keys.append(NormGemvKey(b, config.n_embd, 3 * config.n_embd, "bias", dtype, dtype))
         if gelu:
             keys.append(NormGemvKey(b, config.n_embd, config.n_inner, "bias_gelu", dtype, dtype))
@@ -105,11 +101,59 @@ def _check_and_time(lib, key: NormGemvKey, inp: dict, ref: np.ndarray, *, device
     return res
 
 
+def _unfused_kernels(config, *, quantization: str, target, db_dir: Path, keys: Sequence[NormGemvKey]) -> dict:
+    """Per key name: ``[(what, PrimFunc), ...]`` of the two kernels the fused one replaces, scheduled
+    as the tuned build schedules them (the database's record, else dlight)."""
+    from tvm.s_tir import Schedule  # pylint: disable=import-outside-toplevel
+
+    from .database import TunedDatabase  # pylint: disable=import-outside-toplevel
+    from .partition import partition  # pylint: disable=import-outside-toplevel
+    from .untuned import untuned_schedule  # pylint: disable=import-outside-toplevel
+
+    tasks = partition(config, quantization=quantization, target=target,
+                      buckets={"decode": sorted({k.batch for k in keys})})
+    db = TunedDatabase.open(db_dir, target=target).ms if (db_dir / "meta.json").is_file() else None
+    out = {}
+    for key in keys:
+        mine = [t for t in tasks if t.phase == "decode" and t.bucket == key.batch]
+        norm = next((t for t in mine if t.kernel.startswith("layer_norm")
+                     and (key.batch, 1, key.k) in t.shapes()), None)
+        gemm = next((t for t in mine if t.kind in ("gemv", "gemm") and (key.n, key.k) in t.shapes()
+                     and (key.batch, 1, key.n) in t.shapes()), None)
+        if norm is None or gemm is None:
+            continue
+        funcs = []
+        for what, task in (("norm", norm), ("linear", gemm)):
+            rec = db.query_tuning_record(task.mod(), target, "main") if db is not None else None
+            if rec is not None:
+                sch = Schedule(task.mod())
+                rec.trace.apply_to_schedule(sch, remove_postproc=False)
+            else:
+                sch = untuned_schedule(task.mod(), target=target)
+            if sch is None:
+                break
+            funcs.append((f"{what} {task.kernel}" + (" (tuned)" if rec is not None else " (dlight)"), sch.mod["main"]))
+        if len(funcs) == 2:
+            out[key.name()] = funcs
+    return out
+
+
+def _time_kernel(lib, func, *, device, number: int, repeat: int) -> float:
+    import tvm  # pylint: disable=import-outside-toplevel
+
+    from .verify import _random_args  # pylint: disable=import-outside-toplevel
+
+    args = [tvm.runtime.tensor(a, device) for a in _random_args(func, np.random.default_rng(0))]
+    te = lib.time_evaluator("main", device, number=number, repeat=repeat)
+    return float(np.median(te(*args).results) * 1e6)
+
+
 def tune_norm_gemv(config, *, dtype: str, target, out_dir: str | os.PathLike, batches: Sequence[int],
-                   device=None, workers: int | None = None, number: int = 100, repeat: int = 5,
-                   log: Callable[[str], None] = print) -> dict:
+                   quantization: str | None = None, device=None, workers: int | None = None, number: int = 100,
+                   repeat: int = 5, log: Callable[[str], None] = print) -> dict:
     """Search every fused norm + GEMV pair of the decode ``batches`` on the local GPU; merge the
-    winners into ``out_dir/norm_gemv.json``. Returns the file's content."""
+    winners (checked, and faster than the two kernels they replace) into ``out_dir/norm_gemv.json``.
+    Returns the file's content."""
     import tvm  # pylint: disable=import-outside-toplevel
 
     device = device or tvm.cuda(0)
@@ -128,8 +172,18 @@ def tune_norm_gemv(config, *, dtype: str, target, out_dir: str | os.PathLike, ba
                 jobs.append((key, cfg, make_norm_gemv(cfg, key, eps=eps)))
             except NormGemvError as err:
                 logger.info("%s", err)
-    log(f"norm+gemv: {len(jobs)} candidates for {len(keys)} pairs at batches {sorted(set(batches))}; building...")
-    paths, errors = _build_all([f for _, _, f in jobs], target, workers=workers)
+    quantization = quantization or ("q0f16" if dtype == "float16" else "q0f32")
+    unfused = _unfused_kernels(config, quantization=quantization, target=target, db_dir=Path(out_dir), keys=keys)
+    base_funcs = [(name, what, f) for name, pair in unfused.items() for what, f in pair]
+    log(f"norm+gemv: {len(jobs)} candidates for {len(keys)} pairs at batches {sorted(set(batches))} "
+        f"(+ {len(base_funcs)} unfused kernels to beat); building...")
+    paths, errors = _build_all([f for _, _, f in jobs] + [f for _, _, f in base_funcs], target, workers=workers)
+    base_paths, paths = paths[len(jobs):], paths[:len(jobs)]
+    base_us: dict[str, dict] = {}
+    for (name, what, f), path in zip(base_funcs, base_paths):
+        entry = base_us.setdefault(name, {})
+        entry[what] = _time_kernel(tvm.runtime.load_module(path), f, device=device, number=number,
+                                   repeat=repeat) if path is not None else None
     log(f"norm+gemv: built {sum(p is not None for p in paths)}/{len(paths)} in {time.time() - t0:.0f} s; measuring")
     if errors:
         log(f"norm+gemv: {len(errors)} failed to build; first error: {errors[0].strip().splitlines()[-1]}")
@@ -157,9 +211,19 @@ def tune_norm_gemv(config, *, dtype: str, target, out_dir: str | os.PathLike, ba
             log(f"norm+gemv: {name}: no candidate passed the check ({rejected} rejected); not stored")
             continue
         best = min(good, key=lambda c: c["us"])
-        kernels[name] = {**entry, "config": best["config"], "us": best["us"], "rejected": rejected}
-        log(f"norm+gemv: {name}: best {NormGemvConfig(**best['config']).label()} {best['us']:.2f} us "
-            f"({len(good)} checked, {rejected} rejected)")
+        pair = base_us.get(name) or {}
+        pair_us = sum(pair.values()) if pair and None not in pair.values() else None
+        verdict = (f"the two kernels it replaces: {pair_us:.2f} us ({', '.join(f'{w} {u:.2f}' for w, u in pair.items())})"
+                   if pair_us is not None else "the two kernels it replaces: not timed")
+        label = NormGemvConfig(**best["config"]).label()
+        if pair_us is not None and best["us"] >= pair_us:
+            kernels.pop(name, None)
+            log(f"norm+gemv: {name}: best {label} {best['us']:.2f} us, not faster than {verdict}; not stored")
+            continue
+        kernels[name] = {**entry, "config": best["config"], "us": best["us"], "rejected": rejected,
+                         "unfused_us": pair_us, "unfused": pair}
+        log(f"norm+gemv: {name}: best {label} {best['us']:.2f} us vs {verdict} ({len(good)} checked, "
+            f"{rejected} rejected)")
     doc = {"schema": NORM_GEMV_SCHEMA, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "device": getattr(device, "device_name", None), "eps": eps, "kernels": kernels}
     out = Path(out_dir)

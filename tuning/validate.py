@@ -1,5 +1,6 @@
 """Offline check of a database: every line parses and every record replays on its workload and builds,
-and every stored attention choice (``attention.json``) parses and builds for the target.
+and every stored attention choice (``attention.json``) and fused norm + GEMV choice
+(``norm_gemv.json``) parses and builds for the target.
 
 The numerical check of each committed record ran when it was committed (``prune_best`` with
 ``tuning.verify.verify_record`` on the card that measured it: tuned kernel vs untuned kernel on
@@ -20,7 +21,7 @@ from tvm.target import Target
 from .builder import build_kernel
 from .database import DatabaseIntegrityWarning, TunedDatabase
 
-__all__ = ["ValidationReport", "validate_attention", "validate_database"]
+__all__ = ["ValidationReport", "validate_attention", "validate_database", "validate_norm_gemv"]
 
 
 @dataclasses.dataclass
@@ -33,16 +34,20 @@ class ValidationReport:
     failures: list[str]
     attention: int = 0
     attention_built: int = 0
+    norm_gemv: int = 0
+    norm_gemv_built: int = 0
 
     def ok(self) -> bool:
         """True when every line parsed, every record replayed and built, and every stored
         attention choice built."""
-        return not self.failures and self.records == self.built and self.attention == self.attention_built
+        return (not self.failures and self.records == self.built and self.attention == self.attention_built
+                and self.norm_gemv == self.norm_gemv_built)
 
     def line(self) -> str:
         """One summary line."""
         return (f"{self.records} records: {self.replayed} replayed, {self.built} built"
                 + (f"; attention.json: {self.attention_built} of {self.attention} built" if self.attention else "")
+                + (f"; norm_gemv.json: {self.norm_gemv_built} of {self.norm_gemv} built" if self.norm_gemv else "")
                 + (f", {len(self.failures)} failed" if self.failures else ""))
 
 
@@ -74,6 +79,43 @@ def validate_attention(path: str | Path, *, target: Target, build: bool = True) 
             built += 1
         except Exception as err:  # pylint: disable=broad-except
             failures.append(f"attention.json entry {i} ({entry.get('kernel')}): {_reason(err)}")
+    return len(entries), built, failures
+
+
+def validate_norm_gemv(path: str | Path, *, target: Target, build: bool = True) -> tuple[int, int, list[str]]:
+    """Check the stored fused norm + GEMV choices (``norm_gemv.json``): ``(entries, built, failures)``.
+
+    Each entry's key and constants must make a kernel (:func:`gpt2_model.norm_gemv.make_norm_gemv`),
+    built for ``target`` when ``build``. CUDA targets only (other builds never fuse). Never writes.
+    """
+    # pylint: disable=import-outside-toplevel
+    from gpt2_model.norm_gemv import NormGemvConfig, NormGemvKey, make_norm_gemv
+
+    from .dbfiles import NORM_GEMV_FILE, read_json
+
+    if target.kind.name != "cuda":
+        return 0, 0, []
+    try:
+        doc = read_json(Path(path) / NORM_GEMV_FILE, None)
+    except Exception as err:  # pylint: disable=broad-except
+        return 1, 0, [f"{NORM_GEMV_FILE}: {_reason(err)}"]
+    if doc is None:
+        return 0, 0, []
+    entries = doc.get("kernels") if isinstance(doc, dict) else None
+    if not isinstance(entries, dict):
+        return 1, 0, [f"{NORM_GEMV_FILE}: no 'kernels' object"]
+    built, failures = 0, []
+    for name, entry in sorted(entries.items()):
+        try:
+            key = NormGemvKey(**entry["key"])
+            if key.name() != name:
+                raise ValueError(f"entry named {name} holds the key of {key.name()}")
+            func = make_norm_gemv(NormGemvConfig(**entry["config"]), key, eps=float(doc.get("eps", 1e-5)))
+            if build:
+                build_kernel(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+            built += 1
+        except Exception as err:  # pylint: disable=broad-except
+            failures.append(f"{NORM_GEMV_FILE} entry {name}: {_reason(err)}")
     return len(entries), built, failures
 
 
@@ -119,5 +161,7 @@ def validate_database(path: str | Path, *, target: Target, build: bool = True) -
             failures.append(f"record {i}: {_reason(err)}")
     total = len(records) + len(db.bad_lines)
     n_att, att_built, att_failures = validate_attention(path, target=target, build=build)
+    n_ng, ng_built, ng_failures = validate_norm_gemv(path, target=target, build=build)
     return ValidationReport(records=total, replayed=replayed, built=built if build else replayed,
-                            failures=failures + att_failures, attention=n_att, attention_built=att_built)
+                            failures=failures + att_failures + ng_failures, attention=n_att, attention_built=att_built,
+                            norm_gemv=n_ng, norm_gemv_built=ng_built)

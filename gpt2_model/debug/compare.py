@@ -22,6 +22,11 @@ ln_f           output of the kernel reading ``ln_f.*``               ``transform
 logits         the step's logits (last position)                     ``logits[0, -1]``
 ============== ===================================================== ============================
 
+At a prefill the last block's output, its MLP output and ``ln_f`` are compared at the last
+position only (the model runs the final norm on that row alone). Where a build fuses a norm into
+the GEMV after it (``gpt2_model.norm_gemv``: GPU builds with such database entries) the norm's own
+row is left out: that kernel never stores the normalized values.
+
 The attention and MLP outputs are differences because the residual add is fused into the
 ``c_proj`` kernels (``fused_NT_matmul*_add*_add*``); the difference isolates the sub-layer's
 contribution, so its error is measured relative to that contribution, not to the residual stream.
@@ -213,21 +218,32 @@ def engine_activations(step: Step, n_layer: int) -> dict[str, tuple[np.ndarray, 
     for i in range(n_layer):
         h = f"h.{i}"
         nxt = ln1[i + 1] if i + 1 < n_layer else lnf
-        out[f"{h}.ln_1"] = (ln1[i].output, ln1[i].name)
+        if not _fused(ln1[i]):  # a fused norm + GEMV kernel (gpt2_model.norm_gemv) never stores the norm
+            out[f"{h}.ln_1"] = (ln1[i].output, ln1[i].name)
         c_attn = _last_reading(step, f"{t}.{h}.attn.c_attn")
         out[f"{h}.attn.c_attn"] = (c_attn.output, c_attn.name)
         if i in attn:
             out[f"{h}.attn.core"] = (attn[i].output, attn[i].name)
         out[f"{h}.attn"] = (_input(ln2[i]) - _input(ln1[i]), "(ln_2 in - ln_1 in)")
-        out[f"{h}.ln_2"] = (ln2[i].output, ln2[i].name)
+        if not _fused(ln2[i]):
+            out[f"{h}.ln_2"] = (ln2[i].output, ln2[i].name)
         c_fc = _last_reading(step, f"{t}.{h}.mlp.c_fc")
         fused_act = any(k in c_fc.name for k in ("gelu", "relu", "tanh"))
         out[f"{h}.mlp.c_fc" if fused_act else f"{h}.mlp.c_fc(pre-act)"] = (c_fc.output, c_fc.name)
-        out[f"{h}.mlp"] = (_input(nxt) - _input(ln2[i]), "(next in - ln_2 in)")
+        nxt_in, ln2_in = _input(nxt), _input(ln2[i])
+        if nxt_in.shape != ln2_in.shape and nxt_in.ndim == 3 and nxt_in.shape[1] == 1:
+            ln2_in = ln2_in[:, -1:]  # a prefill's ln_f runs on the last position only
+        out[f"{h}.mlp"] = (nxt_in - ln2_in, "(next in - ln_2 in)")
         out[h] = (_input(nxt), nxt.name + " (input)")
-    out["ln_f"] = (lnf.output, lnf.name)
+    if not _fused(lnf):
+        out["ln_f"] = (lnf.output, lnf.name)
     out["logits"] = (step.logits, "logits")
     return out
+
+
+def _fused(call) -> bool:
+    """A fused layer norm + GEMV kernel: it reads the norm's parameters but stores the GEMV's output."""
+    return "norm_gemv" in call.name
 
 
 def hf_activations(hf_model, token_ids: Sequence[int]) -> dict[str, np.ndarray]:
@@ -344,7 +360,10 @@ def compare_hf(
             if key not in ref:
                 raise DebugError(f"no Hugging Face value for {key}")
             expected = ref[key]
-            if key != "logits" and step.name != "prefill":
+            # decode steps: HF's last position; prefill: the last position where ours has only that
+            # one (the final norm runs on the last position only)
+            one = value.ndim == 3 and value.shape[1] == 1 and expected.ndim == 3 and expected.shape[1] > 1
+            if key != "logits" and (step.name != "prefill" or one):
                 expected = expected[:, -1:]
             if value.size != expected.size:
                 raise DebugError(f"{step.name} {key}: ours has shape {value.shape}, HF {expected.shape}")

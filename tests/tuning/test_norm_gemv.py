@@ -24,29 +24,35 @@ from .cuda_emu import emulate
 CUDA = make_target("sm_90")
 
 EMULATED = {
-    # batch, n, epilogue, output dtype, warps, rows: a ragged last block (n not a multiple of
-    # warps x rows), more rows than warps (the norm loop), the fp32 lm_head form, one row
-    "b8_qkv_gelu": (8, 1000, "bias_gelu", "float16", 4, 2),
-    "b3_lmhead_f32_ragged": (3, 1001, "none", "float32", 2, 4),
-    "b1_bias": (1, 770, "bias", "float16", 8, 1),
-    "b32_bias_rows2": (32, 96, "bias", "float16", 16, 2),
+    # batch, n, epilogue, output dtype, warps, rows, mma: a ragged last block (n not a multiple of
+    # the block's columns), more rows than warps (the norm loop), the fp32 lm_head form, one row;
+    # tensor-core form: padded rows (3, 17), two 16-row tiles (17, 32), K split over 2-16 warps
+    "b8_qkv_gelu": (8, 1000, "bias_gelu", "float16", 4, 2, False),
+    "b3_lmhead_f32_ragged": (3, 1001, "none", "float32", 2, 4, False),
+    "b1_bias": (1, 770, "bias", "float16", 8, 1, False),
+    "b32_bias_rows2": (32, 96, "bias", "float16", 16, 2, False),
+    "mma_b8_bias": (8, 256, "bias", "float16", 4, 2, True),
+    "mma_b3_lmhead_f32_ragged": (3, 1001, "none", "float32", 2, 1, True),
+    "mma_b32_gelu": (32, 100, "bias_gelu", "float16", 8, 4, True),
+    "mma_b17_ksplit16": (17, 64, "bias", "float16", 16, 2, True),
 }
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
 @pytest.mark.parametrize("case", sorted(EMULATED))
 def test_emulated_kernel_matches_numpy(case, tmp_path):
-    batch, n, epilogue, out_dtype, warps, rows = EMULATED[case]
+    batch, n, epilogue, out_dtype, warps, rows, mma = EMULATED[case]
     key = NormGemvKey(batch, 768, n, epilogue, "float16", out_dtype)
-    cfg = NormGemvConfig(warps, rows)
+    cfg = NormGemvConfig(warps, rows, mma)
     with CUDA:
         lib = tvm.compile(tvm.IRModule({"main": make_norm_gemv(cfg, key, eps=1e-5)}), target=CUDA)
     launch = emulate(lib.mod.imports[0].inspect_source(), tmp_path)
     inp = _inputs(key, seed=3)
     out = np.full((batch, 1, n), np.nan, out_dtype)
-    by_name = {"W_ptr": inp["w"], "beta_ptr": inp["beta"], "bias_ptr": inp["bias"], "gamma_ptr": inp["gamma"],
-               "out_ptr": out, "x_ptr": inp["x"]}
-    launch((-(-n // (warps * rows)), 1), (32, warps), *[by_name[name] for _, name in launch.params])
+    by_name = {"W_ptr": inp["w"], "beta_ptr": inp["beta"], "bias_ptr": inp["bias"],
+               "gamma_ptr": inp["gamma"], "out_ptr": out, "x_ptr": inp["x"]}
+    columns = rows * 8 if mma else warps * rows  # per block
+    launch((-(-n // columns), 1), (32, warps), *[by_name[name] for _, name in launch.params])
     ref = reference_norm_gemv(key, inp["x"], inp["gamma"], inp["beta"], inp["w"], inp["bias"], eps=1e-5)
     assert not np.isnan(out).any(), "a column was never written"
     excess = np.abs(out.astype(np.float32) - ref.astype(np.float32)) - RTOL * np.abs(ref.astype(np.float32))
@@ -75,13 +81,31 @@ def test_unsupported_keys_and_configs_are_one_clear_error():
     with pytest.raises(NormGemvError, match="not legal"):  # 4 x 32 accumulators per thread
         make_norm_gemv(NormGemvConfig(4, 4), NormGemvKey(32, 768, 2304, "bias"), eps=1e-5)
     assert norm_gemv_candidates(NormGemvKey(8, 768, 2304, "bias", "float32")) == []  # fp16 only
-    assert all(c.rows * 32 <= 64 for c in norm_gemv_candidates(NormGemvKey(32, 768, 2304, "bias")))
+    b32 = norm_gemv_candidates(NormGemvKey(32, 768, 2304, "bias"))
+    assert all(c.rows * 32 <= 64 for c in b32 if not c.mma)
+    mma = [c for c in b32 if c.mma]  # weight fragments <= 64 registers, partial sums fit the rows' space
+    assert mma and all((48 // c.warps) * c.rows * 2 <= 64 and c.warps * 32 * c.rows * 8 * 4 <= 32 * 768 * 2 for c in mma)
+    assert NormGemvConfig(4, 2, mma=True).label() == "norm_gemv mma ksplit=4 tiles=2"
 
 
-def test_search_keys_stop_where_decode_gemms_use_tensor_cores():
-    keys = norm_gemv_keys(get_config("gpt2"), dtype="float16", batches=[1, 4, 8, 32])
-    assert [(k.batch, k.epilogue) for k in keys] == [(b, e) for b in (1, 4) for e in ("bias", "bias_gelu", "none")]
-    assert keys[2].out_dtype == "float32" and keys[2].n == 50257
+def test_search_keys_and_the_pairs_they_must_beat():
+    """Each pair the search covers, and the two kernels of the tuned build it is timed against: the
+    bucket's layer norm and its linear kernel, with the committed database's record where it has one."""
+    from pathlib import Path  # pylint: disable=import-outside-toplevel
+
+    from tuning.norm_gemv_tune import _unfused_kernels  # pylint: disable=import-outside-toplevel
+
+    config = get_config("gpt2")
+    keys = norm_gemv_keys(config, dtype="float16", batches=[1, 8, 64])
+    assert [(k.batch, k.epilogue) for k in keys] == [(b, e) for b in (1, 8) for e in ("bias", "bias_gelu", "none")]
+    assert keys[2].out_dtype == "float32" and keys[2].n == 50257  # batch 64: more rows than the kernel takes
+    db = Path(__file__).resolve().parents[2] / "databases" / "sm_90" / "gpt2-q0f16"
+    pairs = _unfused_kernels(config, quantization="q0f16", target=CUDA, db_dir=db, keys=keys[3:])
+    assert set(pairs) == {k.name() for k in keys[3:]}
+    for name, ((norm, norm_f), (linear, linear_f)) in pairs.items():
+        assert norm.startswith("norm layer_norm") and linear.startswith("linear fused_NT_matmul"), (name, norm, linear)
+        assert "(tuned)" in linear  # b8's linear layers have committed records
+        assert norm_f.attrs and linear_f.attrs  # scheduled PrimFuncs, ready to build
 
 
 def _plan(batch=8):
@@ -137,18 +161,20 @@ def test_search_on_the_gpu_stores_checked_winners(tmp_path):
     from gpt2_model.device import detect_cuda_arch  # pylint: disable=import-outside-toplevel
 
     doc = tune_norm_gemv(get_config("gpt2"), dtype="float16", target=make_target(detect_cuda_arch()),
-                         out_dir=tmp_path, batches=[2, 8], number=20, repeat=2)  # 8: not searched
-    assert set(doc["kernels"]) == {"b2_k768_n2304_bias", "b2_k768_n3072_bias_gelu", "b2_k768_n50257_none"}
+                         out_dir=tmp_path, batches=[2], number=20, repeat=2)
+    # no database in tmp_path: the pairs to beat are dlight's; every stored winner was checked and beat them
+    assert doc["kernels"], "at batch 2 the fused kernel beat no pair"
     for entry in doc["kernels"].values():
-        assert entry["rejected"] == 0 and entry["us"] > 0
+        assert entry["rejected"] == 0 and 0 < entry["us"] < entry["unfused_us"]
         assert all(c.get("ok") for c in entry["candidates"]), entry["candidates"]
     assert read_norm_gemv_plan(tmp_path) is not None
 
 
 def test_fused_model_on_the_cpu_equals_hf(hf_sharded):
     """The fused call's wiring (ln_1 + c_attn, ln_2 + c_fc + GELU, ln_f + tied lm_head; which weight
-    and bias goes where) in the plain form, built for the CPU: decode logits of the fused bucket
-    (b2, and the ``decode`` function at b1) equal HF's, q0f32, 1e-4 relative."""
+    and bias goes where) in the plain form, built for the CPU: prompt logits (the last position's
+    norm + lm_head: the b1 pair) and decode logits of the fused b2 bucket and of one sequence equal
+    HF's, q0f32, 1e-4 relative."""
     from gpt2_model.loader import load_hf_params  # pylint: disable=import-outside-toplevel
     from gpt2_model.quantization import convert_params  # pylint: disable=import-outside-toplevel
     from gpt2_model.runtime import Engine  # pylint: disable=import-outside-toplevel
@@ -168,11 +194,31 @@ def test_fused_model_on_the_cpu_equals_hf(hf_sharded):
                     params=convert_params(load_hf_params(path, config), exported.scheme), device="cpu")
     prompts = [[5, 17, 300, 2], [7, 1, 2]]
     seqs = [engine.add_sequence() for _ in prompts]
-    for s, p in zip(seqs, prompts):
-        engine.prefill(s, p)
+    for s, p in zip(seqs, prompts):  # prefill: ln_f + lm_head of the last position is the fused b1 pair
+        assert rel_err(engine.prefill(s, p), hf_last_logits(hf, p)) < 1e-4
     nxt = [11, 400]
     logits = engine.decode(seqs, nxt)  # the b2 bucket: fused
     for row, p, t in zip(logits, prompts, nxt):
         assert rel_err(row, hf_last_logits(hf, p + [t])) < 1e-4
     one = engine.decode([seqs[0]], [3])[0]  # one sequence: the fused b1 pairs
     assert rel_err(one, hf_last_logits(hf, prompts[0] + [11, 3])) < 1e-4
+
+
+def test_validate_builds_stored_choices_and_names_bad_ones(tmp_path):
+    from tuning.validate import validate_norm_gemv  # pylint: disable=import-outside-toplevel
+
+    assert validate_norm_gemv(tmp_path, target=CUDA) == (0, 0, [])  # no file: nothing to check
+    good = NormGemvKey(1, 768, 2304, "bias")
+    doc = {"eps": 1e-5, "kernels": {
+        good.name(): {"key": {"batch": 1, "k": 768, "n": 2304, "epilogue": "bias", "dtype": "float16",
+                              "out_dtype": "float16"}, "config": {"warps": 8, "rows": 2}},
+        "b64_k768_n2304_bias": {"key": {"batch": 64, "k": 768, "n": 2304, "epilogue": "bias"},
+                                "config": {"warps": 8, "rows": 1}},
+        "b1_k768_n768_bias": {"key": {"batch": 1, "k": 768, "n": 2304, "epilogue": "bias"},
+                              "config": {"warps": 8, "rows": 1}},
+    }}
+    (tmp_path / "norm_gemv.json").write_text(json.dumps(doc))
+    entries, built, failures = validate_norm_gemv(tmp_path, target=CUDA)
+    assert (entries, built) == (3, 1)
+    assert len(failures) == 2 and "batch 64" in " ".join(failures) and "holds the key of" in " ".join(failures)
+    assert validate_norm_gemv(tmp_path, target=make_target("cpu")) == (0, 0, [])  # CPU builds never fuse
