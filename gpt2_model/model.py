@@ -19,7 +19,7 @@ from tvm.target import Target
 
 from .config import GPT2Config
 from .norm_gemv import NormGemvKey, NormGemvPlan
-from .quantization import QuantScheme, make_embedding, make_linear
+from .quantization import QuantScheme, TiedEmbedding, make_embedding, make_linear
 from .step_mark import MARK_FUNC
 
 # pylint: disable=invalid-name,missing-function-docstring
@@ -109,19 +109,34 @@ class GPT2Model(nn.Module):
         self.h = nn.ModuleList([GPT2Block(config, scheme, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, dtype=scheme.activation_dtype)
 
-    def forward(self, embeds: Tensor, kv_cache: PagedKVCache, *, final_norm: bool = True) -> Tensor:
+    def forward(self, embeds: Tensor, kv_cache: PagedKVCache, *, final_norm: bool = True,
+                positioned: bool = False) -> Tensor:
         """The last layer's output, through ``ln_f`` unless ``final_norm`` is False (the caller
-        fuses it into the lm_head)."""
-        # Positions come from the KV cache: for each query slot, its index in its sequence.
-        positions = kv_cache.get_query_positions(embeds.shape[0] * embeds.shape[1])  # (b*s,)
-        pos = op.reshape(self.wpe(positions), embeds.shape)  # (b, s, n_embd)
-        x = embeds + pos
+        fuses it into the lm_head). ``positioned``: ``embeds`` already hold the position embeddings
+        (:meth:`embed_tokens`)."""
+        x = embeds if positioned else embeds + self._positions(kv_cache, embeds.shape)
         for block in self.h:
             x = block(x, kv_cache)
         # The step mark (gpt2_model.step_mark): after the last attention, the host may start the
         # next step's KV-cache copy; a copy of x on the way to the final layer norm.
         x = op.extern(MARK_FUNC, [x], out=Tensor.placeholder(x.shape, x.dtype, "step_mark"))
         return self.ln_f(x) if final_norm else x
+
+
+    def _positions(self, kv_cache: PagedKVCache, shape) -> Tensor:
+        """wpe rows of the step's query positions (from the KV cache: each slot's index in its sequence)."""
+        positions = kv_cache.get_query_positions(shape[0] * shape[1])  # (b*s,)
+        return op.reshape(self.wpe(positions), shape)  # (b, s, n_embd)
+
+    def embed_tokens(self, input_ids: Tensor, kv_cache: PagedKVCache, b, s) -> Tensor:
+        """wte[ids] + wpe[positions] as the (b, s, n_embd) input of the first block: one gather-add
+        kernel for an unquantized table (the two lookups and the add were three kernels)."""
+        d = self.wpe.weight.shape[1]
+        if not isinstance(self.wte, TiedEmbedding):
+            return op.reshape(self.wte(input_ids), (b, s, d)) + self._positions(kv_cache, (b, s, d))
+        positions = kv_cache.get_query_positions(b * s)  # (b*s,)
+        x = op.tensor_expr_op(_embed_sum, "take_embed", [self.wte.weight, self.wpe.weight, input_ids, positions])
+        return op.reshape(x, (b, s, d))
 
 
 class GPT2LMHeadModel(nn.Module):
@@ -150,14 +165,10 @@ class GPT2LMHeadModel(nn.Module):
     def embed(self, input_ids: Tensor):
         return self.transformer.wte(input_ids)  # (seq_len, n_embd)
 
-    def _embed_tokens(self, input_ids: Tensor, b, s) -> Tensor:
-        """wte rows of ``input_ids`` as the (b, s, n_embd) activation the blocks take."""
-        return op.reshape(self.transformer.wte(input_ids), (b, s, self.config.n_embd))  # (b, s, n_embd)
-
-    def prefill(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
+    def prefill(self, input_embed: Tensor, paged_kv_cache: PagedKVCache, *, positioned: bool = False):
         # the final norm on the last position only (it is per row): one row, not s, and at one row
         # it can run inside the lm_head's kernel (the fused b1 pair, where planned)
-        hidden = self.transformer(input_embed, paged_kv_cache, final_norm=False)  # (1, s, n_embd)
+        hidden = self.transformer(input_embed, paged_kv_cache, final_norm=False, positioned=positioned)  # (1, s, d)
         hidden = op.tensor_expr_op(_last_position, name_hint="index", args=[hidden])  # (1, 1, n_embd)
         return self._final_logits(hidden), paged_kv_cache
 
@@ -167,9 +178,9 @@ class GPT2LMHeadModel(nn.Module):
                              out_dtype="float32")
         return logits if logits is not None else self._lm_head(self.transformer.ln_f(hidden))
 
-    def _decode_logits(self, embeds: Tensor, paged_kv_cache: PagedKVCache) -> Tensor:
+    def _decode_logits(self, embeds: Tensor, paged_kv_cache: PagedKVCache, *, positioned: bool = False) -> Tensor:
         """Logits (b, 1, vocab) fp32 of a decode step."""
-        return self._final_logits(self.transformer(embeds, paged_kv_cache, final_norm=False))  # (b, 1, n_embd) in
+        return self._final_logits(self.transformer(embeds, paged_kv_cache, final_norm=False, positioned=positioned))
 
     def decode(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
         return self._decode_logits(input_embed, paged_kv_cache), paged_kv_cache
@@ -187,14 +198,14 @@ class GPT2LMHeadModel(nn.Module):
     # come out too (the lm_head + cast kernel writes them anyway; the argmax reads them).
     def prefill_tokens(self, input_ids: Tensor, paged_kv_cache: PagedKVCache):
         """input_ids (s,) -> (next id (1,) int32, last logits (1, 1, vocab) fp32)."""
-        embeds = self._embed_tokens(input_ids, 1, input_ids.shape[0])  # (1, s, n_embd)
-        logits, paged_kv_cache = self.prefill(embeds, paged_kv_cache)
+        x = self.transformer.embed_tokens(input_ids, paged_kv_cache, 1, input_ids.shape[0])  # (1, s, n_embd)
+        logits, paged_kv_cache = self.prefill(x, paged_kv_cache, positioned=True)
         return (greedy(logits), logits), paged_kv_cache
 
     def batch_decode_tokens(self, input_ids: Tensor, paged_kv_cache: PagedKVCache):
         """input_ids (b,) -> (next ids (b,) int32, logits (b, 1, vocab) fp32)."""
-        embeds = self._embed_tokens(input_ids, input_ids.shape[0], 1)  # (b, 1, n_embd)
-        logits, paged_kv_cache = self.batch_decode(embeds, paged_kv_cache)
+        x = self.transformer.embed_tokens(input_ids, paged_kv_cache, input_ids.shape[0], 1)  # (b, 1, n_embd)
+        logits = self._decode_logits(x, paged_kv_cache, positioned=True)
         return (greedy(logits), logits), paged_kv_cache
 
     def create_paged_kv_cache(  # pylint: disable=too-many-arguments
@@ -289,6 +300,12 @@ class GPT2LMHeadModel(nn.Module):
             object.__setattr__(self, name, self.prefill_tokens)
             spec[name] = {"input_ids": nn.spec.Tensor([length], "int32"), "paged_kv_cache": kv, "$": packed}
         return nn.spec.ModuleSpec.from_raw(spec, self)
+
+
+def _embed_sum(wte, wpe, ids, positions):
+    """(n, d): wte[ids[i]] + wpe[positions[i]] (the first block's input, one gather-add)."""
+    n, d = ids.shape[0], wte.shape[1]
+    return te.compute((n, d), lambda i, k: wte[ids[i], k] + wpe[positions[i], k], name="take_embed")
 
 
 def _last_position(x):

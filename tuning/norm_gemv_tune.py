@@ -28,8 +28,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from gpt2_model.norm_gemv import (NormGemvConfig, NormGemvError, NormGemvKey, NormGemvPlan, make_norm_gemv,
-                                  norm_gemv_candidates)
+from gpt2_model.norm_gemv import (NormGemvConfig, NormGemvError, NormGemvKey, NormGemvPlan, is_norm_gemv_legal,
+                                  make_norm_gemv, norm_gemv_candidates)
 
 from .attention import AttentionError, _build_all
 from .dbfiles import NORM_GEMV_FILE, read_json
@@ -237,7 +237,8 @@ def tune_norm_gemv(config, *, dtype: str, target, out_dir: str | os.PathLike, ba
 
 def read_norm_gemv_plan(db_dir: str | os.PathLike | None) -> NormGemvPlan | None:
     """The plan of a database's ``norm_gemv.json`` (None: no file, or nothing stored). A malformed
-    entry is skipped with a warning; the build then keeps that pair unfused."""
+    entry, or one whose constants are not legal for its key, is skipped with a warning; the build
+    then keeps that pair unfused. A file that is not JSON is one ``ValueError`` naming it."""
     if db_dir is None:
         return None
     doc = read_json(Path(db_dir) / NORM_GEMV_FILE, None)
@@ -246,7 +247,14 @@ def read_norm_gemv_plan(db_dir: str | os.PathLike | None) -> NormGemvPlan | None
     configs = {}
     for name, entry in doc["kernels"].items():
         try:
-            configs[name] = NormGemvConfig(**entry["config"])
+            cfg = NormGemvConfig(**entry["config"])
+            key = NormGemvKey(**entry["key"]) if "key" in entry else None
         except (KeyError, TypeError) as err:
             logger.warning("norm_gemv.json: entry %s skipped (%s)", name, err)
+            continue
+        if key is not None and (key.name() != name or not is_norm_gemv_legal(cfg, key)):
+            logger.warning("norm_gemv.json: entry %s skipped (%s is not a legal configuration of %s)", name,
+                           cfg.label(), key.label())
+            continue
+        configs[name] = cfg
     return NormGemvPlan(configs) if configs else None

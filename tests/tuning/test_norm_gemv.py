@@ -5,6 +5,7 @@ database file's reading, and (GPU-marked) the search on a real card."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 
@@ -139,16 +140,24 @@ def test_no_fusion_off_cuda_or_for_quantized_weights():
     assert _calls(q4.mod, "batch_decode_b8")[0] == 0
 
 
-def test_database_file_becomes_the_plan(tmp_path):
+def test_database_file_becomes_the_plan(tmp_path, caplog):
     assert read_norm_gemv_plan(tmp_path) is None  # no file: the unfused model
     doc = {"schema": "gpt2k-norm-gemv/1", "kernels": {
         "b8_k768_n2304_bias": {"config": {"warps": 8, "rows": 2}, "us": 3.0},
         "b8_k768_n3072_bias_gelu": {"config": {"warps": "x"}},  # malformed: skipped, that pair stays unfused
+        "b32_k768_n2304_bias": {"key": {"batch": 32, "k": 768, "n": 2304, "epilogue": "bias"},
+                                "config": {"warps": 4, "rows": 4}},  # 4 x 32 accumulators: not legal
     }}
     (tmp_path / "norm_gemv.json").write_text(json.dumps(doc))
-    plan = read_norm_gemv_plan(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        plan = read_norm_gemv_plan(tmp_path)
     assert plan.config_for(NormGemvKey(8, 768, 2304, "bias")) == NormGemvConfig(8, 2)
     assert plan.config_for(NormGemvKey(8, 768, 3072, "bias_gelu")) is None
+    assert set(plan.configs) == {"b8_k768_n2304_bias"}
+    assert "b8_k768_n3072_bias_gelu skipped" in caplog.text and "not a legal configuration" in caplog.text
+    (tmp_path / "norm_gemv.json").write_text("{not json")
+    with pytest.raises(ValueError, match="norm_gemv.json is not valid JSON"):
+        read_norm_gemv_plan(tmp_path)
 
 
 @pytest.mark.gpu
