@@ -314,37 +314,78 @@ def _last_position(x):
     return te.compute((b, 1, d), lambda i, _, k: x[i, s - 1, k], name="index")
 
 
-def _argmax_rows(logits):
-    """Greedy sampling: (b, 1, vocab) logits -> (b,) int32, the FIRST index of each row's max
-    (the numpy / torch tie rule).
+#: Chunks each logits row is split into by the first stage of the greedy argmax.
+ARGMAX_CHUNKS = 64
 
-    Written as two plain reductions over the row -- the max, then the smallest index holding it
-    -- plus an elementwise epilogue: the softmax-like shape dlight's GeneralReduction schedules
-    with a thread block per row (a tuple-valued argmax reducer, or a kernel ending in a
-    reduction, falls back to one thread per row: ~50k serial steps) and MetaSchedule tunes like
-    any reduction. The epilogue clamps to vocab - 1: a row of NaNs matches no index, and the
-    next step's embedding lookup must never read past the table.
+
+
+def _argmax_partial(logits):
+    """Greedy sampling, first stage: (b, 1, vocab) logits -> (b, C) int64, for each chunk of the row
+    the FIRST index holding the chunk's max (vocab where none: a chunk of NaNs, or past the row).
+
+    Two plain reductions over a chunk -- the max, then the smallest index holding it -- and an
+    elementwise epilogue: the softmax-like shape dlight's GeneralReduction schedules with a thread
+    block per (row, chunk), b x 64 blocks of ~800 values instead of one block per 50k-value row (a
+    tuple-valued argmax reducer, or a kernel ending in a reduction, falls back to one thread per
+    row). MetaSchedule tunes it like any reduction.
     """
     b, _, vocab = logits.shape
     vocab = int(vocab)
-    k = te.reduce_axis((0, vocab), name="k")
-    row_max = te.compute((b,), lambda i: te.max(logits[i, 0, k], axis=k), name="argmax_max")  # (b,)
-    # The index reduction runs in int64, the dtype of the module's loop variables: an int32 one
-    # gets its cast hoisted around the min by the relax passes (cast(min(cast(acc), j))), which no
-    # cross-thread reducer matches, and the CUDA build fails. The cast to int32 is the epilogue's.
-    j = te.reduce_axis((tirx.const(0, "int64"), tirx.const(vocab, "int64")), name="j")
-    first = te.compute(  # (b,): smallest j with logits[i, 0, j] == max, else vocab
-        (b,),
-        lambda i: te.min(tirx.Select(logits[i, 0, j] == row_max[i], j, tirx.const(vocab, "int64")), axis=j),
-        name="argmax_index",
-    )
-    return te.compute((b,), lambda i: tirx.min(first[i], tirx.const(vocab - 1, "int64")).astype("int32"),
-                      name="argmax")
+    chunks = min(ARGMAX_CHUNKS, vocab)
+    length = -(-vocab // chunks)
+    low = tirx.min_value(logits.dtype)
+
+    def at(i, c, l):  # the value at chunk offset l, -inf raised to the lowest finite value (te.max's
+        j = c * length + l  # identity: an all -inf row then gives index 0, as NumPy); past the row: that too
+        return tirx.Select(j < vocab, tirx.max(logits[i, 0, tirx.min(j, vocab - 1)], low), low)
+
+    k = te.reduce_axis((0, length), name="k")
+    part_max = te.compute((b, chunks), lambda i, c: te.max(at(i, c, k), axis=k), name="argmax_part_max")
+    # The index reductions run in int64, the dtype of the module's loop variables: an int32 one gets
+    # its cast hoisted around the min by the relax passes (cast(min(cast(acc), j))), which no
+    # cross-thread reducer matches, and the CUDA build fails. The cast to int32 is the last stage's.
+    l = te.reduce_axis((tirx.const(0, "int64"), tirx.const(length, "int64")), name="l")
+    first = te.compute(
+        (b, chunks),
+        lambda i, c: te.min(tirx.Select(tirx.all(c * length + l < vocab, at(i, c, l) == part_max[i, c]),
+                                        c * length + l, tirx.const(vocab, "int64")), axis=l),
+        name="argmax_part_first")
+    return te.compute((b, chunks), lambda i, c: first[i, c], name="argmax_part_index")
+
+
+def _argmax_merge(logits, part_index):
+    """Greedy sampling, second stage: the chunks' first indices of their max -> (b,) int32, the FIRST
+    index of each row's max (the numpy / torch tie rule: the first chunk holding the max, its first
+    index). The chunk maxima are read back from the logits. Both stages raise every value to at
+    least the lowest finite one: -inf and NaN count as that (a row of them gives index 0, NumPy's
+    answer for a row of -inf or of NaN; a NaN beside real values is never picked). The result is
+    clamped to vocab - 1: the next step's embedding lookup never reads past the table."""
+    b, chunks = part_index.shape
+    vocab = int(logits.shape[-1])
+
+    low = tirx.min_value(logits.dtype)
+
+    last = tirx.const(vocab - 1, "int64")
+
+    def value(i, c):  # the chunk's max as the first stage saw it (the lowest value for a chunk without one)
+        idx = part_index[i, c]
+        return tirx.Select(idx <= last, tirx.max(logits[i, 0, tirx.min(idx, last)], low), low)
+
+    c = te.reduce_axis((0, chunks), name="c")
+    row_max = te.compute((b,), lambda i: te.max(value(i, c), axis=c), name="argmax_max")
+    d = te.reduce_axis((0, chunks), name="d")
+    first = te.compute(
+        (b,), lambda i: te.min(tirx.Select(tirx.all(part_index[i, d] <= last, value(i, d) == row_max[i]),
+                                           part_index[i, d], tirx.const(vocab, "int64")), axis=d),
+        name="argmax_index")
+    return te.compute((b,), lambda i: tirx.min(first[i], last).astype("int32"), name="argmax")
 
 
 def greedy(logits: Tensor) -> Tensor:
-    """Greedy next token of each row of ``logits`` (b, 1, vocab) on the device: (b,) int32."""
-    return op.tensor_expr_op(_argmax_rows, name_hint="argmax", args=[logits])
+    """Greedy next token of each row of ``logits`` (b, 1, vocab) on the device: (b,) int32 (two
+    kernels: :func:`_argmax_partial` per chunk of the row, :func:`_argmax_merge` per row)."""
+    part_index = op.tensor_expr_op(_argmax_partial, name_hint="argmax_partial", args=[logits])
+    return op.tensor_expr_op(_argmax_merge, name_hint="argmax", args=[logits, part_index])
 
 
 def bucket_function(phase: str, value: int, *, tokens: bool = True) -> str:
