@@ -144,10 +144,12 @@ def make_norm_gemv(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float, name: s
     return make(cfg, key, eps=eps).with_attr("global_symbol", name)
 
 
-def _pieces(key: NormGemvKey, *, eps: float, warps: int, padded_rows: int):
+def _pieces(key: NormGemvKey, *, eps: float, warps: int, padded_rows: int, swizzle: bool = False):
     """What both forms share, as TVMScript macros: the warp butterfly sum, the norm parameters'
     load, the norm of the batch rows into shared memory (one warp per row; rows from the batch to
-    ``padded_rows`` are zeroed), the epilogue of one output value, and the PrimFunc around a body."""
+    ``padded_rows`` are zeroed; with ``swizzle`` the 16-byte chunk ``c`` of row ``r`` is stored at
+    chunk ``c ^ (r % 8)``, so the tensor-core form's fragment loads -- 8 rows x 16 bytes -- hit 32
+    different banks), the epilogue of one output value, and the PrimFunc around a body."""
     from tvm.script import tirx as T  # pylint: disable=import-outside-toplevel
 
     B, K, N, dtype, out_dtype = key.batch, key.k, key.n, key.dtype, key.out_dtype
@@ -156,6 +158,9 @@ def _pieces(key: NormGemvKey, *, eps: float, warps: int, padded_rows: int):
     has_bias, gelu = key.epilogue != "none", key.epilogue == "bias_gelu"
     inv_k = 1.0 / K
     full = T.uint32(0xFFFFFFFF)
+
+    def chunk(c, row):  # where the 16-byte chunk c of a row is stored
+        return T.bitwise_xor(c, row % 8) if swizzle else c
 
     # pylint: disable=invalid-name,too-many-arguments
     @T.macro
@@ -192,7 +197,8 @@ def _pieces(key: NormGemvKey, *, eps: float, warps: int, padded_rows: int):
                     for e in T.unroll(VEC):
                         n_loc[e] = T.cast(x_loc[j * VEC + e] * st[2] * T.cast(g_loc[j * VEC + e], "float32")
                                           + T.cast(be_loc[j * VEC + e], "float32"), dtype)
-                    xn[it * warps + ty, T.ramp((j * _LANES + tx) * VEC, 1, VEC)] = n_loc[T.ramp(0, 1, VEC)]
+                    xn[it * warps + ty, T.ramp(chunk(j * _LANES + tx, it * warps + ty) * VEC, 1, VEC)] = n_loc[
+                        T.ramp(0, 1, VEC)]
             elif it * warps + ty < padded_rows:
                 for j in T.unroll(KV):
                     xn[it * warps + ty, T.ramp((j * _LANES + tx) * VEC, 1, VEC)] = T.broadcast(T.cast(0, dtype), VEC)
@@ -290,7 +296,7 @@ def _make_norm_gemv_simt(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float):
 
 def _make_norm_gemv_mma(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float):
     """The tensor-core form: the block normalizes the batch rows (padded with zero rows to 16) into
-    shared memory, each warp runs ``mma.sync`` m16n8k16 over its share of K for the block's
+    shared memory (16-byte chunks XOR-swizzled by row: conflict-free fragment loads), each warp runs ``mma.sync`` m16n8k16 over its share of K for the block's
     ``rows`` 8-column tiles (the weight fragments loaded from global memory before the norm, in
     the m16n8k16 B layout), and the warps' fp32 partial sums meet in shared memory for the epilogue."""
     from tvm.script import tirx as T  # pylint: disable=import-outside-toplevel
@@ -304,7 +310,7 @@ def _make_norm_gemv_mma(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float):
     KV, VEC = K // (_LANES * _VEC), _VEC
     blocks = (N + NB - 1) // NB
     out_iters = (B * NB + W * _LANES - 1) // (W * _LANES)
-    _, load_params, norm_rows, epilogue, wrap = _pieces(key, eps=eps, warps=W, padded_rows=RB)
+    _, load_params, norm_rows, epilogue, wrap = _pieces(key, eps=eps, warps=W, padded_rows=RB, swizzle=True)
 
     # pylint: disable=invalid-name,unused-variable,too-many-locals
     @T.macro
@@ -349,9 +355,9 @@ def _make_norm_gemv_mma(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float):
                             acc[i] = T.float32(0)
                         for s in T.unroll(SW):
                             for m in T.unroll(MT):
-                                for i in T.unroll(4):  # A: rows tx // 4 (+8), k pairs tx % 4 (+8)
-                                    a_frag[m * 4 + i] = xn32[m * 16 + tx // 4 + i % 2 * 8,
-                                                             (ty * SW + s) * 8 + i // 2 * 4 + tx % 4]
+                                for i in T.unroll(4):  # A: rows tx // 4 (+8), k pairs tx % 4 (+8); swizzled
+                                    a_frag[m * 4 + i] = xn32[m * 16 + tx // 4 + i % 2 * 8, T.bitwise_xor(
+                                        (ty * SW + s) * 2 + i // 2, tx // 4) * 4 + tx % 4]
                             for m in T.unroll(MT):
                                 for t in T.unroll(NT):
                                     T.evaluate(T.ptx_legacy.mma(
