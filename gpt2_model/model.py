@@ -43,16 +43,15 @@ class GPT2Attention(nn.Module):
         self.sm_scale = scale
 
     def forward(self, x: Tensor, kv_cache: PagedKVCache) -> Tensor:
-        return self.attend(self.c_attn(x), kv_cache)
+        return self.c_proj(self.attend(self.c_attn(x), kv_cache))
 
     def attend(self, qkv: Tensor, kv_cache: PagedKVCache) -> Tensor:
-        """Attention and output projection of the fused QKV activations (b, s, 3 * h * d)."""
+        """Attention of the fused QKV activations (b, s, 3 * h * d): (b, s, h * d), before ``c_proj``."""
         b, s, _ = qkv.shape
         h, d = self.num_heads, self.head_dim
         qkv = op.reshape(qkv, (b, s, 3 * h, d))
         out = kv_cache.attention_with_fused_qkv(self.layer_id, qkv, h, sm_scale=self.sm_scale)
-        out = op.reshape(out, (b, s, h * d))  # (b, s, h * d)
-        return self.c_proj(out)
+        return op.reshape(out, (b, s, h * d))  # (b, s, h * d)
 
 
 class GPT2MLP(nn.Module):
@@ -95,11 +94,11 @@ class GPT2Block(nn.Module):
         qkv = norm_linear(self.norm_gemv, self.ln_1, self.attn.c_attn, x, "bias")
         if qkv is None:
             qkv = self.attn.c_attn(self.ln_1(x))
-        x = x + self.attn.attend(qkv, kv_cache)
+        x = residual_linear(self.norm_gemv, self.attn.c_proj, self.attn.attend(qkv, kv_cache), x)
         h = norm_linear(self.norm_gemv, self.ln_2, self.mlp.c_fc, x, self.mlp.fusable_epilogue)
         if h is None:
             h = self.mlp.activate(self.mlp.c_fc(self.ln_2(x)))
-        return x + self.mlp.c_proj(h)
+        return residual_linear(self.norm_gemv, self.mlp.c_proj, h, x)
 
 
 class GPT2Model(nn.Module):
@@ -428,3 +427,23 @@ def norm_linear(plan: NormGemvPlan | None, norm: nn.LayerNorm, linear: nn.Module
     func = plan.make(key, cfg, eps=float(norm.eps), name=name)
     args = [x, norm.weight, norm.bias, weight] + ([bias] if bias is not None else [])
     return op.tensor_ir_op(func, name, args=args, out=Tensor.placeholder((b, 1, n), key.out_dtype))
+
+
+def residual_linear(plan: NormGemvPlan | None, linear: nn.Module, h: Tensor, residual: Tensor) -> Tensor:
+    """``residual + linear(h)``: one kernel of :mod:`gpt2_model.norm_gemv` (its tensor-core GEMV with
+    the bias and residual in the epilogue) where ``plan`` names this static decode shape, else the
+    linear layer and the add (which the partition fuses into the GEMV's epilogue)."""
+    b, s, k = h.shape
+    weight, bias = getattr(linear, "weight", None), getattr(linear, "bias", None)
+    if (plan is not None and isinstance(b, int) and isinstance(s, int) and s == 1
+            and isinstance(weight, nn.Parameter) and bias is not None):
+        n = int(weight.shape[0])
+        key = NormGemvKey(batch=b, k=int(k), n=n, epilogue="bias_residual", dtype=str(h.dtype),
+                          out_dtype=str(h.dtype), prologue="none")
+        cfg = plan.config_for(key)
+        if cfg is not None:
+            name = f"gemv_{key.name()}"
+            func = plan.make(key, cfg, eps=0.0, name=name)
+            return op.tensor_ir_op(func, name, args=[h, weight, bias, residual],
+                                   out=Tensor.placeholder((b, 1, n), key.out_dtype))
+    return residual + linear(h)

@@ -23,12 +23,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-__all__ = ["EPILOGUES", "MAX_ROWS", "NormGemvConfig", "NormGemvError", "NormGemvKey", "NormGemvPlan",
+__all__ = ["EPILOGUES", "MAX_ROWS", "PROLOGUES", "NormGemvConfig", "NormGemvError", "NormGemvKey", "NormGemvPlan",
            "is_norm_gemv_legal", "make_norm_gemv", "make_norm_gemv_reference", "norm_gemv_candidates", "norm_gemv_shared_bytes"]
 
 #: Epilogues after ``sum_k norm(x)[b, k] * W[n, k]`` (fp32): ``bias``: + bias[n]; ``bias_gelu``:
-#: GELU(tanh form) of that; ``none``: nothing (the tied lm_head); then the cast to the output dtype.
-EPILOGUES = ("bias", "bias_gelu", "none")
+#: GELU(tanh form) of that; ``none``: nothing (the tied lm_head); ``bias_residual``: + bias[n] +
+#: residual[b, n]; then the cast to the output dtype.
+EPILOGUES = ("bias", "bias_gelu", "none", "bias_residual")
+#: What runs before the GEMV: ``norm`` (the layer norm, fused) or ``none`` (the plain linear layer:
+#: with ``bias_residual`` the decode step's c_proj layers, + bias + the residual stream).
+PROLOGUES = ("norm", "none")
 MAX_ROWS = 32  # batch rows the kernel takes (their normalized copy lives in 48 KB of shared memory)
 _LANES = 32
 _VEC = 8  # fp16 elements per 16-byte load
@@ -50,12 +54,14 @@ class NormGemvKey:
     epilogue: str
     dtype: str = "float16"
     out_dtype: str = "float16"
+    prologue: str = "norm"
 
     def label(self) -> str:
-        return f"norm+gemv b{self.batch} {self.k}->{self.n} {self.epilogue} {self.dtype}->{self.out_dtype}"
+        what = "norm+gemv" if self.prologue == "norm" else "gemv"
+        return f"{what} b{self.batch} {self.k}->{self.n} {self.epilogue} {self.dtype}->{self.out_dtype}"
 
     def name(self) -> str:
-        return f"b{self.batch}_k{self.k}_n{self.n}_{self.epilogue}"
+        return f"b{self.batch}_k{self.k}_n{self.n}_{self.epilogue}" + ("" if self.prologue == "norm" else "_plain")
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,10 @@ def norm_gemv_shared_bytes(key: NormGemvKey) -> int:
 def _key_problem(key: NormGemvKey, *, reference: bool = False) -> str | None:
     if key.epilogue not in EPILOGUES:
         return f"epilogue {key.epilogue!r} is not one of {EPILOGUES}"
+    if key.prologue not in PROLOGUES:
+        return f"prologue {key.prologue!r} is not one of {PROLOGUES}"
+    if (key.epilogue == "bias_residual") != (key.prologue == "none"):
+        return "the residual epilogue goes with the plain prologue only"
     if reference:  # the plain form takes any shape and float dtype
         return None
     if key.dtype != "float16":
@@ -92,6 +102,8 @@ def _key_problem(key: NormGemvKey, *, reference: bool = False) -> str | None:
         return f"output dtype {key.out_dtype}"
     if not 1 <= key.batch <= MAX_ROWS:
         return f"batch {key.batch} (1..{MAX_ROWS})"
+    if key.prologue == "none":
+        return None if key.k % 16 == 0 else f"k={key.k} is not a multiple of 16"
     if key.k % (_LANES * _VEC) != 0:
         return f"k={key.k} is not a multiple of {_LANES * _VEC}"
     if norm_gemv_shared_bytes(key) > _SHARED_LIMIT:
@@ -108,21 +120,22 @@ def is_norm_gemv_legal(cfg: NormGemvConfig, key: NormGemvKey) -> bool:
     if _key_problem(key) is not None or cfg.rows < 1:
         return False
     if not cfg.mma:
-        return cfg.warps in (1, 2, 4, 8, 16) and cfg.rows * key.batch <= _ACC_LIMIT
+        return key.prologue == "norm" and cfg.warps in (1, 2, 4, 8, 16) and cfg.rows * key.batch <= _ACC_LIMIT
     mt, ks = _mma_shape(key)
     if cfg.warps not in (2, 4, 8, 16) or cfg.rows not in (1, 2, 4, 8) or ks % cfg.warps:
         return False
     steps = ks // cfg.warps
-    xn_bytes = mt * 16 * key.k * 2
-    red_bytes = cfg.warps * mt * 16 * cfg.rows * 8 * 4  # the partial sums reuse the normalized rows' space
+    red_bytes = cfg.warps * mt * 16 * cfg.rows * 8 * 4  # the warps' partial sums
+    # (with the norm they reuse the normalized rows' space, else they have their own)
+    room = mt * 16 * key.k * 2 if key.prologue == "norm" else _SHARED_LIMIT
     return (steps * cfg.rows * 2 <= _ACC_LIMIT  # prefetched weight fragments (32-bit registers)
-            and mt * cfg.rows * 4 <= _ACC_LIMIT and xn_bytes <= _SHARED_LIMIT and red_bytes <= xn_bytes)
+            and mt * cfg.rows * 4 <= _ACC_LIMIT and room <= _SHARED_LIMIT and red_bytes <= room)
 
 
 def norm_gemv_candidates(key: NormGemvKey, *, warps=(2, 4, 8, 16), rows=(1, 2, 4), mma_tiles=(1, 2, 4, 8)
                          ) -> list[NormGemvConfig]:
     """Every legal configuration of ``key``, both forms (empty when the key itself is unsupported)."""
-    cands = [NormGemvConfig(w, r) for w in warps for r in rows]
+    cands = [NormGemvConfig(w, r) for w in warps for r in rows] if key.prologue == "norm" else []
     cands += [NormGemvConfig(w, t, mma=True) for w in warps for t in mma_tiles]
     return [c for c in cands if is_norm_gemv_legal(c, key)]
 
@@ -155,7 +168,7 @@ def _pieces(key: NormGemvKey, *, eps: float, warps: int, padded_rows: int, swizz
     B, K, N, dtype, out_dtype = key.batch, key.k, key.n, key.dtype, key.out_dtype
     KV, VEC = K // (_LANES * _VEC), _VEC  # 16-byte vectors per lane along K
     norm_iters = (padded_rows + warps - 1) // warps
-    has_bias, gelu = key.epilogue != "none", key.epilogue == "bias_gelu"
+    has_bias, gelu, residual = key.epilogue != "none", key.epilogue == "bias_gelu", key.epilogue == "bias_residual"
     inv_k = 1.0 / K
     full = T.uint32(0xFFFFFFFF)
 
@@ -204,29 +217,40 @@ def _pieces(key: NormGemvKey, *, eps: float, warps: int, padded_rows: int, swizz
                     xn[it * warps + ty, T.ramp((j * _LANES + tx) * VEC, 1, VEC)] = T.broadcast(T.cast(0, dtype), VEC)
 
     @T.macro
-    def epilogue(v: T.Buffer, i: T.int32, bias: T.Buffer, out: T.Buffer, row: T.int32, col: T.int32):
+    def epilogue(v: T.Buffer, i: T.int32, bias: T.Buffer, res: T.Buffer, out: T.Buffer, row: T.int32, col: T.int32):
         if has_bias:
             v[i] = v[i] + T.cast(bias[col], "float32")
+        if residual:
+            v[i] = v[i] + T.cast(res[row, 0, col], "float32")
         if gelu:
             v[i] = T.float32(0.5) * v[i] * (T.float32(1) + T.tanh(
                 T.float32(0.7978845608028654) * (v[i] + T.float32(0.044715) * v[i] * v[i] * v[i])))
         out[row, 0, col] = T.cast(v[i], out_dtype)
 
     def wrap(body):
+        """The PrimFunc around ``body(x, gamma, beta, W, bias, residual, out)``: parameters
+        ``(x, gamma, beta, W[, bias], out)`` with the norm, ``(x, W, bias, residual, out)`` without
+        (a parameter the body never reads is passed as another buffer)."""
         # (the parser reads the annotations' names from this frame's locals)
         B, K, N, dtype, out_dtype = key.batch, key.k, key.n, key.dtype, key.out_dtype  # pylint: disable=redefined-outer-name
-        if has_bias:
+        if residual:
+            @T.prim_func(s_tir=True)
+            def func(x: T.Buffer((B, 1, K), dtype), W: T.Buffer((N, K), dtype), bias: T.Buffer((N,), dtype),
+                     res: T.Buffer((B, 1, N), dtype), out: T.Buffer((B, 1, N), out_dtype)):
+                T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+                body(x, bias, bias, W, bias, res, out)
+        elif has_bias:
             @T.prim_func(s_tir=True)
             def func(x: T.Buffer((B, 1, K), dtype), gamma: T.Buffer((K,), dtype), beta: T.Buffer((K,), dtype),
                      W: T.Buffer((N, K), dtype), bias: T.Buffer((N,), dtype), out: T.Buffer((B, 1, N), out_dtype)):
                 T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-                body(x, gamma, beta, W, bias, out)
+                body(x, gamma, beta, W, bias, out, out)
         else:
             @T.prim_func(s_tir=True)
             def func(x: T.Buffer((B, 1, K), dtype), gamma: T.Buffer((K,), dtype), beta: T.Buffer((K,), dtype),
                      W: T.Buffer((N, K), dtype), out: T.Buffer((B, 1, N), out_dtype)):
                 T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-                body(x, gamma, beta, W, W, out)  # (no bias: the epilogue never reads it)
+                body(x, gamma, beta, W, W, out, out)
         return func
 
     return butterfly, load_params, norm_rows, epilogue, wrap
@@ -245,7 +269,7 @@ def _make_norm_gemv_simt(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float):
 
     # pylint: disable=invalid-name,unused-variable,too-many-locals
     @T.macro
-    def body(x: T.Buffer, gamma: T.Buffer, beta: T.Buffer, W: T.Buffer, bias: T.Buffer, out: T.Buffer):
+    def body(x: T.Buffer, gamma: T.Buffer, beta: T.Buffer, W: T.Buffer, bias: T.Buffer, res: T.Buffer, out: T.Buffer):
         for bx in T.thread_binding(blocks, thread="blockIdx.x"):
             for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
                 for tx in T.thread_binding(_LANES, thread="threadIdx.x"):
@@ -289,16 +313,18 @@ def _make_norm_gemv_simt(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float):
                         # 4. epilogue: value i of the warp is written by lane i % 32
                         for i in T.unroll(ROWS * B):
                             if tx == i % _LANES and col0 + i // B < N:
-                                epilogue(acc, i, bias, out, i % B, col0 + i // B)
+                                epilogue(acc, i, bias, res, out, i % B, col0 + i // B)
 
     return wrap(body)
 
 
 def _make_norm_gemv_mma(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float):
     """The tensor-core form: the block normalizes the batch rows (padded with zero rows to 16) into
-    shared memory (16-byte chunks XOR-swizzled by row: conflict-free fragment loads), each warp runs ``mma.sync`` m16n8k16 over its share of K for the block's
-    ``rows`` 8-column tiles (the weight fragments loaded from global memory before the norm, in
-    the m16n8k16 B layout), and the warps' fp32 partial sums meet in shared memory for the epilogue."""
+    shared memory (16-byte chunks XOR-swizzled by row: conflict-free fragment loads), each warp runs
+    ``mma.sync`` m16n8k16 over its share of K for the block's ``rows`` 8-column tiles (the weight
+    fragments loaded from global memory before the norm, in the m16n8k16 B layout), and the warps'
+    fp32 partial sums meet in shared memory for the epilogue. Without the norm (``prologue="none"``)
+    the A fragments come straight from the input rows in global memory (zero past the batch)."""
     from tvm.script import tirx as T  # pylint: disable=import-outside-toplevel
 
     B, K, N, dtype = key.batch, key.k, key.n, key.dtype
@@ -310,21 +336,25 @@ def _make_norm_gemv_mma(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float):
     KV, VEC = K // (_LANES * _VEC), _VEC
     blocks = (N + NB - 1) // NB
     out_iters = (B * NB + W * _LANES - 1) // (W * _LANES)
+    norm = key.prologue == "norm"
     _, load_params, norm_rows, epilogue, wrap = _pieces(key, eps=eps, warps=W, padded_rows=RB, swizzle=True)
+    # shared memory: the normalized rows (norm), or just room for the partial sums (which alias it)
+    shared = (RB, K) if norm else (1, W * RB * NB * 2)
 
     # pylint: disable=invalid-name,unused-variable,too-many-locals
     @T.macro
-    def body(x: T.Buffer, gamma: T.Buffer, beta: T.Buffer, Wt: T.Buffer, bias: T.Buffer, out: T.Buffer):
+    def body(x: T.Buffer, gamma: T.Buffer, beta: T.Buffer, Wt: T.Buffer, bias: T.Buffer, res: T.Buffer, out: T.Buffer):
         for bx in T.thread_binding(blocks, thread="blockIdx.x"):
             for ty in T.thread_binding(W, thread="threadIdx.y"):
                 for tx in T.thread_binding(_LANES, thread="threadIdx.x"):
                     with T.sblock("norm_gemv_mma"):
                         T.reads()
                         T.writes()
-                        xn = T.sblock_alloc_buffer((RB, K), dtype, scope="shared")
+                        xn = T.sblock_alloc_buffer(shared, dtype, scope="shared")
                         red = T.decl_buffer((W, RB, NB), "float32", data=xn.data, scope="shared")
                         # fragments as 32-bit registers (two halves each), loaded through 32-bit views
                         xn32 = T.decl_buffer((RB, K // 2), "uint32", data=xn.data, scope="shared")
+                        x32 = T.decl_buffer((B, K // 2), "uint32", data=x.data)
                         w32 = T.decl_buffer((N, K // 2), "uint32", data=Wt.data)
                         b_frag = T.sblock_alloc_buffer((SW * NT * 2,), "uint32", scope="local")
                         a_frag = T.sblock_alloc_buffer((MT * 4,), "uint32", scope="local")
@@ -346,18 +376,25 @@ def _make_norm_gemv_mma(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float):
                                             col0 + t * 8 + tx // 4, (ty * SW + s) * 8 + h * 4 + tx % 4]
                                     else:
                                         b_frag[(s * NT + t) * 2 + h] = T.uint32(0)
-                        load_params(gamma, beta, g_loc, be_loc, tx)
-                        # 2. the norm of the batch rows into shared memory (rows past the batch: zeros)
-                        norm_rows(x, g_loc, be_loc, xn, h_loc, x_loc, n_loc, st, ty, tx)
-                        T.tvm_storage_sync("shared")
+                        if norm:
+                            load_params(gamma, beta, g_loc, be_loc, tx)
+                            # 2. the norm of the batch rows into shared memory (rows past the batch: zeros)
+                            norm_rows(x, g_loc, be_loc, xn, h_loc, x_loc, n_loc, st, ty, tx)
+                            T.tvm_storage_sync("shared")
                         # 3. mma.sync over this warp's K steps
                         for i in T.unroll(MT * NT * 4):
                             acc[i] = T.float32(0)
                         for s in T.unroll(SW):
                             for m in T.unroll(MT):
-                                for i in T.unroll(4):  # A: rows tx // 4 (+8), k pairs tx % 4 (+8); swizzled
-                                    a_frag[m * 4 + i] = xn32[m * 16 + tx // 4 + i % 2 * 8, T.bitwise_xor(
-                                        (ty * SW + s) * 2 + i // 2, tx // 4) * 4 + tx % 4]
+                                for i in T.unroll(4):  # A: rows tx // 4 (+8), k pairs tx % 4 (+8)
+                                    if norm:  # (swizzled chunks)
+                                        a_frag[m * 4 + i] = xn32[m * 16 + tx // 4 + i % 2 * 8, T.bitwise_xor(
+                                            (ty * SW + s) * 2 + i // 2, tx // 4) * 4 + tx % 4]
+                                    else:
+                                        a_frag[m * 4 + i] = T.if_then_else(
+                                            m * 16 + tx // 4 + i % 2 * 8 < B,
+                                            x32[T.min(m * 16 + tx // 4 + i % 2 * 8, B - 1),
+                                                (ty * SW + s) * 8 + i // 2 * 4 + tx % 4], T.uint32(0))
                             for m in T.unroll(MT):
                                 for t in T.unroll(NT):
                                     T.evaluate(T.ptx_legacy.mma(
@@ -379,7 +416,7 @@ def _make_norm_gemv_mma(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float):
                                     v[0] = v[0] + red[w, ((it * W + ty) * _LANES + tx) // NB,
                                                       ((it * W + ty) * _LANES + tx) % NB]
                                 if col0 + ((it * W + ty) * _LANES + tx) % NB < N:
-                                    epilogue(v, 0, bias, out, ((it * W + ty) * _LANES + tx) // NB,
+                                    epilogue(v, 0, bias, res, out, ((it * W + ty) * _LANES + tx) // NB,
                                              col0 + ((it * W + ty) * _LANES + tx) % NB)
 
     return wrap(body)
@@ -400,25 +437,35 @@ def make_norm_gemv_reference(key: NormGemvKey, *, eps: float, name: str = "norm_
     beta = te.placeholder((K,), key.dtype, "beta")
     w = te.placeholder((N, K), key.dtype, "W")
     bias = te.placeholder((N,), key.dtype, "bias")
+    res = te.placeholder((B, 1, N), key.dtype, "res")
     k1, k2, k3 = (te.reduce_axis((0, K), name=n) for n in ("k1", "k2", "k3"))
     inv_k = tirx.const(1.0 / K, f32)
-    total = te.compute((B,), lambda b: te.sum(x[b, 0, k1].astype(f32), axis=k1), name="total")
-    sq = te.compute((B,), lambda b: te.sum(te.power(x[b, 0, k2].astype(f32) - total[b] * inv_k, 2), axis=k2), name="sq")
-    xn = te.compute((B, K), lambda b, i: ((x[b, 0, i].astype(f32) - total[b] * inv_k)
-                                          * tirx.rsqrt(sq[b] * inv_k + tirx.const(eps, f32))
-                                          * gamma[i].astype(f32) + beta[i].astype(f32)).astype(key.dtype), name="xn")
+    if key.prologue == "norm":
+        total = te.compute((B,), lambda b: te.sum(x[b, 0, k1].astype(f32), axis=k1), name="total")
+        sq = te.compute((B,), lambda b: te.sum(te.power(x[b, 0, k2].astype(f32) - total[b] * inv_k, 2), axis=k2),
+                        name="sq")
+        xn = te.compute((B, K), lambda b, i: ((x[b, 0, i].astype(f32) - total[b] * inv_k)
+                                              * tirx.rsqrt(sq[b] * inv_k + tirx.const(eps, f32))
+                                              * gamma[i].astype(f32) + beta[i].astype(f32)).astype(key.dtype), name="xn")
+    else:
+        xn = te.compute((B, K), lambda b, i: x[b, 0, i], name="xn")
     y = te.compute((B, 1, N), lambda b, _, n: te.sum(xn[b, k3].astype(f32) * w[n, k3].astype(f32), axis=k3), name="y")
 
-    def epilogue(v, n):
+    def epilogue(v, b, n):
         if key.epilogue != "none":
             v = v + bias[n].astype(f32)
+        if key.epilogue == "bias_residual":
+            v = v + res[b, 0, n].astype(f32)
         if key.epilogue == "bias_gelu":
             v = tirx.const(0.5, f32) * v * (tirx.const(1, f32) + tirx.tanh(
                 tirx.const(0.7978845608028654, f32) * (v + tirx.const(0.044715, f32) * v * v * v)))
         return v.astype(key.out_dtype)
 
-    out = te.compute((B, 1, N), lambda b, z, n: epilogue(y[b, z, n], n), name="out")
-    args = [x, gamma, beta, w] + ([bias] if key.epilogue != "none" else []) + [out]
+    out = te.compute((B, 1, N), lambda b, z, n: epilogue(y[b, z, n], b, n), name="out")
+    if key.epilogue == "bias_residual":
+        args = [x, w, bias, res, out]
+    else:
+        args = [x, gamma, beta, w] + ([bias] if key.epilogue != "none" else []) + [out]
     return te.create_prim_func(args).with_attr("global_symbol", name)
 
 

@@ -45,26 +45,34 @@ ATOL, RTOL = 2e-3, 1e-2
 
 
 def norm_gemv_keys(config, *, dtype: str, batches: Sequence[int]) -> list[NormGemvKey]:
-    """The norm + linear pairs of a decode step at each batch (the ones the kernel supports)."""
+    """The kernels of a decode step the templates can take, at each batch (those they support): the
+    norm + linear pairs, and the two c_proj layers with their residual add (plain prologue)."""
     keys = []
     gelu = config.activation_function in ("gelu_new", "gelu_pytorch_tanh")
+    d = config.n_embd
     for b in sorted({int(x) for x in batches}):
-        keys.append(NormGemvKey(b, config.n_embd, 3 * config.n_embd, "bias", dtype, dtype))
+        keys.append(NormGemvKey(b, d, 3 * d, "bias", dtype, dtype))
         if gelu:
-            keys.append(NormGemvKey(b, config.n_embd, config.n_inner, "bias_gelu", dtype, dtype))
-        keys.append(NormGemvKey(b, config.n_embd, config.vocab_size, "none", dtype, "float32"))
+            keys.append(NormGemvKey(b, d, config.n_inner, "bias_gelu", dtype, dtype))
+        keys.append(NormGemvKey(b, d, config.vocab_size, "none", dtype, "float32"))
+        keys.append(NormGemvKey(b, d, d, "bias_residual", dtype, dtype, prologue="none"))  # attn.c_proj
+        keys.append(NormGemvKey(b, config.n_inner, d, "bias_residual", dtype, dtype, prologue="none"))  # mlp.c_proj
     return [k for k in keys if norm_gemv_candidates(k)]
 
 
-def reference_norm_gemv(key: NormGemvKey, x, gamma, beta, w, bias, *, eps: float) -> np.ndarray:
-    """NumPy: layer norm in fp32 rounded to the activation dtype, fp32 dot products, epilogue, cast."""
+def reference_norm_gemv(key: NormGemvKey, x, gamma, beta, w, bias, *, eps: float, residual=None) -> np.ndarray:
+    """NumPy: layer norm in fp32 rounded to the activation dtype (with the norm prologue), fp32 dot
+    products, epilogue, cast."""
     xf = x[:, 0].astype(np.float32)
-    mu = xf.mean(-1, keepdims=True)
-    var = ((xf - mu) ** 2).mean(-1, keepdims=True)
-    xn = ((xf - mu) / np.sqrt(var + eps) * gamma.astype(np.float32) + beta.astype(np.float32)).astype(key.dtype)
-    y = xn.astype(np.float32) @ w.astype(np.float32).T
+    if key.prologue == "norm":
+        mu = xf.mean(-1, keepdims=True)
+        var = ((xf - mu) ** 2).mean(-1, keepdims=True)
+        xf = ((xf - mu) / np.sqrt(var + eps) * gamma.astype(np.float32) + beta.astype(np.float32)).astype(key.dtype)
+    y = xf.astype(np.float32) @ w.astype(np.float32).T
     if key.epilogue != "none":
         y = y + bias.astype(np.float32)
+    if key.epilogue == "bias_residual":
+        y = y + residual[:, 0].astype(np.float32)
     if key.epilogue == "bias_gelu":
         y = 0.5 * y * (1 + np.tanh(0.7978845608028654 * (y + 0.044715 * y**3)))
     return y.astype(key.out_dtype)[:, None]
@@ -78,15 +86,21 @@ def _inputs(key: NormGemvKey, seed: int = 0) -> dict[str, np.ndarray]:
         "beta": (0.1 * rng.standard_normal(key.k)).astype(key.dtype),
         "w": (rng.standard_normal((key.n, key.k)) / np.sqrt(key.k)).astype(key.dtype),
         "bias": (0.1 * rng.standard_normal(key.n)).astype(key.dtype),
+        "residual": rng.standard_normal((key.batch, 1, key.n)).astype(key.dtype),
     }
+
+
+def _arg_names(key: NormGemvKey) -> tuple[str, ...]:
+    """The kernel's inputs in order (its output follows)."""
+    if key.prologue == "none":
+        return ("x", "w", "bias", "residual")
+    return ("x", "gamma", "beta", "w") + (("bias",) if key.epilogue != "none" else ())
 
 
 def _check_and_time(lib, key: NormGemvKey, inp: dict, ref: np.ndarray, *, device, number: int, repeat: int) -> dict:
     import tvm  # pylint: disable=import-outside-toplevel
 
-    args = [tvm.runtime.tensor(inp[n], device) for n in ("x", "gamma", "beta", "w")]
-    if key.epilogue != "none":
-        args.append(tvm.runtime.tensor(inp["bias"], device))
+    args = [tvm.runtime.tensor(inp[n], device) for n in _arg_names(key)]
     out = tvm.runtime.tensor(np.full(ref.shape, np.nan, key.out_dtype), device)
     lib["main"](*args, out)
     device.sync()
@@ -102,8 +116,9 @@ def _check_and_time(lib, key: NormGemvKey, inp: dict, ref: np.ndarray, *, device
 
 
 def _unfused_kernels(config, *, quantization: str, target, db_dir: Path, keys: Sequence[NormGemvKey]) -> dict:
-    """Per key name: ``[(what, PrimFunc), ...]`` of the two kernels the fused one replaces, scheduled
-    as the tuned build schedules them (the database's record, else dlight)."""
+    """Per key name: ``[(what, PrimFunc), ...]`` of the kernels the template's one replaces -- the
+    bucket's layer norm (norm prologue) and its linear kernel -- scheduled as the tuned build
+    schedules them (the database's record, else dlight)."""
     from tvm.s_tir import Schedule  # pylint: disable=import-outside-toplevel
 
     from .database import TunedDatabase  # pylint: disable=import-outside-toplevel
@@ -120,10 +135,10 @@ def _unfused_kernels(config, *, quantization: str, target, db_dir: Path, keys: S
                      and (key.batch, 1, key.k) in t.shapes()), None)
         gemm = next((t for t in mine if t.kind in ("gemv", "gemm") and (key.n, key.k) in t.shapes()
                      and (key.batch, 1, key.n) in t.shapes()), None)
-        if norm is None or gemm is None:
+        if gemm is None or (norm is None and key.prologue == "norm"):
             continue
         funcs = []
-        for what, task in (("norm", norm), ("linear", gemm)):
+        for what, task in ((("norm", norm),) if key.prologue == "norm" else ()) + (("linear", gemm),):
             rec = db.query_tuning_record(task.mod(), target, "main") if db is not None else None
             if rec is not None:
                 sch = Schedule(task.mod())
@@ -133,7 +148,7 @@ def _unfused_kernels(config, *, quantization: str, target, db_dir: Path, keys: S
             if sch is None:
                 break
             funcs.append((f"{what} {task.kernel}" + (" (tuned)" if rec is not None else " (dlight)"), sch.mod["main"]))
-        if len(funcs) == 2:
+        if len(funcs) == (2 if key.prologue == "norm" else 1):
             out[key.name()] = funcs
     return out
 
@@ -197,7 +212,7 @@ def tune_norm_gemv(config, *, dtype: str, target, out_dir: str | os.PathLike, ba
         if key not in refs:
             inp = _inputs(key)
             refs[key] = (inp, reference_norm_gemv(key, inp["x"], inp["gamma"], inp["beta"], inp["w"], inp["bias"],
-                                                  eps=eps))
+                                                  eps=eps, residual=inp["residual"]))
         inp, ref = refs[key]
         res = _check_and_time(tvm.runtime.load_module(path), key, inp, ref, device=device, number=number,
                               repeat=repeat)

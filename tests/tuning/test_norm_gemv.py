@@ -36,6 +36,9 @@ EMULATED = {
     "mma_b3_lmhead_f32_ragged": (3, 1001, "none", "float32", 2, 1, True),
     "mma_b32_gelu": (32, 100, "bias_gelu", "float16", 8, 4, True),
     "mma_b17_ksplit16": (17, 64, "bias", "float16", 16, 2, True),
+    # the plain form (the c_proj layers): A fragments from the input rows, + bias + residual
+    "mma_plain_b8_fc2": (8, 768, "bias_residual", "float16", 16, 2, True),
+    "mma_plain_b20_ragged": (20, 100, "bias_residual", "float16", 4, 1, True),
 }
 
 
@@ -43,18 +46,22 @@ EMULATED = {
 @pytest.mark.parametrize("case", sorted(EMULATED))
 def test_emulated_kernel_matches_numpy(case, tmp_path):
     batch, n, epilogue, out_dtype, warps, rows, mma = EMULATED[case]
-    key = NormGemvKey(batch, 768, n, epilogue, "float16", out_dtype)
+    plain = epilogue == "bias_residual"
+    key = NormGemvKey(batch, 3072 if case.endswith("fc2") else 768, n, epilogue, "float16", out_dtype,
+                      prologue="none" if plain else "norm")
     cfg = NormGemvConfig(warps, rows, mma)
     with CUDA:
         lib = tvm.compile(tvm.IRModule({"main": make_norm_gemv(cfg, key, eps=1e-5)}), target=CUDA)
     launch = emulate(lib.mod.imports[0].inspect_source(), tmp_path)
     inp = _inputs(key, seed=3)
     out = np.full((batch, 1, n), np.nan, out_dtype)
-    by_name = {"W_ptr": inp["w"], "beta_ptr": inp["beta"], "bias_ptr": inp["bias"],
+    by_name = {"W_ptr": inp["w"], "beta_ptr": inp["beta"], "bias_ptr": inp["bias"], "res_ptr": inp["residual"],
                "gamma_ptr": inp["gamma"], "out_ptr": out, "x_ptr": inp["x"]}
     columns = rows * 8 if mma else warps * rows  # per block
-    launch((-(-n // columns), 1), (32, warps), *[by_name[name] for _, name in launch.params])
-    ref = reference_norm_gemv(key, inp["x"], inp["gamma"], inp["beta"], inp["w"], inp["bias"], eps=1e-5)
+    # (a 32-bit view of a buffer can become a second parameter of the kernel, ``x_ptr_1``: the same array)
+    launch((-(-n // columns), 1), (32, warps), *[by_name[re.sub(r"_\d+$", "", name)] for _, name in launch.params])
+    ref = reference_norm_gemv(key, inp["x"], inp["gamma"], inp["beta"], inp["w"], inp["bias"], eps=1e-5,
+                              residual=inp["residual"])
     assert not np.isnan(out).any(), "a column was never written"
     excess = np.abs(out.astype(np.float32) - ref.astype(np.float32)) - RTOL * np.abs(ref.astype(np.float32))
     assert excess.max() <= ATOL, float(excess.max())
@@ -62,11 +69,14 @@ def test_emulated_kernel_matches_numpy(case, tmp_path):
     import torch  # pylint: disable=import-outside-toplevel
 
     x = torch.tensor(inp["x"][:, 0].astype(np.float32))
-    xn = torch.nn.functional.layer_norm(x, (768,), torch.tensor(inp["gamma"].astype(np.float32)),
-                                        torch.tensor(inp["beta"].astype(np.float32)), 1e-5).half().float()
-    y = xn @ torch.tensor(inp["w"].astype(np.float32)).T
+    if not plain:
+        x = torch.nn.functional.layer_norm(x, (768,), torch.tensor(inp["gamma"].astype(np.float32)),
+                                           torch.tensor(inp["beta"].astype(np.float32)), 1e-5).half().float()
+    y = x @ torch.tensor(inp["w"].astype(np.float32)).T
     if epilogue != "none":
         y = y + torch.tensor(inp["bias"].astype(np.float32))
+    if plain:
+        y = y + torch.tensor(inp["residual"][:, 0].astype(np.float32))
     if epilogue == "bias_gelu":
         y = torch.nn.functional.gelu(y, approximate="tanh")
     np.testing.assert_allclose(ref[:, 0].astype(np.float32), y.numpy(), rtol=1e-2, atol=2e-3)
@@ -98,15 +108,21 @@ def test_search_keys_and_the_pairs_they_must_beat():
 
     config = get_config("gpt2")
     keys = norm_gemv_keys(config, dtype="float16", batches=[1, 8, 64])
-    assert [(k.batch, k.epilogue) for k in keys] == [(b, e) for b in (1, 8) for e in ("bias", "bias_gelu", "none")]
-    assert keys[2].out_dtype == "float32" and keys[2].n == 50257  # batch 64: more rows than the kernel takes
+    kinds = [("bias", 2304), ("bias_gelu", 3072), ("none", 50257), ("bias_residual", 768), ("bias_residual", 768)]
+    assert [(k.batch, k.epilogue, k.n) for k in keys] == [(b, e, n) for b in (1, 8) for e, n in kinds]
+    assert keys[2].out_dtype == "float32"  # batch 64: more rows than the kernels take
+    assert [(k.k, k.prologue) for k in keys[3:5]] == [(768, "none"), (3072, "none")]  # the two c_proj layers
     db = Path(__file__).resolve().parents[2] / "databases" / "sm_90" / "gpt2-q0f16"
-    pairs = _unfused_kernels(config, quantization="q0f16", target=CUDA, db_dir=db, keys=keys[3:])
-    assert set(pairs) == {k.name() for k in keys[3:]}
-    for name, ((norm, norm_f), (linear, linear_f)) in pairs.items():
-        assert norm.startswith("norm layer_norm") and linear.startswith("linear fused_NT_matmul"), (name, norm, linear)
-        assert "(tuned)" in linear  # b8's linear layers have committed records
-        assert norm_f.attrs and linear_f.attrs  # scheduled PrimFuncs, ready to build
+    pairs = _unfused_kernels(config, quantization="q0f16", target=CUDA, db_dir=db, keys=keys[5:])
+    assert set(pairs) == {k.name() for k in keys[5:]}
+    for key in keys[5:]:
+        kernels = pairs[key.name()]
+        assert len(kernels) == (2 if key.prologue == "norm" else 1)
+        if key.prologue == "norm":
+            assert kernels[0][0].startswith("norm layer_norm"), kernels[0][0]
+        linear, linear_f = kernels[-1]
+        assert linear.startswith("linear fused_NT_matmul") and "(tuned)" in linear, linear  # b8 records committed
+        assert linear_f.attrs  # a scheduled PrimFunc, ready to build
 
 
 def _plan(batch=8):
@@ -195,10 +211,14 @@ def test_fused_model_on_the_cpu_equals_hf(hf_sharded):
     config = get_config(path)
     keys = [NormGemvKey(b, config.n_embd, n, e, "float32", "float32") for b in (1, 2)
             for n, e in ((3 * config.n_embd, "bias"), (config.n_inner, "bias_gelu"), (config.vocab_size, "none"))]
+    keys += [NormGemvKey(b, k, config.n_embd, "bias_residual", "float32", "float32", prologue="none")
+             for b in (1, 2) for k in (config.n_embd, config.n_inner)]  # the two c_proj layers + residual
     plan = NormGemvPlan({k.name(): NormGemvConfig(1, 1) for k in keys}, reference=True)
     target = make_target("cpu")
     exported = export_model(config, quantization="q0f32", target=target, buckets={"decode": [2]}, norm_gemv=plan)
     assert _calls(exported.mod, "batch_decode_b2")[1] == 0 and _calls(exported.mod, "batch_decode_b2")[0] > 0
+    assert exported.mod["batch_decode_b2"].script().count("call_tir(cls.gemv_") + exported.mod[
+        "batch_decode_b2"].script().count("call_tir(gemv_") == 2 * config.n_layer
     engine = Engine(exported=exported, executable=build(exported, target=target),
                     params=convert_params(load_hf_params(path, config), exported.scheme), device="cpu")
     prompts = [[5, 17, 300, 2], [7, 1, 2]]
