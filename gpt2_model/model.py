@@ -121,7 +121,6 @@ class GPT2Model(nn.Module):
         x = op.extern(MARK_FUNC, [x], out=Tensor.placeholder(x.shape, x.dtype, "step_mark"))
         return self.ln_f(x) if final_norm else x
 
-
     def _positions(self, kv_cache: PagedKVCache, shape) -> Tensor:
         """wpe rows of the step's query positions (from the KV cache: each slot's index in its sequence)."""
         positions = kv_cache.get_query_positions(shape[0] * shape[1])  # (b*s,)
