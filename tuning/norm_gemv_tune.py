@@ -34,7 +34,7 @@ from gpt2_model.norm_gemv import (NormGemvConfig, NormGemvError, NormGemvKey, No
 from .attention import AttentionError, _build_all
 from .dbfiles import NORM_GEMV_FILE, read_json
 
-__all__ = ["NORM_GEMV_SCHEMA", "norm_gemv_keys", "read_norm_gemv_plan", "reference_norm_gemv", "tune_norm_gemv"]
+__all__ = ["NORM_GEMV_SCHEMA", "merge_winners", "norm_gemv_keys", "read_norm_gemv_plan", "reference_norm_gemv", "tune_norm_gemv"]
 
 logger = logging.getLogger(__name__)
 
@@ -218,27 +218,7 @@ def tune_norm_gemv(config, *, dtype: str, target, out_dir: str | os.PathLike, ba
                               repeat=repeat)
         entry["candidates"].append({"config": asdict(cfg), **res})
     doc = read_json(Path(out_dir) / NORM_GEMV_FILE, {}) or {}
-    kernels = dict(doc.get("kernels") or {})
-    for name, entry in found.items():
-        good = [c for c in entry["candidates"] if c.get("ok")]
-        rejected = sum(1 for c in entry["candidates"] if "ok" in c and not c["ok"])
-        if not good:
-            log(f"norm+gemv: {name}: no candidate passed the check ({rejected} rejected); not stored")
-            continue
-        best = min(good, key=lambda c: c["us"])
-        pair = base_us.get(name) or {}
-        pair_us = sum(pair.values()) if pair and None not in pair.values() else None
-        verdict = (f"the two kernels it replaces: {pair_us:.2f} us ({', '.join(f'{w} {u:.2f}' for w, u in pair.items())})"
-                   if pair_us is not None else "the two kernels it replaces: not timed")
-        label = NormGemvConfig(**best["config"]).label()
-        if pair_us is not None and best["us"] >= pair_us:
-            kernels.pop(name, None)
-            log(f"norm+gemv: {name}: best {label} {best['us']:.2f} us, not faster than {verdict}; not stored")
-            continue
-        kernels[name] = {**entry, "config": best["config"], "us": best["us"], "rejected": rejected,
-                         "unfused_us": pair_us, "unfused": pair}
-        log(f"norm+gemv: {name}: best {label} {best['us']:.2f} us vs {verdict} ({len(good)} checked, "
-            f"{rejected} rejected)")
+    kernels = merge_winners(dict(doc.get("kernels") or {}), found, base_us, log=log)
     doc = {"schema": NORM_GEMV_SCHEMA, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "device": getattr(device, "device_name", None), "eps": eps, "kernels": kernels}
     out = Path(out_dir)
@@ -248,6 +228,40 @@ def tune_norm_gemv(config, *, dtype: str, target, out_dir: str | os.PathLike, ba
     os.replace(tmp, out / NORM_GEMV_FILE)
     log(f"norm+gemv: {len(found)} pairs searched in {time.time() - t0:.0f} s; {len(kernels)} stored in {out / NORM_GEMV_FILE}")
     return doc
+
+
+def merge_winners(kernels: dict, found: dict, base_us: dict, *, log: Callable[[str], None] = print) -> dict:
+    """The stored entries after a search: per searched name, its fastest checked candidate when it
+    beats the kernels it replaces (``base_us[name]``: what -> µs, all timed); otherwise the name's
+    entry is removed (a stale choice that no longer wins, or whose constants now fail the check, is
+    never kept). Names not searched keep their entries."""
+    for name, entry in found.items():
+        good = [c for c in entry["candidates"] if c.get("ok")]
+        rejected = sum(1 for c in entry["candidates"] if "ok" in c and not c["ok"])
+        pair = base_us.get(name) or {}
+        pair_us = sum(pair.values()) if pair and None not in pair.values() else None
+        if not good:
+            kernels.pop(name, None)
+            log(f"norm+gemv: {name}: no candidate passed the check ({rejected} rejected); not stored")
+            continue
+        best = min(good, key=lambda c: c["us"])
+        label = NormGemvConfig(**best["config"]).label()
+        if pair_us is None:
+            kernels.pop(name, None)
+            log(f"norm+gemv: {name}: best {label} {best['us']:.2f} us, but the kernels it replaces were not "
+                "timed; not stored")
+            continue
+        verdict = f"{pair_us:.2f} us ({', '.join(f'{w} {u:.2f}' for w, u in pair.items())})"
+        if best["us"] >= pair_us:
+            kernels.pop(name, None)
+            log(f"norm+gemv: {name}: best {label} {best['us']:.2f} us, not faster than the kernels it replaces, "
+                f"{verdict}; not stored")
+            continue
+        kernels[name] = {**entry, "config": best["config"], "us": best["us"], "rejected": rejected,
+                         "unfused_us": pair_us, "unfused": pair}
+        log(f"norm+gemv: {name}: best {label} {best['us']:.2f} us vs the kernels it replaces, {verdict} "
+            f"({len(good)} checked, {rejected} rejected)")
+    return kernels
 
 
 def read_norm_gemv_plan(db_dir: str | os.PathLike | None) -> NormGemvPlan | None:

@@ -251,3 +251,28 @@ def test_validate_builds_stored_choices_and_names_bad_ones(tmp_path):
     assert (entries, built) == (3, 1)
     assert len(failures) == 2 and "batch 64" in " ".join(failures) and "holds the key of" in " ".join(failures)
     assert validate_norm_gemv(tmp_path, target=make_target("cpu")) == (0, 0, [])  # CPU builds never fuse
+
+
+def test_search_keeps_only_checked_winners_over_the_kernels_they_replace():
+    from tuning.norm_gemv_tune import merge_winners  # pylint: disable=import-outside-toplevel
+
+    def cand(us, ok=True, warps=4):
+        return {"config": {"warps": warps, "rows": 1, "mma": True}, "ok": ok, **({"us": us} if ok else {})}
+
+    stored = {"old_not_searched": {"config": {"warps": 2, "rows": 1}},
+              "stale": {"config": {"warps": 8, "rows": 1}}, "all_fail": {"config": {"warps": 8, "rows": 1}}}
+    found = {
+        "wins": {"key": {}, "candidates": [cand(5.0), cand(3.0, warps=8), cand(1.0, ok=False)]},  # the failed one is never picked
+        "stale": {"key": {}, "candidates": [cand(9.0)]},  # slower than the pair now: the stored entry goes
+        "all_fail": {"key": {}, "candidates": [cand(0, ok=False)]},
+        "untimed": {"key": {}, "candidates": [cand(2.0)]},
+    }
+    base = {"wins": {"norm": 1.5, "linear": 2.0}, "stale": {"linear": 4.0}, "all_fail": {"linear": 4.0},
+            "untimed": {"linear": None}}
+    lines = []
+    out = merge_winners(stored, found, base, log=lines.append)
+    assert set(out) == {"old_not_searched", "wins"}
+    assert out["wins"]["config"]["warps"] == 8 and out["wins"]["us"] == 3.0 and out["wins"]["unfused_us"] == 3.5
+    assert out["wins"]["rejected"] == 1
+    text = "\n".join(lines)
+    assert "stale: best" in text and "not faster" in text and "untimed" in text and "were not timed" in text
