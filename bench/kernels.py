@@ -64,6 +64,14 @@ __all__ = ["run_kernels", "bucket_tasks", "untuned_kernel", "tuned_kernel", "tim
            "random_args", "compare_outputs", "compile_kernel", "attention_row"]
 
 
+def _template_kernels(db_dir, *, phase: str, bucket: int) -> list[str]:
+    """Names of the ``norm_gemv.json`` entries a tuned build of this decode bucket uses."""
+    if phase != "decode":
+        return []
+    from tuning.norm_gemv_tune import read_norm_gemv_plan  # pylint: disable=import-outside-toplevel
+
+    plan = read_norm_gemv_plan(db_dir)
+    return sorted(n for n in (plan.configs if plan else {}) if n.startswith(f"b{bucket}_"))
 
 def random_args(func, *, device, seed: int = 0) -> list:
     """Device tensors for every buffer parameter of a static PrimFunc.
@@ -361,6 +369,12 @@ def run_kernels(cfg: BenchConfig, *, phase: str = "decode", batch: int = 8, seq_
             notes.append(f"the database has no {phase} bucket {bucket} (it has {have}): the tuned build runs "
                          "the untuned kernels at this shape; the tuned column shows what its records give "
                          "for the static kernel")
+        templated = _template_kernels(db_info.path, phase=phase, bucket=bucket)
+        if templated:
+            notes.append(f"norm_gemv.json replaces kernels of this bucket in the tuned build ({', '.join(templated)}: "
+                         "a layer norm + its linear layer, or a c_proj layer + residual, as one template kernel; "
+                         "its time and the replaced kernels' are in the file): the rows above are the partition's "
+                         "kernels, not all of which the tuned build runs")
     env, peak = env_and_peak(dev, database=db_info.to_dict() if db_info else None, arch=arch,
                              dtype=scheme.activation_dtype, peak_bw=cfg.peak_bw, peak_tflops=cfg.peak_tflops,
                              notes=notes)

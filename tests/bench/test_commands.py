@@ -323,3 +323,18 @@ def test_kernels_with_database(tiny_db_root):
         assert r["speedup"] == pytest.approx(r["untuned_us"] / r["tuned_us"])
         assert any("tuned output matches untuned" in n for n in r["notes"])
     assert sum(r["share_tuned"] for r in res["rows"]) == pytest.approx(1.0)
+
+
+def test_kernels_names_template_kernels_of_the_bucket(tmp_path):
+    """A database whose norm_gemv.json replaces kernels of the bucket: bench kernels says so (its
+    rows are the partition's kernels, not all of which the tuned build then runs)."""
+    import json  # pylint: disable=import-outside-toplevel
+
+    from bench.kernels import _template_kernels  # pylint: disable=import-outside-toplevel
+
+    (tmp_path / "norm_gemv.json").write_text(json.dumps({"kernels": {
+        "b8_k768_n2304_bias": {"config": {"warps": 4, "rows": 1}},
+        "b1_k768_n2304_bias": {"config": {"warps": 4, "rows": 1}}}}))
+    assert _template_kernels(tmp_path, phase="decode", bucket=8) == ["b8_k768_n2304_bias"]
+    assert _template_kernels(tmp_path, phase="prefill", bucket=8) == []
+    assert _template_kernels(tmp_path / "none", phase="decode", bucket=8) == []
