@@ -11,11 +11,15 @@ Same arithmetic as the unfused pair: the norm in fp32 (two passes: mean, then th
 the deviations), its output rounded to the activation dtype (what the unfused norm kernel stores),
 the dot products accumulated in fp32, bias, GELU (tanh form) and the cast applied to the fp32 sum.
 
-The kernel is written scheduled (``tirx.is_scheduled``: dlight and MetaSchedule leave it alone).
-Its constants (:class:`NormGemvConfig`: warps per block, output columns per warp) are searched on
-the GPU by :mod:`tuning.norm_gemv_tune` and stored in the database's ``norm_gemv.json``; the model
-uses the fused kernel only for the static decode shapes that file names (:class:`NormGemvPlan`), so
-an untuned build, or a database without it, is the unfused model exactly.
+Two forms: the CUDA-core one above, and a tensor-core one (``mma.sync`` m16n8k16 on the rows padded
+to 16, K split over the block's warps), which also serves without the norm for the c_proj layers
+(``prologue="none"``, + bias + residual in the epilogue).
+
+The kernels are written scheduled (``tirx.is_scheduled``: dlight and MetaSchedule leave them
+alone). Their constants (:class:`NormGemvConfig`) are searched on the GPU by
+:mod:`tuning.norm_gemv_tune` against the kernels they replace and stored in the database's
+``norm_gemv.json``; the model uses them only for the static decode shapes that file names
+(:class:`NormGemvPlan`), so an untuned build, or a database without it, is the unfused model exactly.
 """
 
 from __future__ import annotations
