@@ -357,11 +357,10 @@ def load_engine(*, config, quantization: str, device: str, target, params_fp32: 
         cache_dir=cache_dir, use_cache=use_cache)
     lib = lib_dir / "lib.so"
     if exported is None:  # cache hit: the same export (bucket entry points, fused norms) as the build
-        from tuning.norm_gemv_tune import read_norm_gemv_plan
+        from tuning.norm_gemv_tune import norm_gemv_plan_for
 
-        plan = read_norm_gemv_plan(database.path) if database is not None and target.kind.name == "cuda" else None
-        exported = export_model(config, quantization=quantization, target=target,
-                                buckets=meta.get("buckets") or None, norm_gemv=plan)
+        exported = export_model(config, quantization=quantization, target=target, buckets=meta.get("buckets") or None,
+                                norm_gemv=norm_gemv_plan_for(database.path if database is not None else None, target))
     t0 = time.perf_counter()
     module = tvm.runtime.load_module(str(lib))
     params = convert_params(params_fp32, exported.scheme)

@@ -322,6 +322,12 @@ class StepGraphs:  # pylint: disable=too-many-instance-attributes
         self.cuda.sync(self.stream)
 
     # ------------------------------------------------------------------ the step mark
+    @property
+    def recorder(self):
+        """What the step mark calls during a library call: :meth:`mark` while marks are waited for,
+        else None (no event recorded: it would cost host time for nothing)."""
+        return self.mark if self.wait_for_mark else None
+
     def mark(self, stream: int) -> None:
         """The step mark's recorder: record the mark event on ``stream`` (the engine's, which is TVM's
         current one during library calls; captured as a node inside a whole-step capture)."""

@@ -47,7 +47,7 @@ def export_model(config: GPT2Config, *, quantization: str, target: Target, debug
     CUDA targets) fuses each decode layer norm into the GEMV after it for the static shapes it names.
     """
     scheme = get_scheme(quantization)
-    model = model_cls(config, scheme, target, norm_gemv=norm_gemv) if norm_gemv is not None else model_cls(config, scheme, target)
+    model = model_cls(config, scheme, target, norm_gemv=norm_gemv)
     mod, named_params = model.export_tvm(spec=model.get_default_spec(buckets, debug=debug), debug=debug)
     metadata = {
         "model_type": "gpt2",

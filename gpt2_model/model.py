@@ -400,6 +400,22 @@ def bucket_function(phase: str, value: int, *, tokens: bool = True) -> str:
     return f"prefill_tokens_s{value}" if tokens else f"prefill_s{value}"
 
 
+def _one_token_rows(x: Tensor) -> int | None:
+    """The batch of a static (b, 1, d) activation, else None (the templates take only those)."""
+    b, s, _ = x.shape
+    return b if isinstance(b, int) and isinstance(s, int) and s == 1 else None
+
+
+def _template_call(plan: NormGemvPlan, key: NormGemvKey, args: list, *, name: str, eps: float = 0.0) -> Tensor | None:
+    """The plan's kernel for ``key`` called on ``args`` (output (b, 1, n)), or None when the plan
+    does not name ``key``."""
+    cfg = plan.config_for(key)
+    if cfg is None:
+        return None
+    return op.tensor_ir_op(plan.make(key, cfg, eps=eps, name=name), name, args=args,
+                           out=Tensor.placeholder((key.batch, 1, key.n), key.out_dtype))
+
+
 def norm_linear(plan: NormGemvPlan | None, norm: nn.LayerNorm, linear: nn.Module, x: Tensor, epilogue: str | None,
                 *, out_dtype: str | None = None) -> Tensor | None:
     """``linear(norm(x))`` (+ the epilogue) as one fused kernel (:mod:`gpt2_model.norm_gemv`) where
@@ -408,41 +424,27 @@ def norm_linear(plan: NormGemvPlan | None, norm: nn.LayerNorm, linear: nn.Module
     ``linear`` is an unquantized ``nn.Linear`` (its bias per ``epilogue``) or the tied embedding
     (``epilogue="none"``: its table is the weight). Only static shapes of one token per row.
     """
-    if plan is None or epilogue is None:
-        return None
-    b, s, k = x.shape
-    if not (isinstance(b, int) and isinstance(s, int) and s == 1):
-        return None
+    b = _one_token_rows(x) if plan is not None and epilogue is not None else None
     weight = getattr(linear, "weight", None)
     bias = getattr(linear, "bias", None) if epilogue != "none" else None
-    if not isinstance(weight, nn.Parameter) or (epilogue != "none") != (bias is not None):
-        return None  # quantized layers keep their own kernels
-    n = int(weight.shape[0])
-    key = NormGemvKey(batch=b, k=int(k), n=n, epilogue=epilogue, dtype=str(x.dtype), out_dtype=out_dtype or str(x.dtype))
-    cfg = plan.config_for(key)
-    if cfg is None:
-        return None
-    name = f"norm_gemv_{key.name()}"
-    func = plan.make(key, cfg, eps=float(norm.eps), name=name)
+    if b is None or not isinstance(weight, nn.Parameter) or (epilogue != "none") != (bias is not None):
+        return None  # (quantized layers keep their own kernels)
+    key = NormGemvKey(batch=b, k=int(x.shape[2]), n=int(weight.shape[0]), epilogue=epilogue, dtype=str(x.dtype),
+                      out_dtype=out_dtype or str(x.dtype))
     args = [x, norm.weight, norm.bias, weight] + ([bias] if bias is not None else [])
-    return op.tensor_ir_op(func, name, args=args, out=Tensor.placeholder((b, 1, n), key.out_dtype))
+    return _template_call(plan, key, args, name=f"norm_gemv_{key.name()}", eps=float(norm.eps))
 
 
 def residual_linear(plan: NormGemvPlan | None, linear: nn.Module, h: Tensor, residual: Tensor) -> Tensor:
     """``residual + linear(h)``: one kernel of :mod:`gpt2_model.norm_gemv` (its tensor-core GEMV with
     the bias and residual in the epilogue) where ``plan`` names this static decode shape, else the
     linear layer and the add (which the partition fuses into the GEMV's epilogue)."""
-    b, s, k = h.shape
+    b = _one_token_rows(h) if plan is not None else None
     weight, bias = getattr(linear, "weight", None), getattr(linear, "bias", None)
-    if (plan is not None and isinstance(b, int) and isinstance(s, int) and s == 1
-            and isinstance(weight, nn.Parameter) and bias is not None):
-        n = int(weight.shape[0])
-        key = NormGemvKey(batch=b, k=int(k), n=n, epilogue="bias_residual", dtype=str(h.dtype),
-                          out_dtype=str(h.dtype), prologue="none")
-        cfg = plan.config_for(key)
-        if cfg is not None:
-            name = f"gemv_{key.name()}"
-            func = plan.make(key, cfg, eps=0.0, name=name)
-            return op.tensor_ir_op(func, name, args=[h, weight, bias, residual],
-                                   out=Tensor.placeholder((b, 1, n), key.out_dtype))
+    if b is not None and isinstance(weight, nn.Parameter) and bias is not None:
+        key = NormGemvKey(batch=b, k=int(h.shape[2]), n=int(weight.shape[0]), epilogue="bias_residual",
+                          dtype=str(h.dtype), out_dtype=str(h.dtype), prologue="none")
+        out = _template_call(plan, key, [h, weight, bias, residual], name=f"gemv_{key.name()}")
+        if out is not None:
+            return out
     return residual + linear(h)

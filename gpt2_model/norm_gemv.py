@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 __all__ = ["EPILOGUES", "MAX_ROWS", "PROLOGUES", "NormGemvConfig", "NormGemvError", "NormGemvKey", "NormGemvPlan",
-           "is_norm_gemv_legal", "make_norm_gemv", "make_norm_gemv_reference", "norm_gemv_candidates", "norm_gemv_shared_bytes"]
+           "is_norm_gemv_legal", "make_norm_gemv", "make_norm_gemv_reference", "norm_gemv_candidates", "norm_gemv_problem", "norm_gemv_shared_bytes"]
 
 #: Epilogues after ``sum_k norm(x)[b, k] * W[n, k]`` (fp32): ``bias``: + bias[n]; ``bias_gelu``:
 #: GELU(tanh form) of that; ``none``: nothing (the tied lm_head); ``bias_residual``: + bias[n] +
@@ -136,6 +136,14 @@ def is_norm_gemv_legal(cfg: NormGemvConfig, key: NormGemvKey) -> bool:
             and mt * cfg.rows * 4 <= _ACC_LIMIT and room <= _SHARED_LIMIT and red_bytes <= room)
 
 
+def norm_gemv_problem(cfg: NormGemvConfig, key: NormGemvKey) -> str | None:
+    """Why ``cfg`` cannot make a kernel for ``key`` (None: it can)."""
+    problem = _key_problem(key)
+    if problem is None and not is_norm_gemv_legal(cfg, key):
+        problem = f"{cfg.label()} is not legal"
+    return problem
+
+
 def norm_gemv_candidates(key: NormGemvKey, *, warps=(2, 4, 8, 16), rows=(1, 2, 4), mma_tiles=(1, 2, 4, 8)
                          ) -> list[NormGemvConfig]:
     """Every legal configuration of ``key``, both forms (empty when the key itself is unsupported)."""
@@ -152,9 +160,7 @@ def make_norm_gemv(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float, name: s
     NormGemvError
         The key or the configuration is not supported.
     """
-    problem = _key_problem(key)
-    if problem is None and not is_norm_gemv_legal(cfg, key):
-        problem = f"{cfg.label()} is not legal"
+    problem = norm_gemv_problem(cfg, key)
     if problem is not None:
         raise NormGemvError(f"fused norm + GEMV ({key.label()}): {problem}")
     make = _make_norm_gemv_mma if cfg.mma else _make_norm_gemv_simt

@@ -254,7 +254,7 @@ class Engine:  # pylint: disable=too-many-instance-attributes
     # ------------------------------------------------------------------ low-level steps
     def call(self, func, *args):
         """Call a compute function of the library (params appended, effects threaded if debug)."""
-        with self._on_stream(), recording(self.graphs.mark if self.graphs and self.graphs.wait_for_mark else None):
+        with self._on_stream(), recording(self.graphs.recorder if self.graphs else None):
             if self._effects is None:
                 return func(*args, self.params)
             out, self._effects = func(*args, self._effects, self.params)

@@ -18,7 +18,7 @@ from .attention import apply_attention, attention_key
 from .builder import build_config
 from .database import DatabaseMismatchError, TunedDatabase
 from .partition import attach_twins, buckets_for, tasks_of
-from .norm_gemv_tune import read_norm_gemv_plan
+from .norm_gemv_tune import norm_gemv_plan_for
 from .pipeline import lowering_passes, prepare
 from .targets import arch_of, is_gpu
 from .untuned import apply_dlight
@@ -148,9 +148,8 @@ def build_model(config, *, quantization: str, target: Target, database: str | Pa
         db = database.ms
         for phase, values in database.buckets.items():
             buckets[phase] = sorted(set(buckets.get(phase, [])) | set(values))
-    plan = read_norm_gemv_plan(database.path) if database is not None and is_gpu(target) else None
     exported = export_model(config, quantization=quantization, target=target, buckets=buckets, debug=debug,
-                            norm_gemv=plan)
+                            norm_gemv=norm_gemv_plan_for(database.path if database is not None else None, target))
     prepared = prepare(exported.mod, target=target)
     attention: list[str] = []
     if database is not None and is_gpu(target):

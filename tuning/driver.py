@@ -194,10 +194,8 @@ def _tune_norm_gemv(config: TuneConfig, *, model_cfg, scheme, target, committed:
                          batches=batches, quantization=scheme.name, workers=config.workers, log=_say)
     if not doc.get("kernels"):
         return
-    if not previous:
-        write_meta(committed, target=target, **meta)
-    _record_run(committed, previous, {"kinds": "norm-gemv", "batches": list(batches),
-                                      "stored": sorted(doc["kernels"])})
+    _record_search(committed, previous, target=target, meta=meta,
+                   run={"kinds": "norm-gemv", "batches": list(batches), "stored": sorted(doc["kernels"])})
 
 
 def _tune_kernels(config: TuneConfig, task_list, *, target, work_dir: Path, committed: Path, buckets,
@@ -269,11 +267,10 @@ def _tune_attention(config: TuneConfig, *, model_cfg, scheme, target, committed:
              "(with TVM's kernel and the stored choice)")
     doc = tune_attention(model_cfg, dtype=scheme.activation_dtype, target=target, out_dir=committed, lengths=lengths,
                          candidates=candidates, workers=config.workers, log=_say)
-    if not previous:  # an attention-only run on a new database still names what it is for
-        write_meta(committed, target=target, **meta)
     entry = doc["kernels"][0]
-    _record_run(committed, previous, {"kinds": "attention", "lengths": list(lengths), "candidates": entry["candidates"],
-                                      "speedup_geomean": round(1 / entry["best"]["score"], 3)})
+    _record_search(committed, previous, target=target, meta=meta,
+                   run={"kinds": "attention", "lengths": list(lengths), "candidates": entry["candidates"],
+                        "speedup_geomean": round(1 / entry["best"]["score"], 3)})
 
 
 def _tune_decode_attention(config: TuneConfig, *, model_cfg, scheme, target, committed: Path, batches, remote: bool,
@@ -291,10 +288,17 @@ def _tune_decode_attention(config: TuneConfig, *, model_cfg, scheme, target, com
     entry = res["entry"]
     if entry is None:
         return
-    if not previous:  # an attention-only run on a new database still names what it is for
+    _record_search(committed, previous, target=target, meta=meta,
+                   run={"kinds": "attention", "kernel": entry["kernel"], "batches": list(batches),
+                        "candidates": entry["candidates"], "speedup_geomean": round(entry["speedup"], 3)})
+
+
+def _record_search(committed: Path, previous: dict, *, target, meta: dict, run: dict) -> None:
+    """After a template search stored its choice: a search-only run on a new database still names
+    what it is for (``meta``), and the run joins the history."""
+    if not previous:
         write_meta(committed, target=target, **meta)
-    _record_run(committed, previous, {"kinds": "attention", "kernel": entry["kernel"], "batches": list(batches),
-                                      "candidates": entry["candidates"], "speedup_geomean": round(entry["speedup"], 3)})
+    _record_run(committed, previous, run)
 
 
 def _record_run(committed: Path, previous: dict, run: dict) -> None:

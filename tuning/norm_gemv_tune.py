@@ -28,13 +28,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from gpt2_model.norm_gemv import (NormGemvConfig, NormGemvError, NormGemvKey, NormGemvPlan, is_norm_gemv_legal,
-                                  make_norm_gemv, norm_gemv_candidates)
+from gpt2_model.norm_gemv import (NormGemvConfig, NormGemvError, NormGemvKey, NormGemvPlan, make_norm_gemv,
+                                  norm_gemv_candidates, norm_gemv_problem)
 
 from .attention import AttentionError, _build_all
 from .dbfiles import NORM_GEMV_FILE, read_json
+from .targets import is_gpu
 
-__all__ = ["NORM_GEMV_SCHEMA", "merge_winners", "norm_gemv_keys", "read_norm_gemv_plan", "reference_norm_gemv", "tune_norm_gemv"]
+__all__ = ["NORM_GEMV_SCHEMA", "merge_winners", "norm_gemv_keys", "norm_gemv_plan_for", "parse_entry", "read_norm_gemv_plan", "reference_norm_gemv", "tune_norm_gemv"]
 
 logger = logging.getLogger(__name__)
 
@@ -276,14 +277,33 @@ def read_norm_gemv_plan(db_dir: str | os.PathLike | None) -> NormGemvPlan | None
     configs = {}
     for name, entry in doc["kernels"].items():
         try:
-            cfg = NormGemvConfig(**entry["config"])
-            key = NormGemvKey(**entry["key"]) if "key" in entry else None
-        except (KeyError, TypeError) as err:
+            configs[name] = parse_entry(name, entry)[1]
+        except ValueError as err:
             logger.warning("norm_gemv.json: entry %s skipped (%s)", name, err)
-            continue
-        if key is not None and (key.name() != name or not is_norm_gemv_legal(cfg, key)):
-            logger.warning("norm_gemv.json: entry %s skipped (%s is not a legal configuration of %s)", name,
-                           cfg.label(), key.label())
-            continue
-        configs[name] = cfg
     return NormGemvPlan(configs) if configs else None
+
+
+def norm_gemv_plan_for(db_dir: str | os.PathLike | None, target) -> NormGemvPlan | None:
+    """The plan a build for ``target`` with the database at ``db_dir`` uses (GPU targets only)."""
+    return read_norm_gemv_plan(db_dir) if db_dir is not None and is_gpu(target) else None
+
+
+def parse_entry(name: str, entry: dict) -> tuple[NormGemvKey | None, NormGemvConfig]:
+    """``(key, config)`` of a ``norm_gemv.json`` entry (key None when the entry has none).
+
+    Raises
+    ------
+    ValueError
+        The entry is malformed, holds another name's key, or its constants cannot make its kernel.
+    """
+    try:
+        cfg = NormGemvConfig(**entry["config"])
+        key = NormGemvKey(**entry["key"]) if "key" in entry else None
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"malformed: {err}") from None
+    if key is not None and key.name() != name:
+        raise ValueError(f"entry named {name} holds the key of {key.name()}")
+    problem = norm_gemv_problem(cfg, key) if key is not None else None
+    if problem is not None:
+        raise ValueError(f"not a legal configuration of {key.label()}: {problem}")
+    return key, cfg

@@ -89,9 +89,10 @@ def validate_norm_gemv(path: str | Path, *, target: Target, build: bool = True) 
     built for ``target`` when ``build``. CUDA targets only (other builds never fuse). Never writes.
     """
     # pylint: disable=import-outside-toplevel
-    from gpt2_model.norm_gemv import NormGemvConfig, NormGemvKey, make_norm_gemv
+    from gpt2_model.norm_gemv import make_norm_gemv
 
     from .dbfiles import NORM_GEMV_FILE, read_json
+    from .norm_gemv_tune import parse_entry
 
     if target.kind.name != "cuda":
         return 0, 0, []
@@ -107,10 +108,10 @@ def validate_norm_gemv(path: str | Path, *, target: Target, build: bool = True) 
     built, failures = 0, []
     for name, entry in sorted(entries.items()):
         try:
-            key = NormGemvKey(**entry["key"])
-            if key.name() != name:
-                raise ValueError(f"entry named {name} holds the key of {key.name()}")
-            func = make_norm_gemv(NormGemvConfig(**entry["config"]), key, eps=float(doc.get("eps", 1e-5)))
+            key, cfg = parse_entry(name, entry)
+            if key is None:
+                raise ValueError("the entry has no key")
+            func = make_norm_gemv(cfg, key, eps=float(doc.get("eps", 1e-5)))
             if build:
                 build_kernel(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
             built += 1
