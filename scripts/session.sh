@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Steps run on the GPU machine (device tool), each with its own time limit; results under $OUT.
 #   bash scripts/session.sh STEP [STEP ...]
-# Steps: libs env host-profile rpc-gpu gputests gputests-extra gputests-new gputests-graph gputests-norm decode-check mma-check peer-diag bench-decode bench-prefill bench-kernels tune restore profile
+# Steps: libs env host-profile rpc-gpu gputests gputests-extra gputests-new gputests-graph gputests-norm decode-check mma-check peer-diag bench-decode bench-prefill bench-kernels tune restore profile ncu
 # (settings through environment variables)
 # Plan a session's device time (30 min, start-ups included; lessons of 2026-12-02):
 #  - build the TVM libraries here first, after the last code change (the cache key hashes the
@@ -76,6 +76,14 @@ for step in "$@"; do
       for q in q0f16 q4f16_1; do if [ -d /root/keep/db-$q ]; then cp /root/keep/db-$q/* databases/sm_90/gpt2-$q/ && echo "restored db-$q"; fi; done ;;
     profile)
       log profile; timeout ${PROFILE_LIMIT:-400} python scripts/step_profile.py --out "$OUT" --variants ${PVARIANTS:-untuned,tuned} ${DB:+--database $DB} 2>&1 | grep -v "^USDT\|Warning" | tail -80 ;;
+    ncu)
+      # Nsight Compute metrics of the tuned library's kernels during a short bench run (no clocks changed:
+      # --clock-control none). NCU_BENCH: bench arguments; NCU_FILTER: kernel-name regex; NCU_SKIP/NCU_COUNT.
+      log ncu; timeout ${NCU_LIMIT:-240} ncu --clock-control none --target-processes all -k "regex:${NCU_FILTER:-batch_decode_paged_kv}" \
+        --launch-skip ${NCU_SKIP:-24} --launch-count ${NCU_COUNT:-4} --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats --csv --page details \
+        python -m bench.cli ${NCU_BENCH:-decode --batch 1 --gen-len 16} ${DB:+--database $DB} --variants tuned --no-check --no-anatomy --repeats 1 --warmup 0 \
+        > "$OUT/ncu${TAG:-}.csv" 2> "$OUT/ncu${TAG:-}.err"; echo "ncu rc $?"; tail -3 "$OUT/ncu${TAG:-}.err"; wc -l "$OUT/ncu${TAG:-}.csv" ;;
     *) echo "unknown step $step" ;;
   esac
 done
