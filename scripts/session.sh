@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Steps run on the GPU machine (device tool), each with its own time limit; results under $OUT.
 #   bash scripts/session.sh STEP [STEP ...]
-# Steps: libs env host-profile rpc-gpu gputests gputests-extra gputests-new gputests-graph gputests-norm decode-check mma-check peer-diag bench-decode bench-prefill bench-kernels tune restore profile ncu
+# Steps: libs env host-profile rpc-gpu gputests gputests-extra gputests-new gputests-graph gputests-norm decode-check mma-check peer-diag bench-decode bench-prefill bench-kernels tune restore profile ncu hidden-host
 # (settings through environment variables)
 # Plan a session's device time (30 min, start-ups included; lessons of 2026-12-02):
 #  - build the TVM libraries here first, after the last code change (the cache key hashes the
@@ -63,6 +63,9 @@ for step in "$@"; do
     host-profile)
       # where a graph-mode step's host time goes (scripts/step_profile.py --host), tuned library
       log host-profile; timeout ${HP_LIMIT:-240} python scripts/step_profile.py --host --out "$OUT" --variants tuned ${DB:+--database $DB} --prefill 128,512,1024 --decode 1,8,32 --steps 32 2>&1 | grep -v "^USDT\|Warning" | tail -60 ;;
+    hidden-host)
+      # is the wall - graph gap of a graph-mode step host work or GPU work? (scripts/step_profile.py --hidden-host)
+      log hidden-host; timeout ${HP_LIMIT:-240} python scripts/step_profile.py --hidden-host --out "$OUT" --variants tuned ${DB:+--database $DB} --prefill 128,512,1024 --decode ${HH_DECODE:-1,8} --steps 16 2>&1 | grep -v "^USDT\|Warning" | tail -20 ;;
     rpc-gpu)
       # issue 16 on one GPU: a tracker and two --no-fork servers sharing the card, a server killed mid-run
       log rpc-gpu; timeout ${RPC_LIMIT:-300} python -m pytest -m gpu -q -s -p no:cacheprovider tests/tuning/test_rpc_gpu.py > "$OUT/rpc_gpu.txt" 2>&1; grep -v Warning "$OUT/rpc_gpu.txt" | tail -30 ;;

@@ -116,6 +116,9 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=14)
     ap.add_argument("--host", action="store_true",
                     help="instead of kernels: host µs per step in each engine phase, CUDA graphs on")
+    ap.add_argument("--hidden-host", action="store_true",
+                    help="instead of kernels: each step's GPU time with its host work hidden behind a GPU sleep "
+                         "queued first, vs the synchronised wall and the graph replayed alone (CUDA graphs on)")
     args = ap.parse_args(argv)
 
     from bench.config import BenchConfig
@@ -135,6 +138,8 @@ def main(argv=None) -> int:
 
     if args.host:
         return _main_host(args, s, pre, dec, out, emit, lines)
+    if args.hidden_host:
+        return _main_hidden(args, s, pre, dec, out, emit, lines)
 
     def kernels(engine, fn, sync):
         wall, table = _profile(fn, steps=args.steps, sync=sync)
@@ -154,9 +159,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def _scenarios(s, args, pre, dec, *, cuda_graph: bool, measure) -> list[dict]:
+def _scenarios(s, args, pre, dec, *, cuda_graph: bool, measure, sync_prefill: bool = True) -> list[dict]:
     """Each variant's prefill (one fresh sequence per length) and decode (per batch) scenarios:
-    ``measure(engine, fn, sync)`` on the step ``fn``, with the variant and scenario added."""
+    ``measure(engine, fn, sync)`` on the step ``fn``, with the variant and scenario added (a
+    prefill ``fn`` synchronises before removing its sequence unless ``sync_prefill`` is False)."""
     from bench.checks import open_tvm_variant, release
     from bench.runners import TvmDecodeRunner, TvmPrefillRunner
 
@@ -174,7 +180,8 @@ def _scenarios(s, args, pre, dec, *, cuda_graph: bool, measure) -> list[dict]:
                 try:
                     r.run()
                 finally:
-                    sync()
+                    if sync_prefill:
+                        sync()
                     r.cleanup()
 
             results.append(dict(measure(engine, once, sync), variant=variant, scenario=f"prefill {n}"))
@@ -205,6 +212,48 @@ def _main_host(args, s, pre, dec, out, emit, lines) -> int:
             emit(f"   {v['us_per_step']:9.1f} us  {v['calls_per_step']:5.1f}x  {k}")
     (out / "host_profile.json").write_text(json.dumps({"env": s.env, "results": results}, indent=1, default=str))
     (out / "host_profile.txt").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+def _main_hidden(args, s, pre, dec, out, emit, lines) -> int:
+    """``--hidden-host``: is a graph-mode step's wall - graph gap host work or GPU work?
+
+    Per step, three medians: ``wall`` (the step, then a synchronise: what bench measures); ``gpu
+    hidden`` (a ~3 ms GPU sleep queued on the engine's stream first, an event after it and one after
+    the step: the step's GPU time with every host part of it done while the GPU sleeps -- what
+    remains over the graph is GPU-side: the KV cache's auxiliary copy, waits, clocks); ``graph`` (the
+    step's graph replayed alone)."""
+    import numpy as np
+    import torch
+
+    def hidden(engine, fn, sync):
+        stream = torch.cuda.ExternalStream(engine.graphs.stream)
+        walls, gpus = [], []
+        for i in range(3 + args.steps):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            wall = (time.perf_counter() - t0) * 1e3
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(stream):
+                torch.cuda._sleep(6_000_000)  # ~3 ms at ~2 GHz: longer than the step's host work
+                a.record(stream)
+            fn()
+            b.record(stream)
+            sync()
+            if i >= 3:
+                walls.append(wall)
+                gpus.append(a.elapsed_time(b))
+        return {"wall_ms": float(np.median(walls)), "gpu_hidden_ms": float(np.median(gpus)),
+                "graph_ms": engine.graphs.replay_ms()}
+
+    results = _scenarios(s, args, pre, dec, cuda_graph=True, measure=hidden, sync_prefill=False)
+    for res in results:
+        emit(f"== {res['variant']} {res['scenario']}: wall {res['wall_ms']:.3f} ms, GPU with the host hidden "
+             f"{res['gpu_hidden_ms']:.3f} ms, graph alone {res['graph_ms'] or 0:.3f} ms")
+    (out / "hidden_host.json").write_text(json.dumps({"env": s.env, "results": results}, indent=1, default=str))
+    (out / "hidden_host.txt").write_text("\n".join(lines) + "\n")
     return 0
 
 
