@@ -358,9 +358,11 @@ def load_engine(*, config, quantization: str, device: str, target, params_fp32: 
     lib = lib_dir / "lib.so"
     if exported is None:  # cache hit: the same export (bucket entry points, fused norms) as the build
         from tuning.norm_gemv_tune import norm_gemv_plan_for
+        from tuning.wgmma_tune import gemm_plan_for
 
+        db_path = database.path if database is not None else None
         exported = export_model(config, quantization=quantization, target=target, buckets=meta.get("buckets") or None,
-                                norm_gemv=norm_gemv_plan_for(database.path if database is not None else None, target))
+                                norm_gemv=norm_gemv_plan_for(db_path, target), gemm=gemm_plan_for(db_path, target))
     t0 = time.perf_counter()
     module = tvm.runtime.load_module(str(lib))
     params = convert_params(params_fp32, exported.scheme)

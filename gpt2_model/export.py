@@ -35,7 +35,7 @@ class ExportedModel:
 
 def export_model(config: GPT2Config, *, quantization: str, target: Target, debug: bool = False,
                  buckets: dict[str, list[int]] | None = None, model_cls: type = GPT2LMHeadModel,
-                 norm_gemv=None) -> ExportedModel:
+                 norm_gemv=None, gemm=None) -> ExportedModel:
     """Build the model for ``quantization`` and export ``get_default_spec()`` to relax.
 
     ``target`` is needed at export time because the paged KV cache embeds its attention kernels
@@ -44,10 +44,12 @@ def export_model(config: GPT2Config, *, quantization: str, target: Target, debug
     that). ``model_cls`` lets a subclass (one with prints, say) be exported the same way.
     ``buckets`` adds static-shape entry points (``batch_decode_b8``, ``prefill_s1024``; see
     ``GPT2LMHeadModel.get_default_spec``). ``norm_gemv`` (a :class:`~gpt2_model.norm_gemv.NormGemvPlan`,
-    CUDA targets) fuses each decode layer norm into the GEMV after it for the static shapes it names.
+    CUDA targets) fuses each decode layer norm into the GEMV after it for the static shapes it names;
+    ``gemm`` (a :class:`~gpt2_model.wgmma_gemm.GemmPlan`) runs the prefill GEMMs of the chunk shapes it
+    names on the Hopper wgmma kernel.
     """
     scheme = get_scheme(quantization)
-    model = model_cls(config, scheme, target, norm_gemv=norm_gemv)
+    model = model_cls(config, scheme, target, norm_gemv=norm_gemv, gemm=gemm)
     mod, named_params = model.export_tvm(spec=model.get_default_spec(buckets, debug=debug), debug=debug)
     metadata = {
         "model_type": "gpt2",
@@ -59,6 +61,7 @@ def export_model(config: GPT2Config, *, quantization: str, target: Target, debug
         "max_batch_size": config.max_batch_size,
         "buckets": {k: list(v) for k, v in (buckets or {}).items()},
         "norm_gemv": sorted(norm_gemv.configs) if norm_gemv is not None and model.norm_gemv is not None else [],
+        "wgmma_gemm": sorted(gemm.configs) if gemm is not None and model.gemm is not None else [],
         "vocab_size": config.vocab_size,
         "n_embd": config.n_embd,
         "params": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in

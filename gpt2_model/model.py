@@ -21,6 +21,7 @@ from .config import GPT2Config
 from .norm_gemv import NormGemvKey, NormGemvPlan
 from .quantization import QuantScheme, TiedEmbedding, make_embedding, make_linear
 from .step_mark import MARK_FUNC
+from .wgmma_gemm import GemmKey, GemmPlan
 
 # pylint: disable=invalid-name,missing-function-docstring
 
@@ -89,16 +90,27 @@ class GPT2Block(nn.Module):
         self.mlp = GPT2MLP(config, scheme)
 
         self.norm_gemv: NormGemvPlan | None = None  # decode shapes whose norm runs inside the next GEMV
+        self.gemm: GemmPlan | None = None  # prefill chunk shapes whose GEMMs run the wgmma kernel
 
     def forward(self, x: Tensor, kv_cache: PagedKVCache) -> Tensor:
         qkv = norm_linear(self.norm_gemv, self.ln_1, self.attn.c_attn, x, "bias")
         if qkv is None:
-            qkv = self.attn.c_attn(self.ln_1(x))
-        x = residual_linear(self.norm_gemv, self.attn.c_proj, self.attn.attend(qkv, kv_cache), x)
+            h = self.ln_1(x)
+            qkv = gemm_linear(self.gemm, self.attn.c_attn, h, "bias")
+            if qkv is None:
+                qkv = self.attn.c_attn(h)
+        a = self.attn.attend(qkv, kv_cache)
+        out = gemm_linear(self.gemm, self.attn.c_proj, a, "bias_residual", residual=x)
+        x = out if out is not None else residual_linear(self.norm_gemv, self.attn.c_proj, a, x)
         h = norm_linear(self.norm_gemv, self.ln_2, self.mlp.c_fc, x, self.mlp.fusable_epilogue)
         if h is None:
-            h = self.mlp.activate(self.mlp.c_fc(self.ln_2(x)))
-        return residual_linear(self.norm_gemv, self.mlp.c_proj, h, x)
+            n = self.ln_2(x)
+            epilogue = self.mlp.fusable_epilogue
+            h = gemm_linear(self.gemm, self.mlp.c_fc, n, epilogue) if epilogue is not None else None
+            if h is None:
+                h = self.mlp.activate(self.mlp.c_fc(n))
+        out = gemm_linear(self.gemm, self.mlp.c_proj, h, "bias_residual", residual=x)
+        return out if out is not None else residual_linear(self.norm_gemv, self.mlp.c_proj, h, x)
 
 
 class GPT2Model(nn.Module):
@@ -140,7 +152,8 @@ class GPT2Model(nn.Module):
 class GPT2LMHeadModel(nn.Module):
     """The exported model: embed / prefill / decode / batch_* / create_paged_kv_cache."""
 
-    def __init__(self, config: GPT2Config, scheme: QuantScheme, target: Target, norm_gemv: NormGemvPlan | None = None):
+    def __init__(self, config: GPT2Config, scheme: QuantScheme, target: Target, norm_gemv: NormGemvPlan | None = None,
+                 gemm: GemmPlan | None = None):
         self.config = config
         self.scheme = scheme
         self.target = target
@@ -149,8 +162,11 @@ class GPT2LMHeadModel(nn.Module):
         # Fused layer norm + GEMV kernels for the decode shapes the plan names (gpt2_model.norm_gemv;
         # CUDA targets only: the kernels are written for CUDA threads)
         self.norm_gemv = norm_gemv if norm_gemv is not None and (target.kind.name == "cuda" or norm_gemv.reference) else None
+        # Hopper wgmma GEMMs for the prefill chunk shapes the plan names (gpt2_model.wgmma_gemm)
+        self.gemm = gemm if gemm is not None and (target.kind.name == "cuda" or gemm.reference) else None
         for block in self.transformer.h:
             block.norm_gemv = self.norm_gemv
+            block.gemm = self.gemm
 
     # ---------------------------------------------------------------- pieces
     def _lm_head(self, hidden: Tensor) -> Tensor:
@@ -448,3 +464,25 @@ def residual_linear(plan: NormGemvPlan | None, linear: nn.Module, h: Tensor, res
         if out is not None:
             return out
     return residual + linear(h)
+
+
+def gemm_linear(plan: GemmPlan | None, linear: nn.Module, x: Tensor, epilogue: str,
+                residual: Tensor | None = None) -> Tensor | None:
+    """``epilogue(linear(x))`` (``bias_residual``: + ``residual``) on the Hopper wgmma kernel
+    (:mod:`gpt2_model.wgmma_gemm`) where ``plan`` names this static prefill shape (one sequence of
+    a chunk bucket), else None (the caller runs the layer as usual). Unquantized layers with a bias only."""
+    if plan is None:
+        return None
+    b, s, k = x.shape
+    weight, bias = getattr(linear, "weight", None), getattr(linear, "bias", None)
+    if not (isinstance(b, int) and b == 1 and isinstance(s, int)) or not isinstance(weight, nn.Parameter) \
+            or bias is None:
+        return None
+    key = GemmKey(m=s, n=int(weight.shape[0]), k=int(k), epilogue=epilogue, dtype=str(x.dtype))
+    cfg = plan.config_for(key)
+    if cfg is None:
+        return None
+    name = f"wgmma_{key.name()}"
+    args = [x, weight, bias] + ([residual] if residual is not None else [])
+    return op.tensor_ir_op(plan.make(key, cfg, name=name), name, args=args,
+                           out=Tensor.placeholder((1, s, key.n), key.dtype))

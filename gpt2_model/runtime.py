@@ -38,6 +38,9 @@ from .config import GPT2Config
 from .cuda_graph import IdHistory, StepGraphs, has_static_storage, regions_without_graphs
 from .device import tvm_device
 from .export import ExportedModel
+from .wgmma_build import install_compile_hook
+
+install_compile_hook()  # libraries holding wgmma kernels compile for sm_90a when loaded (gpt2_model.wgmma_gemm)
 from .model import bucket_function
 from .step_mark import recording
 

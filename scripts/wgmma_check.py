@@ -1,11 +1,11 @@
-"""Check the TIRx Hopper wgmma GEMM (``tuning.wgmma``) on an H100/H200: correctness and speed.
+"""Check the TIRx Hopper wgmma GEMM (``gpt2_model.wgmma_gemm``) on an H100/H200: correctness and speed.
 
 For each GPT-2 linear shape ``C[M, N] = A[M, K] @ W[N, K]^T + bias[N]`` (fp16 in/out, fp32
 accumulation; M in {128, 512, 1024}, (N, K) in {(2304, 768), (768, 768), (3072, 768),
 (768, 3072)}) and each kernel config (tile M/N/K, stages, consumer warpgroups, warp
 specialization), it
 
-1. builds the kernel in spawned worker processes (``tuning.wgmma.gemm.make_wgmma_gemm`` ->
+1. builds the kernel in spawned worker processes (``gpt2_model.wgmma_gemm.make_wgmma_gemm`` ->
    ``tvm.compile(tir_pipeline="tirx")``, target ``{"kind": "cuda", "arch": "sm_90a"}``; the
    CUDA is compiled to an sm_90a cubin with nvcc -- NVRTC if nvcc is missing -- cached by
    source hash and served to the measuring process), exports a ``.so`` per kernel;
@@ -28,7 +28,7 @@ Without a GPU, ``--compile-only`` runs everything up to the launch (build, nvcc 
 ptxas register/spill report, source dump).
 
 Config syntax: ``{tile_m}x{tile_n}x{tile_k}s{stages}c{consumers}{ws|nows}`` (e.g.
-``128x192x64s4c2ws``); see ``tuning.wgmma.gemm.GemmConfig``. A hung kernel (barrier bug) is
+``128x192x64s4c2ws``); see ``gpt2_model.wgmma_gemm.GemmConfig``. A hung kernel (barrier bug) is
 caught by a watchdog that writes the partial JSON and exits with status 3.
 """
 
@@ -64,7 +64,7 @@ _CFG_RE = re.compile(r"^(\d+)x(\d+)x(\d+)s(\d+)c(\d+)(ws|nows)$")
 
 
 def parse_config(text):
-    from tuning.wgmma.gemm import GemmConfig
+    from gpt2_model.wgmma_gemm import GemmConfig
 
     mt = _CFG_RE.match(text.strip())
     if not mt:
@@ -101,10 +101,11 @@ def _build(job):
     try:
         import tvm_ffi
 
-        from tuning.wgmma import gemm
+        from gpt2_model import wgmma_build as gemm
+        from gpt2_model import wgmma_gemm as kernel
 
         cfg = parse_config(label)
-        gemm.check_config(m, n, k, cfg)
+        kernel.check_config(m, n, k, cfg)
         logs = {}
 
         def _compile(code, *_):
@@ -120,7 +121,7 @@ def _build(job):
             return bytearray(cubin)
 
         tvm_ffi.register_global_func("tvm_callback_cuda_compile", _compile, override=True)
-        func = gemm.make_wgmma_gemm(m, n, k, bias=True, **_cfg_kwargs(cfg))
+        func = kernel.make_wgmma_gemm(m, n, k, bias=True, **_cfg_kwargs(cfg))
         ex = gemm.build(func)
         src = gemm.cuda_source(ex)
         res["src_chars"] = len(src)
@@ -152,7 +153,7 @@ def _cfg_kwargs(cfg):
 
 
 def build_all(shapes, labels, folder, workers, compile_only, log):
-    from tuning.wgmma.gemm import check_config
+    from gpt2_model.wgmma_gemm import check_config
 
     os.makedirs(os.path.join(folder, "cubin"), exist_ok=True)
     os.makedirs(os.path.join(folder, "src"), exist_ok=True)
@@ -207,7 +208,7 @@ class Watchdog:
 def _serve_cubins(folder):
     import tvm_ffi
 
-    from tuning.wgmma import gemm
+    from gpt2_model import wgmma_build as gemm
 
     def _compile(code, *_):
         path = os.path.join(folder, "cubin", hashlib.sha256(code.encode()).hexdigest())
@@ -311,10 +312,12 @@ def measure(built, shapes, folder, args, log, report):
                 if res.get("so"):
                     fn = tvm.runtime.load_module(res["so"])["main"]
                 else:  # export failed in the worker: codegen again, cubin from the cache
-                    from tuning.wgmma import gemm
+                    from gpt2_model import wgmma_build as gemm
+                    from gpt2_model import wgmma_gemm as kernel
+        from gpt2_model import wgmma_gemm as kernel
 
                     cfg = parse_config(res["config"])
-                    fn = gemm.build(gemm.make_wgmma_gemm(m, n, k, bias=True,
+                    fn = gemm.build(kernel.make_wgmma_gemm(m, n, k, bias=True,
                                                          **_cfg_kwargs(cfg)))["main"]
                 c = torch.zeros(m, n, dtype=torch.float16, device=dev)
                 fn(a, w, b, c)

@@ -12,6 +12,7 @@ from tvm import IRModule, relax
 from tvm.target import Target
 
 from gpt2_model.export import export_model
+from gpt2_model.wgmma_build import has_wgmma_kernels, install_compile_hook, register_mixed_pipeline
 
 from .apply import apply_database, coverage, schedule_like_untuned
 from .attention import apply_attention, attention_key
@@ -19,6 +20,7 @@ from .builder import build_config
 from .database import DatabaseMismatchError, TunedDatabase
 from .partition import attach_twins, buckets_for, tasks_of
 from .norm_gemv_tune import norm_gemv_plan_for
+from .wgmma_tune import gemm_plan_for
 from .pipeline import lowering_passes, prepare
 from .targets import arch_of, is_gpu
 from .untuned import apply_dlight
@@ -39,11 +41,17 @@ def build_module(
     if scheduled is None:
         scheduled = apply_dlight(prepare(mod, target=target), target=target)
     config = {"relax.backend.use_cuda_graph": bool(cuda_graph and is_gpu(target)), **build_config(target)}
+    # wgmma kernels (gpt2_model.wgmma_gemm) are tirx PrimFuncs: lowered by their own pipeline, compiled for sm_90a
+    tir_pipeline = "default"
+    if has_wgmma_kernels(scheduled):
+        install_compile_hook()
+        tir_pipeline = register_mixed_pipeline()
     with tvm.transform.PassContext(opt_level=3, config=config):
         return relax.build(
             scheduled,
             target=target,
             relax_pipeline=tvm.transform.Sequential(lowering_passes(target)),
+            tir_pipeline=tir_pipeline,
         )
 
 
@@ -149,7 +157,8 @@ def build_model(config, *, quantization: str, target: Target, database: str | Pa
         for phase, values in database.buckets.items():
             buckets[phase] = sorted(set(buckets.get(phase, [])) | set(values))
     exported = export_model(config, quantization=quantization, target=target, buckets=buckets, debug=debug,
-                            norm_gemv=norm_gemv_plan_for(database.path if database is not None else None, target))
+                            norm_gemv=norm_gemv_plan_for(database.path if database is not None else None, target),
+                            gemm=gemm_plan_for(database.path if database is not None else None, target))
     prepared = prepare(exported.mod, target=target)
     attention: list[str] = []
     if database is not None and is_gpu(target):

@@ -13,7 +13,7 @@ __all__ = ["ATTENTION_TEMPLATES", "KINDS", "PHASES", "SPACES", "TuneConfig", "Tu
 
 PHASES = ("decode", "prefill")
 #: Kernel kinds of the partition (``tuning.partition.classify``) plus the KV cache's attention.
-KINDS = ("gemv", "gemm", "reduction", "elementwise", "attention", "norm-gemv")
+KINDS = ("gemv", "gemm", "reduction", "elementwise", "attention", "norm-gemv", "wgmma")
 SPACES = ("llm", "generic", "dlight")
 #: Families of prefill attention candidates (``tuning.attention``): TVM's SIMT template, the wmma
 #: tensor-core template, its register-resident mma.sync variant.

@@ -8,6 +8,7 @@ Layout of one directory::
     untuned.json                  untuned kernel time per task (what users get without tuning)
     attention.json                the KV cache's tuned prefill attention choice (tuning.attention)
     norm_gemv.json                the fused layer norm + decode GEMV choices (tuning.norm_gemv_tune)
+    wgmma_gemm.json               the Hopper wgmma prefill GEMM choices (tuning.wgmma_tune)
     *.quarantine                  lines moved out by a writer (``tune``) or ``tune --repair``
     .tune.lock                    held (flock) while ``tune`` writes the directory
 
@@ -46,6 +47,7 @@ META_FILE = "meta.json"
 UNTUNED_FILE = "untuned.json"
 ATTENTION_FILE = "attention.json"
 NORM_GEMV_FILE = "norm_gemv.json"
+WGMMA_GEMM_FILE = "wgmma_gemm.json"
 LOCK_FILE = ".tune.lock"
 QUARANTINE_SUFFIX = ".quarantine"
 

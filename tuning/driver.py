@@ -27,6 +27,7 @@ from gpt2_model.quantization import get_scheme
 from .attention import RAGGED_PREFILL, attention_key, read_attention, search_candidates, tune_attention
 from .attention_decode_tune import tune_decode_attention
 from .norm_gemv_tune import tune_norm_gemv
+from .wgmma_tune import tune_wgmma_gemm, wgmma_arch
 from .config import TuneConfig, TuneError
 from .database import DatabaseIntegrityWarning, TunedDatabase, database_path, merge_untuned, prune_best
 from .dbfiles import RECORD_FILE, WORKLOAD_FILE, read_meta, record_latency_s, write_meta
@@ -143,6 +144,8 @@ def run_tune(config: TuneConfig) -> int:  # pylint: disable=too-many-locals,too-
     want_decode_attention = is_gpu(target) and "decode" in buckets and (kinds is None or "attention" in kinds)
     # The fused layer norm + decode GEMV kernels (gpt2_model.norm_gemv): a template search of their own.
     want_norm_gemv = is_gpu(target) and "decode" in buckets and (kinds is None or "norm-gemv" in kinds)
+    # The Hopper wgmma prefill GEMMs (gpt2_model.wgmma_gemm): sm_90 only, a template search of their own.
+    want_wgmma = wgmma_arch(target) and "prefill" in buckets and (kinds is None or "wgmma" in kinds)
     if config.list_kernels:
         print(f"{name} {scheme.name} on {arch}: {len(task_list)} tasks ({time.monotonic() - start:.1f} s)")
         print(table(task_list))
@@ -151,7 +154,7 @@ def run_tune(config: TuneConfig) -> int:  # pylint: disable=too-many-locals,too-
     # Gathers (embedding rows) read what their indices say: MetaSchedule's random inputs index out
     # of range and crash the measurement, and a row copy has nothing to tune. Listed, not tuned.
     task_list = [t for t in task_list if t.kind != "gather"]
-    if not task_list and not want_attention and not want_decode_attention and not want_norm_gemv:
+    if not task_list and not (want_attention or want_decode_attention or want_norm_gemv or want_wgmma):
         raise TuneError("no tasks to tune (check --phases / --kinds)")
     rel = committed.relative_to(config.database_dir)
     work_dir = config.work_dir if config.work_dir is not None else Path(".tune-work") / rel
@@ -177,8 +180,33 @@ def run_tune(config: TuneConfig) -> int:  # pylint: disable=too-many-locals,too-
             _tune_norm_gemv(config, model_cfg=model_cfg, scheme=scheme, target=target, committed=committed,
                             batches=buckets["decode"], remote=isinstance(verify_device, tuple),
                             meta={"model": name, "quantization": scheme.name, "config_hash": model_cfg.model_hash()})
+    if want_wgmma:
+        with DirLock(committed, what="committed database", wait=config.wait):
+            _tune_wgmma(config, model_cfg=model_cfg, scheme=scheme, target=target, committed=committed,
+                        lengths=buckets["prefill"], remote=isinstance(verify_device, tuple),
+                        meta={"model": name, "quantization": scheme.name, "config_hash": model_cfg.model_hash()})
     _say(f"[done] tune finished in {fmt_secs(time.monotonic() - start)}")
     return 0
+
+
+def _tune_wgmma(config: TuneConfig, *, model_cfg, scheme, target, committed: Path, lengths, remote: bool,
+                meta: dict) -> None:
+    """Search the Hopper wgmma prefill GEMMs (``tuning.wgmma_tune``) into ``committed``."""
+    if remote:
+        _say("wgmma: skipped: its search measures on a GPU of this machine, not over RPC "
+             "(run tune --kinds wgmma on the GPU host)")
+        return
+    if scheme.activation_dtype != "float16" or scheme.name != "q0f16":
+        _say(f"wgmma: skipped: the kernel takes fp16 weights (q0f16), not {scheme.name}")
+        return
+    _say(f"[wgmma] searching the Hopper wgmma GEMMs of prefill chunks {list(lengths)}")
+    previous = read_meta(committed) or {}
+    doc = tune_wgmma_gemm(model_cfg, dtype=scheme.activation_dtype, target=target, out_dir=committed,
+                          lengths=lengths, quantization=scheme.name, workers=config.workers, log=_say)
+    if not doc.get("kernels"):
+        return
+    _record_search(committed, previous, target=target, meta=meta,
+                   run={"kinds": "wgmma", "lengths": list(lengths), "stored": sorted(doc["kernels"])})
 
 
 def _tune_norm_gemv(config: TuneConfig, *, model_cfg, scheme, target, committed: Path, batches, remote: bool,

@@ -231,11 +231,14 @@ def tune_norm_gemv(config, *, dtype: str, target, out_dir: str | os.PathLike, ba
     return doc
 
 
-def merge_winners(kernels: dict, found: dict, base_us: dict, *, log: Callable[[str], None] = print) -> dict:
+def merge_winners(kernels: dict, found: dict, base_us: dict, *, log: Callable[[str], None] = print,
+                  what: str = "norm+gemv", label: Callable[[dict], str] | None = None) -> dict:
     """The stored entries after a search: per searched name, its fastest checked candidate when it
     beats the kernels it replaces (``base_us[name]``: what -> µs, all timed); otherwise the name's
     entry is removed (a stale choice that no longer wins, or whose constants now fail the check, is
-    never kept). Names not searched keep their entries."""
+    never kept). Names not searched keep their entries. ``what`` prefixes the log lines; ``label``
+    names a candidate's ``config`` dict (default: the fused norm + GEMV's constants)."""
+    label_of = label or (lambda c: NormGemvConfig(**c).label())
     for name, entry in found.items():
         good = [c for c in entry["candidates"] if c.get("ok")]
         rejected = sum(1 for c in entry["candidates"] if "ok" in c and not c["ok"])
@@ -243,24 +246,24 @@ def merge_winners(kernels: dict, found: dict, base_us: dict, *, log: Callable[[s
         pair_us = sum(pair.values()) if pair and None not in pair.values() else None
         if not good:
             kernels.pop(name, None)
-            log(f"norm+gemv: {name}: no candidate passed the check ({rejected} rejected); not stored")
+            log(f"{what}: {name}: no candidate passed the check ({rejected} rejected); not stored")
             continue
         best = min(good, key=lambda c: c["us"])
-        label = NormGemvConfig(**best["config"]).label()
+        label_txt = label_of(best["config"])
         if pair_us is None:
             kernels.pop(name, None)
-            log(f"norm+gemv: {name}: best {label} {best['us']:.2f} us, but the kernels it replaces were not "
+            log(f"{what}: {name}: best {label_txt} {best['us']:.2f} us, but the kernels it replaces were not "
                 "timed; not stored")
             continue
         verdict = f"{pair_us:.2f} us ({', '.join(f'{w} {u:.2f}' for w, u in pair.items())})"
         if best["us"] >= pair_us:
             kernels.pop(name, None)
-            log(f"norm+gemv: {name}: best {label} {best['us']:.2f} us, not faster than the kernels it replaces, "
+            log(f"{what}: {name}: best {label_txt} {best['us']:.2f} us, not faster than the kernels it replaces, "
                 f"{verdict}; not stored")
             continue
         kernels[name] = {**entry, "config": best["config"], "us": best["us"], "rejected": rejected,
                          "unfused_us": pair_us, "unfused": pair}
-        log(f"norm+gemv: {name}: best {label} {best['us']:.2f} us vs the kernels it replaces, {verdict} "
+        log(f"{what}: {name}: best {label_txt} {best['us']:.2f} us vs the kernels it replaces, {verdict} "
             f"({len(good)} checked, {rejected} rejected)")
     return kernels
 

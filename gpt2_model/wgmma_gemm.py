@@ -1,8 +1,15 @@
-"""A Hopper ``wgmma`` GEMM in TVM 0.27's TIRx CUDA dialect: ``C = A @ W^T (+ bias)``.
+"""A Hopper ``wgmma`` GEMM in TVM 0.27's TIRx CUDA dialect: ``C = epilogue(A @ W^T)`` (issue 13 item 2).
 
 Shapes: ``A[M, K]`` fp16, ``W[N, K]`` fp16 (the ``nn.Linear`` layout, so both operands are
 K-major, which is what ``wgmma`` reads without transposes), ``bias[N]`` fp16, ``C[M, N]`` fp16,
-fp32 accumulation.
+fp32 accumulation. Epilogues (:data:`EPILOGUES`, in fp32 on the accumulator, one rounding to
+fp16 at the store): ``none``; ``bias``; ``bias_gelu`` (GELU, tanh form, of the sum);
+``bias_residual`` (+ ``R[M, N]``, the residual stream). With ``batch_dim`` the buffers are
+``(1, M, K)`` / ``(1, M, N)``: a prefill chunk's activations as the model holds them.
+
+The model (:mod:`gpt2_model.model`) calls it for the prefill GEMMs of the static chunk lengths a
+:class:`GemmPlan` names (from the database's ``wgmma_gemm.json``, searched on the card by
+:mod:`tuning.wgmma_tune`); everything else keeps the partition's kernels.
 
 The kernel is a plain TIRx ``PrimFunc`` (``tir_pipeline="tirx"``), written with the low-level
 parts of ``tvm.backend.cuda`` -- ``T.ptx[...]`` PTX instructions, ``T.cuda.*`` helpers -- because
@@ -44,6 +51,7 @@ Gotchas found on 0.27.0.post1 (handled here):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Mapping
 
 import tvm
 from tvm.script import tirx as T
@@ -52,10 +60,10 @@ from tvm.script import tirx as T
 SM90A = {"kind": "cuda", "arch": "sm_90a"}
 #: PrimFunc attribute marking a kernel from this module (value: the config name).
 KERNEL_ATTR = "tuning.wgmma_config"
-#: ``tir_pipeline`` name for relax modules that mix these tirx kernels with ordinary s_tir
-#: kernels (``register_mixed_pipeline``).
-MIXED_PIPELINE = "wgmma_mixed"
 
+#: The epilogues (see the module docstring).
+EPILOGUES = ("none", "bias", "bias_gelu", "bias_residual")
+_GELU_C = 0.7978845608028654  # sqrt(2 / pi)
 _TMA_LOAD_2D = "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
 _CVT_F16X2 = "cvt.rn.f16x2.f32"
 
@@ -92,6 +100,11 @@ class GemmConfig:
     warp_specialized: bool = True
     cluster: int = 1
 
+    def label(self) -> str:
+        """The short name :func:`parse_config` reads (``128x192x64s4c2ws``)."""
+        return (f"{self.tile_m}x{self.tile_n}x{self.tile_k}s{self.stages}c{self.consumers}"
+                f"{'ws' if self.warp_specialized else 'nows'}")
+
     @property
     def name(self) -> str:
         ws = "ws" if self.warp_specialized else "nows"
@@ -106,6 +119,121 @@ class GemmConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class GemmKey:
+    """What one kernel computes: ``m`` rows of ``k`` -> ``n`` columns, then ``epilogue``."""
+
+    m: int
+    n: int
+    k: int
+    epilogue: str
+    dtype: str = "float16"
+
+    def name(self) -> str:
+        return f"m{self.m}_n{self.n}_k{self.k}_{self.epilogue}"
+
+
+#: The constants searched per key (:func:`gemm_candidates`): the configurations measured on an H100
+#: (2026-12-07) plus smaller tiles for short chunks. Written ``{tile_m}x{tile_n}x{tile_k}s{stages}
+#: c{consumers}{ws|nows}``.
+CANDIDATES = ("128x128x64s4c2ws", "128x192x64s4c2ws", "128x256x64s4c2ws", "128x128x64s4c2nows",
+              "64x128x64s5c1ws", "128x64x64s6c2ws", "64x64x64s6c1nows", "64x64x64s8c1ws",
+              "64x192x64s4c1ws", "64x256x64s4c1ws", "128x96x64s5c2ws")
+
+
+def parse_config(text: str) -> GemmConfig:
+    """``GemmConfig`` of a name like ``128x192x64s4c2ws`` (see :data:`CANDIDATES`)."""
+    import re  # pylint: disable=import-outside-toplevel
+
+    mt = re.match(r"^(\d+)x(\d+)x(\d+)s(\d+)c(\d+)(ws|nows)$", text.strip())
+    if not mt:
+        raise ValueError(f"bad wgmma GEMM config {text!r}: expected e.g. 128x192x64s4c2ws")
+    tm, tn, tk, st, cons, ws = mt.groups()
+    return GemmConfig(int(tm), int(tn), int(tk), int(st), int(cons), ws == "ws")
+
+
+def config_problem(key: GemmKey, cfg: GemmConfig) -> str | None:
+    """Why ``cfg`` cannot make ``key``'s kernel (None: it can)."""
+    if key.dtype != "float16":
+        return f"dtype {key.dtype} (float16 only)"
+    if key.epilogue not in EPILOGUES:
+        return f"epilogue {key.epilogue!r}"
+    try:
+        check_config(key.m, key.n, key.k, cfg)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def gemm_candidates(key: GemmKey) -> list[GemmConfig]:
+    """Every legal configuration of :data:`CANDIDATES` for ``key``."""
+    return [c for c in map(parse_config, CANDIDATES) if config_problem(key, c) is None]
+
+
+def make_gemm(key: GemmKey, cfg: GemmConfig, *, name: str = "wgmma_gemm") -> tvm.tirx.PrimFunc:
+    """The model's kernel for ``key``: buffers ``(1, m, k)`` / ``(1, m, n)`` (a prefill chunk)."""
+    problem = config_problem(key, cfg)
+    if problem is not None:
+        raise ValueError(f"wgmma GEMM {key.name()}: {problem}")
+    func = make_wgmma_gemm(key.m, key.n, key.k, epilogue=key.epilogue, batch_dim=True, tile_m=cfg.tile_m,
+                           tile_n=cfg.tile_n, tile_k=cfg.tile_k, stages=cfg.stages, consumers=cfg.consumers,
+                           warp_specialized=cfg.warp_specialized, cluster=cfg.cluster)
+    return func.with_attr("global_symbol", name)
+
+
+def make_gemm_reference(key: GemmKey, *, name: str = "wgmma_gemm") -> tvm.tirx.PrimFunc:
+    """The same arguments and arithmetic as :func:`make_gemm` in plain TE (fp32 sum, the
+    epilogue, one rounding): what a CPU build runs in the model's place, to test the wiring."""
+    from tvm import te, tirx  # pylint: disable=import-outside-toplevel
+
+    m, n, k, dt = key.m, key.n, key.k, key.dtype
+    a = te.placeholder((1, m, k), dt, name="A")
+    w = te.placeholder((n, k), dt, name="W")
+    ins = [a, w]
+    bias = res = None
+    if key.epilogue != "none":
+        bias = te.placeholder((n,), dt, name="bias")
+        ins.append(bias)
+    if key.epilogue == "bias_residual":
+        res = te.placeholder((1, m, n), dt, name="R")
+        ins.append(res)
+    r = te.reduce_axis((0, k), name="r")
+    acc = te.compute((1, m, n), lambda b, i, j: te.sum(a[b, i, r].astype("float32") * w[j, r].astype("float32"),
+                                                       axis=r), name="acc")
+
+    def out(b, i, j):
+        v = acc[b, i, j]
+        if bias is not None:
+            v = v + bias[j].astype("float32")
+        if key.epilogue == "bias_gelu":
+            v = 0.5 * v * (1.0 + tirx.tanh(_GELU_C * (v + 0.044715 * v * v * v)))
+        if res is not None:
+            v = v + res[b, i, j].astype("float32")
+        return v.astype(dt)
+
+    c = te.compute((1, m, n), out, name="C")
+    return te.create_prim_func(ins + [c]).with_attr("global_symbol", name)
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    """Which prefill GEMMs a build runs on this kernel, and with which constants: ``configs`` maps
+    :meth:`GemmKey.name` to a :class:`GemmConfig` (from the database's ``wgmma_gemm.json``).
+    ``reference=True`` (tests): every named GEMM runs :func:`make_gemm_reference`, on any target."""
+
+    configs: Mapping[str, GemmConfig]
+    reference: bool = False
+
+    def config_for(self, key: GemmKey) -> GemmConfig | None:
+        cfg = self.configs.get(key.name())
+        if cfg is None:
+            return None
+        return cfg if self.reference or config_problem(key, cfg) is None else None
+
+    def make(self, key: GemmKey, cfg: GemmConfig, *, name: str):
+        return make_gemm_reference(key, name=name) if self.reference else make_gemm(key, cfg, name=name)
 
 
 def check_config(m: int, n: int, k: int, cfg: GemmConfig) -> None:
@@ -137,23 +265,30 @@ def check_config(m: int, n: int, k: int, cfg: GemmConfig) -> None:
 
 def make_wgmma_gemm(m: int, n: int, k: int, *, bias: bool = True, tile_m: int = 128,
                     tile_n: int = 128, tile_k: int = 64, stages: int = 4, consumers: int = 2,
-                    warp_specialized: bool = True, cluster: int = 1) -> tvm.tirx.PrimFunc:
-    """The TIRx ``PrimFunc`` ``main(A, W[, bias], C)`` computing ``C = A @ W^T (+ bias)``.
+                    warp_specialized: bool = True, cluster: int = 1, epilogue: str | None = None,
+                    batch_dim: bool = False) -> tvm.tirx.PrimFunc:
+    """The TIRx ``PrimFunc`` ``main(A, W[, bias][, R], C)`` computing ``C = epilogue(A @ W^T)``.
 
-    ``A[m, k]``, ``W[n, k]``, ``bias[n]``, ``C[m, n]``, all float16 (fp32 accumulation). The
-    function has a host part (TMA descriptor encoding) and a device part, so it can sit in an
-    ``IRModule`` next to other kernels; build it with ``build`` (``tir_pipeline="tirx"``,
-    target sm_90a). Tile constants: see ``GemmConfig``.
+    ``A[m, k]``, ``W[n, k]``, ``bias[n]``, ``R[m, n]``, ``C[m, n]``, all float16 (fp32
+    accumulation); ``epilogue`` one of :data:`EPILOGUES` (default ``bias`` if ``bias`` else
+    ``none``); ``batch_dim``: A, R and C carry a leading dimension of 1. The function has a host
+    part (TMA descriptor encoding) and a device part, so it can sit in an ``IRModule`` next to
+    other kernels; build it with ``build`` (``tir_pipeline="tirx"``, target sm_90a) or in a model
+    with :func:`register_mixed_pipeline`. Tile constants: see ``GemmConfig``.
     """
+    epilogue = epilogue or ("bias" if bias else "none")
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     cfg = GemmConfig(tile_m, tile_n, tile_k, stages, consumers, warp_specialized, cluster)
     check_config(m, n, k, cfg)
     # "tirx.is_scheduled" keeps relax's default CUDA pipeline (dlight) from rescheduling it;
     # KERNEL_ATTR routes it through the tirx lowering in MIXED_PIPELINE.
-    func = _make(m, n, k, bias, cfg)
+    func = _make(m, n, k, epilogue, cfg, batch_dim)
     return func.with_attrs({"tirx.is_scheduled": True, KERNEL_ATTR: cfg.name})
 
 
-def _make(M, N, K, has_bias, cfg: GemmConfig):  # noqa: C901 - one kernel, straight-line
+def _make(M, N, K, epi: str, cfg: GemmConfig, batch_dim: bool):  # noqa: C901 - one kernel, straight-line
+    has_bias = epi != "none"
     BM, BN, BK, S, NC = cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.stages, cfg.consumers
     WS = cfg.warp_specialized
     KB = BK // 64                     # 128-byte K blocks (TMA boxes) per stage and operand
@@ -207,17 +342,24 @@ def _make(M, N, K, has_bias, cfg: GemmConfig):  # noqa: C901 - one kernel, strai
                                       T.bool(True), 1, 1, 0, 0))
         T.evaluate(T.ptx.wgmma.commit_group.sync.aligned())
 
-    def epilogue(acc, packed, m_blk, n_blk, wg, warp, lane, C32, Bias):
+    def finish(v, col, row, Bias, Res):
+        if has_bias:
+            v = v + T.Cast("float32", Bias[col])
+        if epi == "bias_gelu":  # 0.5 v (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3)))
+            v = T.float32(0.5) * v * (T.float32(1.0) + T.tanh(
+                T.float32(_GELU_C) * (v + T.float32(0.044715) * v * v * v)))
+        if epi == "bias_residual":
+            v = v + T.Cast("float32", Res[row, col])
+        return v
+
+    def epilogue(acc, packed, m_blk, n_blk, wg, warp, lane, C32, Bias, Res):
         for ms in range(MSUB):
             row = m_blk * BM + wg * WG_M + ms * 64 + warp * 16 + lane // 4
             for j in range(BN // 8):
                 col = n_blk * BN + j * 8 + (lane % 4) * 2
                 for h in range(2):
-                    v0 = acc[ms * NACC + j * 4 + 2 * h]
-                    v1 = acc[ms * NACC + j * 4 + 2 * h + 1]
-                    if has_bias:
-                        v0 = v0 + T.Cast("float32", Bias[col])
-                        v1 = v1 + T.Cast("float32", Bias[col + 1])
+                    v0 = finish(acc[ms * NACC + j * 4 + 2 * h], col, row + 8 * h, Bias, Res)
+                    v1 = finish(acc[ms * NACC + j * 4 + 2 * h + 1], col + 1, row + 8 * h, Bias, Res)
                     # cvt.rn.f16x2.f32 d, a, b puts a in the upper half: (hi, lo) = (v1, v0).
                     T.evaluate(T.ptx[_CVT_F16X2](packed[0], v1, v0))
                     T.buffer_store(C32, packed[0], [row + 8 * h, col // 2])
@@ -225,7 +367,7 @@ def _make(M, N, K, has_bias, cfg: GemmConfig):  # noqa: C901 - one kernel, strai
     # ------------------------------------------------------------------ the kernel (TVMScript)
     @T.inline
     def consume(wg, warp, lane, tid, m_blk, n_blk, A_map, W_map, arena, full, empty,
-                acc, packed, desc_a, desc_b, C32, Bias):
+                acc, packed, desc_a, desc_b, C32, Bias, Res):
         for i in T.unroll(MSUB * NACC):
             acc[i] = T.float32(0)
         T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc_a[0]), arena.ptr_to([0]),
@@ -246,10 +388,10 @@ def _make(M, N, K, has_bias, cfg: GemmConfig):  # noqa: C901 - one kernel, strai
                         produce(kt + S - 1, m_blk, n_blk, A_map, W_map, arena, full, empty)
         T.ptx.wgmma.wait_group.sync.aligned(0)
         fence_acc(acc)
-        epilogue(acc, packed, m_blk, n_blk, wg, warp, lane, C32, Bias)
+        epilogue(acc, packed, m_blk, n_blk, wg, warp, lane, C32, Bias, Res)
 
     @T.inline
-    def kernel_body(A_map, W_map, C, Bias):
+    def kernel_body(A_map, W_map, C, Bias, Res):
         bx = T.cta_id([MT * NT])
         tid = T.thread_id([THREADS])
         wg = tid // 128
@@ -286,154 +428,62 @@ def _make(M, N, K, has_bias, cfg: GemmConfig):  # noqa: C901 - one kernel, strai
                 if REG_SPLIT:
                     T.ptx["setmaxnreg.inc.sync.aligned.u32"](232)
                 consume(wg, warp, lane, tid, m_blk, n_blk, A_map, W_map, arena, full, empty,
-                        acc, packed, desc_a, desc_b, C32, Bias)
+                        acc, packed, desc_a, desc_b, C32, Bias, Res)
         else:
             if tid == 0:
                 for kt in range(min(S - 1, KT)):
                     produce(kt, m_blk, n_blk, A_map, W_map, arena, full, empty)
             consume(wg, warp, lane, tid, m_blk, n_blk, A_map, W_map, arena, full, empty,
-                    acc, packed, desc_a, desc_b, C32, Bias)
+                    acc, packed, desc_a, desc_b, C32, Bias, Res)
 
     a_box = (64, BM)
     b_box = (64, BN)
+    a_shape = (1, M, K) if batch_dim else (M, K)
+    c_shape = (1, M, N) if batch_dim else (M, N)
 
-    if has_bias:
+    @T.inline
+    def encode_maps(A, W, A_map, W_map):
+        T.call_packed("runtime.cuTensorMapEncodeTiled", A_map, "float16", 2, A.data,
+                      K, M, K * 2, a_box[0], a_box[1], 1, 1, 0, 3, 2, 0)
+        T.call_packed("runtime.cuTensorMapEncodeTiled", W_map, "float16", 2, W.data,
+                      K, N, K * 2, b_box[0], b_box[1], 1, 1, 0, 3, 2, 0)
+
+    if epi == "bias_residual":
         @T.prim_func
-        def main(A_ptr: T.handle, W_ptr: T.handle, bias_ptr: T.handle, C_ptr: T.handle):
-            A = T.match_buffer(A_ptr, (M, K), "float16", align=16)
+        def main(A_ptr: T.handle, W_ptr: T.handle, bias_ptr: T.handle, r_ptr: T.handle, C_ptr: T.handle):
+            A = T.match_buffer(A_ptr, a_shape, "float16", align=16)
             W = T.match_buffer(W_ptr, (N, K), "float16", align=16)
             Bias = T.match_buffer(bias_ptr, (N,), "float16", align=16)
-            C = T.match_buffer(C_ptr, (M, N), "float16", align=16)
+            R = T.match_buffer(r_ptr, c_shape, "float16", align=16)
+            C = T.match_buffer(C_ptr, c_shape, "float16", align=16)
+            R2 = T.decl_buffer((M, N), "float16", data=R.data)
             A_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
-            T.call_packed("runtime.cuTensorMapEncodeTiled", A_map, "float16", 2, A.data,
-                          K, M, K * 2, a_box[0], a_box[1], 1, 1, 0, 3, 2, 0)
             W_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
-            T.call_packed("runtime.cuTensorMapEncodeTiled", W_map, "float16", 2, W.data,
-                          K, N, K * 2, b_box[0], b_box[1], 1, 1, 0, 3, 2, 0)
+            encode_maps(A, W, A_map, W_map)
             T.device_entry()
-            kernel_body(A_map, W_map, C, Bias)
+            kernel_body(A_map, W_map, C, Bias, R2)
+    elif has_bias:
+        @T.prim_func
+        def main(A_ptr: T.handle, W_ptr: T.handle, bias_ptr: T.handle, C_ptr: T.handle):
+            A = T.match_buffer(A_ptr, a_shape, "float16", align=16)
+            W = T.match_buffer(W_ptr, (N, K), "float16", align=16)
+            Bias = T.match_buffer(bias_ptr, (N,), "float16", align=16)
+            C = T.match_buffer(C_ptr, c_shape, "float16", align=16)
+            A_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
+            W_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
+            encode_maps(A, W, A_map, W_map)
+            T.device_entry()
+            kernel_body(A_map, W_map, C, Bias, None)
     else:
         @T.prim_func
         def main(A_ptr: T.handle, W_ptr: T.handle, C_ptr: T.handle):
-            A = T.match_buffer(A_ptr, (M, K), "float16", align=16)
+            A = T.match_buffer(A_ptr, a_shape, "float16", align=16)
             W = T.match_buffer(W_ptr, (N, K), "float16", align=16)
-            C = T.match_buffer(C_ptr, (M, N), "float16", align=16)
+            C = T.match_buffer(C_ptr, c_shape, "float16", align=16)
             A_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
-            T.call_packed("runtime.cuTensorMapEncodeTiled", A_map, "float16", 2, A.data,
-                          K, M, K * 2, a_box[0], a_box[1], 1, 1, 0, 3, 2, 0)
             W_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
-            T.call_packed("runtime.cuTensorMapEncodeTiled", W_map, "float16", 2, W.data,
-                          K, N, K * 2, b_box[0], b_box[1], 1, 1, 0, 3, 2, 0)
+            encode_maps(A, W, A_map, W_map)
             T.device_entry()
-            kernel_body(A_map, W_map, C, None)
+            kernel_body(A_map, W_map, C, None, None)
 
     return main
-
-
-def target() -> tvm.target.Target:
-    """The sm_90a CUDA target (no GPU needed to build for it)."""
-    return tvm.target.Target(SM90A)
-
-
-def build(func: tvm.tirx.PrimFunc, tgt: tvm.target.Target | None = None):
-    """Compile one kernel from ``make_wgmma_gemm`` (CUDA C -> nvcc, sm_90a) into an Executable.
-
-    ``exe(A, W, bias, C)`` runs it (tvm tensors or torch CUDA tensors via DLPack);
-    ``exe.mod.imports[0].inspect_source()`` is the generated CUDA.
-    """
-    tgt = tgt or target()
-    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-    # The target scope makes tvm.support.nvcc's compile callback (called during tvm.compile on
-    # a CUDA-enabled build) pick sm_90a; on a build/machine without CUDA the module keeps the
-    # CUDA source and compiles it when loaded.
-    with tgt:
-        return tvm.compile(mod, target=tgt, tir_pipeline="tirx")
-
-
-def cuda_source(exe) -> str:
-    """The generated CUDA C of an Executable from ``build``."""
-    return exe.mod.imports[0].inspect_source()
-
-
-def compile_cubin(src: str, arch: str = "sm_90a") -> tuple[bytes, str]:
-    """Compile generated CUDA source to a cubin for ``arch``; return ``(cubin, ptxas log)``.
-
-    Uses ``nvcc -Xptxas -v`` when nvcc is on PATH (the log has registers / spills), else NVRTC
-    through ``tvm.support.nvcc`` (empty log). Works without a GPU.
-    """
-    import os
-    import shutil
-    import subprocess
-    import tempfile
-
-    if shutil.which("nvcc"):
-        with tempfile.TemporaryDirectory() as tmp:
-            cu, out = os.path.join(tmp, "k.cu"), os.path.join(tmp, "k.cubin")
-            with open(cu, "w") as f:
-                f.write(src)
-            res = subprocess.run(["nvcc", "--cubin", "-O3", f"-arch={arch}", "-Xptxas", "-v",
-                                  "-diag-suppress", "177", "-o", out, cu],
-                                 capture_output=True, text=True, check=False)
-            if res.returncode != 0:
-                raise RuntimeError(f"nvcc failed:\n{res.stderr[-4000:]}")
-            with open(out, "rb") as f:
-                return f.read(), "\n".join(ln for ln in res.stderr.splitlines()
-                                           if ln.startswith(("ptxas", "    ")))
-    from tvm.support import nvcc
-
-    return bytes(nvcc.compile_cuda(src, target_format="cubin", arch=arch, compiler="nvrtc")), ""
-
-
-def ptxas_summary(log: str) -> dict:
-    """``{"registers": int, "spill_bytes": int}`` parsed from a ``ptxas -v`` log (or ``{}``)."""
-    import re
-
-    out = {}
-    regs = re.search(r"Used (\d+) registers", log)
-    if regs:
-        out["registers"] = int(regs.group(1))
-    spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", log)
-    if spills:
-        out["spill_bytes"] = sum(int(s) for s in spills)
-    return out
-
-
-def register_mixed_pipeline() -> str:
-    """Register (once) and return ``MIXED_PIPELINE``: a TIR pipeline for mixed modules.
-
-    TVM 0.27 picks one TIR pipeline per ``tvm.compile``: ``"tirx"`` rejects s_tir PrimFuncs
-    (the dlight-scheduled kernels of a relax model) and the default s_tir pipeline rejects
-    tirx PrimFuncs. This one lowers the functions carrying ``KERNEL_ATTR`` with the tirx
-    pipeline and everything else with the s_tir pipeline, then merges the two modules (the
-    finalization passes of both pipelines are the same). Use it as
-    ``tvm.compile(relax_mod, target, tir_pipeline=register_mixed_pipeline())``.
-    """
-    from tvm.tirx import compilation_pipeline as cp
-
-    if MIXED_PIPELINE in cp.PIPELINE_MAP:
-        return MIXED_PIPELINE
-
-    def factory():
-        s_pipe, fin_host, fin_dev = cp.get_tir_pipeline("s_tir")
-        x_pipe, _, _ = cp.get_tir_pipeline("tirx")
-
-        @tvm.transform.module_pass(opt_level=0, name="WgmmaMixedPipeline")
-        def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-            ours, rest = {}, {}
-            for gvar, func in mod.functions_items():
-                is_ours = isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None \
-                    and KERNEL_ATTR in func.attrs
-                (ours if is_ours else rest)[gvar] = func
-            out = s_pipe(tvm.IRModule(rest, attrs=mod.attrs)) if rest else None
-            if ours:
-                lowered = x_pipe(tvm.IRModule(ours, attrs=mod.attrs))
-                if out is None:
-                    out = lowered
-                else:
-                    out.update(lowered)
-            return out if out is not None else mod
-
-        return _pipeline, fin_host, fin_dev
-
-    cp.register_tir_pipeline(MIXED_PIPELINE, factory)
-    return MIXED_PIPELINE

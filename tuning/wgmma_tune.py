@@ -1,0 +1,265 @@
+"""The Hopper wgmma GEMM search (:mod:`gpt2_model.wgmma_gemm`), stored in ``wgmma_gemm.json`` (issue 13 item 2).
+
+For every prefill chunk bucket, the four GEMMs of a layer (QKV + bias, attention c_proj + bias +
+residual, ``c_fc`` + bias + GELU, MLP c_proj + bias + residual) get the template's candidate
+constants (:data:`gpt2_model.wgmma_gemm.CANDIDATES`: tile M/N/K, pipeline stages, consumer
+warpgroups, producer warp specialization) built in parallel for ``sm_90a``, each checked on the
+local GPU against NumPy (the output poisoned with NaN first) and timed with ``time_evaluator``.
+The partition kernel it would replace is timed the same way, scheduled as the tuned build
+schedules it (the database's record, else dlight); the fastest checked candidate is stored only
+when it beats that kernel. A candidate that fails to build or to check is logged and never stored.
+
+At compile time :func:`gemm_plan_for` turns the file into the
+:class:`~gpt2_model.wgmma_gemm.GemmPlan` the exported model uses for those prefill shapes
+(:func:`tuning.compile.build_model`); other arches, and databases without the file, build without it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from gpt2_model.wgmma_build import install_compile_hook
+from gpt2_model.wgmma_gemm import SM90A, GemmConfig, GemmKey, GemmPlan, config_problem, gemm_candidates, make_gemm
+
+from .attention import AttentionError, _build_all
+from .dbfiles import WGMMA_GEMM_FILE, read_json
+from .norm_gemv_tune import _time_kernel, merge_winners
+from .targets import arch_of, is_gpu
+
+__all__ = ["WGMMA_SCHEMA", "gemm_keys", "gemm_plan_for", "parse_gemm_entry", "read_gemm_plan", "reference_gemm",
+           "tune_wgmma_gemm", "wgmma_arch"]
+
+logger = logging.getLogger(__name__)
+
+WGMMA_SCHEMA = "gpt2k-wgmma-gemm/1"
+#: |out - ref| <= ATOL + RTOL * |ref| (fp16 output; fp32 sums over K <= 3072 in another order)
+ATOL, RTOL = 2e-3, 1e-2
+
+
+def wgmma_arch(target) -> bool:
+    """Whether builds for ``target`` can use the kernel (CUDA sm_90: H100/H200)."""
+    return is_gpu(target) and arch_of(target) == "sm_90"
+
+
+def gemm_keys(config, *, dtype: str, lengths: Sequence[int]) -> list[GemmKey]:
+    """The GEMMs of a prefill chunk of each length the kernel can take (fp16, lengths that tile by 64)."""
+    if dtype != "float16":
+        return []
+    d, inner = config.n_embd, config.n_inner
+    gelu = config.activation_function in ("gelu_new", "gelu_pytorch_tanh")
+    keys = []
+    for s in sorted({int(x) for x in lengths}):
+        keys.append(GemmKey(s, 3 * d, d, "bias"))
+        keys.append(GemmKey(s, d, d, "bias_residual"))
+        if gelu:
+            keys.append(GemmKey(s, inner, d, "bias_gelu"))
+        keys.append(GemmKey(s, d, inner, "bias_residual"))
+    return [k for k in keys if gemm_candidates(k)]
+
+
+def reference_gemm(key: GemmKey, a, w, bias, residual=None) -> np.ndarray:
+    """NumPy: fp32 products and sum, the epilogue, one cast."""
+    y = a[0].astype(np.float32) @ w.astype(np.float32).T + bias.astype(np.float32)
+    if key.epilogue == "bias_gelu":
+        y = 0.5 * y * (1 + np.tanh(0.7978845608028654 * (y + 0.044715 * y**3)))
+    if key.epilogue == "bias_residual":
+        y = y + residual[0].astype(np.float32)
+    return y.astype(key.dtype)[None]
+
+
+def _inputs(key: GemmKey, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"a": rng.standard_normal((1, key.m, key.k)).astype(key.dtype),
+            "w": (rng.standard_normal((key.n, key.k)) / np.sqrt(key.k)).astype(key.dtype),
+            "bias": (0.1 * rng.standard_normal(key.n)).astype(key.dtype),
+            "residual": rng.standard_normal((1, key.m, key.n)).astype(key.dtype)}
+
+
+def _build_one(job: tuple) -> tuple[str | None, str | None]:
+    """(library path, None) or (None, error) for one (key, config) candidate; runs in a worker process."""
+    key_d, cfg_d, path = job
+    try:
+        import tvm  # pylint: disable=import-outside-toplevel
+
+        install_compile_hook()
+        func = make_gemm(GemmKey(**key_d), GemmConfig(**cfg_d), name="main")
+        target = tvm.target.Target(SM90A)
+        with target:
+            exe = tvm.compile(tvm.IRModule({"main": func}), target=target, tir_pipeline="tirx")
+        exe.export_library(path)
+        return path, None
+    except Exception as err:  # noqa: BLE001 - a candidate that fails to build is skipped, with its reason
+        return None, f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+
+
+def _build_candidates(jobs: list[tuple[GemmKey, GemmConfig]], folder: Path, workers: int | None) -> list:
+    args = [(asdict(k), asdict(c), str(folder / f"{k.name()}__{c.label()}.so")) for k, c in jobs]
+    with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1, mp_context=get_context("spawn")) as pool:
+        return list(pool.map(_build_one, args))
+
+
+def _replaced_kernels(config, *, quantization: str, target, db_dir: Path, keys: Sequence[GemmKey]) -> dict:
+    """Per key name: ``[("linear <kernel> (tuned|dlight)", PrimFunc)]``: the prefill bucket's partition
+    kernel of that GEMM (epilogue fused), scheduled as the tuned build schedules it."""
+    from tvm.s_tir import Schedule  # pylint: disable=import-outside-toplevel
+
+    from .database import TunedDatabase  # pylint: disable=import-outside-toplevel
+    from .partition import partition  # pylint: disable=import-outside-toplevel
+    from .untuned import untuned_schedule  # pylint: disable=import-outside-toplevel
+
+    tasks = partition(config, quantization=quantization, target=target,
+                      buckets={"prefill": sorted({k.m for k in keys})})
+    db = TunedDatabase.open(db_dir, target=target).ms if (db_dir / "meta.json").is_file() else None
+    out = {}
+    for key in keys:
+        task = next((t for t in tasks if t.phase == "prefill" and t.bucket == key.m and t.kind in ("gemm", "gemv")
+                     and (key.n, key.k) in t.shapes() and (1, key.m, key.n) in t.shapes()), None)
+        if task is None:
+            continue
+        rec = db.query_tuning_record(task.mod(), target, "main") if db is not None else None
+        if rec is not None:
+            sch = Schedule(task.mod())
+            rec.trace.apply_to_schedule(sch, remove_postproc=False)
+        else:
+            sch = untuned_schedule(task.mod(), target=target)
+        if sch is not None:
+            out[key.name()] = [(f"linear {task.kernel}" + (" (tuned)" if rec is not None else " (dlight)"),
+                                sch.mod["main"])]
+    return out
+
+
+def _check_and_time(lib, key: GemmKey, inp: dict, ref: np.ndarray, *, device, number: int, repeat: int) -> dict:
+    import tvm  # pylint: disable=import-outside-toplevel
+
+    names = ("a", "w", "bias") + (("residual",) if key.epilogue == "bias_residual" else ())
+    args = [tvm.runtime.tensor(inp[n], device) for n in names]
+    out = tvm.runtime.tensor(np.full(ref.shape, np.nan, key.dtype), device)
+    lib["main"](*args, out)
+    device.sync()
+    got, want = out.numpy().astype(np.float32), ref.astype(np.float32)
+    err = float(np.max(np.abs(got - want) - RTOL * np.abs(want)))
+    res = {"ok": bool(np.all(np.isfinite(got))) and err <= ATOL, "excess_err": err}
+    if res["ok"]:
+        te = lib.time_evaluator("main", device, number=number, repeat=repeat)
+        res["us"] = float(np.median(te(*args, out).results) * 1e6)
+    return res
+
+
+def tune_wgmma_gemm(config, *, dtype: str, target, out_dir: str | os.PathLike, lengths: Sequence[int],
+                    quantization: str = "q0f16", device=None, workers: int | None = None, number: int = 100,
+                    repeat: int = 5, log: Callable[[str], None] = print) -> dict:
+    """Search the wgmma GEMMs of the prefill chunk ``lengths`` on the local GPU (sm_90); merge the
+    winners (checked, and faster than the partition kernel they replace) into
+    ``out_dir/wgmma_gemm.json``. Returns the file's content."""
+    import tempfile  # pylint: disable=import-outside-toplevel
+
+    import tvm  # pylint: disable=import-outside-toplevel
+
+    device = device or tvm.cuda(0)
+    if not device.exist:
+        raise AttentionError("the wgmma GEMM search measures on a local CUDA GPU, and this machine has none")
+    if device.compute_version != "9.0":
+        raise AttentionError(f"the wgmma GEMM needs an sm_90 GPU (H100/H200); this one is {device.compute_version}")
+    out = Path(out_dir)
+    keys = gemm_keys(config, dtype=dtype, lengths=lengths)
+    if not keys:
+        log(f"wgmma: no GEMM the kernel takes at chunk lengths {list(lengths)} ({dtype})")
+        return read_json(out / WGMMA_GEMM_FILE, {}) or {}
+    t0 = time.time()
+    jobs = [(k, c) for k in keys for c in gemm_candidates(k)]
+    replaced = _replaced_kernels(config, quantization=quantization, target=target, db_dir=out, keys=keys)
+    base_funcs = [(name, what, f) for name, pair in replaced.items() for what, f in pair]
+    log(f"wgmma: {len(jobs)} candidates for {len(keys)} GEMMs at chunk lengths {sorted({k.m for k in keys})} "
+        f"(+ {len(base_funcs)} partition kernels to beat); building...")
+    with tempfile.TemporaryDirectory(prefix="wgmma_") as tmp:
+        built = _build_candidates(jobs, Path(tmp), workers)
+        base_paths, errors = _build_all([f for _, _, f in base_funcs], target, workers=workers)
+        base_us: dict[str, dict] = {}
+        for (name, what, f), path in zip(base_funcs, base_paths):
+            base_us.setdefault(name, {})[what] = _time_kernel(
+                tvm.runtime.load_module(path), f, device=device, number=number, repeat=repeat) if path else None
+        failed = [e for _, e in built if e]
+        log(f"wgmma: built {len(jobs) - len(failed)}/{len(jobs)} in {time.time() - t0:.0f} s; measuring")
+        if failed:
+            log(f"wgmma: {len(failed)} failed to build; first error: {failed[0]}")
+        if errors:
+            log(f"wgmma: {len(errors)} partition kernels failed to build; first: {errors[0].strip().splitlines()[-1]}")
+        found: dict[str, dict] = {}
+        refs = {}
+        for (key, cfg), (path, err) in zip(jobs, built):
+            entry = found.setdefault(key.name(), {"key": asdict(key), "candidates": []})
+            if path is None:
+                entry["candidates"].append({"config": asdict(cfg), "error": err or "build failed"})
+                continue
+            if key not in refs:
+                inp = _inputs(key)
+                refs[key] = (inp, reference_gemm(key, inp["a"], inp["w"], inp["bias"], inp["residual"]))
+            inp, ref = refs[key]
+            res = _check_and_time(tvm.runtime.load_module(path), key, inp, ref, device=device, number=number,
+                                  repeat=repeat)
+            entry["candidates"].append({"config": asdict(cfg), **res})
+    doc = read_json(out / WGMMA_GEMM_FILE, {}) or {}
+    kernels = merge_winners(dict(doc.get("kernels") or {}), found, base_us, log=log, what="wgmma",
+                            label=lambda c: GemmConfig(**c).label())
+    doc = {"schema": WGMMA_SCHEMA, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "device": getattr(device, "device_name", None), "kernels": kernels}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp_file = out / (WGMMA_GEMM_FILE + ".tmp")
+    tmp_file.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp_file, out / WGMMA_GEMM_FILE)
+    log(f"wgmma: {len(found)} GEMMs searched in {time.time() - t0:.0f} s; {len(kernels)} stored in "
+        f"{out / WGMMA_GEMM_FILE}")
+    return doc
+
+
+def parse_gemm_entry(name: str, entry: dict) -> tuple[GemmKey | None, GemmConfig]:
+    """``(key, config)`` of a ``wgmma_gemm.json`` entry.
+
+    Raises
+    ------
+    ValueError
+        The entry is malformed, holds another name's key, or its constants cannot make its kernel.
+    """
+    try:
+        cfg = GemmConfig(**entry["config"])
+        key = GemmKey(**entry["key"]) if "key" in entry else None
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"malformed: {err}") from None
+    if key is not None and key.name() != name:
+        raise ValueError(f"entry named {name} holds the key of {key.name()}")
+    problem = config_problem(key, cfg) if key is not None else None
+    if problem is not None:
+        raise ValueError(f"not a legal configuration: {problem}")
+    return key, cfg
+
+
+def read_gemm_plan(db_dir: str | os.PathLike | None) -> GemmPlan | None:
+    """The plan of a database's ``wgmma_gemm.json`` (None: no file, or nothing stored); a malformed or
+    illegal entry is skipped with a warning (that GEMM keeps its partition kernel)."""
+    if db_dir is None:
+        return None
+    doc = read_json(Path(db_dir) / WGMMA_GEMM_FILE, None)
+    if not isinstance(doc, dict) or not doc.get("kernels"):
+        return None
+    configs = {}
+    for name, entry in doc["kernels"].items():
+        try:
+            configs[name] = parse_gemm_entry(name, entry)[1]
+        except ValueError as err:
+            logger.warning("wgmma_gemm.json: entry %s skipped (%s)", name, err)
+    return GemmPlan(configs) if configs else None
+
+
+def gemm_plan_for(db_dir: str | os.PathLike | None, target) -> GemmPlan | None:
+    """The plan a build for ``target`` with the database at ``db_dir`` uses (sm_90 CUDA targets only)."""
+    return read_gemm_plan(db_dir) if db_dir is not None and wgmma_arch(target) else None
