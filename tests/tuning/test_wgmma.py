@@ -1,0 +1,195 @@
+"""The Hopper wgmma GEMM (``gpt2_model.wgmma_gemm``): its CUDA compiles for sm_90a (nvcc, no GPU
+needed), the model's wiring (which prefill GEMMs run it, with which operands: a plain TE form of the
+same arguments and arithmetic built for the CPU, prompt logits vs HF), a mixed build of real kernels
+next to scheduled ones for sm_90, the database file's reading, and (GPU-marked) the search on a card."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+
+import numpy as np
+import pytest
+import tvm
+
+from gpt2_model.config import get_config
+from gpt2_model.export import export_model
+from gpt2_model.wgmma_gemm import (CANDIDATES, EPILOGUES, GemmConfig, GemmKey, GemmPlan, config_problem,
+                                   gemm_candidates, make_gemm, make_gemm_reference, parse_config)
+from tuning.targets import make_target
+from tuning.wgmma_tune import gemm_keys, gemm_plan_for, read_gemm_plan, reference_gemm
+
+CUDA = make_target("sm_90")
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (CUDA toolkit) to compile")
+
+
+def test_keys_candidates_and_config_names():
+    keys = gemm_keys(get_config("gpt2"), dtype="float16", lengths=[1024, 128, 512, 100])
+    names = {k.name() for k in keys}
+    assert len(keys) == 12 and "m1024_n2304_k768_bias" in names and "m128_n768_k3072_bias_residual" in names
+    assert not any(k.m == 100 for k in keys)  # no tile divides 100 rows: that chunk keeps its partition kernels
+    assert gemm_keys(get_config("gpt2"), dtype="float32", lengths=[128]) == []
+    for key in keys:
+        assert len(gemm_candidates(key)) >= 8
+    for text in CANDIDATES:
+        assert parse_config(text).label() == text
+    with pytest.raises(ValueError, match="bad wgmma GEMM config"):
+        parse_config("128x128")
+    key = GemmKey(128, 768, 768, "bias")
+    assert "not a multiple of the tile" in config_problem(GemmKey(96, 768, 768, "bias"), parse_config(CANDIDATES[0]))
+    assert "192 accumulator registers" in config_problem(key, GemmConfig(128, 256, 64, 4, 1))
+    assert "float16 only" in config_problem(GemmKey(128, 768, 768, "bias", "float32"), GemmConfig())
+    with pytest.raises(ValueError, match="m96_n768_k768_bias"):
+        make_gemm(GemmKey(96, 768, 768, "bias"), GemmConfig())
+
+
+@needs_nvcc
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+def test_every_epilogue_compiles_for_sm90a_without_spills(epilogue):
+    from gpt2_model.wgmma_build import build, compile_cubin, cuda_source, ptxas_summary  # pylint: disable=import-outside-toplevel
+
+    func = make_gemm(GemmKey(128, 768, 768, epilogue), parse_config("128x128x64s4c2ws"))
+    src = cuda_source(build(func))
+    assert "wgmma.mma_async" in src and "setmaxnreg" in src
+    if epilogue == "bias_gelu":
+        assert "tanhf" in src
+    if epilogue == "bias_residual":
+        assert "R2_ptr[" in src  # the residual is read in the epilogue
+    _, log = compile_cubin(src)
+    summary = ptxas_summary(log)
+    assert summary.get("registers", 0) > 0 and summary.get("spill_bytes", 0) == 0, log
+
+
+@pytest.mark.parametrize("epilogue", ["bias", "bias_gelu", "bias_residual"])
+def test_reference_form_equals_numpy(epilogue):
+    """The TE form the CPU wiring test runs computes what the search checks candidates against."""
+    from tuning.wgmma_tune import _inputs  # pylint: disable=import-outside-toplevel
+
+    key = GemmKey(8, 24, 40, epilogue)
+    inp = _inputs(key)
+    lib = tvm.compile(tvm.IRModule({"main": make_gemm_reference(key, name="main")}), target="llvm")
+    names = ["a", "w", "bias"] + (["residual"] if epilogue == "bias_residual" else [])
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros((1, 8, 24), "float16"), dev)
+    lib["main"](*[tvm.runtime.tensor(inp[n], dev) for n in names], out)
+    want = reference_gemm(key, inp["a"], inp["w"], inp["bias"], inp["residual"]).astype(np.float32)
+    np.testing.assert_allclose(out.numpy().astype(np.float32), want, rtol=2e-3, atol=2e-3)
+
+
+def _wgmma_calls(mod, func: str) -> int:
+    return len(re.findall(r"call_tir\((?:cls\.)?wgmma_", mod[func].script()))
+
+
+def test_model_runs_the_planned_prefill_shapes_only():
+    config = get_config("gpt2")
+    plan = GemmPlan({k.name(): parse_config("64x64x64s6c1nows") for k in gemm_keys(config, dtype="float16",
+                                                                                     lengths=[128])})
+    ex = export_model(config, quantization="q0f16", target=CUDA, buckets={"prefill": [128, 256], "decode": [8]},
+                      gemm=plan)
+    assert _wgmma_calls(ex.mod, "prefill_s128") == 4 * config.n_layer
+    assert _wgmma_calls(ex.mod, "prefill_tokens_s128") == 4 * config.n_layer
+    for other in ("prefill_s256", "prefill", "batch_decode_b8", "batch_prefill"):
+        assert _wgmma_calls(ex.mod, other) == 0, other
+    assert ex.metadata["wgmma_gemm"] == sorted(plan.configs)
+    cpu = export_model(config, quantization="q0f16", target=make_target("cpu"), buckets={"prefill": [128]}, gemm=plan)
+    assert _wgmma_calls(cpu.mod, "prefill_s128") == 0 and cpu.metadata["wgmma_gemm"] == []  # CUDA kernels only
+    q4 = export_model(config, quantization="q4f16_1", target=CUDA, buckets={"prefill": [128]}, gemm=plan)
+    assert _wgmma_calls(q4.mod, "prefill_s128") == 0  # quantized weights keep their own kernels
+
+
+def test_planned_model_on_the_cpu_equals_hf(hf_sharded):
+    """The wiring (which weight, bias and residual go where, the GELU) with the plain TE form in
+    the kernel's place, built for the CPU: prompt logits of the planned chunk length equal HF's,
+    q0f32, 1e-4 relative; an unplanned length runs the partition kernels and agrees as well."""
+    from gpt2_model.loader import load_hf_params  # pylint: disable=import-outside-toplevel
+    from gpt2_model.quantization import convert_params  # pylint: disable=import-outside-toplevel
+    from gpt2_model.runtime import Engine  # pylint: disable=import-outside-toplevel
+    from tuning.compile import build  # pylint: disable=import-outside-toplevel
+
+    from ..conftest import hf_last_logits, rel_err  # pylint: disable=import-outside-toplevel
+
+    path, hf = hf_sharded
+    config = get_config(path)
+    d, inner = config.n_embd, config.n_inner
+    keys = [GemmKey(6, 3 * d, d, "bias", "float32"), GemmKey(6, d, d, "bias_residual", "float32"),
+            GemmKey(6, inner, d, "bias_gelu", "float32"), GemmKey(6, d, inner, "bias_residual", "float32")]
+    plan = GemmPlan({k.name(): GemmConfig() for k in keys}, reference=True)
+    target = make_target("cpu")
+    exported = export_model(config, quantization="q0f32", target=target, buckets={"prefill": [6]}, gemm=plan)
+    assert _wgmma_calls(exported.mod, "prefill_s6") == 4 * config.n_layer
+    engine = Engine(exported=exported, executable=build(exported, target=target),
+                    params=convert_params(load_hf_params(path, config), exported.scheme), device="cpu")
+    for prompt in ([5, 17, 300, 2, 9, 40], [7, 1, 2]):  # the planned chunk, then an unplanned length
+        seq = engine.add_sequence()
+        assert rel_err(engine.prefill(seq, prompt), hf_last_logits(hf, prompt)) < 1e-4
+
+
+@needs_nvcc
+def test_mixed_build_for_sm90_compiles_with_the_scheduled_kernels():
+    """A model with real wgmma kernels next to dlight-scheduled ones lowers through the mixed TIR
+    pipeline; its one CUDA module compiles for sm_90a."""
+    from gpt2_model.wgmma_build import compile_cubin  # pylint: disable=import-outside-toplevel
+    from tuning.compile import build  # pylint: disable=import-outside-toplevel
+
+    config = get_config("tiny")
+    keys = gemm_keys(config, dtype="float16", lengths=[128])
+    assert len(keys) == 4
+    plan = GemmPlan({k.name(): parse_config("64x64x64s6c1nows") for k in keys})
+    exported = export_model(config, quantization="q0f16", target=CUDA, buckets={"prefill": [128]}, gemm=plan)
+    exe = build(exported, target=CUDA)
+
+    def walk(m):
+        yield m
+        for i in m.imports:
+            yield from walk(i)
+
+    cuda = [m for m in walk(exe.mod) if m.kind == "cuda"]
+    assert len(cuda) == 1
+    src = cuda[0].inspect_source()
+    assert all(f"wgmma_{k.name()}_kernel" in src for k in keys) and "layer_norm" in src
+    _, log = compile_cubin(src)
+    assert "error" not in log.lower()
+
+
+def test_plan_reading_skips_bad_entries(tmp_path, caplog):
+    good = GemmKey(512, 2304, 768, "bias")
+    doc = {"kernels": {
+        good.name(): {"key": {"m": 512, "n": 2304, "k": 768, "epilogue": "bias"},
+                      "config": json.loads(json.dumps(parse_config("128x128x64s4c2ws").as_dict()))},
+        "m100_n2304_k768_bias": {"key": {"m": 100, "n": 2304, "k": 768, "epilogue": "bias"},
+                                 "config": GemmConfig().as_dict()},
+        "m512_n768_k768_bias": {"key": {"m": 512, "n": 2304, "k": 768, "epilogue": "bias"},
+                                "config": GemmConfig().as_dict()},
+        "m512_n3072_k768_bias_gelu": {"config": {"tile_m": 128}, "key": {"m": 512}},
+    }}
+    (tmp_path / "wgmma_gemm.json").write_text(json.dumps(doc))
+    with caplog.at_level(logging.WARNING):
+        plan = read_gemm_plan(tmp_path)
+    assert set(plan.configs) == {good.name()} and plan.config_for(good) == parse_config("128x128x64s4c2ws")
+    assert "not a multiple of the tile" in caplog.text and "holds the key of" in caplog.text
+    assert gemm_plan_for(tmp_path, CUDA) == plan
+    assert gemm_plan_for(tmp_path, make_target("sm_80")) is None and gemm_plan_for(tmp_path, make_target("cpu")) is None
+    assert read_gemm_plan(tmp_path / "missing") is None
+    (tmp_path / "wgmma_gemm.json").write_text("{not json")
+    with pytest.raises(ValueError, match="wgmma_gemm.json is not valid JSON"):
+        read_gemm_plan(tmp_path)
+
+
+@pytest.mark.gpu
+def test_search_on_the_gpu_stores_checked_winners(tmp_path):
+    from tuning.wgmma_tune import tune_wgmma_gemm  # pylint: disable=import-outside-toplevel
+
+    dev = tvm.cuda(0)
+    if not dev.exist or dev.compute_version != "9.0":
+        pytest.skip("needs an sm_90 GPU (H100/H200)")
+    doc = tune_wgmma_gemm(get_config("gpt2"), dtype="float16", target=CUDA, out_dir=tmp_path, lengths=[512],
+                          number=20, repeat=2)
+    found = {k: v for k, v in doc["kernels"].items()}
+    # no database in tmp_path: the kernels to beat are dlight's; every stored winner was checked and beat them
+    assert found, "at 512 rows the wgmma kernel beat no dlight GEMM"
+    for entry in found.values():
+        assert entry["rejected"] == 0 and 0 < entry["us"] < entry["unfused_us"]
+        assert all(c.get("ok") for c in entry["candidates"] if "error" not in c), entry["candidates"]
+    assert read_gemm_plan(tmp_path) is not None
