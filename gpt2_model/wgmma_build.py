@@ -169,7 +169,7 @@ def install_compile_hook() -> None:
 
     original = nvcc.tvm_callback_cuda_compile
 
-    def compile_hook(code, *args):
+    def compile_hook(code, *_):
         if any(m in code for m in _ARCH_A_MARKERS):
             current = tvm.target.Target.current(allow_none=True)
             arch = _arch_a(getattr(current, "arch", None) if current is not None else None)
@@ -177,7 +177,7 @@ def install_compile_hook() -> None:
                 if os.environ.get("TVM_CUDA_COMPILE_MODE", "nvrtc").lower() == "nvcc":
                     return nvcc.compile_cuda(code, target_format="fatbin", arch=arch, compiler="nvcc")
                 return nvcc.compile_cuda(code, target_format="cubin", arch=arch, compiler="nvrtc")
-        return original(code, *args)
+        return original(code)
 
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_hook, override=True)
     _HOOK["installed"] = True
