@@ -193,3 +193,19 @@ def test_search_on_the_gpu_stores_checked_winners(tmp_path):
         assert entry["rejected"] == 0 and 0 < entry["us"] < entry["unfused_us"]
         assert all(c.get("ok") for c in entry["candidates"] if "error" not in c), entry["candidates"]
     assert read_gemm_plan(tmp_path) is not None
+
+
+def test_validate_builds_stored_choices_and_names_bad_ones(tmp_path):
+    from tuning.validate import validate_wgmma  # pylint: disable=import-outside-toplevel
+
+    assert validate_wgmma(tmp_path, target=CUDA) == (0, 0, [])  # no file: nothing to check
+    doc = {"kernels": {
+        "m512_n2304_k768_bias": {"key": {"m": 512, "n": 2304, "k": 768, "epilogue": "bias"},
+                                 "config": parse_config("128x192x64s4c2ws").as_dict()},
+        "m100_n2304_k768_bias": {"key": {"m": 100, "n": 2304, "k": 768, "epilogue": "bias"},
+                                 "config": GemmConfig().as_dict()},
+    }}
+    (tmp_path / "wgmma_gemm.json").write_text(json.dumps(doc))
+    entries, built, failures = validate_wgmma(tmp_path, target=CUDA)
+    assert (entries, built) == (2, 1) and len(failures) == 1 and "m100_n2304_k768_bias" in failures[0]
+    assert validate_wgmma(tmp_path, target=make_target("sm_80")) == (0, 0, [])  # other arches never use it
