@@ -136,11 +136,13 @@ class GemmKey:
 
 
 #: The constants searched per key (:func:`gemm_candidates`): the configurations measured on an H100
-#: (2026-12-07) plus smaller tiles for short chunks. Written ``{tile_m}x{tile_n}x{tile_k}s{stages}
-#: c{consumers}{ws|nows}``.
+#: (2026-12-07), smaller tiles for short chunks, and tiles whose CTA count fills the card's 132 SMs
+#: in one wave (1024 x 2304 in 128 x 144 tiles, 1024 x 768 in 64 x 96, 512 x 2304 in 64 x 144: 128
+#: CTAs each). Written ``{tile_m}x{tile_n}x{tile_k}s{stages}c{consumers}{ws|nows}``.
 CANDIDATES = ("128x128x64s4c2ws", "128x192x64s4c2ws", "128x256x64s4c2ws", "128x128x64s4c2nows",
               "64x128x64s5c1ws", "128x64x64s6c2ws", "64x64x64s6c1nows", "64x64x64s8c1ws",
-              "64x192x64s4c1ws", "64x256x64s4c1ws", "128x96x64s5c2ws")
+              "64x192x64s4c1ws", "64x256x64s4c1ws", "128x96x64s5c2ws", "128x144x64s5c2ws",
+              "64x144x64s6c1ws", "64x96x64s6c1ws", "64x48x64s8c1ws", "64x72x64s8c1ws")
 
 
 def parse_config(text: str) -> GemmConfig:
