@@ -192,38 +192,41 @@ def run_tune(config: TuneConfig) -> int:  # pylint: disable=too-many-locals,too-
 def _tune_wgmma(config: TuneConfig, *, model_cfg, scheme, target, committed: Path, lengths, remote: bool,
                 meta: dict) -> None:
     """Search the Hopper wgmma prefill GEMMs (``tuning.wgmma_tune``) into ``committed``."""
-    if remote:
-        _say("wgmma: skipped: its search measures on a GPU of this machine, not over RPC "
-             "(run tune --kinds wgmma on the GPU host)")
-        return
     if scheme.activation_dtype != "float16" or scheme.name != "q0f16":
         _say(f"wgmma: skipped: the kernel takes fp16 weights (q0f16), not {scheme.name}")
         return
-    _say(f"[wgmma] searching the Hopper wgmma GEMMs of prefill chunks {list(lengths)}")
-    previous = read_meta(committed) or {}
-    doc = tune_wgmma_gemm(model_cfg, dtype=scheme.activation_dtype, target=target, out_dir=committed,
-                          lengths=lengths, quantization=scheme.name, workers=config.workers, log=_say)
-    if not doc.get("kernels"):
-        return
-    _record_search(committed, previous, target=target, meta=meta,
-                   run={"kinds": "wgmma", "lengths": list(lengths), "stored": sorted(doc["kernels"])})
+    _template_search("wgmma", f"the Hopper wgmma GEMMs of prefill chunks {list(lengths)}",
+                     lambda: tune_wgmma_gemm(model_cfg, dtype=scheme.activation_dtype, target=target,
+                                             out_dir=committed, lengths=lengths, quantization=scheme.name,
+                                             workers=config.workers, log=_say),
+                     committed=committed, target=target, meta=meta, remote=remote, run={"lengths": list(lengths)})
 
 
 def _tune_norm_gemv(config: TuneConfig, *, model_cfg, scheme, target, committed: Path, batches, remote: bool,
                     meta: dict) -> None:
     """Search the fused layer norm + decode GEMV kernels (``tuning.norm_gemv_tune``) into ``committed``."""
+    _template_search("norm-gemv", f"the fused layer norm + decode GEMV kernels at batches {list(batches)}",
+                     lambda: tune_norm_gemv(model_cfg, dtype=scheme.activation_dtype, target=target,
+                                            out_dir=committed, batches=batches, quantization=scheme.name,
+                                            workers=config.workers, log=_say),
+                     committed=committed, target=target, meta=meta, remote=remote, run={"batches": list(batches)})
+
+
+def _template_search(kind: str, what: str, search, *, committed: Path, target, meta: dict, remote: bool,
+                     run: dict) -> None:
+    """Run a template search (``search()`` -> the written document) on this machine's GPU and
+    record it in ``meta.json`` when it stored anything; skipped over RPC (it measures locally)."""
     if remote:
-        _say("norm+gemv: skipped: its search measures on a GPU of this machine, not over RPC "
-             "(run tune --kinds norm-gemv on the GPU host)")
+        _say(f"{kind}: skipped: its search measures on a GPU of this machine, not over RPC "
+             f"(run tune --kinds {kind} on the GPU host)")
         return
-    _say(f"[norm+gemv] searching the fused layer norm + decode GEMV kernels at batches {list(batches)}")
+    _say(f"[{kind}] searching {what}")
     previous = read_meta(committed) or {}
-    doc = tune_norm_gemv(model_cfg, dtype=scheme.activation_dtype, target=target, out_dir=committed,
-                         batches=batches, quantization=scheme.name, workers=config.workers, log=_say)
+    doc = search()
     if not doc.get("kernels"):
         return
     _record_search(committed, previous, target=target, meta=meta,
-                   run={"kinds": "norm-gemv", "batches": list(batches), "stored": sorted(doc["kernels"])})
+                   run={"kinds": kind, **run, "stored": sorted(doc["kernels"])})
 
 
 def _tune_kernels(config: TuneConfig, task_list, *, target, work_dir: Path, committed: Path, buckets,

@@ -120,11 +120,8 @@ def _unfused_kernels(config, *, quantization: str, target, db_dir: Path, keys: S
     """Per key name: ``[(what, PrimFunc), ...]`` of the kernels the template's one replaces -- the
     bucket's layer norm (norm prologue) and its linear kernel -- scheduled as the tuned build
     schedules them (the database's record, else dlight)."""
-    from tvm.s_tir import Schedule  # pylint: disable=import-outside-toplevel
-
     from .database import TunedDatabase  # pylint: disable=import-outside-toplevel
     from .partition import partition  # pylint: disable=import-outside-toplevel
-    from .untuned import untuned_schedule  # pylint: disable=import-outside-toplevel
 
     tasks = partition(config, quantization=quantization, target=target,
                       buckets={"decode": sorted({k.batch for k in keys})})
@@ -140,18 +137,31 @@ def _unfused_kernels(config, *, quantization: str, target, db_dir: Path, keys: S
             continue
         funcs = []
         for what, task in ((("norm", norm),) if key.prologue == "norm" else ()) + (("linear", gemm),):
-            rec = db.query_tuning_record(task.mod(), target, "main") if db is not None else None
-            if rec is not None:
-                sch = Schedule(task.mod())
-                rec.trace.apply_to_schedule(sch, remove_postproc=False)
-            else:
-                sch = untuned_schedule(task.mod(), target=target)
-            if sch is None:
+            got = as_tuned_build_runs(task, db, target)
+            if got is None:
                 break
-            funcs.append((f"{what} {task.kernel}" + (" (tuned)" if rec is not None else " (dlight)"), sch.mod["main"]))
+            funcs.append((f"{what} {got[0]}", got[1]))
         if len(funcs) == (2 if key.prologue == "norm" else 1):
             out[key.name()] = funcs
     return out
+
+
+def as_tuned_build_runs(task, db, target) -> tuple[str, object] | None:
+    """``("<kernel> (tuned|dlight)", PrimFunc)``: a partition task scheduled as the tuned build
+    schedules it (the MetaSchedule database ``db``'s record, else dlight); None if neither applies."""
+    from tvm.s_tir import Schedule  # pylint: disable=import-outside-toplevel
+
+    from .untuned import untuned_schedule  # pylint: disable=import-outside-toplevel
+
+    rec = db.query_tuning_record(task.mod(), target, "main") if db is not None else None
+    if rec is not None:
+        sch = Schedule(task.mod())
+        rec.trace.apply_to_schedule(sch, remove_postproc=False)
+    else:
+        sch = untuned_schedule(task.mod(), target=target)
+    if sch is None:
+        return None
+    return f"{task.kernel} " + ("(tuned)" if rec is not None else "(dlight)"), sch.mod["main"]
 
 
 def _time_kernel(lib, func, *, device, number: int, repeat: int) -> float:
@@ -272,18 +282,24 @@ def read_norm_gemv_plan(db_dir: str | os.PathLike | None) -> NormGemvPlan | None
     """The plan of a database's ``norm_gemv.json`` (None: no file, or nothing stored). A malformed
     entry, or one whose constants are not legal for its key, is skipped with a warning; the build
     then keeps that pair unfused. A file that is not JSON is one ``ValueError`` naming it."""
+    return read_plan(db_dir, file=NORM_GEMV_FILE, parse=parse_entry, make_plan=NormGemvPlan)
+
+
+def read_plan(db_dir: str | os.PathLike | None, *, file: str, parse: Callable, make_plan: Callable):
+    """``make_plan({name: config})`` of a template choice file's entries (``parse(name, entry) ->
+    (key, config)``; an entry it refuses is skipped with a warning), None without file or entries."""
     if db_dir is None:
         return None
-    doc = read_json(Path(db_dir) / NORM_GEMV_FILE, None)
+    doc = read_json(Path(db_dir) / file, None)
     if not isinstance(doc, dict) or not doc.get("kernels"):
         return None
     configs = {}
     for name, entry in doc["kernels"].items():
         try:
-            configs[name] = parse_entry(name, entry)[1]
+            configs[name] = parse(name, entry)[1]
         except ValueError as err:
-            logger.warning("norm_gemv.json: entry %s skipped (%s)", name, err)
-    return NormGemvPlan(configs) if configs else None
+            logger.warning("%s: entry %s skipped (%s)", file, name, err)
+    return make_plan(configs) if configs else None
 
 
 def norm_gemv_plan_for(db_dir: str | os.PathLike | None, target) -> NormGemvPlan | None:
@@ -299,14 +315,22 @@ def parse_entry(name: str, entry: dict) -> tuple[NormGemvKey | None, NormGemvCon
     ValueError
         The entry is malformed, holds another name's key, or its constants cannot make its kernel.
     """
+    return parse_template_entry(name, entry, config_cls=NormGemvConfig, key_cls=NormGemvKey,
+                                problem=lambda key, cfg: norm_gemv_problem(cfg, key))
+
+
+def parse_template_entry(name: str, entry: dict, *, config_cls, key_cls, problem: Callable):
+    """``(key or None, config)`` of a template choice file's entry: its ``config`` (and ``key``)
+    dicts made into ``config_cls`` (``key_cls``); ``ValueError`` when malformed, when the key is
+    another name's, or when ``problem(key, config)`` names why the constants cannot make the kernel."""
     try:
-        cfg = NormGemvConfig(**entry["config"])
-        key = NormGemvKey(**entry["key"]) if "key" in entry else None
+        cfg = config_cls(**entry["config"])
+        key = key_cls(**entry["key"]) if "key" in entry else None
     except (KeyError, TypeError) as err:
         raise ValueError(f"malformed: {err}") from None
     if key is not None and key.name() != name:
         raise ValueError(f"entry named {name} holds the key of {key.name()}")
-    problem = norm_gemv_problem(cfg, key) if key is not None else None
-    if problem is not None:
-        raise ValueError(f"not a legal configuration of {key.label()}: {problem}")
+    why = problem(key, cfg) if key is not None else None
+    if why is not None:
+        raise ValueError(f"not a legal configuration of {key.name()}: {why}")
     return key, cfg

@@ -17,7 +17,6 @@ At compile time :func:`gemm_plan_for` turns the file into the
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -33,13 +32,11 @@ from gpt2_model.wgmma_gemm import SM90A, GemmConfig, GemmKey, GemmPlan, config_p
 
 from .attention import AttentionError, _build_all
 from .dbfiles import WGMMA_GEMM_FILE, read_json
-from .norm_gemv_tune import _time_kernel, merge_winners
+from .norm_gemv_tune import _time_kernel, as_tuned_build_runs, merge_winners, parse_template_entry, read_plan
 from .targets import arch_of, is_gpu
 
 __all__ = ["WGMMA_SCHEMA", "gemm_keys", "gemm_plan_for", "parse_gemm_entry", "read_gemm_plan", "reference_gemm",
            "tune_wgmma_gemm", "wgmma_arch"]
-
-logger = logging.getLogger(__name__)
 
 WGMMA_SCHEMA = "gpt2k-wgmma-gemm/1"
 #: |out - ref| <= ATOL + RTOL * |ref| (fp16 output; fp32 sums over K <= 3072 in another order)
@@ -111,11 +108,8 @@ def _build_candidates(jobs: list[tuple[GemmKey, GemmConfig]], folder: Path, work
 def _replaced_kernels(config, *, quantization: str, target, db_dir: Path, keys: Sequence[GemmKey]) -> dict:
     """Per key name: ``[("linear <kernel> (tuned|dlight)", PrimFunc)]``: the prefill bucket's partition
     kernel of that GEMM (epilogue fused), scheduled as the tuned build schedules it."""
-    from tvm.s_tir import Schedule  # pylint: disable=import-outside-toplevel
-
     from .database import TunedDatabase  # pylint: disable=import-outside-toplevel
     from .partition import partition  # pylint: disable=import-outside-toplevel
-    from .untuned import untuned_schedule  # pylint: disable=import-outside-toplevel
 
     tasks = partition(config, quantization=quantization, target=target,
                       buckets={"prefill": sorted({k.m for k in keys})})
@@ -126,15 +120,9 @@ def _replaced_kernels(config, *, quantization: str, target, db_dir: Path, keys: 
                      and (key.n, key.k) in t.shapes() and (1, key.m, key.n) in t.shapes()), None)
         if task is None:
             continue
-        rec = db.query_tuning_record(task.mod(), target, "main") if db is not None else None
-        if rec is not None:
-            sch = Schedule(task.mod())
-            rec.trace.apply_to_schedule(sch, remove_postproc=False)
-        else:
-            sch = untuned_schedule(task.mod(), target=target)
-        if sch is not None:
-            out[key.name()] = [(f"linear {task.kernel}" + (" (tuned)" if rec is not None else " (dlight)"),
-                                sch.mod["main"])]
+        got = as_tuned_build_runs(task, db, target)
+        if got is not None:
+            out[key.name()] = [(f"linear {got[0]}", got[1])]
     return out
 
 
@@ -230,34 +218,13 @@ def parse_gemm_entry(name: str, entry: dict) -> tuple[GemmKey | None, GemmConfig
     ValueError
         The entry is malformed, holds another name's key, or its constants cannot make its kernel.
     """
-    try:
-        cfg = GemmConfig(**entry["config"])
-        key = GemmKey(**entry["key"]) if "key" in entry else None
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"malformed: {err}") from None
-    if key is not None and key.name() != name:
-        raise ValueError(f"entry named {name} holds the key of {key.name()}")
-    problem = config_problem(key, cfg) if key is not None else None
-    if problem is not None:
-        raise ValueError(f"not a legal configuration: {problem}")
-    return key, cfg
+    return parse_template_entry(name, entry, config_cls=GemmConfig, key_cls=GemmKey, problem=config_problem)
 
 
 def read_gemm_plan(db_dir: str | os.PathLike | None) -> GemmPlan | None:
     """The plan of a database's ``wgmma_gemm.json`` (None: no file, or nothing stored); a malformed or
     illegal entry is skipped with a warning (that GEMM keeps its partition kernel)."""
-    if db_dir is None:
-        return None
-    doc = read_json(Path(db_dir) / WGMMA_GEMM_FILE, None)
-    if not isinstance(doc, dict) or not doc.get("kernels"):
-        return None
-    configs = {}
-    for name, entry in doc["kernels"].items():
-        try:
-            configs[name] = parse_gemm_entry(name, entry)[1]
-        except ValueError as err:
-            logger.warning("wgmma_gemm.json: entry %s skipped (%s)", name, err)
-    return GemmPlan(configs) if configs else None
+    return read_plan(db_dir, file=WGMMA_GEMM_FILE, parse=parse_gemm_entry, make_plan=GemmPlan)
 
 
 def gemm_plan_for(db_dir: str | os.PathLike | None, target) -> GemmPlan | None:
