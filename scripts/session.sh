@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Steps run on the GPU machine (device tool), each with its own time limit; results under $OUT.
 #   bash scripts/session.sh STEP [STEP ...]
-# Steps: libs env host-profile rpc-gpu gputests gputests-extra gputests-new gputests-graph gputests-norm decode-check mma-check peer-diag bench-decode bench-prefill bench-kernels tune restore profile ncu hidden-host
+# Steps: libs env host-profile rpc-gpu gputests gputests-extra gputests-new gputests-graph gputests-norm decode-check mma-check peer-diag bench-decode bench-prefill bench-kernels tune restore profile ncu hidden-host wgmma-check wgmma-model
 # (settings through environment variables)
 # Plan a session's device time (30 min, start-ups included; lessons of 2026-12-02):
 #  - build the TVM libraries here first, after the last code change (the cache key hashes the
@@ -22,6 +22,9 @@
 #    starts one (without p1, so its install fails) and its start-up is charged (2026-12-02: ~3.5 min).
 #  - the machine goes back ~30 s after a call ends (status: idle_release_s): prepare the next call
 #    before sending this one; a call sent later starts a fresh machine (call 1 again, ~1 min charged).
+#  - 2026-12-07: a machine start that finds no machine costs up to 3 device minutes; with less
+#    than ~5 minutes left none starts. First calls of the next session: wgmma-model, then
+#    `PHASES=prefill CHUNKS=128,512,1024 KINDS=wgmma bash scripts/session.sh tune`, then bench-prefill.
 #  - `tune` writes the database of the device's tree, which the next call's copy of the tree
 #    replaces: unpack $OUT/db-*.tgz here (drop .tune.lock), or start the next call with `restore`.
 set -uo pipefail
@@ -63,6 +66,12 @@ for step in "$@"; do
     host-profile)
       # where a graph-mode step's host time goes (scripts/step_profile.py --host), tuned library
       log host-profile; timeout ${HP_LIMIT:-240} python scripts/step_profile.py --host --out "$OUT" --variants tuned ${DB:+--database $DB} --prefill 128,512,1024 --decode 1,8,32 --steps 32 2>&1 | grep -v "^USDT\|Warning" | tail -60 ;;
+    wgmma-check)
+      # the wgmma GEMM alone vs cuBLAS (scripts/wgmma_check.py; WC_ARGS e.g. --shapes 1024x2304x768 --configs ...)
+      log wgmma-check; timeout ${WC_LIMIT:-200} python scripts/wgmma_check.py --out "$OUT" ${WC_ARGS:-} 2>&1 | grep -v Warning | tail -25 ;;
+    wgmma-model)
+      # a tiny model with wgmma prefill GEMMs vs without, built and run on the card (scripts/wgmma_model_check.py)
+      log wgmma-model; timeout ${WM_LIMIT:-180} python scripts/wgmma_model_check.py --out "$OUT" 2>&1 | grep -v Warning | tail -6 ;;
     hidden-host)
       # is the wall - graph gap of a graph-mode step host work or GPU work? (scripts/step_profile.py --hidden-host)
       log hidden-host; timeout ${HP_LIMIT:-240} python scripts/step_profile.py --hidden-host --out "$OUT" --variants tuned ${DB:+--database $DB} --prefill 128,512,1024 --decode ${HH_DECODE:-1,8} --steps 16 2>&1 | grep -v "^USDT\|Warning" | tail -20 ;;
