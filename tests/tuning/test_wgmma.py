@@ -209,3 +209,24 @@ def test_validate_builds_stored_choices_and_names_bad_ones(tmp_path):
     entries, built, failures = validate_wgmma(tmp_path, target=CUDA)
     assert (entries, built) == (2, 1) and len(failures) == 1 and "m100_n2304_k768_bias" in failures[0]
     assert validate_wgmma(tmp_path, target=make_target("sm_80")) == (0, 0, [])  # other arches never use it
+
+
+def test_compile_hook_sends_wgmma_source_to_sm90a(monkeypatch):
+    """TVM compiles CUDA through ``tvm_callback_cuda_compile``: with the hook, source holding wgmma
+    is compiled for sm_90a (whatever the sm_90 target or GPU says), any other source is left to TVM."""
+    from tvm.support import nvcc  # pylint: disable=import-outside-toplevel
+
+    from gpt2_model.wgmma_build import install_compile_hook  # pylint: disable=import-outside-toplevel
+
+    install_compile_hook()
+    seen = []
+    monkeypatch.setattr(nvcc, "compile_cuda", lambda code, **kw: seen.append(kw) or bytearray(b"cubin"))
+    callback = tvm.get_global_func("tvm_callback_cuda_compile")
+    with make_target("sm_90"):
+        assert bytes(callback('asm volatile("wgmma.fence.sync.aligned;");')) == b"cubin"
+    assert seen and seen[0]["arch"] == "sm_90a"
+    with make_target("sm_80"):  # not Hopper: TVM's own callback, which picks the arch itself
+        callback('asm volatile("wgmma.fence.sync.aligned;");')
+    with make_target("sm_90"):  # no wgmma in the source: TVM's own callback
+        callback("extern \"C\" __global__ void k() {}")
+    assert [kw.get("arch") for kw in seen] == ["sm_90a", None, None]
