@@ -42,10 +42,12 @@ Gotchas found on 0.27.0.post1 (handled here):
 * The ``scale_d`` operand of ``wgmma`` is a ``.pred``: pass a bool expression.
 * One ``tvm.compile`` uses one TIR pipeline, and neither ``"tirx"`` nor the default s_tir one
   accepts the other kind of PrimFunc: a relax module holding these kernels next to
-  dlight-scheduled ones needs ``tir_pipeline=register_mixed_pipeline()`` (and the kernels carry
+  dlight-scheduled ones needs ``tir_pipeline=register_mixed_pipeline()`` (:mod:`gpt2_model.wgmma_build`;
+  the kernels carry
   ``tirx.is_scheduled`` so dlight leaves them alone).
 * Without a CUDA runtime (this CPU build machine) ``tvm.compile`` keeps the CUDA source in the
-  module (compiled when loaded on a GPU); ``compile_cubin`` runs nvcc for sm_90a to check it.
+  module (compiled when loaded on a GPU, through :func:`gpt2_model.wgmma_build.install_compile_hook`);
+  ``wgmma_build.compile_cubin`` runs nvcc for sm_90a to check it.
 """
 
 from __future__ import annotations
@@ -275,8 +277,9 @@ def make_wgmma_gemm(m: int, n: int, k: int, *, bias: bool = True, tile_m: int = 
     accumulation); ``epilogue`` one of :data:`EPILOGUES` (default ``bias`` if ``bias`` else
     ``none``); ``batch_dim``: A, R and C carry a leading dimension of 1. The function has a host
     part (TMA descriptor encoding) and a device part, so it can sit in an ``IRModule`` next to
-    other kernels; build it with ``build`` (``tir_pipeline="tirx"``, target sm_90a) or in a model
-    with :func:`register_mixed_pipeline`. Tile constants: see ``GemmConfig``.
+    other kernels; build it with :func:`gpt2_model.wgmma_build.build` (``tir_pipeline="tirx"``,
+    target sm_90a) or in a model with :func:`gpt2_model.wgmma_build.register_mixed_pipeline`.
+    Tile constants: see ``GemmConfig``.
     """
     epilogue = epilogue or ("bias" if bias else "none")
     if epilogue not in EPILOGUES:
