@@ -39,7 +39,6 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import re
 import statistics
 import sys
 import threading
@@ -60,22 +59,12 @@ DEFAULT_CONFIGS = (
     "128x64x64s6c2ws",
     "64x64x64s6c1nows",
 )
-_CFG_RE = re.compile(r"^(\d+)x(\d+)x(\d+)s(\d+)c(\d+)(ws|nows)$")
 
 
 def parse_config(text):
-    from gpt2_model.wgmma_gemm import GemmConfig
+    from gpt2_model.wgmma_gemm import parse_config as parse
 
-    mt = _CFG_RE.match(text.strip())
-    if not mt:
-        raise ValueError(f"bad config {text!r}: expected e.g. 128x192x64s4c2ws")
-    tm, tn, tk, st, cons, ws = mt.groups()
-    return GemmConfig(int(tm), int(tn), int(tk), int(st), int(cons), ws == "ws")
-
-
-def config_label(cfg):
-    return (f"{cfg.tile_m}x{cfg.tile_n}x{cfg.tile_k}s{cfg.stages}c{cfg.consumers}"
-            f"{'ws' if cfg.warp_specialized else 'nows'}")
+    return parse(text)
 
 
 def parse_shape(text):
@@ -314,7 +303,6 @@ def measure(built, shapes, folder, args, log, report):
                 else:  # export failed in the worker: codegen again, cubin from the cache
                     from gpt2_model import wgmma_build as gemm
                     from gpt2_model import wgmma_gemm as kernel
-        from gpt2_model import wgmma_gemm as kernel
 
                     cfg = parse_config(res["config"])
                     fn = gemm.build(kernel.make_wgmma_gemm(m, n, k, bias=True,
