@@ -357,12 +357,10 @@ def load_engine(*, config, quantization: str, device: str, target, params_fp32: 
         cache_dir=cache_dir, use_cache=use_cache)
     lib = lib_dir / "lib.so"
     if exported is None:  # cache hit: the same export (bucket entry points, fused norms) as the build
-        from tuning.norm_gemv_tune import norm_gemv_plan_for
-        from tuning.wgmma_tune import gemm_plan_for
+        from tuning.compile import template_plans
 
-        db_path = database.path if database is not None else None
         exported = export_model(config, quantization=quantization, target=target, buckets=meta.get("buckets") or None,
-                                norm_gemv=norm_gemv_plan_for(db_path, target), gemm=gemm_plan_for(db_path, target))
+                                **template_plans(database.path if database is not None else None, target))
     t0 = time.perf_counter()
     module = tvm.runtime.load_module(str(lib))
     params = convert_params(params_fp32, exported.scheme)

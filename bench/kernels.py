@@ -197,20 +197,17 @@ def wgmma_kernel(db_dir, task, *, bucket: int, target):
     ``wgmma_gemm.json`` entry, built for sm_90a), or None when the database names none for it."""
     # pylint: disable=import-outside-toplevel
     from gpt2_model.wgmma_build import build
-    from gpt2_model.wgmma_gemm import GemmKey, make_gemm
+    from gpt2_model.wgmma_gemm import make_gemm
     from tuning.wgmma_tune import gemm_plan_for
 
     plan = gemm_plan_for(db_dir, target)
     mnk = _mnk(task.func) if task.kind == "gemm" else None
-    if plan is None or mnk is None or mnk[0] != bucket:
+    found = plan.find(bucket, mnk[1], mnk[2], mnk[3]) if plan is not None and mnk is not None and mnk[0] == bucket \
+        else None
+    if found is None:
         return None
-    _, n, k, _ = mnk
-    prefix = f"m{bucket}_n{n}_k{k}_"
-    for name, cfg in sorted(plan.configs.items()):
-        if name.startswith(prefix):
-            key = GemmKey(bucket, n, k, name[len(prefix):])
-            return build(make_gemm(key, cfg, name="main")), f"wgmma {cfg.label()} ({name})"
-    return None
+    key, cfg = found
+    return build(make_gemm(key, cfg, name="main")), f"wgmma {cfg.label()} ({key.name()})"
 
 
 def _mnk(func) -> tuple[int, int, int, str] | None:

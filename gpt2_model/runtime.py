@@ -38,13 +38,13 @@ from .config import GPT2Config
 from .cuda_graph import IdHistory, StepGraphs, has_static_storage, regions_without_graphs
 from .device import tvm_device
 from .export import ExportedModel
-from .wgmma_build import install_compile_hook
-
-install_compile_hook()  # libraries holding wgmma kernels compile for sm_90a when loaded (gpt2_model.wgmma_gemm)
 from .model import bucket_function
 from .step_mark import recording
+from .wgmma_build import install_compile_hook
 
 logger = logging.getLogger(__name__)
+
+install_compile_hook()  # libraries holding wgmma kernels compile for sm_90a when loaded (gpt2_model.wgmma_build)
 
 DEFAULT_PAGE_SIZE = 16
 

@@ -239,6 +239,16 @@ class GemmPlan:
     def make(self, key: GemmKey, cfg: GemmConfig, *, name: str):
         return make_gemm_reference(key, name=name) if self.reference else make_gemm(key, cfg, name=name)
 
+    def find(self, m: int, n: int, k: int, dtype: str = "float16") -> tuple[GemmKey, GemmConfig] | None:
+        """The plan's (key, config) for an ``m x n x k`` GEMM, whichever its epilogue (GPT-2's
+        layers differ in ``(n, k)``), or None."""
+        for epilogue in EPILOGUES:
+            key = GemmKey(m, n, k, epilogue, dtype)
+            cfg = self.config_for(key)
+            if cfg is not None:
+                return key, cfg
+        return None
+
 
 def check_config(m: int, n: int, k: int, cfg: GemmConfig) -> None:
     """Raise ``ValueError`` when ``cfg`` cannot run the ``m x n x k`` GEMM."""

@@ -157,8 +157,7 @@ def build_model(config, *, quantization: str, target: Target, database: str | Pa
         for phase, values in database.buckets.items():
             buckets[phase] = sorted(set(buckets.get(phase, [])) | set(values))
     exported = export_model(config, quantization=quantization, target=target, buckets=buckets, debug=debug,
-                            norm_gemv=norm_gemv_plan_for(database.path if database is not None else None, target),
-                            gemm=gemm_plan_for(database.path if database is not None else None, target))
+                            **template_plans(database.path if database is not None else None, target))
     prepared = prepare(exported.mod, target=target)
     attention: list[str] = []
     if database is not None and is_gpu(target):
@@ -179,6 +178,12 @@ def build_model(config, *, quantization: str, target: Target, database: str | Pa
                 _matching_path(database.path, config, quantization, target))
     return BuildResult(exported=exported, executable=executable, database=database.path if database else None,
                        coverage=cov, buckets=buckets, attention=attention)
+
+
+def template_plans(db_dir, target) -> dict:
+    """``export_model``'s template arguments for a build for ``target`` with the database at ``db_dir``:
+    the fused norm + GEMV plan (``norm_gemv.json``) and the wgmma GEMM plan (``wgmma_gemm.json``)."""
+    return {"norm_gemv": norm_gemv_plan_for(db_dir, target), "gemm": gemm_plan_for(db_dir, target)}
 
 
 def _matching_path(path: Path, config, quantization: str, target: Target) -> str:

@@ -99,18 +99,25 @@ def _arg_names(key: NormGemvKey) -> tuple[str, ...]:
 
 
 def _check_and_time(lib, key: NormGemvKey, inp: dict, ref: np.ndarray, *, device, number: int, repeat: int) -> dict:
+    return check_and_time(lib, [inp[n] for n in _arg_names(key)], ref, device=device, number=number, repeat=repeat)
+
+
+def check_and_time(lib, inputs: list, ref: np.ndarray, *, device, number: int, repeat: int,
+                   atol: float = ATOL, rtol: float = RTOL) -> dict:
+    """Run a template candidate's ``main`` on ``inputs`` (host arrays) into an output poisoned with
+    NaN and compare with ``ref`` (its shape and dtype): ``ok`` when every value is finite and
+    ``|out - ref| <= atol + rtol * |ref|``; a passing candidate is timed (``us``, ``time_evaluator``)."""
     import tvm  # pylint: disable=import-outside-toplevel
 
-    args = [tvm.runtime.tensor(inp[n], device) for n in _arg_names(key)]
-    out = tvm.runtime.tensor(np.full(ref.shape, np.nan, key.out_dtype), device)
+    args = [tvm.runtime.tensor(a, device) for a in inputs]
+    out = tvm.runtime.tensor(np.full(ref.shape, np.nan, ref.dtype), device)
     lib["main"](*args, out)
     device.sync()
     got = out.numpy().astype(np.float32)
     want = ref.astype(np.float32)
-    err = float(np.max(np.abs(got - want) - RTOL * np.abs(want))) if got.size else 0.0
-    ok = bool(np.all(np.isfinite(got))) and err <= ATOL
-    res = {"ok": ok, "excess_err": err}
-    if ok:
+    err = float(np.max(np.abs(got - want) - rtol * np.abs(want))) if got.size else 0.0
+    res = {"ok": bool(np.all(np.isfinite(got))) and err <= atol, "excess_err": err}
+    if res["ok"]:
         te = lib.time_evaluator("main", device, number=number, repeat=repeat)
         res["us"] = float(np.median(te(*args, out).results) * 1e6)
     return res

@@ -32,7 +32,8 @@ from gpt2_model.wgmma_gemm import SM90A, GemmConfig, GemmKey, GemmPlan, config_p
 
 from .attention import AttentionError, _build_all
 from .dbfiles import WGMMA_GEMM_FILE, read_json
-from .norm_gemv_tune import _time_kernel, as_tuned_build_runs, merge_winners, parse_template_entry, read_plan
+from .norm_gemv_tune import (_time_kernel, as_tuned_build_runs, check_and_time, merge_winners, parse_template_entry,
+                             read_plan)
 from .targets import arch_of, is_gpu
 
 __all__ = ["WGMMA_SCHEMA", "gemm_keys", "gemm_plan_for", "parse_gemm_entry", "read_gemm_plan", "reference_gemm",
@@ -127,20 +128,9 @@ def _replaced_kernels(config, *, quantization: str, target, db_dir: Path, keys: 
 
 
 def _check_and_time(lib, key: GemmKey, inp: dict, ref: np.ndarray, *, device, number: int, repeat: int) -> dict:
-    import tvm  # pylint: disable=import-outside-toplevel
-
     names = ("a", "w", "bias") + (("residual",) if key.epilogue == "bias_residual" else ())
-    args = [tvm.runtime.tensor(inp[n], device) for n in names]
-    out = tvm.runtime.tensor(np.full(ref.shape, np.nan, key.dtype), device)
-    lib["main"](*args, out)
-    device.sync()
-    got, want = out.numpy().astype(np.float32), ref.astype(np.float32)
-    err = float(np.max(np.abs(got - want) - RTOL * np.abs(want)))
-    res = {"ok": bool(np.all(np.isfinite(got))) and err <= ATOL, "excess_err": err}
-    if res["ok"]:
-        te = lib.time_evaluator("main", device, number=number, repeat=repeat)
-        res["us"] = float(np.median(te(*args, out).results) * 1e6)
-    return res
+    return check_and_time(lib, [inp[n] for n in names], ref, device=device, number=number, repeat=repeat,
+                          atol=ATOL, rtol=RTOL)
 
 
 def tune_wgmma_gemm(config, *, dtype: str, target, out_dir: str | os.PathLike, lengths: Sequence[int],
