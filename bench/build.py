@@ -123,6 +123,13 @@ def target_json(target) -> str:
     return json.dumps(_plain(target.export()), sort_keys=True)
 
 
+def _pdl(target) -> bool:
+    """Whether the build for ``target`` launches its kernels with PDL (``tuning.pdl``; ``GPT2K_PDL=0``: off)."""
+    from tuning.pdl import pdl_enabled  # pylint: disable=import-outside-toplevel
+
+    return pdl_enabled(target)
+
+
 def library_key(*, config, quantization: str, target, database_hash: str | None, cuda_graph: bool,
                 code_hash: str | None = None) -> tuple[str, dict[str, Any]]:
     """Cache key of one library.
@@ -140,6 +147,7 @@ def library_key(*, config, quantization: str, target, database_hash: str | None,
         "database_hash": database_hash,
         "tvm": _tvm_version(),
         "cuda_graph": bool(cuda_graph),
+        "pdl": _pdl(target),
         "code": code_hash if code_hash is not None else source_hash(),
     }
     blob = json.dumps(parts, sort_keys=True, default=str).encode()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Steps run on the GPU machine (device tool), each with its own time limit; results under $OUT.
 #   bash scripts/session.sh STEP [STEP ...]
-# Steps: libs env host-profile rpc-gpu gputests gputests-extra gputests-new gputests-graph gputests-norm decode-check mma-check peer-diag bench-decode bench-prefill bench-kernels tune restore profile ncu hidden-host wgmma-check wgmma-model
+# Steps: libs env prebuild-pdl wait host-profile rpc-gpu gputests gputests-extra gputests-new gputests-graph gputests-norm decode-check mma-check peer-diag bench-decode bench-prefill bench-kernels tune restore profile ncu hidden-host wgmma-check wgmma-model
 # (settings through environment variables)
 # Plan a session's device time (30 min, start-ups included; lessons of 2026-12-02):
 #  - build the TVM libraries here first, after the last code change (the cache key hashes the
@@ -66,6 +66,16 @@ for step in "$@"; do
     host-profile)
       # where a graph-mode step's host time goes (scripts/step_profile.py --host), tuned library
       log host-profile; timeout ${HP_LIMIT:-240} python scripts/step_profile.py --host --out "$OUT" --variants tuned ${DB:+--database $DB} --prefill 128,512,1024 --decode 1,8,32 --steps 32 2>&1 | grep -v "^USDT\|Warning" | tail -60 ;;
+    prebuild-pdl)
+      # the tuned library of the database as carried (copied to /root/keep/dbold: later steps may change
+      # the tree's), built with and without PDL (GPT2K_PDL=0), in the background; `wait` joins them.
+      # Bench them with DB=/root/keep/dbold/sm_90/gpt2-q0f16 (and GPT2K_PDL=0 for the second).
+      rm -rf /root/keep/dbold && mkdir -p /root/keep/dbold/sm_90 && cp -r databases/sm_90/gpt2-q0f16 /root/keep/dbold/sm_90/
+      log prebuild-pdl; mkdir -p "$GPT2K_CACHE_DIR"
+      (python scripts/prebuild_libs.py --variants tuned --database-dir /root/keep/dbold --cache-dir "$GPT2K_CACHE_DIR" > "$OUT/prebuild_pdl.log" 2>&1; echo "pdl rc $?" >> "$OUT/prebuild_pdl.log") &
+      (GPT2K_PDL=0 python scripts/prebuild_libs.py --variants tuned --database-dir /root/keep/dbold --cache-dir "$GPT2K_CACHE_DIR" > "$OUT/prebuild_nopdl.log" 2>&1; echo "nopdl rc $?" >> "$OUT/prebuild_nopdl.log") & ;;
+    wait)
+      log wait; wait; tail -2 "$OUT"/prebuild_*.log 2>/dev/null; log waited ;;
     wgmma-check)
       # the wgmma GEMM alone vs cuBLAS (scripts/wgmma_check.py; WC_ARGS e.g. --shapes 1024x2304x768 --configs ...)
       log wgmma-check; timeout ${WC_LIMIT:-200} python scripts/wgmma_check.py --out "$OUT" ${WC_ARGS:-} 2>&1 | grep -v Warning | tail -25 ;;

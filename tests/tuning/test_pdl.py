@@ -1,0 +1,118 @@
+"""Programmatic dependent launch (``tuning.pdl``): every CUDA kernel of an sm_90 build waits for its
+predecessor grid before any memory access and carries TVM's PDL launch tag; other targets, and
+``GPT2K_PDL=0``, build without it. (Built here without a GPU: the CUDA source and the library's
+launch metadata are inspected; the numbers of a PDL build are checked on the card by the GPU tests
+of the decode loop.)"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import tvm
+from tvm import tirx
+
+from gpt2_model.config import get_config
+from gpt2_model.export import export_model
+from tuning.pdl import DYN_SMEM_TAG, PDL_ENV, PDL_TAG, add_pdl, pdl_enabled, supports_pdl
+from tuning.targets import make_target
+
+_LAUNCH = "tirx.kernel_launch_params"
+
+
+def _kernel(tags, calling_conv=2):
+    from tvm.script import tirx as T  # pylint: disable=import-outside-toplevel
+
+    @T.prim_func(s_tir=True)
+    def main(A: T.Buffer((128,), "float32")):
+        for tx in T.thread_binding(128, thread="threadIdx.x"):
+            A[tx] = A[tx] + T.float32(1)
+
+    return main.with_attr("calling_conv", calling_conv).with_attr(_LAUNCH, tags)
+
+
+def test_supports_pdl_only_on_sm90_and_later(monkeypatch):
+    assert supports_pdl(make_target("sm_90"))
+    assert not supports_pdl(make_target("sm_86"))
+    assert not supports_pdl(make_target("sm_80"))
+    assert not supports_pdl(make_target("cpu"))
+    monkeypatch.setenv(PDL_ENV, "0")
+    assert not pdl_enabled(make_target("sm_90"))
+    monkeypatch.setenv(PDL_ENV, "1")
+    assert pdl_enabled(make_target("sm_90"))
+
+
+def test_pass_tags_device_kernels_and_keeps_dynamic_shared_memory_last():
+    mod = tvm.IRModule({"k": _kernel(["blockIdx.x", "threadIdx.x", DYN_SMEM_TAG]),
+                        "plain": _kernel(["threadIdx.x"]),
+                        "host": _kernel(["threadIdx.x"], calling_conv=0)})
+    out = add_pdl(mod)
+    assert [str(t) for t in out["k"].attrs[_LAUNCH]] == ["blockIdx.x", "threadIdx.x", PDL_TAG, DYN_SMEM_TAG]
+    assert [str(t) for t in out["plain"].attrs[_LAUNCH]] == ["threadIdx.x", PDL_TAG]
+    assert [str(t) for t in out["host"].attrs[_LAUNCH]] == ["threadIdx.x"]  # not a device kernel
+    body = out["k"].body
+    assert isinstance(body, tirx.SeqStmt)
+    assert ["launch_dependents" in str(body[0]), "wait" in str(body[1])] == [True, True]
+    again = add_pdl(out)  # idempotent: one wait per kernel
+    assert str(again["k"].body) == str(body)
+    assert str(out["host"].body) == str(mod["host"].body)
+
+
+def _build_tiny(target):
+    from tuning.compile import build  # pylint: disable=import-outside-toplevel
+
+    exported = export_model(get_config("tiny"), quantization="q0f16", target=target,
+                            buckets={"prefill": [16], "decode": [2]})
+    return build(exported, target=target)
+
+
+def _cuda_source(exe) -> str:
+    def walk(m):
+        yield m
+        for i in m.imports:
+            yield from walk(i)
+
+    return "".join(m.inspect_source() for m in walk(exe.mod) if m.kind == "cuda")
+
+
+def _kernel_bodies(src: str) -> dict[str, str]:
+    """name -> the first 300 characters of each __global__ function's body."""
+    out = {}
+    for mt in re.finditer(r'__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\([^;{]*\)\s*\{', src):
+        out[mt.group(1)] = src[mt.end():mt.end() + 300]
+    return out
+
+
+@pytest.mark.parametrize("pdl", [True, False], ids=["pdl", "GPT2K_PDL=0"])
+def test_sm90_model_build_waits_in_every_kernel(pdl, monkeypatch, tmp_path):
+    monkeypatch.setenv(PDL_ENV, "1" if pdl else "0")
+    exe = _build_tiny(make_target("sm_90"))
+    bodies = _kernel_bodies(_cuda_source(exe))
+    assert len(bodies) > 10  # the model's kernels, the KV cache's included
+    for name, body in bodies.items():
+        head = body.lstrip().split(";")[:2]
+        has = [s.strip() for s in head] == ["tvm_builtin_ptx_griddepcontrol_launch_dependents()",
+                                            "tvm_builtin_ptx_griddepcontrol_wait()"]
+        assert has == pdl, (name, body[:160])
+    lib = tmp_path / "lib.so"
+    exe.export_library(str(lib))
+    tags = lib.read_bytes().count(PDL_TAG.encode())
+    assert tags == (len(bodies) if pdl else 0)  # the launch metadata of every kernel names PDL
+
+
+def test_builds_below_sm90_get_no_pdl():
+    src = _cuda_source(_build_tiny(make_target("sm_86")))
+    assert "griddepcontrol" not in src and "__global__" in src
+
+
+def test_library_cache_key_depends_on_pdl(monkeypatch):
+    from bench.build import library_key  # pylint: disable=import-outside-toplevel
+
+    args = dict(config=get_config("tiny"), quantization="q0f16", target=make_target("sm_90"), database_hash=None,
+                cuda_graph=True, code_hash="x")
+    monkeypatch.setenv(PDL_ENV, "1")
+    on, parts = library_key(**args)
+    assert parts["pdl"] is True
+    monkeypatch.setenv(PDL_ENV, "0")
+    off, parts = library_key(**args)
+    assert parts["pdl"] is False and off != on

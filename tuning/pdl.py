@@ -1,0 +1,108 @@
+"""Programmatic dependent launch (PDL) for every CUDA kernel of a build (Hopper and later).
+
+A decode step is ~80 short kernels replayed from one CUDA graph; between two of them the card
+drains the first grid, flushes its memory and only then launches the next one's blocks. With
+PDL (sm_90+: ``cudaLaunchAttributeProgrammaticStreamSerialization``) the next grid is launched
+while the previous one still runs, and each of its blocks waits in ``griddepcontrol.wait``
+until the previous grid has completed and its memory is visible — the launch latency overlaps
+the previous kernel instead of following it.
+
+:func:`pdl_pipeline` wraps a TIR pipeline so that its device finalization first runs
+:func:`add_pdl`, which, for every device kernel (``calling_conv`` 2):
+
+* puts ``griddepcontrol.launch_dependents`` and then ``griddepcontrol.wait`` at the top of
+  the kernel body: no load or store of the kernel runs before the preceding grid is complete
+  and flushed, so every dependence (read-after-write, write-after-read) is kept exactly as in a
+  serialized stream, and chains of kernels stay ordered transitively; the trigger lets the
+  following grid launch as soon as every block of this one has started;
+* adds TVM's launch tag ``tirx.use_programtic_dependent_launch`` (TVM's spelling) to the
+  kernel's ``tirx.kernel_launch_params``, so the runtime launches it with ``cuLaunchKernelEx``
+  and the PDL attribute (inside a CUDA graph capture this becomes a programmatic edge).
+
+Kernels that are not launched after another kernel (the first of a stream, after a copy) wait on
+nothing: ``griddepcontrol.wait`` returns at once without a programmatic predecessor. Builds for
+CPUs and for CUDA archs below sm_90 never get the pass (:func:`supports_pdl`); ``GPT2K_PDL=0``
+turns it off for a build (:func:`pdl_enabled`), e.g. to measure what it gains.
+"""
+
+from __future__ import annotations
+
+import os
+
+import tvm
+from tvm import tirx
+
+__all__ = ["DYN_SMEM_TAG", "PDL_ENV", "PDL_TAG", "add_pdl", "pdl_enabled", "pdl_pipeline", "supports_pdl"]
+
+#: TVM's launch-parameter tag for PDL (the runtime's spelling, ``programtic``).
+PDL_TAG = "tirx.use_programtic_dependent_launch"
+#: Must stay the last launch tag when present (the runtime checks).
+DYN_SMEM_TAG = "tirx.use_dyn_shared_memory"
+_LAUNCH_PARAMS = "tirx.kernel_launch_params"
+#: ``GPT2K_PDL=0`` builds without PDL (for comparisons; bench's library cache keys on it).
+PDL_ENV = "GPT2K_PDL"
+_DEVICE_KERNEL_LAUNCH = 2
+
+
+def supports_pdl(target) -> bool:
+    """Whether ``target`` is a CUDA arch with programmatic dependent launch (sm_90 and later)."""
+    if target is None or target.kind.name != "cuda":
+        return False
+    arch = str(target.attrs.get("arch", ""))
+    digits = "".join(ch for ch in arch.removeprefix("sm_") if ch.isdigit())
+    return bool(digits) and int(digits) >= 90
+
+
+def pdl_enabled(target) -> bool:
+    """Whether a model build for ``target`` gets PDL: sm_90+ CUDA, unless ``GPT2K_PDL=0``."""
+    return supports_pdl(target) and os.environ.get(PDL_ENV, "1").strip() != "0"
+
+
+def _grid_dep(action: str) -> tirx.Stmt:
+    from tvm.script import tirx as T  # pylint: disable=import-outside-toplevel
+
+    call = T.ptx.griddepcontrol.wait() if action == "wait" else T.ptx.griddepcontrol.launch_dependents()
+    return tirx.Evaluate(call)
+
+
+def _with_pdl(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    attrs = func.attrs
+    if attrs is None or int(attrs.get("calling_conv", 0)) != _DEVICE_KERNEL_LAUNCH:
+        return func
+    tags = [str(t) for t in (attrs.get(_LAUNCH_PARAMS) or [])]
+    if PDL_TAG in tags:
+        return func
+    at = tags.index(DYN_SMEM_TAG) if DYN_SMEM_TAG in tags else len(tags)
+    tags.insert(at, PDL_TAG)
+    body = tirx.SeqStmt([_grid_dep("launch_dependents"), _grid_dep("wait"), func.body])
+    return func.with_body(body).with_attr(_LAUNCH_PARAMS, tags)
+
+
+@tvm.transform.module_pass(opt_level=0, name="AddProgrammaticDependentLaunch")
+def add_pdl(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Every device kernel of ``mod`` waits for its predecessor grid and is launched with PDL."""
+    out = {}
+    for gvar, func in mod.functions_items():
+        out[gvar] = _with_pdl(func) if isinstance(func, tirx.PrimFunc) else func
+    return tvm.IRModule(out, attrs=mod.attrs)
+
+
+def pdl_pipeline(base: str = "default") -> str:
+    """Register (once) and return the name of ``base`` (a registered TIR pipeline name) with
+    :func:`add_pdl` first among its device finalization passes."""
+    from tvm.tirx import compilation_pipeline as cp  # pylint: disable=import-outside-toplevel
+
+    name = f"gpt2k-pdl-{base}"
+    if name in cp.PIPELINE_MAP:
+        return name
+
+    def factory():
+        pipeline, fin_host, fin_dev = cp.get_tir_pipeline(base)
+
+        def fin_dev_pdl():
+            return tvm.transform.Sequential([add_pdl, fin_dev()])
+
+        return pipeline, fin_host, fin_dev_pdl
+
+    cp.register_tir_pipeline(name, factory)
+    return name
