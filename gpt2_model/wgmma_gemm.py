@@ -11,43 +11,20 @@ The model (:mod:`gpt2_model.model`) calls it for the prefill GEMMs of the static
 :class:`GemmPlan` names (from the database's ``wgmma_gemm.json``, searched on the card by
 :mod:`tuning.wgmma_tune`); everything else keeps the partition's kernels.
 
-The kernel is a plain TIRx ``PrimFunc`` (``tir_pipeline="tirx"``), written with the low-level
-parts of ``tvm.backend.cuda`` -- ``T.ptx[...]`` PTX instructions, ``T.cuda.*`` helpers -- because
-TVM 0.27's tile-level ``gemm_async`` only dispatches to Blackwell ``tcgen05`` (no Hopper
-``wgmma`` dispatch exists). Structure (one output tile per CTA, no persistence):
+The kernel is a plain TIRx ``PrimFunc`` (``tir_pipeline="tirx"``) written with ``T.ptx[...]`` and
+``T.cuda.*`` (TVM 0.27's tile-level ``gemm_async`` dispatches to Blackwell only). One output tile
+per CTA: the host encodes two TMA descriptors (A, W; 128-byte swizzle, boxes ``64 x tile_rows``);
+``stages`` ring slots in one dynamic shared arena with ``full``/``empty`` mbarriers; a producer
+(an extra warpgroup with ``setmaxnreg`` when ``warp_specialized``, else thread 0 ``stages - 1``
+tiles ahead) issues ``cp.async.bulk.tensor.2d`` loads; ``consumers`` warpgroups of 64 or 128 rows
+issue ``wgmma.mma_async m64n{tile_n}k16`` (SW128 K-major descriptors) with one group in flight;
+the epilogue goes registers -> fp32 epilogue -> ``cvt.rn.f16x2.f32`` -> 4-byte global stores.
+* split-K (``split`` > 1): a thread block cluster of ``split`` CTAs per output tile, summed
+  through distributed shared memory into the first CTA, which runs the epilogue.
 
-* host prologue: two ``cuTensorMapEncodeTiled`` descriptors (A and W; 2-D, 128-byte swizzle,
-  box ``64 x tile_rows``), passed to the kernel as ``__grid_constant__ CUtensorMap``;
-* shared memory: one dynamic arena holding ``stages`` ring slots of ``A[tile_k/64][tile_m][64]``
-  and ``W[tile_k/64][tile_n][64]`` (each 64-element K block is one 128-byte swizzled TMA box),
-  plus static ``full[stages]`` / ``empty[stages]`` mbarriers;
-* producer: one thread issues ``cp.async.bulk.tensor.2d`` (TMA) loads into a slot after waiting
-  on its ``empty`` barrier and arms its ``full`` barrier with ``mbarrier.arrive.expect_tx``.
-  With ``warp_specialized=True`` it lives in an extra producer warpgroup (``setmaxnreg`` moves
-  registers to the consumers when there are two consumer warpgroups); otherwise thread 0 of
-  consumer warpgroup 0 issues the loads ``stages - 1`` tiles ahead between its MMAs;
-* consumers: ``consumers`` warpgroups, each owning ``tile_m / consumers`` rows (1 or 2
-  ``m64`` sub-tiles), issue ``wgmma.mma_async.sync.aligned.m64n{tile_n}k16.f32.f16.f16``
-  with shared-memory descriptors (SW128 K-major: LBO 1, SBO 1024 B, +32 B per k16 step),
-  keep one wgmma group in flight (``wait_group 1``) and release the previous slot;
-* epilogue: registers -> (+ bias in fp32) -> ``cvt.rn.f16x2.f32`` -> 4-byte global stores.
-
-Gotchas found on 0.27.0.post1 (handled here):
-
-* ``wgmma``/``setmaxnreg`` are registered with ``cert_arch="sm_90a"``: build with the target
-  ``{"kind": "cuda", "arch": "sm_90a"}`` (plain ``sm_90`` fails in ptxas: wgmma needs sm_90a).
-* ``T.cuda.wgmma.noop_barrier`` is broken (its codegen reads ``.dtype`` off a ``TensorLoad`` and
-  the emitted helper takes the register by value with an empty body), so this module uses its
-  own ``asm volatile("" : "+f"(r) :: "memory")`` operand fence through ``T.cuda.func_call``.
-* The ``scale_d`` operand of ``wgmma`` is a ``.pred``: pass a bool expression.
-* One ``tvm.compile`` uses one TIR pipeline, and neither ``"tirx"`` nor the default s_tir one
-  accepts the other kind of PrimFunc: a relax module holding these kernels next to
-  dlight-scheduled ones needs ``tir_pipeline=register_mixed_pipeline()`` (:mod:`gpt2_model.wgmma_build`;
-  the kernels carry
-  ``tirx.is_scheduled`` so dlight leaves them alone).
-* Without a CUDA runtime (this CPU build machine) ``tvm.compile`` keeps the CUDA source in the
-  module (compiled when loaded on a GPU, through :func:`gpt2_model.wgmma_build.install_compile_hook`);
-  ``wgmma_build.compile_cubin`` runs nvcc for sm_90a to check it.
+TVM 0.27 quirks met here (``T.cuda.wgmma.noop_barrier`` broken, ``scale_d`` a ``.pred``, sm_90a
+only, one TIR pipeline per ``tvm.compile``, CUDA source compiled at load on CPU-built libraries):
+``.notes/wgmma.md``; building: :mod:`gpt2_model.wgmma_build`.
 """
 
 from __future__ import annotations
@@ -71,6 +48,17 @@ _CVT_F16X2 = "cvt.rn.f16x2.f32"
 
 # Register-operand fence (CUTLASS's ``warpgroup_fence_operand``): keeps nvcc from moving reads
 # or writes of an accumulator register across the asynchronous wgmma that owns it.
+# Split-K: one fp32 of another CTA's shared memory in the cluster (distributed shared memory).
+_DSMEM_SRC = r"""
+__device__ __forceinline__ float tvm_dsmem_ld_f32(float* p, unsigned rank) {
+  unsigned a = (unsigned)__cvta_generic_to_shared(p), r;
+  float v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(r) : "memory");
+  return v;
+}
+"""
+
 _FENCE_SRC = r"""
 __device__ __forceinline__ void tvm_wgmma_fence_f32(float& r) {
   asm volatile("" : "+f"(r) :: "memory");
@@ -91,7 +79,12 @@ class GemmConfig:
     stages: ring depth (2..6); shared memory is ``stages * (tile_m + tile_n) * tile_k * 2`` B.
     consumers: consumer warpgroups (1 or 2).
     warp_specialized: add a producer warpgroup that only issues TMA.
-    cluster: thread-block cluster size; only 1 is implemented (2 = TMA multicast, TODO).
+    cluster: thread-block cluster size for TMA multicast; only 1 is implemented (TODO).
+    split: K splits (split-K, for few output tiles over a long K). ``split`` CTAs of one thread
+        block cluster share an output tile, each running ``K / split``; the others' fp32
+        accumulators are summed into the first CTA's registers through distributed shared
+        memory (the ring's arena, after the main loop), which alone runs the epilogue. No
+        workspace, one kernel.
     """
 
     tile_m: int = 128
@@ -101,17 +94,18 @@ class GemmConfig:
     consumers: int = 2
     warp_specialized: bool = True
     cluster: int = 1
+    split: int = 1
 
     def label(self) -> str:
-        """The short name :func:`parse_config` reads (``128x192x64s4c2ws``)."""
+        """The short name :func:`parse_config` reads (``128x192x64s4c2ws``, ``64x128x64s4c1wsk4``)."""
         return (f"{self.tile_m}x{self.tile_n}x{self.tile_k}s{self.stages}c{self.consumers}"
-                f"{'ws' if self.warp_specialized else 'nows'}")
+                f"{'ws' if self.warp_specialized else 'nows'}{f'k{self.split}' if self.split > 1 else ''}")
 
     @property
     def name(self) -> str:
         ws = "ws" if self.warp_specialized else "nows"
         return (f"{self.tile_m}x{self.tile_n}x{self.tile_k}_s{self.stages}_c{self.consumers}"
-                f"_{ws}_cl{self.cluster}")
+                f"_{ws}_cl{self.cluster}{f'_k{self.split}' if self.split > 1 else ''}")
 
     def smem_bytes(self) -> int:
         return self.stages * (self.tile_m + self.tile_n) * self.tile_k * 2
@@ -140,22 +134,26 @@ class GemmKey:
 #: The constants searched per key (:func:`gemm_candidates`): the configurations measured on an H100
 #: (2026-12-07), smaller tiles for short chunks, and tiles whose CTA count fills the card's 132 SMs
 #: in one wave (1024 x 2304 in 128 x 144 tiles, 1024 x 768 in 64 x 96, 512 x 2304 in 64 x 144: 128
-#: CTAs each). Written ``{tile_m}x{tile_n}x{tile_k}s{stages}c{consumers}{ws|nows}``.
+#: CTAs each), and split-K tiles for the K = 3072 / 768 GEMMs of short chunks (128 x 768 x 3072 in
+#: 64 x 96 tiles: 16 CTAs, 64 with 4 splits). Written
+#: ``{tile_m}x{tile_n}x{tile_k}s{stages}c{consumers}{ws|nows}[k{split}]``.
 CANDIDATES = ("128x128x64s4c2ws", "128x192x64s4c2ws", "128x256x64s4c2ws", "128x128x64s4c2nows",
               "64x128x64s5c1ws", "128x64x64s6c2ws", "64x64x64s6c1nows", "64x64x64s8c1ws",
               "64x192x64s4c1ws", "64x256x64s4c1ws", "128x96x64s5c2ws", "128x144x64s5c2ws",
-              "64x144x64s6c1ws", "64x96x64s6c1ws", "64x48x64s8c1ws", "64x72x64s8c1ws")
+              "64x144x64s6c1ws", "64x96x64s6c1ws", "64x48x64s8c1ws", "64x72x64s8c1ws",
+              "64x96x64s4c1wsk2", "64x96x64s4c1wsk4", "64x128x64s4c1wsk4", "64x128x64s4c1wsk8",
+              "64x64x64s4c1nowsk4")
 
 
 def parse_config(text: str) -> GemmConfig:
     """``GemmConfig`` of a name like ``128x192x64s4c2ws`` (see :data:`CANDIDATES`)."""
     import re  # pylint: disable=import-outside-toplevel
 
-    mt = re.match(r"^(\d+)x(\d+)x(\d+)s(\d+)c(\d+)(ws|nows)$", text.strip())
+    mt = re.match(r"^(\d+)x(\d+)x(\d+)s(\d+)c(\d+)(ws|nows)(?:k(\d+))?$", text.strip())
     if not mt:
-        raise ValueError(f"bad wgmma GEMM config {text!r}: expected e.g. 128x192x64s4c2ws")
-    tm, tn, tk, st, cons, ws = mt.groups()
-    return GemmConfig(int(tm), int(tn), int(tk), int(st), int(cons), ws == "ws")
+        raise ValueError(f"bad wgmma GEMM config {text!r}: expected e.g. 128x192x64s4c2ws or 64x128x64s4c1wsk4")
+    tm, tn, tk, st, cons, ws, split = mt.groups()
+    return GemmConfig(int(tm), int(tn), int(tk), int(st), int(cons), ws == "ws", split=int(split or 1))
 
 
 def config_problem(key: GemmKey, cfg: GemmConfig) -> str | None:
@@ -183,7 +181,7 @@ def make_gemm(key: GemmKey, cfg: GemmConfig, *, name: str = "wgmma_gemm") -> tvm
         raise ValueError(f"wgmma GEMM {key.name()}: {problem}")
     func = make_wgmma_gemm(key.m, key.n, key.k, epilogue=key.epilogue, batch_dim=True, tile_m=cfg.tile_m,
                            tile_n=cfg.tile_n, tile_k=cfg.tile_k, stages=cfg.stages, consumers=cfg.consumers,
-                           warp_specialized=cfg.warp_specialized, cluster=cfg.cluster)
+                           warp_specialized=cfg.warp_specialized, cluster=cfg.cluster, split=cfg.split)
     return func.with_attr("global_symbol", name)
 
 
@@ -269,6 +267,15 @@ def check_config(m: int, n: int, k: int, cfg: GemmConfig) -> None:
     if m % cfg.tile_m or n % cfg.tile_n or k % cfg.tile_k:
         problems.append(f"{m}x{n}x{k} is not a multiple of the tile "
                         f"{cfg.tile_m}x{cfg.tile_n}x{cfg.tile_k}")
+    if cfg.split not in (1, 2, 4, 8):
+        problems.append("split must be 1, 2, 4 or 8 (CTAs of a portable cluster)")
+    elif cfg.split > 1:
+        if k % (cfg.tile_k * cfg.split):
+            problems.append(f"k = {k} does not split into {cfg.split} parts of whole {cfg.tile_k}-tiles")
+        if cfg.warp_specialized and cfg.consumers == 2:
+            problems.append("split-K with a register-split producer (ws, 2 consumers) is not supported")
+        if cfg.tile_m * cfg.tile_n * 4 > cfg.smem_bytes():
+            problems.append("the fp32 tile for the split-K sum does not fit the ring's shared memory")
     if (wg_m // 64) * cfg.tile_n // 2 > 192:
         problems.append("more than 192 accumulator registers per thread")
     if cfg.smem_bytes() > 227 * 1024:
@@ -280,7 +287,7 @@ def check_config(m: int, n: int, k: int, cfg: GemmConfig) -> None:
 def make_wgmma_gemm(m: int, n: int, k: int, *, bias: bool = True, tile_m: int = 128,
                     tile_n: int = 128, tile_k: int = 64, stages: int = 4, consumers: int = 2,
                     warp_specialized: bool = True, cluster: int = 1, epilogue: str | None = None,
-                    batch_dim: bool = False) -> tvm.tirx.PrimFunc:
+                    batch_dim: bool = False, split: int = 1) -> tvm.tirx.PrimFunc:
     """The TIRx ``PrimFunc`` ``main(A, W[, bias][, R], C)`` computing ``C = epilogue(A @ W^T)``.
 
     ``A[m, k]``, ``W[n, k]``, ``bias[n]``, ``R[m, n]``, ``C[m, n]``, all float16 (fp32
@@ -294,7 +301,7 @@ def make_wgmma_gemm(m: int, n: int, k: int, *, bias: bool = True, tile_m: int = 
     epilogue = epilogue or ("bias" if bias else "none")
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
-    cfg = GemmConfig(tile_m, tile_n, tile_k, stages, consumers, warp_specialized, cluster)
+    cfg = GemmConfig(tile_m, tile_n, tile_k, stages, consumers, warp_specialized, cluster, split)
     check_config(m, n, k, cfg)
     # "tirx.is_scheduled" keeps relax's default CUDA pipeline (dlight) from rescheduling it;
     # KERNEL_ATTR routes it through the tirx lowering in MIXED_PIPELINE.
@@ -319,6 +326,9 @@ def _make(M, N, K, epi: str, cfg: GemmConfig, batch_dim: bool):  # noqa: C901 - 
     PRODUCER_WG = NC                  # warpgroup index of the producer (WS only)
     REG_SPLIT = WS and NC == 2        # setmaxnreg 40 / 232 (3 warpgroups, 1 CTA per SM)
     MMA = f"wgmma.mma_async.sync.aligned.m64n{BN}k16.f32.f16.f16"
+    SPLIT = cfg.split                 # CTAs of a cluster sharing one output tile (split-K)
+    KT_S = KT // SPLIT                # K tiles per CTA
+    CT = NC * 128                     # consumer threads (tid < CT)
 
     # ------------------------------------------------------------------ trace-time helpers
     # Plain Python functions called from the TVMScript body: their loops run in Python, so the
@@ -328,8 +338,8 @@ def _make(M, N, K, epi: str, cfg: GemmConfig, batch_dim: bool):  # noqa: C901 - 
         for i in range(MSUB * NACC):
             T.evaluate(T.cuda.func_call("tvm_wgmma_fence_f32", acc[i], source_code=_FENCE_SRC))
 
-    def produce(kt, m_blk, n_blk, a_map, b_map, arena, full, empty):
-        """Wait for ring slot ``kt % S`` to be free, then TMA-load K tile ``kt`` into it."""
+    def produce(kt, k0, m_blk, n_blk, a_map, b_map, arena, full, empty):
+        """Wait for ring slot ``kt % S`` to be free, then TMA-load K tile ``k0 + kt`` into it."""
         slot = kt % S
         T.evaluate(T.cuda.mbarrier_wait(empty.ptr_to([slot]), ((kt // S) & 1) ^ 1))
         T.evaluate(T.ptx.mbarrier.arrive.expect_tx.shared.b64(full.ptr_to([slot]),
@@ -337,10 +347,10 @@ def _make(M, N, K, epi: str, cfg: GemmConfig, batch_dim: bool):  # noqa: C901 - 
         for kb in range(KB):
             T.evaluate(T.ptx[_TMA_LOAD_2D](
                 arena.ptr_to([slot * A_STAGE + kb * BM * 64]), T.address_of(a_map),
-                kt * BK + kb * 64, m_blk * BM, full.ptr_to([slot])))
+                (k0 + kt) * BK + kb * 64, m_blk * BM, full.ptr_to([slot])))
             T.evaluate(T.ptx[_TMA_LOAD_2D](
                 arena.ptr_to([B_BASE + slot * B_STAGE + kb * BN * 64]), T.address_of(b_map),
-                kt * BK + kb * 64, n_blk * BN, full.ptr_to([slot])))
+                (k0 + kt) * BK + kb * 64, n_blk * BN, full.ptr_to([slot])))
 
     def mma_tile(kt, wg, acc, desc_a, desc_b):
         """All wgmmas of K tile ``kt`` for consumer warpgroup ``wg`` (one commit group)."""
@@ -381,7 +391,28 @@ def _make(M, N, K, epi: str, cfg: GemmConfig, batch_dim: bool):  # noqa: C901 - 
 
     # ------------------------------------------------------------------ the kernel (TVMScript)
     @T.inline
-    def consume(wg, warp, lane, tid, m_blk, n_blk, A_map, W_map, arena, full, empty,
+    def split_sum(acc, scratch, z, tid):
+        # Split-K: CTAs 1..SPLIT-1 of the cluster park their fp32 accumulators in their own shared
+        # memory (thread-major: element i of consumer thread t at i * CT + t); after a cluster
+        # barrier CTA 0's threads add the others' values at their own indices (distributed shared
+        # memory) into their registers; a second barrier keeps the others resident until then.
+        T.cuda.cta_sync()  # every wgmma of this CTA has read the ring
+        if tid < CT:
+            if z > 0:
+                for i in T.unroll(MSUB * NACC):
+                    scratch[i * CT + tid] = acc[i]
+        T.cuda.cluster_sync()
+        if tid < CT:
+            if z == 0:
+                for r in T.unroll(1, SPLIT):
+                    for i in T.unroll(MSUB * NACC):
+                        acc[i] = acc[i] + T.cuda.func_call("tvm_dsmem_ld_f32", scratch.ptr_to([i * CT + tid]),
+                                                           T.uint32(r), source_code=_DSMEM_SRC,
+                                                           return_type="float32")
+        T.cuda.cluster_sync()
+
+    @T.inline
+    def consume(wg, warp, lane, tid, k0, m_blk, n_blk, A_map, W_map, arena, full, empty,
                 acc, packed, desc_a, desc_b, C32, Bias, Res):
         for i in T.unroll(MSUB * NACC):
             acc[i] = T.float32(0)
@@ -390,7 +421,7 @@ def _make(M, N, K, epi: str, cfg: GemmConfig, batch_dim: bool):  # noqa: C901 - 
         T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc_b[0]), arena.ptr_to([B_BASE]),
                                               1, 64, 3)
         fence_acc(acc)
-        for kt in range(KT):
+        for kt in range(KT_S):
             T.cuda.mbarrier_wait(full.ptr_to([kt % S]), (kt // S) & 1)
             mma_tile(kt, wg, acc, desc_a[0], desc_b[0])
             T.ptx.wgmma.wait_group.sync.aligned(1)
@@ -399,15 +430,21 @@ def _make(M, N, K, epi: str, cfg: GemmConfig, batch_dim: bool):  # noqa: C901 - 
                     T.ptx.mbarrier.arrive.shared.b64(empty.ptr_to([(kt - 1) % S]), T.uint32(1))
             if not WS:
                 if tid == 0:
-                    if kt + S - 1 < KT:
-                        produce(kt + S - 1, m_blk, n_blk, A_map, W_map, arena, full, empty)
+                    if kt + S - 1 < KT_S:
+                        produce(kt + S - 1, k0, m_blk, n_blk, A_map, W_map, arena, full, empty)
         T.ptx.wgmma.wait_group.sync.aligned(0)
         fence_acc(acc)
-        epilogue(acc, packed, m_blk, n_blk, wg, warp, lane, C32, Bias, Res)
+        if SPLIT == 1:
+            epilogue(acc, packed, m_blk, n_blk, wg, warp, lane, C32, Bias, Res)
 
     @T.inline
     def kernel_body(A_map, W_map, C, Bias, Res):
-        bx = T.cta_id([MT * NT])
+        if SPLIT == 1:
+            bx = T.cta_id([MT * NT])
+            z: T.let[T.int32] = T.int32(0)
+        else:  # one cluster of SPLIT CTAs per output tile, CTA z taking K tiles [z * KT_S, (z + 1) * KT_S)
+            bx = T.cluster_id([MT * NT])
+            z = T.cta_id_in_cluster([SPLIT])
         tid = T.thread_id([THREADS])
         wg = tid // 128
         warp = (tid % 128) // 32
@@ -437,19 +474,25 @@ def _make(M, N, K, epi: str, cfg: GemmConfig, batch_dim: bool):  # noqa: C901 - 
                 if REG_SPLIT:
                     T.ptx["setmaxnreg.dec.sync.aligned.u32"](40)
                 if tid % 128 == 0:
-                    for kt in range(KT):
-                        produce(kt, m_blk, n_blk, A_map, W_map, arena, full, empty)
+                    for kt in range(KT_S):
+                        produce(kt, z * KT_S, m_blk, n_blk, A_map, W_map, arena, full, empty)
             else:
                 if REG_SPLIT:
                     T.ptx["setmaxnreg.inc.sync.aligned.u32"](232)
-                consume(wg, warp, lane, tid, m_blk, n_blk, A_map, W_map, arena, full, empty,
+                consume(wg, warp, lane, tid, z * KT_S, m_blk, n_blk, A_map, W_map, arena, full, empty,
                         acc, packed, desc_a, desc_b, C32, Bias, Res)
         else:
             if tid == 0:
-                for kt in range(min(S - 1, KT)):
-                    produce(kt, m_blk, n_blk, A_map, W_map, arena, full, empty)
-            consume(wg, warp, lane, tid, m_blk, n_blk, A_map, W_map, arena, full, empty,
+                for kt in range(min(S - 1, KT_S)):
+                    produce(kt, z * KT_S, m_blk, n_blk, A_map, W_map, arena, full, empty)
+            consume(wg, warp, lane, tid, z * KT_S, m_blk, n_blk, A_map, W_map, arena, full, empty,
                     acc, packed, desc_a, desc_b, C32, Bias, Res)
+        if SPLIT > 1:
+            scratch = T.decl_buffer((BM * BN,), "float32", data=arena.data, scope="shared.dyn")
+            split_sum(acc, scratch, z, tid)
+            if tid < CT:
+                if z == 0:
+                    epilogue(acc, packed, m_blk, n_blk, wg, warp, lane, C32, Bias, Res)
 
     a_box = (64, BM)
     b_box = (64, BN)

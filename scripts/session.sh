@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Steps run on the GPU machine (device tool), each with its own time limit; results under $OUT.
 #   bash scripts/session.sh STEP [STEP ...]
-# Steps: libs env prebuild-pdl wait host-profile rpc-gpu gputests gputests-extra gputests-new gputests-graph gputests-norm decode-check mma-check peer-diag bench-decode bench-prefill bench-kernels tune restore profile ncu hidden-host wgmma-check wgmma-model
+# Steps: libs env prebuild-pdl wait attn-fa host-profile rpc-gpu gputests gputests-extra gputests-new gputests-graph gputests-norm decode-check mma-check peer-diag bench-decode bench-prefill bench-kernels tune restore profile ncu hidden-host wgmma-check wgmma-model
 # (settings through environment variables)
 # Plan a session's device time (30 min, start-ups included; lessons of 2026-12-02):
 #  - build the TVM libraries here first, after the last code change (the cache key hashes the
@@ -76,6 +76,9 @@ for step in "$@"; do
       (GPT2K_PDL=0 python scripts/prebuild_libs.py --variants tuned --database-dir /root/keep/dbold --cache-dir "$GPT2K_CACHE_DIR" > "$OUT/prebuild_nopdl.log" 2>&1; echo "nopdl rc $?" >> "$OUT/prebuild_nopdl.log") & ;;
     wait)
       log wait; wait; tail -2 "$OUT"/prebuild_*.log 2>/dev/null; log waited ;;
+    attn-fa)
+      # the wgmma flash-attention prefill candidates vs the stored tc kernel and torch SDPA (scripts/attn_fa_check.py)
+      log attn-fa; timeout ${AF_LIMIT:-200} python scripts/attn_fa_check.py --out "$OUT" 2>&1 | grep -v Warning | tail -30 ;;
     wgmma-check)
       # the wgmma GEMM alone vs cuBLAS (scripts/wgmma_check.py; WC_ARGS e.g. --shapes 1024x2304x768 --configs ...)
       log wgmma-check; timeout ${WC_LIMIT:-200} python scripts/wgmma_check.py --out "$OUT" ${WC_ARGS:-} 2>&1 | grep -v Warning | tail -25 ;;

@@ -33,7 +33,8 @@ never slower than the untuned build's kernel as measured.
 
 A second template, ``"tc"`` (:mod:`tuning.attention_tc`: the same kernel with its two inner
 products on tensor cores, wmma fp16/fp32), has its own constants (warps, key tile) and joins the
-same search, checked and scored the same way. ``attention.json`` names the template of each
+same search, checked and scored the same way; so does ``"fa"`` on sm_90 (:mod:`tuning.attention_fa`: a
+Hopper flash-attention kernel with TMA and wgmma, a TIRx PrimFunc built by :mod:`tuning.attention_build`). ``attention.json`` names the template of each
 result (``"template"``; a file without it is SIMT).
 
 The result is ``attention.json`` in the database directory; compiling with the database
@@ -63,7 +64,9 @@ import numpy as np
 
 from .attention_measure import (measure_ragged_prefill, prefill_scalars, ragged_prefill_args,  # noqa: F401 - re-exported
                                 reference_causal_attention, reference_causal_lse)
+from .attention_build import build_all as _build_all
 from .attention_decode import DECODE_KERNEL, DecodeConfig, DecodeError, make_decode_kernel
+from .attention_fa import FAConfig, FAError, fa_candidates, make_fa_ragged_prefill
 from .attention_tc import (TCConfig, TCError, make_tc_ragged_prefill, mma_candidates, tc_candidates, template_of,
                            wmma_candidates)
 
@@ -191,15 +194,18 @@ def prefill_candidates(key: AttentionKey, target, *, num_blks: Sequence[int] = (
 def search_candidates(key: AttentionKey, target, templates: Sequence[str] | None = None,
                       stored: dict | None = None) -> list:
     """The prefill search's candidates of the families ``templates`` (``simt``: TVM's template's grid,
-    ``tc``: the wmma tensor-core grid, ``mma``: its mma.sync variant; default all), TVM's own
-    choice first, plus ``stored`` (an ``attention.json`` entry) 's choice, so that a narrowed search
+    ``tc``: the wmma tensor-core grid, ``mma``: its mma.sync variant, ``fa``: the wgmma flash-attention
+    kernel, sm_90 only, by name; default the other three), TVM's own choice first, plus ``stored`` (an ``attention.json`` entry) 's choice, so that a narrowed search
     is always measured against what the database holds."""
+    # ("fa" is asked for by name until it has been checked on a card: see .notes/attention_fa.md)
     templates = tuple(templates) if templates else ("simt", "tc", "mma")
     out = prefill_candidates(key, target) if "simt" in templates else [default_prefill_config(key, target)]
     if "tc" in templates:
         out += wmma_candidates(key, target)
     if "mma" in templates:
         out += mma_candidates(key, target)
+    if "fa" in templates:
+        out += fa_candidates(key, target)
     if stored is not None and stored.get("kernel") == RAGGED_PREFILL and stored.get("key") == asdict(key):
         try:
             best = stored_best(stored)
@@ -250,23 +256,27 @@ def make_ragged_prefill(cfg: PrefillConfig | None, key: AttentionKey, target):
 
 
 def config_of(template: str, config: dict):
-    """The configuration object of a stored result: ``"simt"`` (TVM's template) or ``"tc"`` (prefill),
+    """The configuration object of a stored result: ``"simt"`` (TVM's template), ``"tc"`` or ``"fa"`` (prefill),
     ``"decode"`` (:class:`tuning.attention_decode.DecodeConfig`)."""
     if template == "simt":
         return PrefillConfig(**config)
     if template == "tc":
         return TCConfig(**config)
+    if template == "fa":
+        return FAConfig(**config)
     if template == "decode":
         return DecodeConfig(**config)
     raise KeyError(f"unknown attention template {template!r}")
 
 
 #: The templates each tuned kernel of ``attention.json`` may name.
-_TEMPLATES = {RAGGED_PREFILL: ("simt", "tc"), DECODE_KERNEL: ("decode",)}
+_TEMPLATES = {RAGGED_PREFILL: ("simt", "tc", "fa"), DECODE_KERNEL: ("decode",)}
 
 
 def make_prefill_kernel(cfg, key: AttentionKey, target):
-    """``batch_prefill_ragged_kv`` of either template (``cfg`` None: TVM's own choice)."""
+    """``batch_prefill_ragged_kv`` of any template (``cfg`` None: TVM's own choice)."""
+    if isinstance(cfg, FAConfig):
+        return make_fa_ragged_prefill(cfg, key, target)
     if isinstance(cfg, TCConfig):
         return make_tc_ragged_prefill(cfg, key, target)
     return make_ragged_prefill(cfg, key, target)
@@ -315,7 +325,8 @@ def read_attention(db_dir: str | os.PathLike) -> dict | None:
 
 def _with_attrs_of(func, like):
     for name, value in (like.attrs.items() if like.attrs is not None else []):
-        func = func.with_attr(name, value)
+        if name != "s_tir" or func.attrs is None or "s_tir" in func.attrs:  # a tirx kernel stays tirx
+            func = func.with_attr(name, value)
     return func
 
 
@@ -355,7 +366,7 @@ def apply_attention(mod, db_dir: str | os.PathLike | None, *, key: AttentionKey,
             continue
         try:
             func = _with_attrs_of(make(best, key, target), current)
-        except (AttentionError, DecodeError, TCError) as err:
+        except (AttentionError, DecodeError, TCError, FAError) as err:
             raise AttentionError(f"{Path(db_dir) / ATTENTION_FILE}: the stored {entry['kernel']} choice cannot be "
                                  f"built ({err}); delete the entry or re-run tune --kinds attention") from err
         if out is mod:
@@ -379,22 +390,6 @@ def _score(results: list[dict], base: dict) -> None:
         ratios = [r["us"][n] / base["us"][n] for n in base["us"]]
         r["score"] = float(np.exp(np.mean(np.log(ratios))))
         r["eligible"] = max(ratios) <= MAX_REGRESSION
-
-
-def _build_all(funcs: list, target, *, workers: int | None) -> list:
-    """Build every kernel in MetaSchedule's parallel builder; returns artifact paths (None: failed)."""
-    import tvm  # pylint: disable=import-outside-toplevel
-    from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
-
-    builder = ms.builder.LocalBuilder(max_workers=workers or os.cpu_count() or 1, timeout_sec=120)
-    inputs = [ms.builder.BuilderInput(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target)
-              for f in funcs]
-    out, errors = [], []
-    for res in builder.build(inputs):
-        if res.error_msg:
-            errors.append(res.error_msg)
-        out.append(None if res.error_msg else res.artifact_path)
-    return out, errors
 
 
 def tune_attention(config, *, dtype: str, target, out_dir: str | os.PathLike, lengths: Sequence[int],
@@ -444,7 +439,7 @@ def tune_attention(config, *, dtype: str, target, out_dir: str | os.PathLike, le
         try:
             funcs.append(make_prefill_kernel(c, key, target))
             kept.append(c)
-        except (AttentionError, TCError) as err:
+        except (AttentionError, TCError, FAError) as err:
             logger.info("%s", err)
     log(f"attention: {len(kept)} candidates of {RAGGED_PREFILL} for {key.label()} (TVM's: {default.label()}), "
         f"timed at {lengths}; building...")
@@ -466,7 +461,8 @@ def tune_attention(config, *, dtype: str, target, out_dir: str | os.PathLike, le
             log(f"attention: {c.label()} failed to run: {str(exc).splitlines()[0] if str(exc) else exc}")
             continue
         libs[c] = lib
-        results.append({"template": template_of(c), "config": asdict(c), "us": times, "total_us": sum(times.values()),
+        tmpl = "fa" if isinstance(c, FAConfig) else template_of(c)
+        results.append({"template": tmpl, "config": asdict(c), "us": times, "total_us": sum(times.values()),
                         "max_abs_err": err})
     base = next((r for r in results if r["template"] == "simt" and r["config"] == asdict(default)), None)
     if base is None:

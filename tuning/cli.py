@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and the verification and commit after still run; a rerun resumes). Default: no limit")
     p.add_argument("--attention-templates", default=None, metavar="T,...",
                    help=f"prefill attention search: only these candidate families, of {', '.join(ATTENTION_TEMPLATES)} "
-                        "(TVM's SIMT template, the wmma tensor-core one, its mma.sync register-resident variant); "
+                        "(TVM's SIMT template, the wmma tensor-core one, its mma.sync register-resident variant, "
+                        "the sm_90 wgmma flash-attention kernel); "
                         "TVM's own kernel and the database's stored choice are always timed with them. Default all")
     p.add_argument("--seed", type=int, default=0, help="random seed of the search (default 0)")
     p.add_argument("--space", default="llm", choices=SPACES,

@@ -17,7 +17,7 @@ KINDS = ("gemv", "gemm", "reduction", "elementwise", "attention", "norm-gemv", "
 SPACES = ("llm", "generic", "dlight")
 #: Families of prefill attention candidates (``tuning.attention``): TVM's SIMT template, the wmma
 #: tensor-core template, its register-resident mma.sync variant.
-ATTENTION_TEMPLATES = ("simt", "tc", "mma")
+ATTENTION_TEMPLATES = ("simt", "tc", "mma", "fa")
 
 
 class TuneError(ValueError):

@@ -224,8 +224,10 @@ def test_search_candidates_by_family_keep_tvms_and_the_stored_choice(sm90):
     only_mma = A.search_candidates(key, sm90, ["mma"], stored=stored)
     assert only_mma[0] == default and stored_cfg in only_mma
     assert [c for c in only_mma if c not in (default, stored_cfg)] == TC.mma_candidates(key, sm90)
-    every = A.search_candidates(key, sm90)
+    every = A.search_candidates(key, sm90)  # "fa" only when named (not yet checked on a card)
     assert len(every) == len(A.prefill_candidates(key, sm90)) + len(TC.tc_candidates(key, sm90))
+    with_fa = A.search_candidates(key, sm90, ["simt", "tc", "mma", "fa"])
+    assert len(with_fa) == len(every) + len(A.fa_candidates(key, sm90)) > len(every)
     # another key's stored choice is not this search's
     other = dict(stored, key=asdict(A.AttentionKey(2, 2, 64, "float16")))
     assert stored_cfg not in A.search_candidates(key, sm90, ["mma"], stored=other)

@@ -62,6 +62,35 @@ def test_every_epilogue_compiles_for_sm90a_without_spills(epilogue):
     assert summary.get("registers", 0) > 0 and summary.get("spill_bytes", 0) == 0, log
 
 
+def test_split_k_configs_are_checked():
+    k4 = parse_config("64x96x64s4c1wsk4")
+    assert (k4.split, k4.label(), parse_config("64x96x64s4c1ws").split) == (4, "64x96x64s4c1wsk4", 1)
+    assert config_problem(GemmKey(128, 768, 3072, "bias_residual"), k4) is None
+    assert "does not split" in config_problem(GemmKey(128, 768, 192, "bias"), parse_config("64x96x64s4c1wsk4"))
+    assert "register-split producer" in config_problem(GemmKey(128, 768, 3072, "bias"),
+                                                       parse_config("128x128x64s4c2wsk2"))
+    assert "split must be" in config_problem(GemmKey(128, 768, 3072, "bias"), parse_config("64x96x64s4c1wsk3"))
+    # short chunks of the K = 3072 GEMM get split-K candidates (16 CTAs of 64 x 96 without)
+    assert any(c.split > 1 for c in gemm_candidates(GemmKey(128, 768, 3072, "bias_residual")))
+
+
+@needs_nvcc
+@pytest.mark.parametrize("label", ["64x96x64s4c1wsk4", "64x64x64s4c1nowsk4"])
+def test_split_k_compiles_as_one_cluster_kernel_without_spills(label):
+    """Split-K sums the cluster's accumulators through distributed shared memory: one kernel, a
+    cluster launch, no workspace; it compiles for sm_90a without spills."""
+    from gpt2_model.wgmma_build import build, compile_cubin, cuda_source, ptxas_summary  # pylint: disable=import-outside-toplevel
+
+    key = GemmKey(128, 768, 3072, "bias_residual")
+    exe = build(make_gemm(key, parse_config(label), name="main"))
+    src = cuda_source(exe)
+    assert src.count("__global__ void") == 2  # declaration + definition: one kernel
+    assert "mapa.shared::cluster" in src and "barrier.cluster" in src and "cluster_ctarank" in src
+    _, log = compile_cubin(src)
+    summary = ptxas_summary(log)
+    assert summary.get("registers", 0) > 0 and summary.get("spill_bytes", 0) == 0, log
+
+
 @pytest.mark.parametrize("epilogue", ["bias", "bias_gelu", "bias_residual"])
 def test_reference_form_equals_numpy(epilogue):
     """The TE form the CPU wiring test runs computes what the search checks candidates against."""
