@@ -25,6 +25,9 @@
 #  - 2026-12-07: a machine start that finds no machine costs up to 3 device minutes; with less
 #    than ~5 minutes left none starts. First calls of the next session: wgmma-model, then
 #    `PHASES=prefill CHUNKS=128,512,1024 KINDS=wgmma bash scripts/session.sh tune`, then bench-prefill.
+#  - 2026-12-07 (ninth session): 4 of 5 machine starts found none (~8 device minutes); a `pgrep -f`
+#    wait matched its own call and spun out a 600 s call; libraries built elsewhere spend ~60 s in
+#    NVRTC at load, so give each bench call >= 90 s beyond its measurements.
 #  - `tune` writes the database of the device's tree, which the next call's copy of the tree
 #    replaces: unpack $OUT/db-*.tgz here (drop .tune.lock), or start the next call with `restore`.
 set -uo pipefail
@@ -68,14 +71,17 @@ for step in "$@"; do
       log host-profile; timeout ${HP_LIMIT:-240} python scripts/step_profile.py --host --out "$OUT" --variants tuned ${DB:+--database $DB} --prefill 128,512,1024 --decode 1,8,32 --steps 32 2>&1 | grep -v "^USDT\|Warning" | tail -60 ;;
     prebuild-pdl)
       # the tuned library of the database as carried (copied to /root/keep/dbold: later steps may change
-      # the tree's), built with and without PDL (GPT2K_PDL=0), in the background; `wait` joins them.
-      # Bench them with DB=/root/keep/dbold/sm_90/gpt2-q0f16 (and GPT2K_PDL=0 for the second).
-      rm -rf /root/keep/dbold && mkdir -p /root/keep/dbold/sm_90 && cp -r databases/sm_90/gpt2-q0f16 /root/keep/dbold/sm_90/
+      # the tree's), built with and without PDL (GPT2K_PDL=0), in the background; `wait` (same call or a
+      # later one) waits for their marker files. Bench them with DB=/root/keep/dbold/sm_90/gpt2-q0f16
+      # (and GPT2K_PDL=0 for the second); a cached library still spends ~60 s in NVRTC when bench loads it.
+      rm -rf /root/keep/dbold /root/keep/prebuild.*.done && mkdir -p /root/keep/dbold/sm_90 && cp -r databases/sm_90/gpt2-q0f16 /root/keep/dbold/sm_90/
       log prebuild-pdl; mkdir -p "$GPT2K_CACHE_DIR"
-      (python scripts/prebuild_libs.py --variants tuned --database-dir /root/keep/dbold --cache-dir "$GPT2K_CACHE_DIR" > "$OUT/prebuild_pdl.log" 2>&1; echo "pdl rc $?" >> "$OUT/prebuild_pdl.log") &
-      (GPT2K_PDL=0 python scripts/prebuild_libs.py --variants tuned --database-dir /root/keep/dbold --cache-dir "$GPT2K_CACHE_DIR" > "$OUT/prebuild_nopdl.log" 2>&1; echo "nopdl rc $?" >> "$OUT/prebuild_nopdl.log") & ;;
+      (python scripts/prebuild_libs.py --variants tuned --database-dir /root/keep/dbold --cache-dir "$GPT2K_CACHE_DIR" > /root/keep/prebuild_pdl.log 2>&1; echo "pdl rc $?" > /root/keep/prebuild.pdl.done) &
+      (GPT2K_PDL=0 python scripts/prebuild_libs.py --variants tuned --database-dir /root/keep/dbold --cache-dir "$GPT2K_CACHE_DIR" > /root/keep/prebuild_nopdl.log 2>&1; echo "nopdl rc $?" > /root/keep/prebuild.nopdl.done) & ;;
     wait)
-      log wait; wait; tail -2 "$OUT"/prebuild_*.log 2>/dev/null; log waited ;;
+      # never `pgrep -f NAME` here: it matches the device call's own command line (2026-12-07: 10 minutes lost)
+      log wait; for i in $(seq 1 ${WAIT_S:-300}); do [ -f /root/keep/prebuild.pdl.done ] && [ -f /root/keep/prebuild.nopdl.done ] && break; sleep 1; done
+      cat /root/keep/prebuild.*.done 2>/dev/null; cp /root/keep/prebuild_*.log "$OUT"/ 2>/dev/null; log waited ;;
     attn-fa)
       # the wgmma flash-attention prefill candidates vs the stored tc kernel and torch SDPA (scripts/attn_fa_check.py)
       log attn-fa; timeout ${AF_LIMIT:-200} python scripts/attn_fa_check.py --out "$OUT" 2>&1 | grep -v Warning | tail -30 ;;
