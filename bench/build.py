@@ -269,6 +269,7 @@ def _build_library(*, config, quantization: str, target, database: DatabaseInfo 
                       database=database.path if database else None, cuda_graph=cuda_graph)
     res.executable.export_library(str(out))
     return {"buckets": {k: [int(v) for v in vals] for k, vals in (res.buckets or {}).items()},
+            "export_metadata": res.exported.metadata,  # a later load opens the library without re-exporting
             "coverage": res.coverage.lines() if res.coverage is not None else None,
             "coverage_buckets": ({k: list(v) for k, v in res.coverage.per_bucket.items()}
                                  if res.coverage is not None else None)}, res.exported
@@ -355,7 +356,7 @@ def load_engine(*, config, quantization: str, device: str, target, params_fp32: 
     """
     import tvm
 
-    from gpt2_model.export import export_model
+    from gpt2_model.export import export_model, exported_info
     from gpt2_model.quantization import convert_params
     from gpt2_model.runtime import Engine
 
@@ -364,7 +365,9 @@ def load_engine(*, config, quantization: str, device: str, target, params_fp32: 
         config=config, quantization=quantization, target=target, database=database, cuda_graph=cuda_graph,
         cache_dir=cache_dir, use_cache=use_cache)
     lib = lib_dir / "lib.so"
-    if exported is None:  # cache hit: the same export (bucket entry points, fused norms) as the build
+    if exported is None and meta.get("export_metadata"):  # cache hit: the build's own export metadata
+        exported = exported_info(config, meta["export_metadata"])
+    if exported is None:  # a cache entry from before export_metadata: the same export as the build (slow: gpt2 ~1-2 min)
         from tuning.compile import template_plans
 
         exported = export_model(config, quantization=quantization, target=target, buckets=meta.get("buckets") or None,

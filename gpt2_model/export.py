@@ -68,3 +68,40 @@ def export_model(config: GPT2Config, *, quantization: str, target: Target, debug
                    [(n, tuple(int(x) for x in p.shape), str(p.dtype)) for n, p in named_params]],
     }
     return ExportedModel(mod=mod, named_params=named_params, config=config, scheme=scheme, metadata=metadata)
+
+
+@dataclasses.dataclass
+class ExportedInfo:
+    """What a runtime needs of an export without its relax module: the config, the weight scheme
+    and the metadata (buckets, parameter specs, templates) recorded when the library was built.
+    :class:`~gpt2_model.runtime.Engine` takes it in place of an :class:`ExportedModel`, so a
+    cached library opens without exporting the model again (bench's library cache)."""
+
+    config: GPT2Config
+    scheme: QuantScheme
+    metadata: dict[str, Any]
+
+    @property
+    def param_names(self) -> list[str]:
+        return [p["name"] for p in self.metadata["params"]]
+
+    def param_specs(self) -> list[tuple[str, tuple[int, ...], str]]:
+        """(name, shape, dtype) of every exported parameter, in calling order."""
+        return [(p["name"], tuple(int(d) for d in p["shape"]), str(p["dtype"])) for p in self.metadata["params"]]
+
+
+def exported_info(config: GPT2Config, metadata: dict[str, Any]) -> ExportedInfo:
+    """An :class:`ExportedInfo` from a library's recorded ``metadata`` (``ExportedModel.metadata``).
+
+    Raises
+    ------
+    ValueError
+        The metadata is not a GPT-2 export's, or lacks its parameter list or quantization.
+    """
+    if not isinstance(metadata, dict) or metadata.get("model_type") != "gpt2" or "params" not in metadata \
+            or "quantization" not in metadata:
+        raise ValueError("not the metadata of a GPT-2 export (model_type, quantization, params)")
+    if metadata.get("vocab_size") != config.vocab_size or metadata.get("n_embd") != config.n_embd:
+        raise ValueError(f"export metadata for vocab {metadata.get('vocab_size')} / n_embd {metadata.get('n_embd')} "
+                         f"does not match the config ({config.vocab_size} / {config.n_embd})")
+    return ExportedInfo(config=config, scheme=get_scheme(metadata["quantization"]), metadata=dict(metadata))

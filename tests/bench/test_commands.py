@@ -78,17 +78,29 @@ def test_runners_compute_the_model(tiny_engine):
     assert engine._lengths == {}  # every sequence was removed
 
 
-def test_library_cache_hit(tiny_engine, bench_cache):
+def test_library_cache_hit(tiny_engine, bench_cache, monkeypatch):
     from bench.build import load_engine
     from tuning.engine import target_for
 
     built, params = tiny_engine
+
+    def no_export(*_a, **_k):
+        raise AssertionError("a cache hit must not export the model again")
+
+    monkeypatch.setattr("gpt2_model.export.export_model", no_export)
     again = load_engine(config=get_config("tiny"), quantization="q0f32", device="cpu", target=target_for("cpu"),
                         params_fp32=params, cache_dir=bench_cache)
     assert again.info["cache_hit"] and again.info["build_s"] == 0.0
     assert again.info["key"] == built.info["key"]
     meta = json.loads((bench_cache / again.info["key"] / "meta.json").read_text())
     assert meta["quantization"] == "q0f32" and meta["database_hash"] is None and meta["tvm"]
+    assert meta["export_metadata"]["params"] and meta["export_metadata"]["quantization"] == "q0f32"
+    # the engine opened from the recorded metadata computes what the built one does
+    ids = np.arange(7) % get_config("tiny").vocab_size
+    a, b = built.engine.add_sequence(), again.engine.add_sequence()
+    np.testing.assert_array_equal(np.asarray(again.engine.prefill(b, ids)), np.asarray(built.engine.prefill(a, ids)))
+    built.engine.remove_sequence(a)
+    again.engine.remove_sequence(b)
 
 
 # ---------------------------------------------------------------------------------------------- decode
