@@ -26,8 +26,8 @@
 #    than ~5 minutes left none starts. First calls of the next session: wgmma-model, then
 #    `PHASES=prefill CHUNKS=128,512,1024 KINDS=wgmma bash scripts/session.sh tune`, then bench-prefill.
 #  - 2026-12-07 (ninth session): 4 of 5 machine starts found none (~8 device minutes); a `pgrep -f`
-#    wait matched its own call and spun out a 600 s call; libraries built elsewhere spend ~60 s in
-#    NVRTC at load, so give each bench call >= 90 s beyond its measurements.
+#    wait matched its own call and spun out a 600 s call; a cache hit re-exported gpt2 (~60 s) before
+#    c38c5f0 (now it opens from the recorded export metadata).
 #  - `tune` writes the database of the device's tree, which the next call's copy of the tree
 #    replaces: unpack $OUT/db-*.tgz here (drop .tune.lock), or start the next call with `restore`.
 set -uo pipefail
@@ -73,7 +73,7 @@ for step in "$@"; do
       # the tuned library of the database as carried (copied to /root/keep/dbold: later steps may change
       # the tree's), built with and without PDL (GPT2K_PDL=0), in the background; `wait` (same call or a
       # later one) waits for their marker files. Bench them with DB=/root/keep/dbold/sm_90/gpt2-q0f16
-      # (and GPT2K_PDL=0 for the second); a cached library still spends ~60 s in NVRTC when bench loads it.
+      # (and GPT2K_PDL=0 for the second).
       rm -rf /root/keep/dbold /root/keep/prebuild.*.done && mkdir -p /root/keep/dbold/sm_90 && cp -r databases/sm_90/gpt2-q0f16 /root/keep/dbold/sm_90/
       log prebuild-pdl; mkdir -p "$GPT2K_CACHE_DIR"
       (python scripts/prebuild_libs.py --variants tuned --database-dir /root/keep/dbold --cache-dir "$GPT2K_CACHE_DIR" > /root/keep/prebuild_pdl.log 2>&1; echo "pdl rc $?" > /root/keep/prebuild.pdl.done) &
