@@ -23,8 +23,14 @@
 #  - the machine goes back ~30 s after a call ends (status: idle_release_s): prepare the next call
 #    before sending this one; a call sent later starts a fresh machine (call 1 again, ~1 min charged).
 #  - 2026-12-07: a machine start that finds no machine costs up to 3 device minutes; with less
-#    than ~5 minutes left none starts. First calls of the next session: wgmma-model, then
-#    `PHASES=prefill CHUNKS=128,512,1024 KINDS=wgmma bash scripts/session.sh tune`, then bench-prefill.
+#    than ~5 minutes left none starts.
+#  - NEXT SESSION (tenth), after call 1 (p1):
+#    call 2: `bash scripts/session.sh env prebuild-pdl attn-fa wait` (the committed database's tuned
+#            library with and without PDL, built in the background while the flash-attention check runs)
+#    call 3: `DB=/root/keep/dbold/sm_90/gpt2-q0f16 VARIANTS=tuned,torch-compile TAG=_pdl bash scripts/session.sh bench-decode;
+#             GPT2K_PDL=0 DB=/root/keep/dbold/sm_90/gpt2-q0f16 VARIANTS=tuned TAG=_nopdl bash scripts/session.sh bench-decode;
+#             DB=/root/keep/dbold/sm_90/gpt2-q0f16 VARIANTS=tuned,torch-compile,torch-eager bash scripts/session.sh bench-prefill`
+#    call 4: `DB=... KPHASE=prefill KSEQ=1024 bash scripts/session.sh bench-kernels gputests-graph`
 #  - 2026-12-07 (ninth session): 4 of 5 machine starts found none (~8 device minutes); a `pgrep -f`
 #    wait matched its own call and spun out a 600 s call; a cache hit re-exported gpt2 (~60 s) before
 #    c38c5f0 (now it opens from the recorded export metadata).
