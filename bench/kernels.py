@@ -192,19 +192,21 @@ def tuned_kernel(task, *, prepared, database, target, untuned_us=None):
     return compile_kernel(mod[task.kernel], target), True
 
 
-def wgmma_kernel(db_dir, task, *, bucket: int, target):
-    """``(module, label)`` of the wgmma kernel the tuned build runs for this prefill GEMM (its
-    ``wgmma_gemm.json`` entry, built for sm_90a), or None when the database names none for it."""
+def wgmma_kernel(db_dir, task, *, bucket: int, target, phase: str = "prefill"):
+    """``(module, label)`` of the wgmma kernel the tuned build runs for this GEMM of a prefill chunk or
+    a decode batch (its ``wgmma_gemm.json`` entry, built for sm_90a), or None when the database names
+    none for it (or, for a decode GEMM, when its fused norm + GEMV kernel runs it instead)."""
     # pylint: disable=import-outside-toplevel
     from gpt2_model.wgmma_build import build
     from gpt2_model.wgmma_gemm import make_gemm
-    from tuning.wgmma_tune import gemm_plan_for
+    from tuning.norm_gemv_tune import read_norm_gemv_plan
+    from tuning.wgmma_tune import fused_elsewhere, gemm_plan_for
 
     plan = gemm_plan_for(db_dir, target)
-    mnk = _mnk(task.func) if task.kind == "gemm" else None
-    found = plan.find(bucket, mnk[1], mnk[2], mnk[3]) if plan is not None and mnk is not None and mnk[0] == bucket \
-        else None
-    if found is None:
+    mnk = _mnk(task.func) if task.kind in ("gemm", "gemv") else None
+    found = plan.find(bucket, mnk[1], mnk[2], mnk[3], rows=phase == "decode") \
+        if plan is not None and mnk is not None and mnk[0] == bucket else None
+    if found is None or fused_elsewhere(found[0], read_norm_gemv_plan(db_dir)):
         return None
     key, cfg = found
     return build(make_gemm(key, cfg, name="main")), f"wgmma {cfg.label()} ({key.name()})"
@@ -426,7 +428,7 @@ def run_kernels(cfg: BenchConfig, *, phase: str = "decode", batch: int = 8, seq_
             if ug:
                 row["untuned_graph_us"] = stats(ug).median
             if db is not None:
-                wg = wgmma_kernel(db_info.path, task, bucket=bucket, target=target) if phase == "prefill" else None
+                wg = wgmma_kernel(db_info.path, task, bucket=bucket, target=target, phase=phase)
                 if wg is not None:  # the tuned build runs the wgmma template here, not the partition kernel
                     tun_lib, row["tuned_record"] = wg[0], True
                     row["notes"].append(f"tuned = {wg[1]} (wgmma_gemm.json), not the partition kernel")

@@ -45,7 +45,7 @@ def export_model(config: GPT2Config, *, quantization: str, target: Target, debug
     ``buckets`` adds static-shape entry points (``batch_decode_b8``, ``prefill_s1024``; see
     ``GPT2LMHeadModel.get_default_spec``). ``norm_gemv`` (a :class:`~gpt2_model.norm_gemv.NormGemvPlan`,
     CUDA targets) fuses each decode layer norm into the GEMV after it for the static shapes it names;
-    ``gemm`` (a :class:`~gpt2_model.wgmma_gemm.GemmPlan`) runs the prefill GEMMs of the chunk shapes it
+    ``gemm`` (a :class:`~gpt2_model.wgmma_plan.GemmPlan`) runs the prefill GEMMs of the chunk shapes it
     names on the Hopper wgmma kernel.
     """
     scheme = get_scheme(quantization)

@@ -21,7 +21,8 @@ from .config import GPT2Config
 from .norm_gemv import NormGemvKey, NormGemvPlan
 from .quantization import QuantScheme, TiedEmbedding, make_embedding, make_linear
 from .step_mark import MARK_FUNC
-from .wgmma_gemm import GemmKey, GemmPlan
+from .wgmma_gemm import GemmKey
+from .wgmma_plan import GemmPlan
 
 # pylint: disable=invalid-name,missing-function-docstring
 
@@ -100,8 +101,7 @@ class GPT2Block(nn.Module):
             if qkv is None:
                 qkv = self.attn.c_attn(h)
         a = self.attn.attend(qkv, kv_cache)
-        out = gemm_linear(self.gemm, self.attn.c_proj, a, "bias_residual", residual=x)
-        x = out if out is not None else residual_linear(self.norm_gemv, self.attn.c_proj, a, x)
+        x = self._residual_out(self.attn.c_proj, a, x)
         h = norm_linear(self.norm_gemv, self.ln_2, self.mlp.c_fc, x, self.mlp.fusable_epilogue)
         if h is None:
             n = self.ln_2(x)
@@ -109,8 +109,15 @@ class GPT2Block(nn.Module):
             h = gemm_linear(self.gemm, self.mlp.c_fc, n, epilogue) if epilogue is not None else None
             if h is None:
                 h = self.mlp.activate(self.mlp.c_fc(n))
-        out = gemm_linear(self.gemm, self.mlp.c_proj, h, "bias_residual", residual=x)
-        return out if out is not None else residual_linear(self.norm_gemv, self.mlp.c_proj, h, x)
+        return self._residual_out(self.mlp.c_proj, h, x)
+
+    def _residual_out(self, linear: nn.Module, h: Tensor, residual: Tensor) -> Tensor:
+        """``residual + linear(h)``: the fused decode template where ``norm_gemv`` names the shape, else
+        the wgmma kernel where ``gemm`` does, else the layer and the add (fused by the partition)."""
+        out = residual_linear(self.norm_gemv, linear, h, residual)
+        if out is None:
+            out = gemm_linear(self.gemm, linear, h, "bias_residual", residual=residual)
+        return out if out is not None else residual + linear(h)
 
 
 class GPT2Model(nn.Module):
@@ -451,38 +458,39 @@ def norm_linear(plan: NormGemvPlan | None, norm: nn.LayerNorm, linear: nn.Module
     return _template_call(plan, key, args, name=f"norm_gemv_{key.name()}", eps=float(norm.eps))
 
 
-def residual_linear(plan: NormGemvPlan | None, linear: nn.Module, h: Tensor, residual: Tensor) -> Tensor:
-    """``residual + linear(h)``: one kernel of :mod:`gpt2_model.norm_gemv` (its tensor-core GEMV with
-    the bias and residual in the epilogue) where ``plan`` names this static decode shape, else the
-    linear layer and the add (which the partition fuses into the GEMV's epilogue)."""
+def residual_linear(plan: NormGemvPlan | None, linear: nn.Module, h: Tensor, residual: Tensor) -> Tensor | None:
+    """``residual + linear(h)`` as one kernel of :mod:`gpt2_model.norm_gemv` (its tensor-core GEMV with
+    the bias and residual in the epilogue) where ``plan`` names this static decode shape, else None."""
     b = _one_token_rows(h) if plan is not None else None
     weight, bias = getattr(linear, "weight", None), getattr(linear, "bias", None)
     if b is not None and isinstance(weight, nn.Parameter) and bias is not None:
         key = NormGemvKey(batch=b, k=int(h.shape[2]), n=int(weight.shape[0]), epilogue="bias_residual",
                           dtype=str(h.dtype), out_dtype=str(h.dtype), prologue="none")
-        out = _template_call(plan, key, [h, weight, bias, residual], name=f"gemv_{key.name()}")
-        if out is not None:
-            return out
-    return residual + linear(h)
+        return _template_call(plan, key, [h, weight, bias, residual], name=f"gemv_{key.name()}")
+    return None
 
 
 def gemm_linear(plan: GemmPlan | None, linear: nn.Module, x: Tensor, epilogue: str,
                 residual: Tensor | None = None) -> Tensor | None:
     """``epilogue(linear(x))`` (``bias_residual``: + ``residual``) on the Hopper wgmma kernel
-    (:mod:`gpt2_model.wgmma_gemm`) where ``plan`` names this static prefill shape (one sequence of
-    a chunk bucket), else None (the caller runs the layer as usual). Unquantized layers with a bias only."""
+    (:mod:`gpt2_model.wgmma_gemm`) where ``plan`` names this static shape -- one sequence of a prefill
+    chunk bucket, ``(1, s, k)``, or a decode batch bucket of one token per row, ``(b, 1, k)`` --
+    else None (the caller runs the layer as usual). Unquantized layers with a bias only."""
     if plan is None:
         return None
     b, s, k = x.shape
     weight, bias = getattr(linear, "weight", None), getattr(linear, "bias", None)
-    if not (isinstance(b, int) and b == 1 and isinstance(s, int)) or not isinstance(weight, nn.Parameter) \
-            or bias is None:
+    if not (isinstance(b, int) and isinstance(s, int)) or not isinstance(weight, nn.Parameter) or bias is None:
         return None
-    key = GemmKey(m=s, n=int(weight.shape[0]), k=int(k), epilogue=epilogue, dtype=str(x.dtype))
+    if b != 1 and s != 1:
+        return None
+    rows = b != 1  # a decode batch (b, 1, k); (1, s, k) is a prefill chunk (s = 1 included)
+    key = GemmKey(m=b if rows else s, n=int(weight.shape[0]), k=int(k), epilogue=epilogue, dtype=str(x.dtype),
+                  rows=rows)
     cfg = plan.config_for(key)
     if cfg is None:
         return None
     name = f"wgmma_{key.name()}"
     args = [x, weight, bias] + ([residual] if residual is not None else [])
     return op.tensor_ir_op(plan.make(key, cfg, name=name), name, args=args,
-                           out=Tensor.placeholder((1, s, key.n), key.dtype))
+                           out=Tensor.placeholder(key.shape_out(), key.dtype))

@@ -5,10 +5,13 @@ K-major, which is what ``wgmma`` reads without transposes), ``bias[N]`` fp16, ``
 fp32 accumulation. Epilogues (:data:`EPILOGUES`, in fp32 on the accumulator, one rounding to
 fp16 at the store): ``none``; ``bias``; ``bias_gelu`` (GELU, tanh form, of the sum);
 ``bias_residual`` (+ ``R[M, N]``, the residual stream). With ``batch_dim`` the buffers are
-``(1, M, K)`` / ``(1, M, N)``: a prefill chunk's activations as the model holds them.
+``(1, M, K)`` / ``(1, M, N)``: a prefill chunk's activations as the model holds them; with
+``rows`` ``(M, 1, K)`` / ``(M, 1, N)``: a decode batch's. ``M`` need not fill the last row tile
+(a decode batch of 16-64 rows in a 64-row tile): TMA fills the missing rows with zeros and the
+epilogue stores only the rows that exist.
 
 The model (:mod:`gpt2_model.model`) calls it for the prefill GEMMs of the static chunk lengths a
-:class:`GemmPlan` names (from the database's ``wgmma_gemm.json``, searched on the card by
+:class:`~gpt2_model.wgmma_plan.GemmPlan` names (from the database's ``wgmma_gemm.json``, searched on the card by
 :mod:`tuning.wgmma_tune`); everything else keeps the partition's kernels.
 
 The kernel is a plain TIRx ``PrimFunc`` (``tir_pipeline="tirx"``) written with ``T.ptx[...]`` and
@@ -30,7 +33,6 @@ only, one TIR pipeline per ``tvm.compile``, CUDA source compiled at load on CPU-
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Mapping
 
 import tvm
 from tvm.script import tirx as T
@@ -119,16 +121,24 @@ class GemmConfig:
 
 @dataclass(frozen=True)
 class GemmKey:
-    """What one kernel computes: ``m`` rows of ``k`` -> ``n`` columns, then ``epilogue``."""
+    """What one kernel computes: ``m`` rows of ``k`` -> ``n`` columns, then ``epilogue``; ``rows``:
+    the rows are a decode batch (buffers ``(m, 1, k)``), else a prefill chunk (``(1, m, k)``)."""
 
     m: int
     n: int
     k: int
     epilogue: str
     dtype: str = "float16"
+    rows: bool = False
 
     def name(self) -> str:
-        return f"m{self.m}_n{self.n}_k{self.k}_{self.epilogue}"
+        return f"{'b' if self.rows else 'm'}{self.m}_n{self.n}_k{self.k}_{self.epilogue}"
+
+    def shape_in(self) -> tuple[int, int, int]:
+        return (self.m, 1, self.k) if self.rows else (1, self.m, self.k)
+
+    def shape_out(self) -> tuple[int, int, int]:
+        return (self.m, 1, self.n) if self.rows else (1, self.m, self.n)
 
 
 #: The constants searched per key (:func:`gemm_candidates`): the configurations measured on an H100
@@ -179,73 +189,11 @@ def make_gemm(key: GemmKey, cfg: GemmConfig, *, name: str = "wgmma_gemm") -> tvm
     problem = config_problem(key, cfg)
     if problem is not None:
         raise ValueError(f"wgmma GEMM {key.name()}: {problem}")
-    func = make_wgmma_gemm(key.m, key.n, key.k, epilogue=key.epilogue, batch_dim=True, tile_m=cfg.tile_m,
+    func = make_wgmma_gemm(key.m, key.n, key.k, epilogue=key.epilogue, batch_dim=not key.rows, rows=key.rows,
+                           tile_m=cfg.tile_m,
                            tile_n=cfg.tile_n, tile_k=cfg.tile_k, stages=cfg.stages, consumers=cfg.consumers,
                            warp_specialized=cfg.warp_specialized, cluster=cfg.cluster, split=cfg.split)
     return func.with_attr("global_symbol", name)
-
-
-def make_gemm_reference(key: GemmKey, *, name: str = "wgmma_gemm") -> tvm.tirx.PrimFunc:
-    """The same arguments and arithmetic as :func:`make_gemm` in plain TE (fp32 sum, the
-    epilogue, one rounding): what a CPU build runs in the model's place, to test the wiring."""
-    from tvm import te, tirx  # pylint: disable=import-outside-toplevel
-
-    m, n, k, dt = key.m, key.n, key.k, key.dtype
-    a = te.placeholder((1, m, k), dt, name="A")
-    w = te.placeholder((n, k), dt, name="W")
-    ins = [a, w]
-    bias = res = None
-    if key.epilogue != "none":
-        bias = te.placeholder((n,), dt, name="bias")
-        ins.append(bias)
-    if key.epilogue == "bias_residual":
-        res = te.placeholder((1, m, n), dt, name="R")
-        ins.append(res)
-    r = te.reduce_axis((0, k), name="r")
-    acc = te.compute((1, m, n), lambda b, i, j: te.sum(a[b, i, r].astype("float32") * w[j, r].astype("float32"),
-                                                       axis=r), name="acc")
-
-    def out(b, i, j):
-        v = acc[b, i, j]
-        if bias is not None:
-            v = v + bias[j].astype("float32")
-        if key.epilogue == "bias_gelu":
-            v = 0.5 * v * (1.0 + tirx.tanh(_GELU_C * (v + 0.044715 * v * v * v)))
-        if res is not None:
-            v = v + res[b, i, j].astype("float32")
-        return v.astype(dt)
-
-    c = te.compute((1, m, n), out, name="C")
-    return te.create_prim_func(ins + [c]).with_attr("global_symbol", name)
-
-
-@dataclass(frozen=True)
-class GemmPlan:
-    """Which prefill GEMMs a build runs on this kernel, and with which constants: ``configs`` maps
-    :meth:`GemmKey.name` to a :class:`GemmConfig` (from the database's ``wgmma_gemm.json``).
-    ``reference=True`` (tests): every named GEMM runs :func:`make_gemm_reference`, on any target."""
-
-    configs: Mapping[str, GemmConfig]
-    reference: bool = False
-
-    def config_for(self, key: GemmKey) -> GemmConfig | None:
-        cfg = self.configs.get(key.name())
-        if cfg is None:
-            return None
-        return cfg if self.reference or config_problem(key, cfg) is None else None
-
-    def make(self, key: GemmKey, cfg: GemmConfig, *, name: str):
-        return make_gemm_reference(key, name=name) if self.reference else make_gemm(key, cfg, name=name)
-
-    def find(self, m: int, n: int, k: int, dtype: str = "float16") -> tuple[GemmKey, GemmConfig] | None:
-        """The plan's (key, config) for an ``m x n x k`` GEMM, whichever its epilogue (GPT-2's
-        layers differ in ``(n, k)``), or None."""
-        for epilogue in EPILOGUES:
-            key = GemmKey(m, n, k, epilogue, dtype)
-            cfg = self.config_for(key)
-            if cfg is not None:
-                return key, cfg
-        return None
 
 
 def check_config(m: int, n: int, k: int, cfg: GemmConfig) -> None:
@@ -264,8 +212,8 @@ def check_config(m: int, n: int, k: int, cfg: GemmConfig) -> None:
         problems.append("stages must be in [2, 8]")
     if cfg.cluster != 1:
         problems.append("cluster > 1 (TMA multicast) is not implemented")
-    if m % cfg.tile_m or n % cfg.tile_n or k % cfg.tile_k:
-        problems.append(f"{m}x{n}x{k} is not a multiple of the tile "
+    if n % cfg.tile_n or k % cfg.tile_k:
+        problems.append(f"{m}x{n}x{k}: n and k are not multiples of the tile "
                         f"{cfg.tile_m}x{cfg.tile_n}x{cfg.tile_k}")
     if cfg.split not in (1, 2, 4, 8):
         problems.append("split must be 1, 2, 4 or 8 (CTAs of a portable cluster)")
@@ -287,12 +235,12 @@ def check_config(m: int, n: int, k: int, cfg: GemmConfig) -> None:
 def make_wgmma_gemm(m: int, n: int, k: int, *, bias: bool = True, tile_m: int = 128,
                     tile_n: int = 128, tile_k: int = 64, stages: int = 4, consumers: int = 2,
                     warp_specialized: bool = True, cluster: int = 1, epilogue: str | None = None,
-                    batch_dim: bool = False, split: int = 1) -> tvm.tirx.PrimFunc:
+                    batch_dim: bool = False, split: int = 1, rows: bool = False) -> tvm.tirx.PrimFunc:
     """The TIRx ``PrimFunc`` ``main(A, W[, bias][, R], C)`` computing ``C = epilogue(A @ W^T)``.
 
     ``A[m, k]``, ``W[n, k]``, ``bias[n]``, ``R[m, n]``, ``C[m, n]``, all float16 (fp32
     accumulation); ``epilogue`` one of :data:`EPILOGUES` (default ``bias`` if ``bias`` else
-    ``none``); ``batch_dim``: A, R and C carry a leading dimension of 1. The function has a host
+    ``none``); ``batch_dim``: A, R and C carry a leading dimension of 1 (``rows``: a middle one). The function has a host
     part (TMA descriptor encoding) and a device part, so it can sit in an ``IRModule`` next to
     other kernels; build it with :func:`gpt2_model.wgmma_build.build` (``tir_pipeline="tirx"``,
     target sm_90a) or in a model with :func:`gpt2_model.wgmma_build.register_mixed_pipeline`.
@@ -305,11 +253,11 @@ def make_wgmma_gemm(m: int, n: int, k: int, *, bias: bool = True, tile_m: int = 
     check_config(m, n, k, cfg)
     # "tirx.is_scheduled" keeps relax's default CUDA pipeline (dlight) from rescheduling it;
     # KERNEL_ATTR routes it through the tirx lowering in MIXED_PIPELINE.
-    func = _make(m, n, k, epilogue, cfg, batch_dim)
+    func = _make(m, n, k, epilogue, cfg, "rows" if rows else "chunk" if batch_dim else "flat")
     return func.with_attrs({"tirx.is_scheduled": True, KERNEL_ATTR: cfg.name})
 
 
-def _make(M, N, K, epi: str, cfg: GemmConfig, batch_dim: bool):  # noqa: C901 - one kernel, straight-line
+def _make(M, N, K, epi: str, cfg: GemmConfig, layout: str):  # noqa: C901 - one kernel, straight-line
     has_bias = epi != "none"
     BM, BN, BK, S, NC = cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.stages, cfg.consumers
     WS = cfg.warp_specialized
@@ -317,7 +265,8 @@ def _make(M, N, K, epi: str, cfg: GemmConfig, batch_dim: bool):  # noqa: C901 - 
     WG_M = BM // NC                   # rows per consumer warpgroup
     MSUB = WG_M // 64                 # m64 wgmma sub-tiles per consumer warpgroup
     NACC = BN // 2                    # fp32 accumulators per thread per m64 sub-tile
-    MT, NT, KT = M // BM, N // BN, K // BK
+    MT, NT, KT = -(-M // BM), N // BN, K // BK  # the last row tile may be partial (rows >= M: not stored)
+    ROW_GUARD = M % BM != 0
     A_STAGE = BM * BK                 # elements of A per stage
     B_STAGE = BN * BK
     B_BASE = S * A_STAGE              # element offset of the W ring in the arena
@@ -380,14 +329,22 @@ def _make(M, N, K, epi: str, cfg: GemmConfig, batch_dim: bool):  # noqa: C901 - 
     def epilogue(acc, packed, m_blk, n_blk, wg, warp, lane, C32, Bias, Res):
         for ms in range(MSUB):
             row = m_blk * BM + wg * WG_M + ms * 64 + warp * 16 + lane // 4
-            for j in range(BN // 8):
-                col = n_blk * BN + j * 8 + (lane % 4) * 2
-                for h in range(2):
-                    v0 = finish(acc[ms * NACC + j * 4 + 2 * h], col, row + 8 * h, Bias, Res)
-                    v1 = finish(acc[ms * NACC + j * 4 + 2 * h + 1], col + 1, row + 8 * h, Bias, Res)
-                    # cvt.rn.f16x2.f32 d, a, b puts a in the upper half: (hi, lo) = (v1, v0).
-                    T.evaluate(T.ptx[_CVT_F16X2](packed[0], v1, v0))
-                    T.buffer_store(C32, packed[0], [row + 8 * h, col // 2])
+            for h in range(2):
+                if ROW_GUARD:  # rows of the last tile past M: TMA read zeros for them; nothing is stored
+                    with T.If(row + 8 * h < M):
+                        with T.Then():
+                            store_row(acc, packed, ms, h, row + 8 * h, n_blk, lane, C32, Bias, Res)
+                else:
+                    store_row(acc, packed, ms, h, row + 8 * h, n_blk, lane, C32, Bias, Res)
+
+    def store_row(acc, packed, ms, h, r, n_blk, lane, C32, Bias, Res):
+        for j in range(BN // 8):
+            col = n_blk * BN + j * 8 + (lane % 4) * 2
+            v0 = finish(acc[ms * NACC + j * 4 + 2 * h], col, r, Bias, Res)
+            v1 = finish(acc[ms * NACC + j * 4 + 2 * h + 1], col + 1, r, Bias, Res)
+            # cvt.rn.f16x2.f32 d, a, b puts a in the upper half: (hi, lo) = (v1, v0).
+            T.evaluate(T.ptx[_CVT_F16X2](packed[0], v1, v0))
+            T.buffer_store(C32, packed[0], [r, col // 2])
 
     # ------------------------------------------------------------------ the kernel (TVMScript)
     @T.inline
@@ -496,8 +453,8 @@ def _make(M, N, K, epi: str, cfg: GemmConfig, batch_dim: bool):  # noqa: C901 - 
 
     a_box = (64, BM)
     b_box = (64, BN)
-    a_shape = (1, M, K) if batch_dim else (M, K)
-    c_shape = (1, M, N) if batch_dim else (M, N)
+    a_shape = {"chunk": (1, M, K), "rows": (M, 1, K), "flat": (M, K)}[layout]
+    c_shape = {"chunk": (1, M, N), "rows": (M, 1, N), "flat": (M, N)}[layout]
 
     @T.inline
     def encode_maps(A, W, A_map, W_map):

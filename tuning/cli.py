@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"only these kernel kinds: {', '.join(KINDS)} (attention: the KV cache's attention "
                         "kernels, searched on a local GPU: prefill with the prefill phase, decode with the decode "
                         "phase; norm-gemv: the fused layer norm + decode GEMV kernels, searched on a local GPU with the "
-                        "decode phase; wgmma: the Hopper wgmma GEMMs of prefill chunks, searched on a local sm_90 GPU "
-                        "with the prefill phase, q0f16); default all")
+                        "decode phase; wgmma: the Hopper wgmma GEMMs of prefill chunks and of decode batches from 16 rows, "
+                        "searched on a local sm_90 GPU, q0f16); default all")
     p.add_argument("--database-dir", type=Path, default=Path("databases"), help="root of the databases (default databases/)")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="full record log, what resumes a run (default .tune-work/ + the database's path below "

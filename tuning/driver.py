@@ -27,7 +27,7 @@ from gpt2_model.quantization import get_scheme
 from .attention import RAGGED_PREFILL, attention_key, read_attention, search_candidates, tune_attention
 from .attention_decode_tune import tune_decode_attention
 from .norm_gemv_tune import tune_norm_gemv
-from .wgmma_tune import tune_wgmma_gemm, wgmma_arch
+from .wgmma_tune import MIN_DECODE_ROWS, tune_wgmma_gemm, wgmma_arch
 from .config import TuneConfig, TuneError
 from .database import DatabaseIntegrityWarning, TunedDatabase, database_path, merge_untuned, prune_best
 from .dbfiles import RECORD_FILE, WORKLOAD_FILE, read_meta, record_latency_s, write_meta
@@ -144,8 +144,10 @@ def run_tune(config: TuneConfig) -> int:  # pylint: disable=too-many-locals,too-
     want_decode_attention = is_gpu(target) and "decode" in buckets and (kinds is None or "attention" in kinds)
     # The fused layer norm + decode GEMV kernels (gpt2_model.norm_gemv): a template search of their own.
     want_norm_gemv = is_gpu(target) and "decode" in buckets and (kinds is None or "norm-gemv" in kinds)
-    # The Hopper wgmma prefill GEMMs (gpt2_model.wgmma_gemm): sm_90 only, a template search of their own.
-    want_wgmma = wgmma_arch(target) and "prefill" in buckets and (kinds is None or "wgmma" in kinds)
+    # The Hopper wgmma GEMMs (gpt2_model.wgmma_gemm) of prefill chunks and of decode batches from 16 rows:
+    # sm_90 only, a template search of their own (after norm-gemv's: it leaves out what those fuse).
+    want_wgmma = (wgmma_arch(target) and bool({"prefill", "decode"} & set(buckets))
+                  and (kinds is None or "wgmma" in kinds))
     if config.list_kernels:
         print(f"{name} {scheme.name} on {arch}: {len(task_list)} tasks ({time.monotonic() - start:.1f} s)")
         print(table(task_list))
@@ -183,23 +185,26 @@ def run_tune(config: TuneConfig) -> int:  # pylint: disable=too-many-locals,too-
     if want_wgmma:
         with DirLock(committed, what="committed database", wait=config.wait):
             _tune_wgmma(config, model_cfg=model_cfg, scheme=scheme, target=target, committed=committed,
-                        lengths=buckets["prefill"], remote=isinstance(verify_device, tuple),
+                        lengths=buckets.get("prefill", []), batches=buckets.get("decode", []),
+                        remote=isinstance(verify_device, tuple),
                         meta={"model": name, "quantization": scheme.name, "config_hash": model_cfg.model_hash()})
     _say(f"[done] tune finished in {fmt_secs(time.monotonic() - start)}")
     return 0
 
 
-def _tune_wgmma(config: TuneConfig, *, model_cfg, scheme, target, committed: Path, lengths, remote: bool,
+def _tune_wgmma(config: TuneConfig, *, model_cfg, scheme, target, committed: Path, lengths, batches, remote: bool,
                 meta: dict) -> None:
-    """Search the Hopper wgmma prefill GEMMs (``tuning.wgmma_tune``) into ``committed``."""
+    """Search the Hopper wgmma GEMMs of prefill chunks and decode batches (``tuning.wgmma_tune``) into ``committed``."""
     if scheme.activation_dtype != "float16" or scheme.name != "q0f16":
         _say(f"wgmma: skipped: the kernel takes fp16 weights (q0f16), not {scheme.name}")
         return
-    _template_search("wgmma", f"the Hopper wgmma GEMMs of prefill chunks {list(lengths)}",
+    _template_search("wgmma", f"the Hopper wgmma GEMMs of prefill chunks {list(lengths)} and decode batches "
+                     f"{[b for b in batches if b >= MIN_DECODE_ROWS]}",
                      lambda: tune_wgmma_gemm(model_cfg, dtype=scheme.activation_dtype, target=target,
-                                             out_dir=committed, lengths=lengths, quantization=scheme.name,
-                                             workers=config.workers, log=_say),
-                     committed=committed, target=target, meta=meta, remote=remote, run={"lengths": list(lengths)})
+                                             out_dir=committed, lengths=lengths, batches=batches,
+                                             quantization=scheme.name, workers=config.workers, log=_say),
+                     committed=committed, target=target, meta=meta, remote=remote,
+                     run={"lengths": list(lengths), "batches": list(batches)})
 
 
 def _tune_norm_gemv(config: TuneConfig, *, model_cfg, scheme, target, committed: Path, batches, remote: bool,

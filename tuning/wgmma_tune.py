@@ -1,6 +1,7 @@
 """The Hopper wgmma GEMM search (:mod:`gpt2_model.wgmma_gemm`), stored in ``wgmma_gemm.json`` (issue 13 item 2).
 
-For every prefill chunk bucket, the four GEMMs of a layer (QKV + bias, attention c_proj + bias +
+For every prefill chunk bucket, and every decode batch bucket of 16 rows or more (the skinny GEMMs of
+issue 11 item 4; those the fused norm + GEMV kernels already run are left out), the four GEMMs of a layer (QKV + bias, attention c_proj + bias +
 residual, ``c_fc`` + bias + GELU, MLP c_proj + bias + residual) get the template's candidate
 constants (:data:`gpt2_model.wgmma_gemm.CANDIDATES`: tile M/N/K, pipeline stages, consumer
 warpgroups, producer warp specialization) built in parallel for ``sm_90a``, each checked on the
@@ -10,7 +11,7 @@ schedules it (the database's record, else dlight); the fastest checked candidate
 when it beats that kernel. A candidate that fails to build or to check is logged and never stored.
 
 At compile time :func:`gemm_plan_for` turns the file into the
-:class:`~gpt2_model.wgmma_gemm.GemmPlan` the exported model uses for those prefill shapes
+:class:`~gpt2_model.wgmma_plan.GemmPlan` the exported model uses for those prefill shapes
 (:func:`tuning.compile.build_model`); other arches, and databases without the file, build without it.
 """
 
@@ -28,7 +29,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from gpt2_model.wgmma_build import install_compile_hook
-from gpt2_model.wgmma_gemm import SM90A, GemmConfig, GemmKey, GemmPlan, config_problem, gemm_candidates, make_gemm
+from gpt2_model.wgmma_gemm import SM90A, GemmConfig, GemmKey, config_problem, gemm_candidates, make_gemm
+from gpt2_model.wgmma_plan import GemmPlan
 
 from .attention import AttentionError, _build_all
 from .dbfiles import WGMMA_GEMM_FILE, read_json
@@ -36,8 +38,8 @@ from .norm_gemv_tune import (_time_kernel, as_tuned_build_runs, check_and_time, 
                              read_plan)
 from .targets import arch_of, is_gpu
 
-__all__ = ["WGMMA_SCHEMA", "gemm_keys", "gemm_plan_for", "parse_gemm_entry", "read_gemm_plan", "reference_gemm",
-           "tune_wgmma_gemm", "wgmma_arch"]
+__all__ = ["MIN_DECODE_ROWS", "WGMMA_SCHEMA", "fused_elsewhere", "gemm_keys", "gemm_plan_for", "parse_gemm_entry",
+           "read_gemm_plan", "reference_gemm", "tune_wgmma_gemm", "wgmma_arch"]
 
 WGMMA_SCHEMA = "gpt2k-wgmma-gemm/1"
 #: |out - ref| <= ATOL + RTOL * |ref| (fp16 output; fp32 sums over K <= 3072 in another order)
@@ -49,38 +51,59 @@ def wgmma_arch(target) -> bool:
     return is_gpu(target) and arch_of(target) == "sm_90"
 
 
-def gemm_keys(config, *, dtype: str, lengths: Sequence[int]) -> list[GemmKey]:
-    """The GEMMs of a prefill chunk of each length the kernel can take (fp16, lengths that tile by 64)."""
+#: Decode batches below this stay on the GEMV kernels (a wgmma tile has 64 rows).
+MIN_DECODE_ROWS = 16
+
+
+def gemm_keys(config, *, dtype: str, lengths: Sequence[int] = (), batches: Sequence[int] = ()) -> list[GemmKey]:
+    """The four layer GEMMs the kernel can take (fp16): of a prefill chunk of each length that tiles by
+    64 rows, and of a decode batch of each bucket from :data:`MIN_DECODE_ROWS` rows (``rows=True``: the
+    last 64-row tile partly empty)."""
     if dtype != "float16":
         return []
     d, inner = config.n_embd, config.n_inner
     gelu = config.activation_function in ("gelu_new", "gelu_pytorch_tanh")
     keys = []
-    for s in sorted({int(x) for x in lengths}):
-        keys.append(GemmKey(s, 3 * d, d, "bias"))
-        keys.append(GemmKey(s, d, d, "bias_residual"))
+    shapes = [(int(s), False) for s in sorted({int(x) for x in lengths}) if int(s) % 64 == 0]
+    shapes += [(int(b), True) for b in sorted({int(x) for x in batches}) if int(b) >= MIN_DECODE_ROWS]
+    for m, rows in shapes:
+        keys.append(GemmKey(m, 3 * d, d, "bias", rows=rows))
+        keys.append(GemmKey(m, d, d, "bias_residual", rows=rows))
         if gelu:
-            keys.append(GemmKey(s, inner, d, "bias_gelu"))
-        keys.append(GemmKey(s, d, inner, "bias_residual"))
+            keys.append(GemmKey(m, inner, d, "bias_gelu", rows=rows))
+        keys.append(GemmKey(m, d, inner, "bias_residual", rows=rows))
     return [k for k in keys if gemm_candidates(k)]
+
+
+def fused_elsewhere(key: GemmKey, norm_gemv_plan) -> bool:
+    """Whether the build runs this decode GEMM in the fused norm + GEMV template instead (the model
+    tries ``norm_gemv.json`` first): searching it here would store an entry the model never uses."""
+    if not key.rows or norm_gemv_plan is None:
+        return False
+    from gpt2_model.norm_gemv import NormGemvKey  # pylint: disable=import-outside-toplevel
+
+    plain = key.epilogue == "bias_residual"
+    nk = NormGemvKey(batch=key.m, k=key.k, n=key.n, epilogue=key.epilogue, dtype=key.dtype, out_dtype=key.dtype,
+                     prologue="none" if plain else "norm")
+    return norm_gemv_plan.config_for(nk) is not None
 
 
 def reference_gemm(key: GemmKey, a, w, bias, residual=None) -> np.ndarray:
     """NumPy: fp32 products and sum, the epilogue, one cast."""
-    y = a[0].astype(np.float32) @ w.astype(np.float32).T + bias.astype(np.float32)
+    y = a.reshape(key.m, key.k).astype(np.float32) @ w.astype(np.float32).T + bias.astype(np.float32)
     if key.epilogue == "bias_gelu":
         y = 0.5 * y * (1 + np.tanh(0.7978845608028654 * (y + 0.044715 * y**3)))
     if key.epilogue == "bias_residual":
-        y = y + residual[0].astype(np.float32)
-    return y.astype(key.dtype)[None]
+        y = y + residual.reshape(key.m, key.n).astype(np.float32)
+    return y.astype(key.dtype).reshape(key.shape_out())
 
 
 def _inputs(key: GemmKey, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"a": rng.standard_normal((1, key.m, key.k)).astype(key.dtype),
+    return {"a": rng.standard_normal(key.shape_in()).astype(key.dtype),
             "w": (rng.standard_normal((key.n, key.k)) / np.sqrt(key.k)).astype(key.dtype),
             "bias": (0.1 * rng.standard_normal(key.n)).astype(key.dtype),
-            "residual": rng.standard_normal((1, key.m, key.n)).astype(key.dtype)}
+            "residual": rng.standard_normal(key.shape_out()).astype(key.dtype)}
 
 
 def _build_one(job: tuple) -> tuple[str | None, str | None]:
@@ -107,18 +130,20 @@ def _build_candidates(jobs: list[tuple[GemmKey, GemmConfig]], folder: Path, work
 
 
 def _replaced_kernels(config, *, quantization: str, target, db_dir: Path, keys: Sequence[GemmKey]) -> dict:
-    """Per key name: ``[("linear <kernel> (tuned|dlight)", PrimFunc)]``: the prefill bucket's partition
-    kernel of that GEMM (epilogue fused), scheduled as the tuned build schedules it."""
+    """Per key name: ``[("linear <kernel> (tuned|dlight)", PrimFunc)]``: the bucket's partition kernel of
+    that GEMM (epilogue fused; the prefill chunk's, or the decode batch's for ``rows`` keys), scheduled as
+    the tuned build schedules it."""
     from .database import TunedDatabase  # pylint: disable=import-outside-toplevel
     from .partition import partition  # pylint: disable=import-outside-toplevel
 
-    tasks = partition(config, quantization=quantization, target=target,
-                      buckets={"prefill": sorted({k.m for k in keys})})
+    buckets = {"prefill": sorted({k.m for k in keys if not k.rows}), "decode": sorted({k.m for k in keys if k.rows})}
+    tasks = partition(config, quantization=quantization, target=target, buckets={p: v for p, v in buckets.items() if v})
     db = TunedDatabase.open(db_dir, target=target).ms if (db_dir / "meta.json").is_file() else None
     out = {}
     for key in keys:
-        task = next((t for t in tasks if t.phase == "prefill" and t.bucket == key.m and t.kind in ("gemm", "gemv")
-                     and (key.n, key.k) in t.shapes() and (1, key.m, key.n) in t.shapes()), None)
+        phase = "decode" if key.rows else "prefill"
+        task = next((t for t in tasks if t.phase == phase and t.bucket == key.m and t.kind in ("gemm", "gemv")
+                     and (key.n, key.k) in t.shapes() and key.shape_out() in t.shapes()), None)
         if task is None:
             continue
         got = as_tuned_build_runs(task, db, target)
@@ -133,12 +158,13 @@ def _check_and_time(lib, key: GemmKey, inp: dict, ref: np.ndarray, *, device, nu
                           atol=ATOL, rtol=RTOL)
 
 
-def tune_wgmma_gemm(config, *, dtype: str, target, out_dir: str | os.PathLike, lengths: Sequence[int],
-                    quantization: str = "q0f16", device=None, workers: int | None = None, number: int = 100,
-                    repeat: int = 5, log: Callable[[str], None] = print) -> dict:
-    """Search the wgmma GEMMs of the prefill chunk ``lengths`` on the local GPU (sm_90); merge the
-    winners (checked, and faster than the partition kernel they replace) into
-    ``out_dir/wgmma_gemm.json``. Returns the file's content."""
+def tune_wgmma_gemm(config, *, dtype: str, target, out_dir: str | os.PathLike, lengths: Sequence[int] = (),
+                    batches: Sequence[int] = (), quantization: str = "q0f16", device=None, workers: int | None = None,
+                    number: int = 100, repeat: int = 5, log: Callable[[str], None] = print) -> dict:
+    """Search the wgmma GEMMs of the prefill chunk ``lengths`` and of the decode ``batches`` (from
+    :data:`MIN_DECODE_ROWS`; those the database's fused norm + GEMV kernels already run are left out) on
+    the local GPU (sm_90); merge the winners (checked, and faster than the partition kernel they
+    replace) into ``out_dir/wgmma_gemm.json``. Returns the file's content."""
     import tempfile  # pylint: disable=import-outside-toplevel
 
     import tvm  # pylint: disable=import-outside-toplevel
@@ -149,15 +175,20 @@ def tune_wgmma_gemm(config, *, dtype: str, target, out_dir: str | os.PathLike, l
     if device.compute_version != "9.0":
         raise AttentionError(f"the wgmma GEMM needs an sm_90 GPU (H100/H200); this one is {device.compute_version}")
     out = Path(out_dir)
-    keys = gemm_keys(config, dtype=dtype, lengths=lengths)
+    from .norm_gemv_tune import read_norm_gemv_plan  # pylint: disable=import-outside-toplevel
+
+    fused = read_norm_gemv_plan(out)
+    keys = [k for k in gemm_keys(config, dtype=dtype, lengths=lengths, batches=batches) if not fused_elsewhere(k, fused)]
     if not keys:
-        log(f"wgmma: no GEMM the kernel takes at chunk lengths {list(lengths)} ({dtype})")
+        log(f"wgmma: no GEMM the kernel takes at chunk lengths {list(lengths)} / decode batches {list(batches)} "
+            f"({dtype}; decode GEMMs the fused norm + GEMV kernels run are left out)")
         return read_json(out / WGMMA_GEMM_FILE, {}) or {}
     t0 = time.time()
     jobs = [(k, c) for k in keys for c in gemm_candidates(k)]
     replaced = _replaced_kernels(config, quantization=quantization, target=target, db_dir=out, keys=keys)
     base_funcs = [(name, what, f) for name, pair in replaced.items() for what, f in pair]
-    log(f"wgmma: {len(jobs)} candidates for {len(keys)} GEMMs at chunk lengths {sorted({k.m for k in keys})} "
+    log(f"wgmma: {len(jobs)} candidates for {len(keys)} GEMMs at chunk lengths "
+        f"{sorted({k.m for k in keys if not k.rows})}, decode batches {sorted({k.m for k in keys if k.rows})} "
         f"(+ {len(base_funcs)} partition kernels to beat); building...")
     with tempfile.TemporaryDirectory(prefix="wgmma_") as tmp:
         built = _build_candidates(jobs, Path(tmp), workers)

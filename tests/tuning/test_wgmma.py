@@ -16,8 +16,9 @@ import tvm
 
 from gpt2_model.config import get_config
 from gpt2_model.export import export_model
-from gpt2_model.wgmma_gemm import (CANDIDATES, EPILOGUES, GemmConfig, GemmKey, GemmPlan, config_problem,
-                                   gemm_candidates, make_gemm, make_gemm_reference, parse_config)
+from gpt2_model.wgmma_gemm import (CANDIDATES, EPILOGUES, GemmConfig, GemmKey, config_problem, gemm_candidates,
+                                   make_gemm, parse_config)
+from gpt2_model.wgmma_plan import GemmPlan, make_gemm_reference
 from tuning.targets import make_target
 from tuning.wgmma_tune import gemm_keys, gemm_plan_for, read_gemm_plan, reference_gemm
 
@@ -38,11 +39,30 @@ def test_keys_candidates_and_config_names():
     with pytest.raises(ValueError, match="bad wgmma GEMM config"):
         parse_config("128x128")
     key = GemmKey(128, 768, 768, "bias")
-    assert "not a multiple of the tile" in config_problem(GemmKey(96, 768, 768, "bias"), parse_config(CANDIDATES[0]))
+    assert "not multiples of the tile" in config_problem(GemmKey(128, 760, 768, "bias"), parse_config(CANDIDATES[0]))
+    assert config_problem(GemmKey(96, 768, 768, "bias"), parse_config(CANDIDATES[0])) is None  # last row tile partial
     assert "192 accumulator registers" in config_problem(key, GemmConfig(128, 256, 64, 4, 1))
     assert "float16 only" in config_problem(GemmKey(128, 768, 768, "bias", "float32"), GemmConfig())
-    with pytest.raises(ValueError, match="m96_n768_k768_bias"):
-        make_gemm(GemmKey(96, 768, 768, "bias"), GemmConfig())
+    with pytest.raises(ValueError, match="m96_n760_k768_bias"):
+        make_gemm(GemmKey(96, 760, 768, "bias"), GemmConfig())
+
+
+def test_decode_batch_keys_and_what_the_fused_kernels_take():
+    from gpt2_model.norm_gemv import NormGemvConfig, NormGemvKey, NormGemvPlan  # pylint: disable=import-outside-toplevel
+    from tuning.wgmma_tune import fused_elsewhere  # pylint: disable=import-outside-toplevel
+
+    keys = gemm_keys(get_config("gpt2"), dtype="float16", batches=[1, 8, 16, 32, 64])
+    assert sorted({k.m for k in keys}) == [16, 32, 64] and all(k.rows for k in keys) and len(keys) == 12
+    key = GemmKey(32, 768, 3072, "bias_residual", rows=True)
+    assert key.name() == "b32_n768_k3072_bias_residual" and key in keys
+    assert (key.shape_in(), key.shape_out()) == ((32, 1, 3072), (32, 1, 768))
+    assert GemmKey(32, 768, 3072, "bias_residual").name() == "m32_n768_k3072_bias_residual"  # a prefill chunk
+    qkv = GemmKey(32, 2304, 768, "bias", rows=True)
+    plan = NormGemvPlan({NormGemvKey(batch=32, k=768, n=2304, epilogue="bias").name(): NormGemvConfig(4, 1)},
+                        reference=True)
+    assert fused_elsewhere(qkv, plan) and not fused_elsewhere(key, plan)
+    assert not fused_elsewhere(GemmKey(32, 2304, 768, "bias"), plan)  # prefill chunks are never fused
+    assert not fused_elsewhere(qkv, None)
 
 
 @needs_nvcc
@@ -75,6 +95,20 @@ def test_split_k_configs_are_checked():
 
 
 @needs_nvcc
+@pytest.mark.parametrize("label", ["64x96x64s6c1ws", "64x64x64s4c1nowsk4"])
+def test_decode_rows_compile_with_a_row_guard(label):
+    """A decode batch of 32 rows in a 64-row tile: (32, 1, k) buffers, stores guarded by the row count."""
+    from gpt2_model.wgmma_build import build, compile_cubin, cuda_source, ptxas_summary  # pylint: disable=import-outside-toplevel
+
+    key = GemmKey(32, 768, 3072, "bias_residual", rows=True)
+    src = cuda_source(build(make_gemm(key, parse_config(label), name="main")))
+    assert re.search(r"< 32\)", src)  # rows 32..63 of the tile are never stored
+    _, log = compile_cubin(src)
+    summary = ptxas_summary(log)
+    assert summary.get("registers", 0) > 0 and summary.get("spill_bytes", 0) == 0, log
+
+
+@needs_nvcc
 @pytest.mark.parametrize("label", ["64x96x64s4c1wsk4", "64x64x64s4c1nowsk4"])
 def test_split_k_compiles_as_one_cluster_kernel_without_spills(label):
     """Split-K sums the cluster's accumulators through distributed shared memory: one kernel, a
@@ -96,15 +130,15 @@ def test_reference_form_equals_numpy(epilogue):
     """The TE form the CPU wiring test runs computes what the search checks candidates against."""
     from tuning.wgmma_tune import _inputs  # pylint: disable=import-outside-toplevel
 
-    key = GemmKey(8, 24, 40, epilogue)
-    inp = _inputs(key)
-    lib = tvm.compile(tvm.IRModule({"main": make_gemm_reference(key, name="main")}), target="llvm")
-    names = ["a", "w", "bias"] + (["residual"] if epilogue == "bias_residual" else [])
-    dev = tvm.cpu()
-    out = tvm.runtime.tensor(np.zeros((1, 8, 24), "float16"), dev)
-    lib["main"](*[tvm.runtime.tensor(inp[n], dev) for n in names], out)
-    want = reference_gemm(key, inp["a"], inp["w"], inp["bias"], inp["residual"]).astype(np.float32)
-    np.testing.assert_allclose(out.numpy().astype(np.float32), want, rtol=2e-3, atol=2e-3)
+    for key in (GemmKey(8, 24, 40, epilogue), GemmKey(5, 24, 40, epilogue, rows=True)):
+        inp = _inputs(key)
+        lib = tvm.compile(tvm.IRModule({"main": make_gemm_reference(key, name="main")}), target="llvm")
+        names = ["a", "w", "bias"] + (["residual"] if epilogue == "bias_residual" else [])
+        dev = tvm.cpu()
+        out = tvm.runtime.tensor(np.zeros(key.shape_out(), "float16"), dev)
+        lib["main"](*[tvm.runtime.tensor(inp[n], dev) for n in names], out)
+        want = reference_gemm(key, inp["a"], inp["w"], inp["bias"], inp["residual"]).astype(np.float32)
+        np.testing.assert_allclose(out.numpy().astype(np.float32), want, rtol=2e-3, atol=2e-3)
 
 
 def _wgmma_calls(mod, func: str) -> int:
@@ -121,6 +155,12 @@ def test_model_runs_the_planned_prefill_shapes_only():
     assert _wgmma_calls(ex.mod, "prefill_tokens_s128") == 4 * config.n_layer
     for other in ("prefill_s256", "prefill", "batch_decode_b8", "batch_prefill"):
         assert _wgmma_calls(ex.mod, other) == 0, other
+    dec = GemmPlan({k.name(): parse_config("64x64x64s6c1nows") for k in gemm_keys(config, dtype="float16",
+                                                                                    batches=[32])})
+    dex = export_model(config, quantization="q0f16", target=CUDA, buckets={"prefill": [128], "decode": [8, 32]},
+                       gemm=dec)
+    assert _wgmma_calls(dex.mod, "batch_decode_b32") == 4 * config.n_layer
+    assert _wgmma_calls(dex.mod, "batch_decode_b8") == 0 and _wgmma_calls(dex.mod, "prefill_s128") == 0
     assert ex.metadata["wgmma_gemm"] == sorted(plan.configs)
     cpu = export_model(config, quantization="q0f16", target=make_target("cpu"), buckets={"prefill": [128]}, gemm=plan)
     assert _wgmma_calls(cpu.mod, "prefill_s128") == 0 and cpu.metadata["wgmma_gemm"] == []  # CUDA kernels only
@@ -144,15 +184,24 @@ def test_planned_model_on_the_cpu_equals_hf(hf_sharded):
     d, inner = config.n_embd, config.n_inner
     keys = [GemmKey(6, 3 * d, d, "bias", "float32"), GemmKey(6, d, d, "bias_residual", "float32"),
             GemmKey(6, inner, d, "bias_gelu", "float32"), GemmKey(6, d, inner, "bias_residual", "float32")]
+    keys += [GemmKey(2, k.n, k.k, k.epilogue, "float32", rows=True) for k in keys]  # decode batches of 2
     plan = GemmPlan({k.name(): GemmConfig() for k in keys}, reference=True)
     target = make_target("cpu")
-    exported = export_model(config, quantization="q0f32", target=target, buckets={"prefill": [6]}, gemm=plan)
+    exported = export_model(config, quantization="q0f32", target=target, buckets={"prefill": [6], "decode": [2]},
+                            gemm=plan)
     assert _wgmma_calls(exported.mod, "prefill_s6") == 4 * config.n_layer
+    assert _wgmma_calls(exported.mod, "batch_decode_b2") == 4 * config.n_layer
     engine = Engine(exported=exported, executable=build(exported, target=target),
                     params=convert_params(load_hf_params(path, config), exported.scheme), device="cpu")
-    for prompt in ([5, 17, 300, 2, 9, 40], [7, 1, 2]):  # the planned chunk, then an unplanned length
-        seq = engine.add_sequence()
-        assert rel_err(engine.prefill(seq, prompt), hf_last_logits(hf, prompt)) < 1e-4
+    prompts = ([5, 17, 300, 2, 9, 40], [7, 1, 2])  # the planned chunk, then an unplanned length
+    seqs = []
+    for prompt in prompts:
+        seqs.append(engine.add_sequence())
+        assert rel_err(engine.prefill(seqs[-1], prompt), hf_last_logits(hf, prompt)) < 1e-4
+    nxt = [11, 23]  # one decode step of the two (the b2 bucket: its GEMMs on the planned form)
+    logits = engine.decode(seqs, nxt)
+    for row, prompt, tok in zip(logits, prompts, nxt):
+        assert rel_err(row, hf_last_logits(hf, prompt + [tok])) < 1e-4
 
 
 @needs_nvcc
@@ -187,7 +236,7 @@ def test_plan_reading_skips_bad_entries(tmp_path, caplog):
     doc = {"kernels": {
         good.name(): {"key": {"m": 512, "n": 2304, "k": 768, "epilogue": "bias"},
                       "config": json.loads(json.dumps(parse_config("128x128x64s4c2ws").as_dict()))},
-        "m100_n2304_k768_bias": {"key": {"m": 100, "n": 2304, "k": 768, "epilogue": "bias"},
+        "m512_n2300_k768_bias": {"key": {"m": 512, "n": 2300, "k": 768, "epilogue": "bias"},
                                  "config": GemmConfig().as_dict()},
         "m512_n768_k768_bias": {"key": {"m": 512, "n": 2304, "k": 768, "epilogue": "bias"},
                                 "config": GemmConfig().as_dict()},
@@ -197,7 +246,7 @@ def test_plan_reading_skips_bad_entries(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         plan = read_gemm_plan(tmp_path)
     assert set(plan.configs) == {good.name()} and plan.config_for(good) == parse_config("128x128x64s4c2ws")
-    assert "not a multiple of the tile" in caplog.text and "holds the key of" in caplog.text
+    assert "not multiples of the tile" in caplog.text and "holds the key of" in caplog.text
     assert gemm_plan_for(tmp_path, CUDA) == plan
     assert gemm_plan_for(tmp_path, make_target("sm_80")) is None and gemm_plan_for(tmp_path, make_target("cpu")) is None
     assert read_gemm_plan(tmp_path / "missing") is None
@@ -231,12 +280,12 @@ def test_validate_builds_stored_choices_and_names_bad_ones(tmp_path):
     doc = {"kernels": {
         "m512_n2304_k768_bias": {"key": {"m": 512, "n": 2304, "k": 768, "epilogue": "bias"},
                                  "config": parse_config("128x192x64s4c2ws").as_dict()},
-        "m100_n2304_k768_bias": {"key": {"m": 100, "n": 2304, "k": 768, "epilogue": "bias"},
+        "m512_n2300_k768_bias": {"key": {"m": 512, "n": 2300, "k": 768, "epilogue": "bias"},
                                  "config": GemmConfig().as_dict()},
     }}
     (tmp_path / "wgmma_gemm.json").write_text(json.dumps(doc))
     entries, built, failures = validate_wgmma(tmp_path, target=CUDA)
-    assert (entries, built) == (2, 1) and len(failures) == 1 and "m100_n2304_k768_bias" in failures[0]
+    assert (entries, built) == (2, 1) and len(failures) == 1 and "m512_n2300_k768_bias" in failures[0]
     assert validate_wgmma(tmp_path, target=make_target("sm_80")) == (0, 0, [])  # other arches never use it
 
 
