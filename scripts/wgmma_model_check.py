@@ -2,7 +2,7 @@
 """A model whose prefill GEMMs run the wgmma kernel, on an sm_90 GPU: it builds, loads and agrees.
 
 Builds the ``tiny`` preset (q0f16, prefill bucket 128) for sm_90 twice -- as the untuned build does,
-and with a :class:`~gpt2_model.wgmma_gemm.GemmPlan` naming its four prefill GEMMs (the mixed TIR
+and with a :class:`~gpt2_model.wgmma_plan.GemmPlan` naming its four prefill GEMMs (the mixed TIR
 pipeline, the sm_90a compile hook) -- exports and reloads both libraries, prefills the same 128
 random tokens with the same seeded weights and compares the last position's logits (fp16 models:
 max |a - b| / max |b| <= 2e-2). Prints one line per build and PASS/FAIL; exit status 1 on FAIL.
@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     from gpt2_model.export import export_model
     from gpt2_model.loader import random_params
     from gpt2_model.runtime import Engine
-    from gpt2_model.wgmma_gemm import GemmPlan, parse_config
+    from gpt2_model.wgmma_gemm import parse_config
+    from gpt2_model.wgmma_plan import GemmPlan
     from tuning.compile import build
     from tuning.targets import make_target
     from tuning.wgmma_tune import gemm_keys
