@@ -25,12 +25,12 @@
 #  - 2026-12-07: a machine start that finds no machine costs up to 3 device minutes; with less
 #    than ~5 minutes left none starts.
 #  - NEXT SESSION (tenth), after call 1 (p1):
-#    call 2: `bash scripts/session.sh env prebuild-pdl attn-fa wait` (the committed database's tuned
-#            library with and without PDL, built in the background while the flash-attention check runs)
-#    call 3: `DB=/root/keep/dbold/sm_90/gpt2-q0f16 VARIANTS=tuned,torch-compile TAG=_pdl bash scripts/session.sh bench-decode;
-#             GPT2K_PDL=0 DB=/root/keep/dbold/sm_90/gpt2-q0f16 VARIANTS=tuned TAG=_nopdl bash scripts/session.sh bench-decode;
-#             DB=/root/keep/dbold/sm_90/gpt2-q0f16 VARIANTS=tuned,torch-compile,torch-eager bash scripts/session.sh bench-prefill`
-#    call 4: `DB=... KPHASE=prefill KSEQ=1024 bash scripts/session.sh bench-kernels gputests-graph`
+#    call 2: `bash scripts/session.sh env attn-fa; PHASES=decode BATCHES=16,32,64 KINDS=wgmma TUNE_LIMIT=300 bash scripts/session.sh tune`
+#            (the flash-attention check; the decode wgmma search, which leaves out what norm_gemv.json fuses)
+#    call 3: `bash scripts/session.sh restore prebuild-pdl wait; DB=/root/keep/dbold/sm_90/gpt2-q0f16 VARIANTS=tuned,torch-compile TAG=_pdl bash scripts/session.sh bench-decode;
+#             GPT2K_PDL=0 DB=/root/keep/dbold/sm_90/gpt2-q0f16 VARIANTS=tuned TAG=_nopdl bash scripts/session.sh bench-decode`
+#    call 4: `DB=/root/keep/dbold/sm_90/gpt2-q0f16 VARIANTS=tuned,torch-compile,torch-eager bash scripts/session.sh bench-prefill;
+#             DB=... KPHASE=prefill KSEQ=1024 bash scripts/session.sh bench-kernels` (unpack $OUT/db-q0f16.tgz here after call 2)
 #  - 2026-12-07 (ninth session): 4 of 5 machine starts found none (~8 device minutes); a `pgrep -f`
 #    wait matched its own call and spun out a 600 s call; a cache hit re-exported gpt2 (~60 s) before
 #    c38c5f0 (now it opens from the recorded export metadata).
