@@ -124,7 +124,7 @@ def target_json(target) -> str:
 
 
 def _pdl(target) -> bool:
-    """Whether the build for ``target`` launches its kernels with PDL (``tuning.pdl``; ``GPT2K_PDL=0``: off)."""
+    """Whether the build for ``target`` launches its kernels with PDL (``tuning.pdl``; ``GPT2K_PDL=1``)."""
     from tuning.pdl import pdl_enabled  # pylint: disable=import-outside-toplevel
 
     return pdl_enabled(target)

@@ -27,7 +27,7 @@
 #  - NEXT SESSION (tenth), after call 1 (p1):
 #    call 2: `bash scripts/session.sh env attn-fa; PHASES=decode BATCHES=16,32,64 KINDS=wgmma TUNE_LIMIT=300 bash scripts/session.sh tune`
 #            (the flash-attention check; the decode wgmma search, which leaves out what norm_gemv.json fuses)
-#    call 3: `bash scripts/session.sh restore prebuild-pdl wait; DB=/root/keep/dbold/sm_90/gpt2-q0f16 VARIANTS=tuned,torch-compile TAG=_pdl bash scripts/session.sh bench-decode;
+#    call 3: `bash scripts/session.sh restore prebuild-pdl wait; GPT2K_PDL=1 DB=/root/keep/dbold/sm_90/gpt2-q0f16 VARIANTS=tuned,torch-compile TAG=_pdl bash scripts/session.sh bench-decode;
 #             GPT2K_PDL=0 DB=/root/keep/dbold/sm_90/gpt2-q0f16 VARIANTS=tuned TAG=_nopdl bash scripts/session.sh bench-decode`
 #    call 4: `DB=/root/keep/dbold/sm_90/gpt2-q0f16 VARIANTS=tuned,torch-compile,torch-eager bash scripts/session.sh bench-prefill;
 #             DB=... KPHASE=prefill KSEQ=1024 bash scripts/session.sh bench-kernels` (unpack $OUT/db-q0f16.tgz here after call 2)
@@ -79,10 +79,10 @@ for step in "$@"; do
       # the tuned library of the database as carried (copied to /root/keep/dbold: later steps may change
       # the tree's), built with and without PDL (GPT2K_PDL=0), in the background; `wait` (same call or a
       # later one) waits for their marker files. Bench them with DB=/root/keep/dbold/sm_90/gpt2-q0f16
-      # (and GPT2K_PDL=0 for the second).
+      # and GPT2K_PDL=1 / GPT2K_PDL=0 (PDL is off by default).
       rm -rf /root/keep/dbold /root/keep/prebuild.*.done && mkdir -p /root/keep/dbold/sm_90 && cp -r databases/sm_90/gpt2-q0f16 /root/keep/dbold/sm_90/
       log prebuild-pdl; mkdir -p "$GPT2K_CACHE_DIR"
-      (python scripts/prebuild_libs.py --variants tuned --database-dir /root/keep/dbold --cache-dir "$GPT2K_CACHE_DIR" > /root/keep/prebuild_pdl.log 2>&1; echo "pdl rc $?" > /root/keep/prebuild.pdl.done) &
+      (GPT2K_PDL=1 python scripts/prebuild_libs.py --variants tuned --database-dir /root/keep/dbold --cache-dir "$GPT2K_CACHE_DIR" > /root/keep/prebuild_pdl.log 2>&1; echo "pdl rc $?" > /root/keep/prebuild.pdl.done) &
       (GPT2K_PDL=0 python scripts/prebuild_libs.py --variants tuned --database-dir /root/keep/dbold --cache-dir "$GPT2K_CACHE_DIR" > /root/keep/prebuild_nopdl.log 2>&1; echo "nopdl rc $?" > /root/keep/prebuild.nopdl.done) & ;;
     wait)
       # never `pgrep -f NAME` here: it matches the device call's own command line (2026-12-07: 10 minutes lost)

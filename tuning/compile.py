@@ -47,7 +47,7 @@ def build_module(
     if has_wgmma_kernels(scheduled):
         install_compile_hook()
         tir_pipeline = register_mixed_pipeline()
-    if pdl_enabled(target):  # sm_90+: every kernel launched with programmatic dependent launch (tuning.pdl)
+    if pdl_enabled(target):  # GPT2K_PDL=1, sm_90+: every kernel with programmatic dependent launch (tuning.pdl)
         tir_pipeline = pdl_pipeline(tir_pipeline)
     with tvm.transform.PassContext(opt_level=3, config=config):
         return relax.build(

@@ -1,6 +1,6 @@
-"""Programmatic dependent launch (``tuning.pdl``): every CUDA kernel of an sm_90 build waits for its
-predecessor grid before any memory access and carries TVM's PDL launch tag; other targets, and
-``GPT2K_PDL=0``, build without it. (Built here without a GPU: the CUDA source and the library's
+"""Programmatic dependent launch (``tuning.pdl``): with ``GPT2K_PDL=1`` every CUDA kernel of an sm_90
+build waits for its predecessor grid before any memory access and carries TVM's PDL launch tag; other
+targets, and the default (unset), build without it. (Built here without a GPU: the CUDA source and the library's
 launch metadata are inspected; the numbers of a PDL build are checked on the card by the GPU tests
 of the decode loop.)"""
 
@@ -36,10 +36,12 @@ def test_supports_pdl_only_on_sm90_and_later(monkeypatch):
     assert not supports_pdl(make_target("sm_86"))
     assert not supports_pdl(make_target("sm_80"))
     assert not supports_pdl(make_target("cpu"))
+    monkeypatch.delenv(PDL_ENV, raising=False)
+    assert not pdl_enabled(make_target("sm_90"))  # off by default until measured on a card
     monkeypatch.setenv(PDL_ENV, "0")
     assert not pdl_enabled(make_target("sm_90"))
     monkeypatch.setenv(PDL_ENV, "1")
-    assert pdl_enabled(make_target("sm_90"))
+    assert pdl_enabled(make_target("sm_90")) and not pdl_enabled(make_target("sm_86"))
 
 
 def test_pass_tags_device_kernels_and_keeps_dynamic_shared_memory_last():
@@ -83,7 +85,7 @@ def _kernel_bodies(src: str) -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize("pdl", [True, False], ids=["pdl", "GPT2K_PDL=0"])
+@pytest.mark.parametrize("pdl", [True, False], ids=["GPT2K_PDL=1", "GPT2K_PDL=0"])
 def test_sm90_model_build_waits_in_every_kernel(pdl, monkeypatch, tmp_path):
     monkeypatch.setenv(PDL_ENV, "1" if pdl else "0")
     exe = _build_tiny(make_target("sm_90"))
@@ -100,7 +102,8 @@ def test_sm90_model_build_waits_in_every_kernel(pdl, monkeypatch, tmp_path):
     assert tags == (len(bodies) if pdl else 0)  # the launch metadata of every kernel names PDL
 
 
-def test_builds_below_sm90_get_no_pdl():
+def test_builds_below_sm90_get_no_pdl(monkeypatch):
+    monkeypatch.setenv(PDL_ENV, "1")
     src = _cuda_source(_build_tiny(make_target("sm_86")))
     assert "griddepcontrol" not in src and "__global__" in src
 
