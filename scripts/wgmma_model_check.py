@@ -29,7 +29,8 @@ BATCH = 16  # the decode bucket checked (the smallest the wgmma search takes)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None)
-    ap.add_argument("--config", default="64x64x64s6c1nows", help="wgmma constants for every GEMM")
+    ap.add_argument("--config", default="64x64x64s6c1nows", help="wgmma constants for the GEMMs but MLP c_proj")
+    ap.add_argument("--split-config", default="64x64x64s4c1nowsk4", help="wgmma constants for MLP c_proj (split-K)")
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -48,7 +49,9 @@ def main(argv=None) -> int:
     config = get_config("tiny")
     target = make_target("sm_90")
     keys = gemm_keys(config, dtype="float16", lengths=[128], batches=[BATCH])
-    plan = GemmPlan({k.name(): parse_config(args.config) for k in keys})
+    # the K = 4 * n_embd GEMM (MLP c_proj) in split-K form: a 4-CTA cluster per output tile
+    plan = GemmPlan({k.name(): parse_config(args.split_config if k.k >= 4 * config.n_embd else args.config)
+                     for k in keys})
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, config.vocab_size, 128 if i == 0 else int(rng.integers(3, 40))) for i in range(BATCH)]
     nxt = rng.integers(0, config.vocab_size, BATCH)
@@ -79,7 +82,8 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "wgmma_model_check.json").write_text(json.dumps(
-            {"rel_err": err, "decode_rel_err": derr, "ok": ok, "builds": report, "config": args.config}, indent=1))
+            {"rel_err": err, "decode_rel_err": derr, "ok": ok, "builds": report, "config": args.config,
+             "split_config": args.split_config}, indent=1))
     return 0 if ok else 1
 
 
