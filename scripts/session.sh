@@ -25,13 +25,14 @@
 #  - 2026-12-07: a machine start that finds no machine costs up to 3 device minutes; with less
 #    than ~5 minutes left none starts.
 #  - NEXT SESSION (tenth), after call 1 (p1):
-#    call 2: `bash scripts/session.sh env wgmma-model attn-fa; PHASES=decode BATCHES=16,32,64 KINDS=wgmma TUNE_LIMIT=300 bash scripts/session.sh tune`
-#            (tiny with wgmma prefill + b16 decode GEMMs and a split-K one vs the partition build; the flash-attention
-#            check; the decode wgmma search, which leaves out what norm_gemv.json fuses)
-#    call 3: `bash scripts/session.sh restore prebuild-pdl wait; GPT2K_PDL=1 DB=/root/keep/dbold/sm_90/gpt2-q0f16 VARIANTS=tuned,torch-compile TAG=_pdl bash scripts/session.sh bench-decode;
+#    call 2: `bash scripts/session.sh env wgmma-model; PHASES=decode BATCHES=16,32,64 KINDS=wgmma TUNE_LIMIT=300 bash scripts/session.sh tune`
+#            (tiny with wgmma prefill + b16 decode GEMMs, one in split-K form, vs the partition build; the decode
+#            wgmma search, which leaves out what norm_gemv.json fuses; unpack $OUT/db-q0f16.tgz here afterwards)
+#    call 3: `bash scripts/session.sh restore prebuild-pdl attn-fa wait; GPT2K_PDL=1 DB=/root/keep/dbold/sm_90/gpt2-q0f16 VARIANTS=tuned,torch-compile TAG=_pdl bash scripts/session.sh bench-decode;
 #             GPT2K_PDL=0 DB=/root/keep/dbold/sm_90/gpt2-q0f16 VARIANTS=tuned TAG=_nopdl bash scripts/session.sh bench-decode`
+#            (the flash-attention check runs while the two tuned libraries build in the background)
 #    call 4: `DB=/root/keep/dbold/sm_90/gpt2-q0f16 VARIANTS=tuned,torch-compile,torch-eager bash scripts/session.sh bench-prefill;
-#             DB=... KPHASE=prefill KSEQ=1024 bash scripts/session.sh bench-kernels` (unpack $OUT/db-q0f16.tgz here after call 2)
+#             DB=/root/keep/dbold/sm_90/gpt2-q0f16 KPHASE=prefill KSEQ=1024 bash scripts/session.sh bench-kernels`
 #  - 2026-12-07 (ninth session): 4 of 5 machine starts found none (~8 device minutes); a `pgrep -f`
 #    wait matched its own call and spun out a 600 s call; a cache hit re-exported gpt2 (~60 s) before
 #    c38c5f0 (now it opens from the recorded export metadata).
