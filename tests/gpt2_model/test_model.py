@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import numpy as np
 import pytest
 
@@ -149,3 +150,22 @@ def test_bad_engine_input(engine_f32):
     with pytest.raises(EngineError, match="one token per sequence"):
         engine_f32.decode([seq], [1, 2])
     engine_f32.remove_sequence(seq)
+
+
+def test_exported_info_from_recorded_metadata_and_bad_metadata():
+    """What a cached library opens from (bench's cache hit): the export's own metadata, checked."""
+    import pytest  # pylint: disable=import-outside-toplevel
+
+    from gpt2_model.config import get_config  # pylint: disable=import-outside-toplevel
+    from gpt2_model.export import export_model, exported_info  # pylint: disable=import-outside-toplevel
+    from tuning.targets import make_target  # pylint: disable=import-outside-toplevel
+
+    config = get_config("tiny")
+    ex = export_model(config, quantization="q0f16", target=make_target("cpu"))
+    info = exported_info(config, json.loads(json.dumps(ex.metadata)))  # as meta.json stores it
+    assert info.param_specs() == ex.param_specs() and info.param_names == ex.param_names
+    assert info.scheme.name == "q0f16" and info.metadata["buckets"] == ex.metadata["buckets"]
+    with pytest.raises(ValueError, match="not the metadata of a GPT-2 export"):
+        exported_info(config, {"model_type": "gpt2"})
+    with pytest.raises(ValueError, match="does not match the config"):
+        exported_info(get_config("gpt2"), ex.metadata)
