@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+
 import numpy as np
 import pytest
 
@@ -154,8 +155,6 @@ def test_bad_engine_input(engine_f32):
 
 def test_exported_info_from_recorded_metadata_and_bad_metadata():
     """What a cached library opens from (bench's cache hit): the export's own metadata, checked."""
-    import pytest  # pylint: disable=import-outside-toplevel
-
     from gpt2_model.config import get_config  # pylint: disable=import-outside-toplevel
     from gpt2_model.export import export_model, exported_info  # pylint: disable=import-outside-toplevel
     from tuning.targets import make_target  # pylint: disable=import-outside-toplevel
