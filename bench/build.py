@@ -123,13 +123,6 @@ def target_json(target) -> str:
     return json.dumps(_plain(target.export()), sort_keys=True)
 
 
-def _pdl(target) -> bool:
-    """Whether the build for ``target`` launches its kernels with PDL (``tuning.pdl``; ``GPT2K_PDL=1``)."""
-    from tuning.pdl import pdl_enabled  # pylint: disable=import-outside-toplevel
-
-    return pdl_enabled(target)
-
-
 def library_key(*, config, quantization: str, target, database_hash: str | None, cuda_graph: bool,
                 code_hash: str | None = None) -> tuple[str, dict[str, Any]]:
     """Cache key of one library.
@@ -139,6 +132,8 @@ def library_key(*, config, quantization: str, target, database_hash: str | None,
     (key, parts)
         ``key`` is a 24-hex-digit SHA-256 prefix, ``parts`` the JSON-ready inputs hashed.
     """
+    from tuning.pdl import pdl_enabled  # pylint: disable=import-outside-toplevel
+
     parts = {
         "format": _CACHE_FORMAT,
         "config": config.to_dict(),
@@ -147,7 +142,7 @@ def library_key(*, config, quantization: str, target, database_hash: str | None,
         "database_hash": database_hash,
         "tvm": _tvm_version(),
         "cuda_graph": bool(cuda_graph),
-        "pdl": _pdl(target),
+        "pdl": pdl_enabled(target),  # GPT2K_PDL=1 (tuning.pdl): another library
         "code": code_hash if code_hash is not None else source_hash(),
     }
     blob = json.dumps(parts, sort_keys=True, default=str).encode()

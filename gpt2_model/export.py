@@ -26,11 +26,16 @@ class ExportedModel:
 
     @property
     def param_names(self) -> list[str]:
-        return [name for name, _ in self.named_params]
+        return [name for name, _, _ in param_specs(self.metadata)]
 
     def param_specs(self) -> list[tuple[str, tuple[int, ...], str]]:
         """(name, shape, dtype) of every exported parameter, in calling order."""
-        return [(n, tuple(int(d) for d in p.shape), str(p.dtype)) for n, p in self.named_params]
+        return param_specs(self.metadata)
+
+
+def param_specs(metadata: dict[str, Any]) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, dtype) of every parameter an export's ``metadata`` records, in calling order."""
+    return [(p["name"], tuple(int(d) for d in p["shape"]), str(p["dtype"])) for p in metadata["params"]]
 
 
 def export_model(config: GPT2Config, *, quantization: str, target: Target, debug: bool = False,
@@ -83,11 +88,11 @@ class ExportedInfo:
 
     @property
     def param_names(self) -> list[str]:
-        return [p["name"] for p in self.metadata["params"]]
+        return [name for name, _, _ in param_specs(self.metadata)]
 
     def param_specs(self) -> list[tuple[str, tuple[int, ...], str]]:
         """(name, shape, dtype) of every exported parameter, in calling order."""
-        return [(p["name"], tuple(int(d) for d in p["shape"]), str(p["dtype"])) for p in self.metadata["params"]]
+        return param_specs(self.metadata)
 
 
 def exported_info(config: GPT2Config, metadata: dict[str, Any]) -> ExportedInfo:

@@ -67,7 +67,7 @@ from .attention_measure import (measure_ragged_prefill, prefill_scalars, ragged_
 from .attention_build import build_all as _build_all
 from .attention_decode import DECODE_KERNEL, DecodeConfig, DecodeError, make_decode_kernel
 from .attention_fa import FAConfig, FAError, fa_candidates, make_fa_ragged_prefill
-from .attention_tc import (TCConfig, TCError, make_tc_ragged_prefill, mma_candidates, tc_candidates, template_of,
+from .attention_tc import (TCConfig, TCError, make_tc_ragged_prefill, mma_candidates, tc_candidates,
                            wmma_candidates)
 
 logger = logging.getLogger(__name__)
@@ -255,18 +255,21 @@ def make_ragged_prefill(cfg: PrefillConfig | None, key: AttentionKey, target):
             raise AttentionError(f"TVM's prefill template cannot schedule {cfg.label()}: {err}") from err
 
 
+#: Each stored template's configuration class: ``"simt"`` (TVM's template), ``"tc"`` and ``"fa"``
+#: (prefill), ``"decode"`` (:class:`tuning.attention_decode.DecodeConfig`).
+_CONFIG_CLASSES = {"simt": PrefillConfig, "tc": TCConfig, "fa": FAConfig, "decode": DecodeConfig}
+
+
 def config_of(template: str, config: dict):
-    """The configuration object of a stored result: ``"simt"`` (TVM's template), ``"tc"`` or ``"fa"`` (prefill),
-    ``"decode"`` (:class:`tuning.attention_decode.DecodeConfig`)."""
-    if template == "simt":
-        return PrefillConfig(**config)
-    if template == "tc":
-        return TCConfig(**config)
-    if template == "fa":
-        return FAConfig(**config)
-    if template == "decode":
-        return DecodeConfig(**config)
-    raise KeyError(f"unknown attention template {template!r}")
+    """The configuration object of a stored result (``template``: a key of ``_CONFIG_CLASSES``)."""
+    if template not in _CONFIG_CLASSES:
+        raise KeyError(f"unknown attention template {template!r}")
+    return _CONFIG_CLASSES[template](**config)
+
+
+def template_name(cfg) -> str:
+    """The ``attention.json`` template of a configuration object (the inverse of :func:`config_of`)."""
+    return next(name for name, cls in _CONFIG_CLASSES.items() if isinstance(cfg, cls))
 
 
 #: The templates each tuned kernel of ``attention.json`` may name.
@@ -461,8 +464,7 @@ def tune_attention(config, *, dtype: str, target, out_dir: str | os.PathLike, le
             log(f"attention: {c.label()} failed to run: {str(exc).splitlines()[0] if str(exc) else exc}")
             continue
         libs[c] = lib
-        tmpl = "fa" if isinstance(c, FAConfig) else template_of(c)
-        results.append({"template": tmpl, "config": asdict(c), "us": times, "total_us": sum(times.values()),
+        results.append({"template": template_name(c), "config": asdict(c), "us": times, "total_us": sum(times.values()),
                         "max_abs_err": err})
     base = next((r for r in results if r["template"] == "simt" and r["config"] == asdict(default)), None)
     if base is None:
