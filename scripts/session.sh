@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Steps run on the GPU machine (device tool), each with its own time limit; results under $OUT.
 #   bash scripts/session.sh STEP [STEP ...]
-# Steps: libs env prebuild-pdl wait attn-fa host-profile rpc-gpu gputests gputests-extra gputests-new gputests-graph gputests-norm decode-check mma-check peer-diag bench-decode bench-prefill bench-kernels tune restore profile ncu hidden-host wgmma-check wgmma-model
+# Steps: libs env prebuild-pdl prebuild-untuned prebuild-new wait attn-fa host-profile rpc-gpu gputests gputests-extra gputests-new gputests-graph gputests-norm decode-check mma-check peer-diag bench-decode bench-prefill bench-kernels tune restore profile ncu hidden-host wgmma-check wgmma-model
 # (settings through environment variables)
 # Plan a session's device time (30 min, start-ups included; lessons of 2026-12-02):
 #  - build the TVM libraries here first, after the last code change (the cache key hashes the
@@ -86,9 +86,23 @@ for step in "$@"; do
       log prebuild-pdl; mkdir -p "$GPT2K_CACHE_DIR"
       (GPT2K_PDL=1 python scripts/prebuild_libs.py --variants tuned --database-dir /root/keep/dbold --cache-dir "$GPT2K_CACHE_DIR" > /root/keep/prebuild_pdl.log 2>&1; echo "pdl rc $?" > /root/keep/prebuild.pdl.done) &
       (GPT2K_PDL=0 python scripts/prebuild_libs.py --variants tuned --database-dir /root/keep/dbold --cache-dir "$GPT2K_CACHE_DIR" > /root/keep/prebuild_nopdl.log 2>&1; echo "nopdl rc $?" > /root/keep/prebuild.nopdl.done) & ;;
+    prebuild-untuned)
+      # the untuned library (no database), in the background; marker prebuild.untuned.done
+      rm -f /root/keep/prebuild.untuned.done; mkdir -p "$GPT2K_CACHE_DIR"; log prebuild-untuned
+      (python scripts/prebuild_libs.py --variants untuned --cache-dir "$GPT2K_CACHE_DIR" > /root/keep/prebuild_untuned.log 2>&1; echo "untuned rc $?" > /root/keep/prebuild.untuned.done) & ;;
+    prebuild-new)
+      # the tree's database as it is now (after `restore`: what this machine tuned), copied to /root/keep/dbnew,
+      # its tuned library built with and without PDL in the background; markers prebuild.newpdl/newnopdl.done.
+      # Bench with DB=/root/keep/dbnew/sm_90/gpt2-q0f16.
+      rm -rf /root/keep/dbnew /root/keep/prebuild.new*.done && mkdir -p /root/keep/dbnew/sm_90 && cp -r databases/sm_90/gpt2-q0f16 /root/keep/dbnew/sm_90/
+      log prebuild-new; mkdir -p "$GPT2K_CACHE_DIR"
+      (GPT2K_PDL=1 python scripts/prebuild_libs.py --variants tuned --database-dir /root/keep/dbnew --cache-dir "$GPT2K_CACHE_DIR" > /root/keep/prebuild_newpdl.log 2>&1; echo "newpdl rc $?" > /root/keep/prebuild.newpdl.done) &
+      (GPT2K_PDL=0 python scripts/prebuild_libs.py --variants tuned --database-dir /root/keep/dbnew --cache-dir "$GPT2K_CACHE_DIR" > /root/keep/prebuild_newnopdl.log 2>&1; echo "newnopdl rc $?" > /root/keep/prebuild.newnopdl.done) & ;;
     wait)
+      # waits for the marker files named in WAIT_FOR (default: the two prebuild-pdl builds).
       # never `pgrep -f NAME` here: it matches the device call's own command line (2026-12-07: 10 minutes lost)
-      log wait; for i in $(seq 1 ${WAIT_S:-300}); do [ -f /root/keep/prebuild.pdl.done ] && [ -f /root/keep/prebuild.nopdl.done ] && break; sleep 1; done
+      log wait ${WAIT_FOR:=pdl nopdl}; for i in $(seq 1 ${WAIT_S:-300}); do
+        all=1; for m in $WAIT_FOR; do [ -f /root/keep/prebuild.$m.done ] || all=0; done; [ $all = 1 ] && break; sleep 1; done
       cat /root/keep/prebuild.*.done 2>/dev/null; cp /root/keep/prebuild_*.log "$OUT"/ 2>/dev/null; log waited ;;
     attn-fa)
       # the wgmma flash-attention prefill candidates vs the stored tc kernel and torch SDPA (scripts/attn_fa_check.py)
