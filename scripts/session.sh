@@ -69,9 +69,9 @@ for step in "$@"; do
     peer-diag)
       log peer-diag; timeout ${PD_LIMIT:-150} python scripts/peer_diag.py --out "$OUT/peer_diag.json" 2>&1 | tail -30 | tee "$OUT/peer_diag.txt" ;;
     bench-decode)
-      log bench decode; timeout 480 python -m bench.cli decode ${DB:+--database $DB} --batch ${BATCH_LIST:-1,8,32} --variants ${VARIANTS:-untuned,tuned,torch-compile,torch-eager} ${BENCH_ARGS:-} --json "$OUT/decode${TAG:-}.json" 2>&1 | tail -30 | tee "$OUT/decode${TAG:-}.txt" ;;
+      log bench decode; timeout ${BD_LIMIT:-480} python -m bench.cli decode ${DB:+--database $DB} --batch ${BATCH_LIST:-1,8,32} --variants ${VARIANTS:-untuned,tuned,torch-compile,torch-eager} ${BENCH_ARGS:-} --json "$OUT/decode${TAG:-}.json" 2>&1 | tail -30 | tee "$OUT/decode${TAG:-}.txt" ;;
     bench-prefill)
-      log bench prefill; timeout 420 python -m bench.cli prefill ${DB:+--database $DB} --seq-len 128,512,1024 --variants ${VARIANTS:-untuned,tuned,torch-compile,torch-eager} ${BENCH_ARGS:-} --json "$OUT/prefill${TAG:-}.json" 2>&1 | tail -30 | tee "$OUT/prefill${TAG:-}.txt" ;;
+      log bench prefill; timeout ${BP_LIMIT:-420} python -m bench.cli prefill ${DB:+--database $DB} --seq-len 128,512,1024 --variants ${VARIANTS:-untuned,tuned,torch-compile,torch-eager} ${BENCH_ARGS:-} --json "$OUT/prefill${TAG:-}.json" 2>&1 | tail -30 | tee "$OUT/prefill${TAG:-}.txt" ;;
     bench-kernels)
       log bench kernels; timeout 420 python -m bench.cli kernels ${DB:+--database $DB} --phase ${KPHASE:-decode} --batch ${KBATCH:-8} --seq-len ${KSEQ:-1024} --json "$OUT/kernels_${KPHASE:-decode}${TAG:-}.json" 2>&1 | tail -40 | tee "$OUT/kernels_${KPHASE:-decode}${TAG:-}.txt" ;;
     host-profile)
