@@ -51,7 +51,7 @@ _CVT_F16X2 = "cvt.rn.f16x2.f32"
 # Register-operand fence (CUTLASS's ``warpgroup_fence_operand``): keeps nvcc from moving reads
 # or writes of an accumulator register across the asynchronous wgmma that owns it.
 # Split-K: one fp32 of another CTA's shared memory in the cluster (distributed shared memory).
-_DSMEM_SRC = r"""
+DSMEM_LD_SRC = r"""
 __device__ __forceinline__ float tvm_dsmem_ld_f32(float* p, unsigned rank) {
   unsigned a = (unsigned)__cvta_generic_to_shared(p), r;
   float v;
@@ -364,7 +364,7 @@ def _make(M, N, K, epi: str, cfg: GemmConfig, layout: str):  # noqa: C901 - one 
                 for r in T.unroll(1, SPLIT):
                     for i in T.unroll(MSUB * NACC):
                         acc[i] = acc[i] + T.cuda.func_call("tvm_dsmem_ld_f32", scratch.ptr_to([i * CT + tid]),
-                                                           T.uint32(r), source_code=_DSMEM_SRC,
+                                                           T.uint32(r), source_code=DSMEM_LD_SRC,
                                                            return_type="float32")
         T.cuda.cluster_sync()
 

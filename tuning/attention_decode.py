@@ -43,6 +43,8 @@ from typing import Sequence
 
 import numpy as np
 
+from gpt2_model.wgmma_gemm import DSMEM_LD_SRC
+
 __all__ = ["DECODE_KERNEL", "DECODE_LSE_ATOL", "DECODE_OUT_RTOL", "MIXED_CASE", "PAGE_SIZE", "DecodeConfig",
            "DecodeError", "DecodeInputs", "decode_candidates", "decode_case_name", "decode_cases", "decode_errors",
            "decode_scalars", "decode_shared_bytes", "is_decode_legal", "make_decode_kernel", "measure_paged_decode",
@@ -64,9 +66,10 @@ class DecodeConfig:
 
     groups: int  # token groups per block (threadIdx.y), each with its own softmax state
     tokens: int  # consecutive tokens per group per iteration (same page)
+    split: int = 1  # CTAs of a thread block cluster per (sequence, head), each taking every split-th iteration
 
     def label(self) -> str:
-        return f"decode groups={self.groups} tokens={self.tokens}"
+        return f"decode groups={self.groups} tokens={self.tokens}" + (f" split={self.split}" if self.split > 1 else "")
 
 
 def _vec_lanes(key) -> tuple[int, int]:
@@ -78,8 +81,17 @@ def _vec_lanes(key) -> tuple[int, int]:
 
 def decode_shared_bytes(cfg: DecodeConfig, key) -> int:
     """Static shared memory of one block (bytes): the groups' output rows and (max, sum) in fp32, twice
-    (the tree merge reads one copy and writes the other)."""
-    return 2 * 4 * cfg.groups * (key.d + 2)
+    (the tree merge reads one copy and writes the other), and with a split one more row for the cluster merge."""
+    return 2 * 4 * cfg.groups * (key.d + 2) + (4 * (key.d + 2) if cfg.split > 1 else 0)
+
+
+def supports_clusters(target) -> bool:
+    """Whether ``target`` is a CUDA arch with thread block clusters and distributed shared memory (sm_90+)."""
+    if target is None or target.kind.name != "cuda":
+        return False
+    arch = str(target.attrs.get("arch", ""))
+    digits = "".join(ch for ch in arch.removeprefix("sm_") if ch.isdigit())
+    return bool(digits) and int(digits) >= 90
 
 
 def _limits(target) -> tuple[int, int]:
@@ -102,19 +114,29 @@ def _pow2(n: int) -> bool:
 def is_decode_legal(cfg: DecodeConfig, key, target=None) -> bool:
     """Whether the template can be built for ``key`` with ``cfg``: MHA, lanes a power of two within a
     warp, groups a power of two (tree merge), tokens dividing the page, threads and static shared
-    memory within the target's per-block limits."""
+    memory within the target's per-block limits; a split (2, 4 or 8 CTAs, a portable cluster) only
+    on an sm_90+ CUDA target."""
     vec, lanes = _vec_lanes(key)
     threads, smem = _limits(target)
     return (key.h_q == key.h_kv and key.d % vec == 0 and _pow2(lanes) and lanes <= 32
             and _pow2(cfg.groups) and cfg.tokens in (1, 2, 4, 8, 16)
+            and (cfg.split == 1 or (cfg.split in (2, 4, 8) and supports_clusters(target)))
             and cfg.groups * lanes <= threads and decode_shared_bytes(cfg, key) <= smem)
 
 
+#: (groups, tokens) of the split candidates: ``groups * tokens`` of 32-64 tokens per CTA iteration, so a
+#: 256-token context gives every CTA of a 4-way split an iteration or two.
+SPLIT_SHAPES = ((4, 8), (8, 4), (8, 8), (16, 2), (16, 4), (32, 1), (32, 2))
+
+
 def decode_candidates(key, target=None, *, groups: Sequence[int] = (4, 8, 16, 32, 64),
-                      tokens: Sequence[int] = (1, 2, 4, 8)) -> list:
-    """``None`` (TVM's kernel) first, then the template's legal configurations of the grid."""
-    return [None] + [c for g in groups for t in tokens
-                     if is_decode_legal(c := DecodeConfig(groups=g, tokens=t), key, target)]
+                      tokens: Sequence[int] = (1, 2, 4, 8), splits: Sequence[int] = (2, 4)) -> list:
+    """``None`` (TVM's kernel) first, then the template's legal configurations of the grid, then the
+    cluster-split ones (``splits`` x :data:`SPLIT_SHAPES`; sm_90+ only)."""
+    one = [c for g in groups for t in tokens if is_decode_legal(c := DecodeConfig(groups=g, tokens=t), key, target)]
+    split = [c for s in splits for g, t in SPLIT_SHAPES
+             if is_decode_legal(c := DecodeConfig(groups=g, tokens=t, split=s), key, target)]
+    return [None] + one + split
 
 
 def _tvm_decode(key, target):
@@ -141,12 +163,15 @@ def make_decode_kernel(cfg: DecodeConfig | None, key, target):  # pylint: disabl
 
     H, D, dtype = key.h_q, key.d, key.dtype
     vec, lanes = _vec_lanes(key)
-    G, TT = cfg.groups, cfg.tokens
+    G, TT, SPLIT = cfg.groups, cfg.tokens, cfg.split
     per_it = G * TT  # tokens per block iteration
     lane_steps = int(math.log2(lanes))
     merge_steps = int(math.log2(G))
     page_size = PAGE_SIZE
     full = T.uint32(0xFFFFFFFF)
+
+    def dsmem(ptr, rank):  # one fp32 of cluster CTA ``rank``'s shared memory at ``ptr`` (mapa + ld.shared::cluster)
+        return T.cuda.func_call("tvm_dsmem_ld_f32", ptr, T.uint32(rank), source_code=DSMEM_LD_SRC, return_type="float32")
 
     # pylint: disable=invalid-name,unused-variable,too-many-arguments
     @T.macro
@@ -170,6 +195,125 @@ def make_decode_kernel(cfg: DecodeConfig | None, key, target):  # pylint: disabl
                     md_dst[ty, 1] = st[1]
         if stride > 1:  # (no barrier after the last step: only group 0 goes on, from registers)
             T.tvm_storage_sync("shared")
+
+    @T.macro
+    def attn_block(Q, pages_v, page_table_indptr, page_table_values, length_info, output, lse, sm_scale,
+                   bx, by, cz, ty, tx):
+        # one CTA's work: (sequence bx, head by), cluster rank cz (0 without a split), group ty, lane tx
+        with T.sblock("attn"):
+            T.reads()
+            T.writes()
+            q_loc = T.sblock_alloc_buffer((vec,), "float32", scope="local")
+            k_loc = T.sblock_alloc_buffer((TT * vec,), dtype, scope="local")
+            v_loc = T.sblock_alloc_buffer((TT * vec,), dtype, scope="local")
+            o_loc = T.sblock_alloc_buffer((vec,), "float32", scope="local")
+            s_loc = T.sblock_alloc_buffer((TT,), "float32", scope="local")
+            st = T.sblock_alloc_buffer((5,), "float32", scope="local")  # m, d, m_new, alpha, beta
+            O_a = T.sblock_alloc_buffer((G, D), "float32", scope="shared")
+            md_a = T.sblock_alloc_buffer((G, 2), "float32", scope="shared")
+            O_b = T.sblock_alloc_buffer((G, D), "float32", scope="shared")
+            md_b = T.sblock_alloc_buffer((G, 2), "float32", scope="shared")
+            O_x = T.sblock_alloc_buffer((D if SPLIT > 1 else 1,), "float32", scope="shared")
+            md_x = T.sblock_alloc_buffer((2,), "float32", scope="shared")
+
+            page_begin: T.let[T.int32] = page_table_indptr[bx]
+            page_end: T.let[T.int32] = page_table_indptr[bx + 1]
+            kv_len: T.let[T.int32] = T.if_then_else(
+                page_begin != page_end, (page_end - page_begin - 1) * page_size + length_info[bx], 0)
+            sc: T.let[T.float32] = sm_scale * T.float32(_LOG2E)
+            for i in T.unroll(vec):
+                q_loc[i] = T.cast(Q[bx, by, tx * vec + i], "float32") * sc
+            st[0] = T.float32(_EMPTY_LSE)
+            st[1] = T.float32(0)
+            for i in T.unroll(vec):
+                o_loc[i] = T.float32(0)
+            # (with a split, CTA cz of the cluster takes iterations cz, cz + SPLIT, ...)
+            for it in T.serial(T.ceildiv(T.ceildiv(kv_len, per_it), SPLIT)):
+                tok0: T.let[T.int32] = (it * SPLIT + cz) * per_it + ty * TT
+                page_no: T.let[T.int32] = T.if_then_else(
+                    tok0 < kv_len, page_table_values[page_begin + tok0 // page_size], 0)
+                # all loads of the iteration first (the page's tail past the context: zeros)
+                for j in T.unroll(TT):
+                    if tok0 + j < kv_len:
+                        k_loc[T.ramp(j * vec, 1, vec)] = pages_v[page_no, 0, by, tok0 % page_size + j,
+                                                                 T.ramp(tx * vec, 1, vec)]
+                        v_loc[T.ramp(j * vec, 1, vec)] = pages_v[page_no, 1, by, tok0 % page_size + j,
+                                                                 T.ramp(tx * vec, 1, vec)]
+                    else:
+                        k_loc[T.ramp(j * vec, 1, vec)] = T.broadcast(T.cast(0, dtype), vec)
+                        v_loc[T.ramp(j * vec, 1, vec)] = T.broadcast(T.cast(0, dtype), vec)
+                # scores: each lane's share, then a butterfly over the group's lanes
+                for j in T.unroll(TT):
+                    s_loc[j] = T.float32(0)
+                    for i in T.unroll(vec):
+                        s_loc[j] = s_loc[j] + q_loc[i] * T.cast(k_loc[j * vec + i], "float32")
+                    for r in T.unroll(lane_steps):
+                        s_loc[j] = s_loc[j] + T.tvm_warp_shuffle_xor(
+                            full, s_loc[j], T.shift_left(1, r), 32, 32)
+                # online softmax of this group's tokens
+                st[2] = st[0]
+                for j in T.unroll(TT):
+                    st[2] = T.max(st[2], T.if_then_else(tok0 + j < kv_len, s_loc[j],
+                                                        T.float32(_EMPTY_LSE)))
+                st[3] = T.exp2(st[0] - st[2])
+                st[1] = st[1] * st[3]
+                for i in T.unroll(vec):
+                    o_loc[i] = o_loc[i] * st[3]
+                for j in T.unroll(TT):
+                    st[4] = T.if_then_else(tok0 + j < kv_len, T.exp2(s_loc[j] - st[2]), T.float32(0))
+                    st[1] = st[1] + st[4]
+                    for i in T.unroll(vec):
+                        o_loc[i] = o_loc[i] + st[4] * T.cast(v_loc[j * vec + i], "float32")
+                st[0] = st[2]
+            # tree merge of the groups' states (log2(G) steps): at the step of stride s,
+            # group g < s takes in group g + s; states ping-pong between two shared slots
+            for i in T.unroll(vec):
+                O_a[ty, tx * vec + i] = o_loc[i]
+            if tx == 0:
+                md_a[ty, 0] = st[0]
+                md_a[ty, 1] = st[1]
+            T.tvm_storage_sync("shared")
+            # (unrolled here: constant strides and slots; G <= 64)
+            if merge_steps > 0:
+                merge_step(O_a, md_a, O_b, md_b, o_loc, st, ty, tx, G >> 1)
+            if merge_steps > 1:
+                merge_step(O_b, md_b, O_a, md_a, o_loc, st, ty, tx, G >> 2)
+            if merge_steps > 2:
+                merge_step(O_a, md_a, O_b, md_b, o_loc, st, ty, tx, G >> 3)
+            if merge_steps > 3:
+                merge_step(O_b, md_b, O_a, md_a, o_loc, st, ty, tx, G >> 4)
+            if merge_steps > 4:
+                merge_step(O_a, md_a, O_b, md_b, o_loc, st, ty, tx, G >> 5)
+            if merge_steps > 5:
+                merge_step(O_b, md_b, O_a, md_a, o_loc, st, ty, tx, G >> 6)
+            if SPLIT > 1:
+                # cluster merge: CTAs 1.. park group 0's state in their shared memory, CTA 0 folds
+                # them in through distributed shared memory; the second barrier keeps the others'
+                # shared memory alive until CTA 0 has read it
+                if cz != 0 and ty == 0:
+                    for i in T.unroll(vec):
+                        O_x[tx * vec + i] = o_loc[i]
+                    if tx == 0:
+                        md_x[0] = st[0]
+                        md_x[1] = st[1]
+                T.cuda.cluster_sync()
+                if cz == 0 and ty == 0:
+                    for r in T.unroll(1, SPLIT):
+                        st[2] = T.max(st[0], dsmem(md_x.access_ptr("r", offset=0), r))
+                        st[3] = T.exp2(st[0] - st[2])
+                        st[4] = T.exp2(dsmem(md_x.access_ptr("r", offset=0), r) - st[2])
+                        st[1] = st[1] * st[3] + dsmem(md_x.access_ptr("r", offset=1), r) * st[4]
+                        st[0] = st[2]
+                        for i in T.unroll(vec):
+                            o_loc[i] = o_loc[i] * st[3] + dsmem(O_x.access_ptr("r", offset=tx * vec + i), r) * st[4]
+                T.cuda.cluster_sync()
+            if ty == 0 and cz == 0:
+                for i in T.unroll(vec):
+                    output[bx, by, tx * vec + i] = T.cast(
+                        T.if_then_else(st[1] > T.float32(0), o_loc[i] / st[1], T.float32(0)), dtype)
+                if tx == 0:
+                    lse[bx, by] = T.if_then_else(st[1] > T.float32(0), st[0] + T.log2(st[1]),
+                                                 T.float32(_EMPTY_LSE))
 
     @T.prim_func(s_tir=True)
     def batch_decode_paged_kv(
@@ -214,100 +358,21 @@ def make_decode_kernel(cfg: DecodeConfig | None, key, target):  # pylint: disabl
         # and token (a ramp off ``pages_elem_offset`` itself becomes ``vec`` scalar loads)
         pages_v = T.decl_buffer((max_num_pages, 2, H, page_size, D), dtype, data=pages.data,
                                 elem_offset=pages_elem_offset // vec * vec)
-        for bx in T.thread_binding(B, thread="blockIdx.x"):
-            for by in T.thread_binding(H, thread="blockIdx.y"):
-                for ty in T.thread_binding(G, thread="threadIdx.y"):
-                    for tx in T.thread_binding(lanes, thread="threadIdx.x"):
-                        with T.sblock("attn"):
-                            T.reads()
-                            T.writes()
-                            q_loc = T.sblock_alloc_buffer((vec,), "float32", scope="local")
-                            k_loc = T.sblock_alloc_buffer((TT * vec,), dtype, scope="local")
-                            v_loc = T.sblock_alloc_buffer((TT * vec,), dtype, scope="local")
-                            o_loc = T.sblock_alloc_buffer((vec,), "float32", scope="local")
-                            s_loc = T.sblock_alloc_buffer((TT,), "float32", scope="local")
-                            st = T.sblock_alloc_buffer((5,), "float32", scope="local")  # m, d, m_new, alpha, beta
-                            O_a = T.sblock_alloc_buffer((G, D), "float32", scope="shared")
-                            md_a = T.sblock_alloc_buffer((G, 2), "float32", scope="shared")
-                            O_b = T.sblock_alloc_buffer((G, D), "float32", scope="shared")
-                            md_b = T.sblock_alloc_buffer((G, 2), "float32", scope="shared")
-
-                            page_begin: T.let[T.int32] = page_table_indptr[bx]
-                            page_end: T.let[T.int32] = page_table_indptr[bx + 1]
-                            kv_len: T.let[T.int32] = T.if_then_else(
-                                page_begin != page_end, (page_end - page_begin - 1) * page_size + length_info[bx], 0)
-                            sc: T.let[T.float32] = sm_scale * T.float32(_LOG2E)
-                            for i in T.unroll(vec):
-                                q_loc[i] = T.cast(Q[bx, by, tx * vec + i], "float32") * sc
-                            st[0] = T.float32(_EMPTY_LSE)
-                            st[1] = T.float32(0)
-                            for i in T.unroll(vec):
-                                o_loc[i] = T.float32(0)
-                            for it in T.serial(T.ceildiv(kv_len, per_it)):
-                                tok0: T.let[T.int32] = it * per_it + ty * TT
-                                page_no: T.let[T.int32] = T.if_then_else(
-                                    tok0 < kv_len, page_table_values[page_begin + tok0 // page_size], 0)
-                                # all loads of the iteration first (the page's tail past the context: zeros)
-                                for j in T.unroll(TT):
-                                    if tok0 + j < kv_len:
-                                        k_loc[T.ramp(j * vec, 1, vec)] = pages_v[page_no, 0, by, tok0 % page_size + j,
-                                                                                 T.ramp(tx * vec, 1, vec)]
-                                        v_loc[T.ramp(j * vec, 1, vec)] = pages_v[page_no, 1, by, tok0 % page_size + j,
-                                                                                 T.ramp(tx * vec, 1, vec)]
-                                    else:
-                                        k_loc[T.ramp(j * vec, 1, vec)] = T.broadcast(T.cast(0, dtype), vec)
-                                        v_loc[T.ramp(j * vec, 1, vec)] = T.broadcast(T.cast(0, dtype), vec)
-                                # scores: each lane's share, then a butterfly over the group's lanes
-                                for j in T.unroll(TT):
-                                    s_loc[j] = T.float32(0)
-                                    for i in T.unroll(vec):
-                                        s_loc[j] = s_loc[j] + q_loc[i] * T.cast(k_loc[j * vec + i], "float32")
-                                    for r in T.unroll(lane_steps):
-                                        s_loc[j] = s_loc[j] + T.tvm_warp_shuffle_xor(
-                                            full, s_loc[j], T.shift_left(1, r), 32, 32)
-                                # online softmax of this group's tokens
-                                st[2] = st[0]
-                                for j in T.unroll(TT):
-                                    st[2] = T.max(st[2], T.if_then_else(tok0 + j < kv_len, s_loc[j],
-                                                                        T.float32(_EMPTY_LSE)))
-                                st[3] = T.exp2(st[0] - st[2])
-                                st[1] = st[1] * st[3]
-                                for i in T.unroll(vec):
-                                    o_loc[i] = o_loc[i] * st[3]
-                                for j in T.unroll(TT):
-                                    st[4] = T.if_then_else(tok0 + j < kv_len, T.exp2(s_loc[j] - st[2]), T.float32(0))
-                                    st[1] = st[1] + st[4]
-                                    for i in T.unroll(vec):
-                                        o_loc[i] = o_loc[i] + st[4] * T.cast(v_loc[j * vec + i], "float32")
-                                st[0] = st[2]
-                            # tree merge of the groups' states (log2(G) steps): at the step of stride s,
-                            # group g < s takes in group g + s; states ping-pong between two shared slots
-                            for i in T.unroll(vec):
-                                O_a[ty, tx * vec + i] = o_loc[i]
-                            if tx == 0:
-                                md_a[ty, 0] = st[0]
-                                md_a[ty, 1] = st[1]
-                            T.tvm_storage_sync("shared")
-                            # (unrolled here: constant strides and slots; G <= 64)
-                            if merge_steps > 0:
-                                merge_step(O_a, md_a, O_b, md_b, o_loc, st, ty, tx, G >> 1)
-                            if merge_steps > 1:
-                                merge_step(O_b, md_b, O_a, md_a, o_loc, st, ty, tx, G >> 2)
-                            if merge_steps > 2:
-                                merge_step(O_a, md_a, O_b, md_b, o_loc, st, ty, tx, G >> 3)
-                            if merge_steps > 3:
-                                merge_step(O_b, md_b, O_a, md_a, o_loc, st, ty, tx, G >> 4)
-                            if merge_steps > 4:
-                                merge_step(O_a, md_a, O_b, md_b, o_loc, st, ty, tx, G >> 5)
-                            if merge_steps > 5:
-                                merge_step(O_b, md_b, O_a, md_a, o_loc, st, ty, tx, G >> 6)
-                            if ty == 0:
-                                for i in T.unroll(vec):
-                                    output[bx, by, tx * vec + i] = T.cast(
-                                        T.if_then_else(st[1] > T.float32(0), o_loc[i] / st[1], T.float32(0)), dtype)
-                                if tx == 0:
-                                    lse[bx, by] = T.if_then_else(st[1] > T.float32(0), st[0] + T.log2(st[1]),
-                                                                 T.float32(_EMPTY_LSE))
+        if SPLIT == 1:
+            for bx in T.thread_binding(B, thread="blockIdx.x"):
+                for by in T.thread_binding(H, thread="blockIdx.y"):
+                    for ty in T.thread_binding(G, thread="threadIdx.y"):
+                        for tx in T.thread_binding(lanes, thread="threadIdx.x"):
+                            attn_block(Q, pages_v, page_table_indptr, page_table_values, length_info, output, lse,
+                                       sm_scale, bx, by, T.int32(0), ty, tx)
+        else:  # a cluster of SPLIT consecutive CTAs along x per (sequence, head)
+            for bxc in T.thread_binding(B * SPLIT, thread="blockIdx.x"):
+                for by in T.thread_binding(H, thread="blockIdx.y"):
+                    for cz in T.thread_binding(SPLIT, thread="clusterCtaIdx.x"):
+                        for ty in T.thread_binding(G, thread="threadIdx.y"):
+                            for tx in T.thread_binding(lanes, thread="threadIdx.x"):
+                                attn_block(Q, pages_v, page_table_indptr, page_table_values, length_info, output, lse,
+                                           sm_scale, bxc // SPLIT, by, cz, ty, tx)
 
     return batch_decode_paged_kv
 

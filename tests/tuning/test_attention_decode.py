@@ -54,9 +54,20 @@ def test_signature_matches_tvms_kernel(sm90):
 
 def test_candidates_and_legality(sm90):
     cands = D.decode_candidates(GPT2, sm90)
-    assert cands[0] is None and len(cands) == 1 + 5 * 4
+    one = [c for c in cands[1:] if c.split == 1]
+    split = [c for c in cands[1:] if c.split > 1]
+    assert cands[0] is None and len(one) == 5 * 4 and len(split) == 2 * len(D.SPLIT_SHAPES)
     assert all(D.is_decode_legal(c, GPT2, sm90) for c in cands[1:])
-    assert {c.groups for c in cands[1:]} == {4, 8, 16, 32, 64} and {c.tokens for c in cands[1:]} == {1, 2, 4, 8}
+    assert {c.groups for c in one} == {4, 8, 16, 32, 64} and {c.tokens for c in one} == {1, 2, 4, 8}
+    assert {c.split for c in split} == {2, 4} and "split=4" in split[-1].label() and "split" not in one[0].label()
+    # a cluster split needs sm_90 (clusters, distributed shared memory): none below, nor off CUDA
+    sm86 = make_target("sm_86")
+    assert all(c.split == 1 for c in D.decode_candidates(GPT2, sm86)[1:])
+    assert not D.is_decode_legal(D.DecodeConfig(16, 4, 4), GPT2, sm86)
+    assert not D.is_decode_legal(D.DecodeConfig(16, 4, 4), GPT2, None)
+    assert not D.is_decode_legal(D.DecodeConfig(16, 4, 3), GPT2, sm90)  # clusters of 2, 4 or 8
+    # an attention.json entry written before the split knob loads as an unsplit configuration
+    assert D.DecodeConfig(**{"groups": 16, "tokens": 4}) == D.DecodeConfig(16, 4, 1)
     # 64 groups of 16 lanes = 1024 threads; 128 groups would be 2048
     assert not D.is_decode_legal(D.DecodeConfig(128, 1), GPT2, sm90)
     assert not D.is_decode_legal(D.DecodeConfig(12, 1), GPT2, sm90)  # not a power of two: tree merge
@@ -92,9 +103,11 @@ def test_every_candidate_lowers_for_sm90(sm90):
         # page loads are 8-byte vectors (T.Ramp of 4 fp16), not 4 scalar loads
         assert "T.Ramp" in text, cfg
         assert "rotary_mode must be 0" in host.script() and "8-byte aligned" in host.script()
+        # a split runs as a cluster (the launch's clusterCtaIdx tag) merged through distributed shared memory
+        assert ("clusterCtaIdx.x" in text and "tvm_dsmem_ld_f32" in text) == (cfg.split > 1), cfg
 
 
-@pytest.mark.slow  # nvcc builds of the 20 candidates (~1-3 min on a loaded 2-core machine)
+@pytest.mark.slow  # nvcc builds of the 34 candidates (~2-5 min on a loaded 2-core machine)
 def test_every_candidate_builds_for_cuda(sm90):
     from tuning.attention import _build_all
 
