@@ -260,6 +260,15 @@ def test_apply_replaces_the_decode_kernel(tmp_path, sm90, tiny_prepared):
     mod, applied = A.apply_attention(mod0, tmp_path, key=TINY_KEY, target=sm90)
     assert len(applied) == 1 and mod[A.RAGGED_PREFILL].same_as(before_prefill)
     assert "T.thread_binding(16, thread=\"threadIdx.y\")" in mod[D.DECODE_KERNEL].script()
+    # a cluster split entry: the kernel launches clusters of 4 CTAs
+    (tmp_path / A.ATTENTION_FILE).write_text(json.dumps({"kernels": [_decode_entry({"groups": 16, "tokens": 4,
+                                                                                    "split": 4})]}))
+    mod, applied = A.apply_attention(mod0, tmp_path, key=TINY_KEY, target=sm90)
+    assert len(applied) == 1 and "split=4" in applied[0]
+    assert "T.thread_binding(4, thread=\"clusterCtaIdx.x\")" in mod[D.DECODE_KERNEL].script()
+    # ... which a pre-Hopper target cannot build: one clear error, not a kernel that fails at launch
+    with pytest.raises(A.AttentionError, match="cannot be built.*not legal"):
+        A.apply_attention(mod0, tmp_path, key=TINY_KEY, target=make_target("sm_86"))
     # only a prefill entry (the committed databases): the decode kernel stays TVM's
     (tmp_path / A.ATTENTION_FILE).write_text(json.dumps({"kernels": [_prefill_entry()]}))
     mod, applied = A.apply_attention(mod0, tmp_path, key=TINY_KEY, target=sm90)
