@@ -73,7 +73,7 @@ for step in "$@"; do
     bench-prefill)
       log bench prefill; timeout ${BP_LIMIT:-420} python -m bench.cli prefill ${DB:+--database $DB} --seq-len 128,512,1024 --variants ${VARIANTS:-untuned,tuned,torch-compile,torch-eager} ${BENCH_ARGS:-} --json "$OUT/prefill${TAG:-}.json" 2>&1 | tail -30 | tee "$OUT/prefill${TAG:-}.txt" ;;
     bench-kernels)
-      log bench kernels; timeout 420 python -m bench.cli kernels ${DB:+--database $DB} --phase ${KPHASE:-decode} --batch ${KBATCH:-8} --seq-len ${KSEQ:-1024} --json "$OUT/kernels_${KPHASE:-decode}${TAG:-}.json" 2>&1 | tail -40 | tee "$OUT/kernels_${KPHASE:-decode}${TAG:-}.txt" ;;
+      log bench kernels; timeout ${BK_LIMIT:-420} python -m bench.cli kernels ${DB:+--database $DB} --phase ${KPHASE:-decode} --batch ${KBATCH:-8} --seq-len ${KSEQ:-1024} --json "$OUT/kernels_${KPHASE:-decode}${TAG:-}.json" 2>&1 | tail -40 | tee "$OUT/kernels_${KPHASE:-decode}${TAG:-}.txt" ;;
     host-profile)
       # where a graph-mode step's host time goes (scripts/step_profile.py --host), tuned library
       log host-profile; timeout ${HP_LIMIT:-240} python scripts/step_profile.py --host --out "$OUT" --variants tuned ${DB:+--database $DB} --prefill 128,512,1024 --decode 1,8,32 --steps 32 2>&1 | grep -v "^USDT\|Warning" | tail -60 ;;
