@@ -67,9 +67,13 @@ class DecodeConfig:
     groups: int  # token groups per block (threadIdx.y), each with its own softmax state
     tokens: int  # consecutive tokens per group per iteration (same page)
     split: int = 1  # CTAs of a thread block cluster per (sequence, head), each taking every split-th iteration
+    split_below: int = 0  # > 0: split only while batch x heads < split_below (a launch-time choice), else 1 CTA
 
     def label(self) -> str:
-        return f"decode groups={self.groups} tokens={self.tokens}" + (f" split={self.split}" if self.split > 1 else "")
+        text = f"decode groups={self.groups} tokens={self.tokens}"
+        if self.split > 1:
+            text += f" split={self.split}" + (f" below {self.split_below} blocks" if self.split_below else "")
+        return text
 
 
 def _vec_lanes(key) -> tuple[int, int]:
@@ -121,21 +125,26 @@ def is_decode_legal(cfg: DecodeConfig, key, target=None) -> bool:
     return (key.h_q == key.h_kv and key.d % vec == 0 and _pow2(lanes) and lanes <= 32
             and _pow2(cfg.groups) and cfg.tokens in (1, 2, 4, 8, 16)
             and (cfg.split == 1 or (cfg.split in (2, 4, 8) and supports_clusters(target)))
+            and cfg.split_below >= 0 and (cfg.split > 1 or cfg.split_below == 0)
             and cfg.groups * lanes <= threads and decode_shared_bytes(cfg, key) <= smem)
 
 
 #: (groups, tokens) of the split candidates: ``groups * tokens`` of 32-64 tokens per CTA iteration, so a
 #: 256-token context gives every CTA of a 4-way split an iteration or two.
 SPLIT_SHAPES = ((4, 8), (8, 4), (8, 8), (16, 2), (16, 4), (32, 1), (32, 2))
+#: The adaptive split's threshold in (sequence, head) blocks: about the SMs of a Hopper card (132), so
+#: GPT-2 small's 12 heads split up to batch 10 and run one CTA per (sequence, head) from batch 11.
+SPLIT_BELOW = 132
 
 
 def decode_candidates(key, target=None, *, groups: Sequence[int] = (4, 8, 16, 32, 64),
                       tokens: Sequence[int] = (1, 2, 4, 8), splits: Sequence[int] = (2, 4)) -> list:
     """``None`` (TVM's kernel) first, then the template's legal configurations of the grid, then the
-    cluster-split ones (``splits`` x :data:`SPLIT_SHAPES`; sm_90+ only)."""
+    cluster-split ones (``splits`` x :data:`SPLIT_SHAPES`, always and below :data:`SPLIT_BELOW` blocks;
+    sm_90+ only)."""
     one = [c for g in groups for t in tokens if is_decode_legal(c := DecodeConfig(groups=g, tokens=t), key, target)]
-    split = [c for s in splits for g, t in SPLIT_SHAPES
-             if is_decode_legal(c := DecodeConfig(groups=g, tokens=t, split=s), key, target)]
+    split = [c for below in (0, SPLIT_BELOW) for s in splits for g, t in SPLIT_SHAPES
+             if is_decode_legal(c := DecodeConfig(groups=g, tokens=t, split=s, split_below=below), key, target)]
     return [None] + one + split
 
 
@@ -163,17 +172,31 @@ def make_decode_kernel(cfg: DecodeConfig | None, key, target):  # pylint: disabl
 
     H, D, dtype = key.h_q, key.d, key.dtype
     vec, lanes = _vec_lanes(key)
-    G, TT, SPLIT = cfg.groups, cfg.tokens, cfg.split
+    G, TT, SPLIT, BELOW = cfg.groups, cfg.tokens, cfg.split, cfg.split_below
     per_it = G * TT  # tokens per block iteration
     lane_steps = int(math.log2(lanes))
     merge_steps = int(math.log2(G))
     page_size = PAGE_SIZE
     full = T.uint32(0xFFFFFFFF)
 
+    def nsplit(batch):  # CTAs per (sequence, head): an expression of the batch (no let: the host computes the grid)
+        return T.if_then_else(batch * H < BELOW, SPLIT, 1) if BELOW > 0 else SPLIT
+
     def dsmem(ptr, rank):  # one fp32 of cluster CTA ``rank``'s shared memory at ``ptr`` (mapa + ld.shared::cluster)
         return T.cuda.func_call("tvm_dsmem_ld_f32", ptr, T.uint32(rank), source_code=DSMEM_LD_SRC, return_type="float32")
 
     # pylint: disable=invalid-name,unused-variable,too-many-arguments
+    @T.macro
+    def cluster_merge(O_x: T.Buffer, md_x: T.Buffer, o_loc: T.Buffer, st: T.Buffer, tx: T.int32, r: T.int32):
+        # fold cluster CTA r's (o, max, sum), read through distributed shared memory, into this CTA's
+        st[2] = T.max(st[0], dsmem(md_x.access_ptr("r", offset=0), r))
+        st[3] = T.exp2(st[0] - st[2])
+        st[4] = T.exp2(dsmem(md_x.access_ptr("r", offset=0), r) - st[2])
+        st[1] = st[1] * st[3] + dsmem(md_x.access_ptr("r", offset=1), r) * st[4]
+        st[0] = st[2]
+        for i in T.unroll(vec):
+            o_loc[i] = o_loc[i] * st[3] + dsmem(O_x.access_ptr("r", offset=tx * vec + i), r) * st[4]
+
     @T.macro
     def merge_step(O_src: T.Buffer, md_src: T.Buffer, O_dst: T.Buffer, md_dst: T.Buffer, o_loc: T.Buffer,
                    st: T.Buffer, ty: T.int32, tx: T.int32, stride: T.int32):
@@ -198,7 +221,7 @@ def make_decode_kernel(cfg: DecodeConfig | None, key, target):  # pylint: disabl
 
     @T.macro
     def attn_block(Q, pages_v, page_table_indptr, page_table_values, length_info, output, lse, sm_scale,
-                   bx, by, cz, ty, tx):
+                   bx, by, cz, ns, ty, tx):
         # one CTA's work: (sequence bx, head by), cluster rank cz (0 without a split), group ty, lane tx
         with T.sblock("attn"):
             T.reads()
@@ -227,9 +250,9 @@ def make_decode_kernel(cfg: DecodeConfig | None, key, target):  # pylint: disabl
             st[1] = T.float32(0)
             for i in T.unroll(vec):
                 o_loc[i] = T.float32(0)
-            # (with a split, CTA cz of the cluster takes iterations cz, cz + SPLIT, ...)
-            for it in T.serial(T.ceildiv(T.ceildiv(kv_len, per_it), SPLIT)):
-                tok0: T.let[T.int32] = (it * SPLIT + cz) * per_it + ty * TT
+            # (with a split of ns CTAs, CTA cz of the cluster takes iterations cz, cz + ns, ...)
+            for it in T.serial(T.ceildiv(T.ceildiv(kv_len, per_it), ns)):
+                tok0: T.let[T.int32] = (it * ns + cz) * per_it + ty * TT
                 page_no: T.let[T.int32] = T.if_then_else(
                     tok0 < kv_len, page_table_values[page_begin + tok0 // page_size], 0)
                 # all loads of the iteration first (the page's tail past the context: zeros)
@@ -298,14 +321,12 @@ def make_decode_kernel(cfg: DecodeConfig | None, key, target):  # pylint: disabl
                         md_x[1] = st[1]
                 T.cuda.cluster_sync()
                 if cz == 0 and ty == 0:
-                    for r in T.unroll(1, SPLIT):
-                        st[2] = T.max(st[0], dsmem(md_x.access_ptr("r", offset=0), r))
-                        st[3] = T.exp2(st[0] - st[2])
-                        st[4] = T.exp2(dsmem(md_x.access_ptr("r", offset=0), r) - st[2])
-                        st[1] = st[1] * st[3] + dsmem(md_x.access_ptr("r", offset=1), r) * st[4]
-                        st[0] = st[2]
-                        for i in T.unroll(vec):
-                            o_loc[i] = o_loc[i] * st[3] + dsmem(O_x.access_ptr("r", offset=tx * vec + i), r) * st[4]
+                    if BELOW > 0:  # ns is 1 or SPLIT, known at launch
+                        for r in T.serial(1, ns):
+                            cluster_merge(O_x, md_x, o_loc, st, tx, r)
+                    else:
+                        for r in T.unroll(1, SPLIT):
+                            cluster_merge(O_x, md_x, o_loc, st, tx, r)
                 T.cuda.cluster_sync()
             if ty == 0 and cz == 0:
                 for i in T.unroll(vec):
@@ -364,15 +385,16 @@ def make_decode_kernel(cfg: DecodeConfig | None, key, target):  # pylint: disabl
                     for ty in T.thread_binding(G, thread="threadIdx.y"):
                         for tx in T.thread_binding(lanes, thread="threadIdx.x"):
                             attn_block(Q, pages_v, page_table_indptr, page_table_values, length_info, output, lse,
-                                       sm_scale, bx, by, T.int32(0), ty, tx)
-        else:  # a cluster of SPLIT consecutive CTAs along x per (sequence, head)
-            for bxc in T.thread_binding(B * SPLIT, thread="blockIdx.x"):
+                                       sm_scale, bx, by, T.int32(0), 1, ty, tx)
+        else:  # a cluster of ns consecutive CTAs along x per (sequence, head); ns = SPLIT, or with
+            # split_below 1 from batch x heads >= BELOW (the launch's cluster size, from B at run time)
+            for bxc in T.thread_binding(B * nsplit(B), thread="blockIdx.x"):
                 for by in T.thread_binding(H, thread="blockIdx.y"):
-                    for cz in T.thread_binding(SPLIT, thread="clusterCtaIdx.x"):
+                    for cz in T.thread_binding(nsplit(B), thread="clusterCtaIdx.x"):
                         for ty in T.thread_binding(G, thread="threadIdx.y"):
                             for tx in T.thread_binding(lanes, thread="threadIdx.x"):
                                 attn_block(Q, pages_v, page_table_indptr, page_table_values, length_info, output, lse,
-                                           sm_scale, bxc // SPLIT, by, cz, ty, tx)
+                                           sm_scale, bxc // nsplit(B), by, cz, nsplit(B), ty, tx)
 
     return batch_decode_paged_kv
 

@@ -56,7 +56,9 @@ def test_candidates_and_legality(sm90):
     cands = D.decode_candidates(GPT2, sm90)
     one = [c for c in cands[1:] if c.split == 1]
     split = [c for c in cands[1:] if c.split > 1]
-    assert cands[0] is None and len(one) == 5 * 4 and len(split) == 2 * len(D.SPLIT_SHAPES)
+    assert cands[0] is None and len(one) == 5 * 4 and len(split) == 2 * 2 * len(D.SPLIT_SHAPES)
+    assert {c.split_below for c in split} == {0, D.SPLIT_BELOW} and "below 132 blocks" in split[-1].label()
+    assert not D.is_decode_legal(D.DecodeConfig(16, 4, 1, 132), GPT2, sm90)  # a threshold without a split
     assert all(D.is_decode_legal(c, GPT2, sm90) for c in cands[1:])
     assert {c.groups for c in one} == {4, 8, 16, 32, 64} and {c.tokens for c in one} == {1, 2, 4, 8}
     assert {c.split for c in split} == {2, 4} and "split=4" in split[-1].label() and "split" not in one[0].label()
@@ -105,9 +107,11 @@ def test_every_candidate_lowers_for_sm90(sm90):
         assert "rotary_mode must be 0" in host.script() and "8-byte aligned" in host.script()
         # a split runs as a cluster (the launch's clusterCtaIdx tag) merged through distributed shared memory
         assert ("clusterCtaIdx.x" in text and "tvm_dsmem_ld_f32" in text) == (cfg.split > 1), cfg
+        # the adaptive split: the host sizes the grid and the cluster from the batch (12 heads: split below 11)
+        assert ("T.if_then_else(B < 11, 4, 1)" in host.script()) == (cfg.split == 4 and cfg.split_below == 132), cfg
 
 
-@pytest.mark.slow  # nvcc builds of the 34 candidates (~2-5 min on a loaded 2-core machine)
+@pytest.mark.slow  # nvcc builds of the 48 candidates (~2-5 min on a loaded 2-core machine)
 def test_every_candidate_builds_for_cuda(sm90):
     from tuning.attention import _build_all
 
