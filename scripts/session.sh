@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Steps run on the GPU machine (device tool), each with its own time limit; results under $OUT.
 #   bash scripts/session.sh STEP [STEP ...]
-# Steps: libs env prebuild-pdl prebuild-untuned prebuild-new wait attn-fa host-profile rpc-gpu gputests gputests-extra gputests-new gputests-graph gputests-norm decode-check mma-check peer-diag bench-decode bench-prefill bench-kernels tune restore profile ncu hidden-host wgmma-check wgmma-model
+# Steps: libs env prebuild-pdl prebuild-untuned prebuild-new wait decode-attn attn-fa host-profile rpc-gpu gputests gputests-extra gputests-new gputests-graph gputests-norm decode-check mma-check peer-diag bench-decode bench-prefill bench-kernels tune restore profile ncu hidden-host wgmma-check wgmma-model
 # (settings through environment variables)
 # Plan a session's device time (30 min, start-ups included; lessons of 2026-12-02):
 #  - build the TVM libraries here first, after the last code change (the cache key hashes the
@@ -104,6 +104,9 @@ for step in "$@"; do
       log wait ${WAIT_FOR:=pdl nopdl}; for i in $(seq 1 ${WAIT_S:-300}); do
         all=1; for m in $WAIT_FOR; do [ -f /root/keep/prebuild.$m.done ] || all=0; done; [ $all = 1 ] && break; sleep 1; done
       cat /root/keep/prebuild.*.done 2>/dev/null; cp /root/keep/prebuild_*.log "$OUT"/ 2>/dev/null; log waited ;;
+    decode-attn)
+      # the decode attention template's candidates (split ones included) vs TVM's kernel (scripts/decode_attn_check.py)
+      log decode-attn; timeout ${DA_LIMIT:-200} python scripts/decode_attn_check.py --out "$OUT" 2>&1 | grep -v Warning | tail -${DA_TAIL:-25} ;;
     attn-fa)
       # the wgmma flash-attention prefill candidates vs the stored tc kernel and torch SDPA (scripts/attn_fa_check.py)
       log attn-fa; timeout ${AF_LIMIT:-200} python scripts/attn_fa_check.py --out "$OUT" 2>&1 | grep -v Warning | tail -30 ;;
