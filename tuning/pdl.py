@@ -21,11 +21,12 @@ the previous kernel instead of following it.
 
 Kernels that are not launched after another kernel (the first of a stream, after a copy) wait on
 nothing: ``griddepcontrol.wait`` returns at once without a programmatic predecessor. Builds for
-CPUs and for CUDA archs below sm_90 never get the pass (:func:`supports_pdl`). It is off by default
-until it has been measured on a card (a decode step's whole-step CUDA graph holds TVM's own graphs as
-child graphs: whether their programmatic edges capture there is unverified; a capture that fails only
-costs the whole-step graph, see :mod:`gpt2_model.cuda_graph`): ``GPT2K_PDL=1`` turns it on for a
-build (:func:`pdl_enabled`).
+CPUs and for CUDA archs below sm_90 never get the pass (:func:`supports_pdl`). It is off by default:
+measured on an H100 (2026-12-07, ``bench/results/2026-12-07-h100-c``) the whole-step graphs captured
+with it and gave HF's logits, but the decode step was 1% / 22% / 26% slower at b1 / b8 / b32 (on the
+graph replayed alone too) and the prefill graph 6% slower at 128 tokens, 4-6% faster at 512 / 1024.
+A likely cause: with the trigger at the top, the dependent grid's blocks occupy SM slots while they
+spin in ``griddepcontrol.wait``. ``GPT2K_PDL=1`` turns it on for a build (:func:`pdl_enabled`).
 """
 
 from __future__ import annotations
