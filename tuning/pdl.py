@@ -25,8 +25,8 @@ CPUs and for CUDA archs below sm_90 never get the pass (:func:`supports_pdl`). I
 measured on an H100 (2026-12-07, ``bench/results/2026-12-07-h100-c``) the whole-step graphs captured
 with it and gave HF's logits, but the decode step was 1% / 22% / 26% slower at b1 / b8 / b32 (on the
 graph replayed alone too) and the prefill graph 6% slower at 128 tokens, 4-6% faster at 512 / 1024.
-A likely cause: with the trigger at the top, the dependent grid's blocks occupy SM slots while they
-spin in ``griddepcontrol.wait``. ``GPT2K_PDL=1`` turns it on for a build (:func:`pdl_enabled`).
+Why is not known yet (to look at: the early-launched blocks that wait in ``griddepcontrol.wait``
+beside the running grid, and the trigger's place). ``GPT2K_PDL=1`` turns it on for a build (:func:`pdl_enabled`).
 """
 
 from __future__ import annotations
