@@ -58,7 +58,7 @@ class StepAnatomy:
     def _time(self, lib, args, task) -> float:
         """Microseconds per call of one compiled kernel."""
         from .kernels import time_kernel
-        from .peers import cuda_graph_us
+        from tuning.graph_timer import cuda_graph_us
 
         s = self.s
         if self.method == "cuda-graph replay":

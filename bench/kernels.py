@@ -236,7 +236,7 @@ def _graph_or_note(lib, args, device_name: str, repeats: int, row: dict) -> list
     if not device_name.startswith("cuda"):
         return None
     try:
-        from .peers import cuda_graph_us
+        from tuning.graph_timer import cuda_graph_us
 
         fn = lib["main"]
         return cuda_graph_us(lambda: fn(*args), device=device_name, repeats=repeats, tvm_stream=True)
@@ -294,7 +294,9 @@ def attention_row(s, *, bucket: int, attention: dict | None, repeats: int, log) 
         return None
     from tuning.attention import attention_key, make_prefill_kernel, ragged_prefill_args, reference_causal_attention
 
-    from .peers import cuda_graph_us, sdpa_us
+    from tuning.graph_timer import cuda_graph_us
+
+    from .peers import sdpa_us
 
     cfg, n = s.config, bucket
     key = attention_key(cfg, s.dtype)

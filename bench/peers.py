@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 from gpt2_model.loader import CONV1D_SUFFIXES as _CONV1D_SUFFIXES  # noqa: E402  (one definition of the Conv1D weights)
+from tuning.graph_timer import cuda_graph_us  # noqa: E402
 
 
 def torch_available() -> bool:
@@ -371,44 +372,3 @@ def sdpa_us(*, batch: int, heads: int, seq_len: int, head_dim: int, dtype: str, 
     return cuda_graph_us(f, device=device, repeats=repeats)
 
 
-def cuda_graph_us(f, *, device: str, repeats: int = 20, warmup: int = 5, iters: int = 20,
-                  tvm_stream: bool = False) -> list[float]:
-    """Microseconds per call of ``f`` from CUDA-graph replays: ``iters`` back-to-back calls are
-    captured in one graph, and each of ``repeats`` replays is timed with events.
-
-    With ``tvm_stream`` the calls are TVM functions: TVM is pointed at torch's capture stream
-    (``tvm_ffi.use_torch_stream``), so its kernel launches land in the graph. This is how TVM
-    kernels and cuBLAS are compared on equal terms (no host launch cost in either).
-    """
-    import torch
-
-    def ctx(c):
-        if not tvm_stream:
-            return c
-        import tvm_ffi
-
-        return tvm_ffi.use_torch_stream(c)
-
-    stream = torch.cuda.Stream(device=device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with ctx(torch.cuda.stream(stream)):  # warm up (handles, workspaces) outside the capture
-        for _ in range(warmup):
-            f()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    with ctx(torch.cuda.graph(graph)):
-        for _ in range(iters):
-            f()
-    graph.replay()
-    torch.cuda.synchronize(device)
-    out = []
-    for _ in range(repeats):
-        s = torch.cuda.Event(enable_timing=True)
-        e = torch.cuda.Event(enable_timing=True)
-        s.record()
-        graph.replay()
-        e.record()
-        e.synchronize()
-        out.append(s.elapsed_time(e) * 1e3 / iters)
-    return out

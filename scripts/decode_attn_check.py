@@ -10,9 +10,9 @@ others down):
   slots hold NaN: every timed case plus a mixed batch (1, 16, 17, 255, 0, 129, 300 tokens);
   passes when output error / max |reference| <= 2e-3 (fp16 output rounding alone is 4.9e-4)
   and |lse error| <= 2e-3 (base 2), everything finite;
-* times each kernel at batches 1, 8, 32 with 256 and 129 tokens of context per sequence with
-  ``time_evaluator`` (number=50, repeat=5, median; no CUDA graph; the inputs stay L2-resident
-  between calls, for TVM's kernel as for the candidates).
+* times each kernel at batches 1, 8, 32 with 256 and 129 tokens of context per sequence from
+  CUDA-graph replays of 20 back-to-back calls (median of 5; ``time_evaluator``, launch included,
+  without torch; the inputs stay L2-resident between calls, for TVM's kernel as for the candidates).
 
 Prints a table of µs per call, the best candidate (geometric mean over the timed cases, among
 those that pass the check) and its speedup over TVM's kernel, and writes
@@ -61,7 +61,7 @@ def run_child(specs: list) -> None:
     """In a child: load each built kernel, check it on every case and time the timed ones."""
     import tvm  # pylint: disable=import-outside-toplevel
 
-    from tuning.attention_decode import measure_paged_decode  # pylint: disable=import-outside-toplevel
+    from tuning.attention_decode_tune import measure_paged_decode  # pylint: disable=import-outside-toplevel
 
     dev = tvm.cuda(0)
     cases, timed = _cases()

@@ -46,8 +46,8 @@ import numpy as np
 from gpt2_model.wgmma_gemm import DSMEM_LD_SRC
 
 __all__ = ["DECODE_KERNEL", "DECODE_LSE_ATOL", "DECODE_OUT_RTOL", "MIXED_CASE", "PAGE_SIZE", "DecodeConfig",
-           "DecodeError", "DecodeInputs", "decode_candidates", "decode_case_name", "decode_cases", "decode_errors",
-           "decode_scalars", "decode_shared_bytes", "is_decode_legal", "make_decode_kernel", "measure_paged_decode",
+           "DecodeError", "DecodeInputs", "decode_candidates", "decode_case_name", "decode_cases",
+           "decode_scalars", "decode_shared_bytes", "is_decode_legal", "make_decode_kernel",
            "paged_decode_args", "reference_paged_decode"]
 
 DECODE_KERNEL = "batch_decode_paged_kv"
@@ -519,47 +519,3 @@ def decode_cases(batches: Sequence[int], contexts: Sequence[int]) -> dict[str, l
 
 #: Checked, not timed: 1 token, a full page, one token into a page, a page minus one, no pages, long.
 MIXED_CASE = {"mixed": [1, 16, 17, 255, 0, 129, 300]}
-
-
-def decode_errors(inp: DecodeInputs, ref: tuple, args=None) -> tuple[float, float]:
-    """(output error relative to max |reference|, base-2 lse absolute error) of a kernel's results in
-    ``args`` (default ``inp.args``); NaN anywhere is an infinite error."""
-    args = inp.args if args is None else args
-    out, lse = args[7].numpy().astype(np.float32), args[8].numpy()
-    if not (np.isfinite(out).all() and np.isfinite(lse).all()):
-        return float("inf"), float("inf")
-    scale = max(float(np.abs(ref[0]).max()), 1e-6)
-    return float(np.abs(out - ref[0]).max()) / scale, float(np.abs(lse - ref[1]).max())
-
-
-def measure_paged_decode(lib, key, cases: dict, *, device, number: int = 50, repeat: int = 5,
-                         timed: Sequence[str] | None = None, cache: dict | None = None) -> dict:
-    """Check a built ``batch_decode_paged_kv`` (``lib["main"]``) on every case and time the ``timed`` ones.
-
-    ``cases`` maps a name to the sequences' context lengths; ``cache`` keeps the inputs on the device
-    and their NumPy references across kernels (same seeded inputs for every kernel). The result
-    has ``us`` (median µs per call of ``time_evaluator`` over ``repeat`` runs of ``number`` calls;
-    no CUDA graph), ``errors`` per case (output rel err, lse abs err), ``out_err``/``lse_err`` (max)
-    and ``ok`` (within :data:`DECODE_OUT_RTOL` / :data:`DECODE_LSE_ATOL`).
-    """
-    fn = lib["main"]
-    cache = {} if cache is None else cache
-    timed = list(cases) if timed is None else list(timed)
-    res = {"us": {}, "errors": {}}
-    for i, (name, lens) in enumerate(cases.items()):
-        if name not in cache:
-            inp = paged_decode_args(key, lens, device=device, seed=i)
-            cache[name] = (inp, inp.reference())
-        inp, ref = cache[name]
-        inp.args[7].copyfrom(np.full(inp.q.shape, np.nan, key.dtype))  # a kernel that writes nothing fails
-        inp.args[8].copyfrom(np.full(inp.q.shape[:2], np.nan, np.float32))
-        fn(*inp.args, *inp.scalars)
-        device.sync()
-        res["errors"][name] = decode_errors(inp, ref)
-        if name in timed:
-            te = lib.time_evaluator("main", device, number=number, repeat=repeat)
-            res["us"][name] = float(np.median(te(*inp.args, *inp.scalars).results) * 1e6)
-    res["out_err"] = max(e[0] for e in res["errors"].values())
-    res["lse_err"] = max(e[1] for e in res["errors"].values())
-    res["ok"] = res["out_err"] <= DECODE_OUT_RTOL.get(key.dtype, 2e-3) and res["lse_err"] <= DECODE_LSE_ATOL
-    return res

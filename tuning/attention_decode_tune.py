@@ -14,14 +14,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+
 from .attention import (ATTENTION_FILE, MAX_REGRESSION, AttentionError, _build_all, _score, _write_entry,
                         attention_key)
 from .attention_decode import (DECODE_KERNEL, DECODE_LSE_ATOL, DECODE_OUT_RTOL, MIXED_CASE, DecodeConfig, DecodeError,
-                               decode_candidates, decode_cases, make_decode_kernel, measure_paged_decode)
+                               DecodeInputs, decode_candidates, decode_cases, make_decode_kernel, paged_decode_args)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DECODE_CONTEXTS", "tune_decode_attention"]
+__all__ = ["DECODE_CONTEXTS", "decode_errors", "measure_paged_decode", "tune_decode_attention"]
 
 #: Context lengths (tokens per sequence) the decode search times at each decode batch.
 DECODE_CONTEXTS = (256, 129)
@@ -35,7 +37,8 @@ def tune_decode_attention(config, *, dtype: str, target, out_dir: str | os.PathL
     Every candidate (default :func:`tuning.attention_decode.decode_candidates`; TVM's kernel is always
     measured) is built in parallel, checked against the NumPy reference on NaN-poisoned paged inputs
     (every timed case and a mixed batch; ``DECODE_OUT_RTOL`` / ``DECODE_LSE_ATOL``) and timed at each
-    batch x context (``time_evaluator``, 50 calls x 5). Objective: the geometric mean over the cases
+    batch x context (CUDA-graph replays where torch with CUDA is here, else ``time_evaluator``, 50 calls x
+    5: :func:`measure_paged_decode`). Objective: the geometric mean over the cases
     of time / TVM's time, no case more than :data:`MAX_REGRESSION` slower.
 
     The best candidate is written to ``attention.json`` (``"kernel": "batch_decode_paged_kv"``,
@@ -120,8 +123,60 @@ def tune_decode_attention(config, *, dtype: str, target, out_dir: str | os.PathL
                       "out_err": r["out_err"], "lse_err": r["lse_err"]} for r in results],
     }
     _write_entry(Path(out_dir), entry, device=device, tuning_s=time.time() - t0)
-    per = ", ".join(f"{n}: {base['us'][n]:.2f}->{best['us'][n]:.2f} us" for n in timed)
+    per = ", ".join(f"{n}: {base['us'][n]:.2f}->{best['us'][n]:.2f} us" for n in timed) + f", {base.get('timer')}"
     log(f"attention: best decode {DecodeConfig(**best['config']).label()} ({per}; geomean {1 / best['score']:.2f}x "
         f"over TVM's; {rejected} rejected by the NumPy check) in {time.time() - t0:.0f} s -> "
         f"{Path(out_dir) / ATTENTION_FILE}")
     return {"entry": entry, "results": results, "default": base}
+
+
+def decode_errors(inp: DecodeInputs, ref: tuple, args=None) -> tuple[float, float]:
+    """(output error relative to max |reference|, base-2 lse absolute error) of a kernel's results in
+    ``args`` (default ``inp.args``); NaN anywhere is an infinite error."""
+    args = inp.args if args is None else args
+    out, lse = args[7].numpy().astype(np.float32), args[8].numpy()
+    if not (np.isfinite(out).all() and np.isfinite(lse).all()):
+        return float("inf"), float("inf")
+    scale = max(float(np.abs(ref[0]).max()), 1e-6)
+    return float(np.abs(out - ref[0]).max()) / scale, float(np.abs(lse - ref[1]).max())
+
+
+def measure_paged_decode(lib, key, cases: dict, *, device, number: int = 50, repeat: int = 5,
+                         timed: Sequence[str] | None = None, cache: dict | None = None,
+                         timer: str = "auto") -> dict:
+    """Check a built ``batch_decode_paged_kv`` (``lib["main"]``) on every case and time the ``timed`` ones.
+
+    ``cases`` maps a name to the sequences' context lengths; ``cache`` keeps the inputs on the device
+    and their NumPy references across kernels (same seeded inputs for every kernel). The result
+    has ``us`` (median µs per call), ``timer`` (how: ``"cuda-graph"``, replays of 20 back-to-back calls
+    captured in one graph, :mod:`tuning.graph_timer`, or ``"time_evaluator"``, ``repeat`` runs of
+    ``number`` calls, launch included), ``errors`` per case (output rel err, lse abs err),
+    ``out_err``/``lse_err`` (max) and ``ok`` (within :data:`DECODE_OUT_RTOL` / :data:`DECODE_LSE_ATOL`).
+    ``timer="auto"`` (:func:`tuning.graph_timer.resolve_timer`): the CUDA graph where torch with CUDA is
+    importable (``time_evaluator``'s launch floor, ~4-5 µs on an H100, hides the differences between
+    these kernels), else ``time_evaluator``.
+    """
+    from .graph_timer import kernel_us, resolve_timer  # pylint: disable=import-outside-toplevel
+
+    timer = resolve_timer(timer, device)
+    fn = lib["main"]
+    cache = {} if cache is None else cache
+    timed = list(cases) if timed is None else list(timed)
+    res = {"us": {}, "errors": {}, "timer": timer}
+    for i, (name, lens) in enumerate(cases.items()):
+        if name not in cache:
+            inp = paged_decode_args(key, lens, device=device, seed=i)
+            cache[name] = (inp, inp.reference())
+        inp, ref = cache[name]
+        inp.args[7].copyfrom(np.full(inp.q.shape, np.nan, key.dtype))  # a kernel that writes nothing fails
+        inp.args[8].copyfrom(np.full(inp.q.shape[:2], np.nan, np.float32))
+        fn(*inp.args, *inp.scalars)
+        device.sync()
+        res["errors"][name] = decode_errors(inp, ref)
+        if name in timed:
+            res["us"][name] = kernel_us(lib, [*inp.args, *inp.scalars], device=device, number=number,
+                                        repeat=repeat, timer=timer)[0]
+    res["out_err"] = max(e[0] for e in res["errors"].values())
+    res["lse_err"] = max(e[1] for e in res["errors"].values())
+    res["ok"] = res["out_err"] <= DECODE_OUT_RTOL.get(key.dtype, 2e-3) and res["lse_err"] <= DECODE_LSE_ATOL
+    return res

@@ -11,6 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .graph_timer import kernel_us
+
 __all__ = ["BATCH_CASE", "abs_error", "measure_ragged_prefill", "ragged_batch_args", "ragged_prefill_args",
            "reference_causal_attention", "reference_causal_lse", "prefill_scalars"]
 
@@ -126,8 +128,7 @@ def measure_ragged_prefill(lib, key, lengths: Sequence[int], *, device, number: 
         if n not in refs:
             refs[n] = reference_causal_attention(q, k, v, sm_scale), reference_causal_lse(q, k, sm_scale)
         err = max(err, abs_error(args[7].numpy(), refs[n][0]), abs_error(args[8].numpy(), refs[n][1]))
-        te = lib.time_evaluator("main", device, number=number, repeat=repeat)
-        res = te(*args, *prefill_scalars(sm_scale))
-        times[int(n)] = float(np.median(res.results) * 1e6)
+        times[int(n)] = kernel_us(lib, [*args, *prefill_scalars(sm_scale)], device=device, number=number,
+                                  repeat=repeat)[0]
     err = max(err, _batch_error(fn, key, device=device, refs=refs))
     return times, err

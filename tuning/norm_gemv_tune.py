@@ -33,6 +33,7 @@ from gpt2_model.norm_gemv import (NormGemvConfig, NormGemvError, NormGemvKey, No
 
 from .attention import AttentionError, _build_all
 from .dbfiles import NORM_GEMV_FILE, read_json
+from .graph_timer import kernel_us
 from .targets import is_gpu
 
 __all__ = ["NORM_GEMV_SCHEMA", "merge_winners", "norm_gemv_keys", "norm_gemv_plan_for", "parse_entry", "read_norm_gemv_plan", "reference_norm_gemv", "tune_norm_gemv"]
@@ -118,8 +119,7 @@ def check_and_time(lib, inputs: list, ref: np.ndarray, *, device, number: int, r
     err = float(np.max(np.abs(got - want) - rtol * np.abs(want))) if got.size else 0.0
     res = {"ok": bool(np.all(np.isfinite(got))) and err <= atol, "excess_err": err}
     if res["ok"]:
-        te = lib.time_evaluator("main", device, number=number, repeat=repeat)
-        res["us"] = float(np.median(te(*args, out).results) * 1e6)
+        res["us"] = kernel_us(lib, [*args, out], device=device, number=number, repeat=repeat)[0]
     return res
 
 
@@ -177,8 +177,7 @@ def _time_kernel(lib, func, *, device, number: int, repeat: int) -> float:
     from .verify import _random_args  # pylint: disable=import-outside-toplevel
 
     args = [tvm.runtime.tensor(a, device) for a in _random_args(func, np.random.default_rng(0))]
-    te = lib.time_evaluator("main", device, number=number, repeat=repeat)
-    return float(np.median(te(*args).results) * 1e6)
+    return kernel_us(lib, args, device=device, number=number, repeat=repeat)[0]
 
 
 def tune_norm_gemv(config, *, dtype: str, target, out_dir: str | os.PathLike, batches: Sequence[int],

@@ -10,6 +10,7 @@ import tvm
 import tvm_ffi
 
 from tuning import attention_decode as D
+from tuning import attention_decode_tune as DT
 from tuning.attention import AttentionKey
 from tuning.targets import make_target
 
@@ -191,15 +192,15 @@ def test_reference_and_measuring_agree_with_tvms_cpu_decode_kernel():
     func = _attention_decode_cpu(key.h_kv, key.h_q, key.d, key.dtype, False, {})
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target="llvm").mod
     cases = {**D.decode_cases([3], [129]), "mixed": [1, 16, 17, 40, 129]}
-    res = D.measure_paged_decode(lib, key, cases, device=tvm.cpu(), number=1, repeat=1, timed=["b3_ctx129"])
+    res = DT.measure_paged_decode(lib, key, cases, device=tvm.cpu(), number=1, repeat=1, timed=["b3_ctx129"])
     assert res["ok"], res
     assert res["out_err"] < 1e-5 and res["lse_err"] < 1e-4 and set(res["us"]) == {"b3_ctx129"}
     # the same inputs with the scale off: the check fails
     cache = {}
-    D.measure_paged_decode(lib, key, cases, device=tvm.cpu(), timed=[], cache=cache)
+    DT.measure_paged_decode(lib, key, cases, device=tvm.cpu(), timed=[], cache=cache)
     inp, ref = cache["mixed"]
     lib["main"](*inp.args, 0, 1.0, 10000.0, inp.sm_scale * 1.01)
-    assert D.decode_errors(inp, ref)[1] > 1e-3
+    assert DT.decode_errors(inp, ref)[1] > 1e-3
 
 
 # ------------------------------------------------------------------------------------------------
@@ -332,3 +333,27 @@ def test_tune_decode_attention_needs_a_local_gpu(tmp_path, sm90):
         tune_decode_attention(GPT2Config(vocab_size=101, n_positions=64, n_embd=128, n_layer=1, n_head=2),
                                 dtype="float16", target=sm90, out_dir=tmp_path, batches=[1])
     assert not (tmp_path / A.ATTENTION_FILE).exists()
+
+
+def test_measurement_timer_choice(monkeypatch):
+    """The decode attention search times with CUDA graphs only where torch has CUDA (never here: the
+    CPU test machine), else with ``time_evaluator``; an unknown timer is one clear error before anything runs."""
+    from tuning.graph_timer import TIMER_ENV, graph_timer_available, resolve_timer
+
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    assert graph_timer_available() == has_cuda
+    assert resolve_timer("auto", tvm.cuda(0)) == ("cuda-graph" if has_cuda else "time_evaluator")
+    assert resolve_timer("cuda-graph", tvm.cpu()) == "time_evaluator"  # a CPU kernel has no CUDA graph
+    with pytest.raises(ValueError, match="timer 'events': the timer must be one of auto, cuda-graph, time_evaluator"):
+        DT.measure_paged_decode(None, GPT2, {}, device=None, timer="events")
+    # the environment chooses for ``auto`` (GPT2K_SEARCH_TIMER), and a bad value is one clear error too
+    monkeypatch.setenv(TIMER_ENV, "time_evaluator")
+    assert resolve_timer("auto", tvm.cuda(0)) == "time_evaluator"
+    monkeypatch.setenv(TIMER_ENV, "wall")
+    with pytest.raises(ValueError, match="GPT2K_SEARCH_TIMER='wall'"):
+        resolve_timer("auto", tvm.cuda(0))
