@@ -45,6 +45,8 @@ import numpy as np
 
 from gpt2_model.wgmma_gemm import DSMEM_LD_SRC
 
+from .targets import cuda_sm_at_least
+
 __all__ = ["DECODE_KERNEL", "DECODE_LSE_ATOL", "DECODE_OUT_RTOL", "MIXED_CASE", "PAGE_SIZE", "DecodeConfig",
            "DecodeError", "DecodeInputs", "decode_candidates", "decode_case_name", "decode_cases",
            "decode_scalars", "decode_shared_bytes", "is_decode_legal", "make_decode_kernel",
@@ -91,11 +93,7 @@ def decode_shared_bytes(cfg: DecodeConfig, key) -> int:
 
 def supports_clusters(target) -> bool:
     """Whether ``target`` is a CUDA arch with thread block clusters and distributed shared memory (sm_90+)."""
-    if target is None or target.kind.name != "cuda":
-        return False
-    arch = str(target.attrs.get("arch", ""))
-    digits = "".join(ch for ch in arch.removeprefix("sm_") if ch.isdigit())
-    return bool(digits) and int(digits) >= 90
+    return cuda_sm_at_least(target, 90)
 
 
 def _limits(target) -> tuple[int, int]:

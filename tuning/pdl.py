@@ -36,6 +36,8 @@ import os
 import tvm
 from tvm import tirx
 
+from .targets import cuda_sm_at_least
+
 __all__ = ["DYN_SMEM_TAG", "PDL_ENV", "PDL_TAG", "add_pdl", "pdl_enabled", "pdl_pipeline", "supports_pdl"]
 
 #: TVM's launch-parameter tag for PDL (the runtime's spelling, ``programtic``).
@@ -50,11 +52,7 @@ _DEVICE_KERNEL_LAUNCH = 2
 
 def supports_pdl(target) -> bool:
     """Whether ``target`` is a CUDA arch with programmatic dependent launch (sm_90 and later)."""
-    if target is None or target.kind.name != "cuda":
-        return False
-    arch = str(target.attrs.get("arch", ""))
-    digits = "".join(ch for ch in arch.removeprefix("sm_") if ch.isdigit())
-    return bool(digits) and int(digits) >= 90
+    return cuda_sm_at_least(target, 90)
 
 
 def pdl_enabled(target) -> bool:

@@ -143,6 +143,16 @@ def is_gpu(target: Target) -> bool:
     return target.kind.name in ("cuda", "rocm", "metal", "vulkan", "opencl")
 
 
+def cuda_sm_at_least(target, version: int) -> bool:
+    """Whether ``target`` is CUDA with an ``sm_XY`` arch of at least ``version`` (90: Hopper; ``sm_90a``
+    counts as 90). None or another kind: False."""
+    if target is None or target.kind.name != "cuda":
+        return False
+    arch = str(target.attrs.get("arch", ""))
+    digits = "".join(ch for ch in arch.removeprefix("sm_") if ch.isdigit())
+    return bool(digits) and int(digits) >= version
+
+
 def arch_of(target: Target | dict) -> str:
     """Architecture name of a target: its ``arch`` (e.g. ``sm_90``) for CUDA, ``cpu`` for LLVM.
 
