@@ -132,8 +132,9 @@ def library_key(*, config, quantization: str, target, database_hash: str | None,
     (key, parts)
         ``key`` is a 24-hex-digit SHA-256 prefix, ``parts`` the JSON-ready inputs hashed.
     """
-    from tuning.pdl import pdl_enabled  # pylint: disable=import-outside-toplevel
+    from tuning.pdl import pdl_mode  # pylint: disable=import-outside-toplevel
 
+    pdl = pdl_mode(target)
     parts = {
         "format": _CACHE_FORMAT,
         "config": config.to_dict(),
@@ -142,7 +143,8 @@ def library_key(*, config, quantization: str, target, database_hash: str | None,
         "database_hash": database_hash,
         "tvm": _tvm_version(),
         "cuda_graph": bool(cuda_graph),
-        "pdl": pdl_enabled(target),  # GPT2K_PDL=1 (tuning.pdl): another library
+        # GPT2K_PDL (tuning.pdl): another library (off False and "1" True, as keyed since 2026-12-07)
+        "pdl": {None: False, "trigger": True}.get(pdl, pdl),
         "code": code_hash if code_hash is not None else source_hash(),
     }
     blob = json.dumps(parts, sort_keys=True, default=str).encode()

@@ -21,7 +21,7 @@ from .database import DatabaseMismatchError, TunedDatabase
 from .partition import attach_twins, buckets_for, tasks_of
 from .norm_gemv_tune import norm_gemv_plan_for
 from .wgmma_tune import gemm_plan_for
-from .pdl import pdl_enabled, pdl_pipeline
+from .pdl import pdl_mode, pdl_pipeline
 from .pipeline import lowering_passes, prepare
 from .targets import arch_of, is_gpu
 from .untuned import apply_dlight
@@ -47,8 +47,9 @@ def build_module(
     if has_wgmma_kernels(scheduled):
         install_compile_hook()
         tir_pipeline = register_mixed_pipeline()
-    if pdl_enabled(target):  # GPT2K_PDL=1, sm_90+: every kernel with programmatic dependent launch (tuning.pdl)
-        tir_pipeline = pdl_pipeline(tir_pipeline)
+    mode = pdl_mode(target)  # GPT2K_PDL=1 or wait, sm_90+: every kernel with programmatic dependent launch (tuning.pdl)
+    if mode is not None:
+        tir_pipeline = pdl_pipeline(tir_pipeline, mode)
     with tvm.transform.PassContext(opt_level=3, config=config):
         return relax.build(
             scheduled,

@@ -26,7 +26,8 @@ measured on an H100 (2026-12-07, ``bench/results/2026-12-07-h100-c``) the whole-
 with it and gave HF's logits, but the decode step was 1% / 22% / 26% slower at b1 / b8 / b32 (on the
 graph replayed alone too) and the prefill graph 6% slower at 128 tokens, 4-6% faster at 512 / 1024.
 Why is not known yet (to look at: the early-launched blocks that wait in ``griddepcontrol.wait``
-beside the running grid, and the trigger's place). ``GPT2K_PDL=1`` turns it on for a build (:func:`pdl_enabled`).
+beside the running grid, and the trigger's place: ``GPT2K_PDL=wait`` builds the wait without the
+explicit trigger, unmeasured). ``GPT2K_PDL=1`` turns it on for a build (:func:`pdl_mode`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from tvm import tirx
 
 from .targets import cuda_sm_at_least
 
-__all__ = ["DYN_SMEM_TAG", "PDL_ENV", "PDL_TAG", "add_pdl", "pdl_enabled", "pdl_pipeline", "supports_pdl"]
+__all__ = ["DYN_SMEM_TAG", "PDL_ENV", "PDL_MODES", "PDL_TAG", "add_pdl", "add_pdl_wait", "pdl_enabled", "pdl_mode",
+           "pdl_pipeline", "supports_pdl"]
 
 #: TVM's launch-parameter tag for PDL (the runtime's spelling, ``programtic``).
 PDL_TAG = "tirx.use_programtic_dependent_launch"
@@ -55,9 +57,24 @@ def supports_pdl(target) -> bool:
     return cuda_sm_at_least(target, 90)
 
 
+#: ``GPT2K_PDL`` values: ``1`` = the trigger (``launch_dependents``) and the wait at each kernel's top;
+#: ``wait`` = the wait only (the dependent grid launches as this one's blocks exit: its launch still
+#: overlaps this grid's tail, but its blocks do not sit beside the running grid); ``0`` / unset: off.
+PDL_MODES = {"1": "trigger", "wait": "wait"}
+
+
+def pdl_mode(target) -> str | None:
+    """``"trigger"``, ``"wait"`` or None (off): what ``GPT2K_PDL`` asks for a model build for ``target``
+    (sm_90+ CUDA only). Raises ValueError for a value that is not ``0``, ``1`` or ``wait``."""
+    value = os.environ.get(PDL_ENV, "0").strip() or "0"
+    if value != "0" and value not in PDL_MODES:
+        raise ValueError(f"{PDL_ENV}={value!r}: use 1 (trigger and wait), wait (wait only) or 0 (off)")
+    return PDL_MODES.get(value) if supports_pdl(target) else None
+
+
 def pdl_enabled(target) -> bool:
-    """Whether a model build for ``target`` gets PDL: sm_90+ CUDA with ``GPT2K_PDL=1``."""
-    return supports_pdl(target) and os.environ.get(PDL_ENV, "0").strip() == "1"
+    """Whether a model build for ``target`` gets PDL (:func:`pdl_mode` is not None)."""
+    return pdl_mode(target) is not None
 
 
 def _grid_dep(action: str) -> tirx.Stmt:
@@ -67,7 +84,7 @@ def _grid_dep(action: str) -> tirx.Stmt:
     return tirx.Evaluate(call)
 
 
-def _with_pdl(func: tirx.PrimFunc) -> tirx.PrimFunc:
+def _with_pdl(func: tirx.PrimFunc, mode: str = "trigger") -> tirx.PrimFunc:
     attrs = func.attrs
     if attrs is None or int(attrs.get("calling_conv", 0)) != _DEVICE_KERNEL_LAUNCH:
         return func
@@ -76,33 +93,43 @@ def _with_pdl(func: tirx.PrimFunc) -> tirx.PrimFunc:
         return func
     at = tags.index(DYN_SMEM_TAG) if DYN_SMEM_TAG in tags else len(tags)
     tags.insert(at, PDL_TAG)
-    body = tirx.SeqStmt([_grid_dep("launch_dependents"), _grid_dep("wait"), func.body])
+    top = [_grid_dep("launch_dependents"), _grid_dep("wait")] if mode == "trigger" else [_grid_dep("wait")]
+    body = tirx.SeqStmt([*top, func.body])
     return func.with_body(body).with_attr(_LAUNCH_PARAMS, tags)
 
 
-@tvm.transform.module_pass(opt_level=0, name="AddProgrammaticDependentLaunch")
-def add_pdl(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-    """Every device kernel of ``mod`` waits for its predecessor grid and is launched with PDL."""
-    out = {}
-    for gvar, func in mod.functions_items():
-        out[gvar] = _with_pdl(func) if isinstance(func, tirx.PrimFunc) else func
-    return tvm.IRModule(out, attrs=mod.attrs)
+def _add_pdl(mode: str):
+    @tvm.transform.module_pass(opt_level=0, name="AddProgrammaticDependentLaunch")
+    def add(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        out = {}
+        for gvar, func in mod.functions_items():
+            out[gvar] = _with_pdl(func, mode) if isinstance(func, tirx.PrimFunc) else func
+        return tvm.IRModule(out, attrs=mod.attrs)
+
+    return add
 
 
-def pdl_pipeline(base: str = "default") -> str:
+#: Every device kernel of a module waits for its predecessor grid (after the trigger) and is launched
+#: with PDL; :data:`add_pdl_wait`: the wait only.
+add_pdl = _add_pdl("trigger")
+add_pdl_wait = _add_pdl("wait")
+
+
+def pdl_pipeline(base: str = "default", mode: str = "trigger") -> str:
     """Register (once) and return the name of ``base`` (a registered TIR pipeline name) with
-    :func:`add_pdl` first among its device finalization passes."""
+    :func:`add_pdl` (``mode="wait"``: :data:`add_pdl_wait`) first among its device finalization passes."""
     from tvm.tirx import compilation_pipeline as cp  # pylint: disable=import-outside-toplevel
 
-    name = f"gpt2k-pdl-{base}"
+    name = f"gpt2k-pdl-{base}" + ("" if mode == "trigger" else f"-{mode}")
     if name in cp.PIPELINE_MAP:
         return name
+    add_pass = add_pdl if mode == "trigger" else add_pdl_wait
 
     def factory():
         pipeline, fin_host, fin_dev = cp.get_tir_pipeline(base)
 
         def fin_dev_pdl():
-            return tvm.transform.Sequential([add_pdl, fin_dev()])
+            return tvm.transform.Sequential([add_pass, fin_dev()])
 
         return pipeline, fin_host, fin_dev_pdl
 

@@ -14,7 +14,7 @@ from tvm import tirx
 
 from gpt2_model.config import get_config
 from gpt2_model.export import export_model
-from tuning.pdl import DYN_SMEM_TAG, PDL_ENV, PDL_TAG, add_pdl, pdl_enabled, supports_pdl
+from tuning.pdl import DYN_SMEM_TAG, PDL_ENV, PDL_TAG, add_pdl, add_pdl_wait, pdl_enabled, pdl_mode, supports_pdl
 from tuning.targets import make_target
 
 _LAUNCH = "tirx.kernel_launch_params"
@@ -42,6 +42,12 @@ def test_supports_pdl_only_on_sm90_and_later(monkeypatch):
     assert not pdl_enabled(make_target("sm_90"))
     monkeypatch.setenv(PDL_ENV, "1")
     assert pdl_enabled(make_target("sm_90")) and not pdl_enabled(make_target("sm_86"))
+    assert pdl_mode(make_target("sm_90")) == "trigger"
+    monkeypatch.setenv(PDL_ENV, "wait")
+    assert pdl_mode(make_target("sm_90")) == "wait" and pdl_mode(make_target("sm_86")) is None
+    monkeypatch.setenv(PDL_ENV, "yes")
+    with pytest.raises(ValueError, match="GPT2K_PDL='yes': use 1"):
+        pdl_mode(make_target("sm_90"))
 
 
 def test_pass_tags_device_kernels_and_keeps_dynamic_shared_memory_last():
@@ -57,6 +63,10 @@ def test_pass_tags_device_kernels_and_keeps_dynamic_shared_memory_last():
     assert ["launch_dependents" in str(body[0]), "wait" in str(body[1])] == [True, True]
     again = add_pdl(out)  # idempotent: one wait per kernel
     assert str(again["k"].body) == str(body)
+    # the wait-only form: the same tags, no explicit trigger (the blocks' exit triggers the dependent grid)
+    waited = add_pdl_wait(mod)
+    assert [str(t) for t in waited["k"].attrs[_LAUNCH]] == ["blockIdx.x", "threadIdx.x", PDL_TAG, DYN_SMEM_TAG]
+    assert "wait" in str(waited["k"].body[0]) and "launch_dependents" not in str(waited["k"].body)
     assert str(out["host"].body) == str(mod["host"].body)
 
 
