@@ -24,15 +24,18 @@
 #    before sending this one; a call sent later starts a fresh machine (call 1 again, ~1 min charged).
 #  - 2026-12-07: a machine start that finds no machine costs up to 3 device minutes; with less
 #    than ~5 minutes left none starts.
-#  - NEXT SESSION (tenth), after call 1 (p1):
-#    call 2: `bash scripts/session.sh env wgmma-model; PHASES=decode BATCHES=16,32,64 KINDS=wgmma TUNE_LIMIT=300 bash scripts/session.sh tune`
-#            (tiny with wgmma prefill + b16 decode GEMMs, one in split-K form, vs the partition build; the decode
-#            wgmma search, which leaves out what norm_gemv.json fuses; unpack $OUT/db-q0f16.tgz here afterwards)
-#    call 3: `bash scripts/session.sh restore prebuild-pdl attn-fa wait; GPT2K_PDL=1 DB=/root/keep/dbold/sm_90/gpt2-q0f16 VARIANTS=tuned,torch-compile TAG=_pdl bash scripts/session.sh bench-decode;
-#             GPT2K_PDL=0 DB=/root/keep/dbold/sm_90/gpt2-q0f16 VARIANTS=tuned TAG=_nopdl bash scripts/session.sh bench-decode`
-#            (the flash-attention check runs while the two tuned libraries build in the background)
-#    call 4: `DB=/root/keep/dbold/sm_90/gpt2-q0f16 VARIANTS=tuned,torch-compile,torch-eager bash scripts/session.sh bench-prefill;
-#             DB=/root/keep/dbold/sm_90/gpt2-q0f16 KPHASE=prefill KSEQ=1024 bash scripts/session.sh bench-kernels`
+#  - NEXT SESSION (eleventh), after call 1 (p1); the tenth's tables are bench/results/2026-12-07-h100-c:
+#    call 2: `bash scripts/session.sh env prebuild-pdl && DA_LIMIT=120 bash scripts/session.sh decode-attn;
+#             PHASES=decode BATCHES=1,8,16,32,64 KINDS=norm-gemv,wgmma,attention TUNE_LIMIT=360 bash scripts/session.sh tune`
+#            (decode attention with the graph timer: does a split win once the launch floor is gone? the
+#            norm-gemv / wgmma / decode attention searches on this card, graph-timed; unpack $OUT/db-q0f16.tgz here)
+#    call 3: `bash scripts/session.sh restore prebuild-new && AF_LIMIT=110 bash scripts/session.sh attn-fa;
+#             WAIT_FOR="newnopdl" bash scripts/session.sh wait; DB=/root/keep/dbnew/sm_90/gpt2-q0f16 GPT2K_PDL=0 BD_LIMIT=240
+#             VARIANTS=tuned,torch-compile bash scripts/session.sh bench-decode`  (torch-compile decode needs ~150 s)
+#    call 4: `GPT2K_PDL=wait` A/B (prebuild it first: GPT2K_PDL=wait python scripts/prebuild_libs.py ...), bench
+#            prefill with peers, bench kernels --phase prefill --seq-len 1024 (BK_LIMIT)
+#  - 2026-12-07 (tenth session): 8 machine starts failed (15.5 device minutes) before one came at 12:13;
+#    a bench decode with the torch-compile peer at 3 batches needs more than 120 s (the peer compiles per batch).
 #  - 2026-12-07 (ninth session): 4 of 5 machine starts found none (~8 device minutes); a `pgrep -f`
 #    wait matched its own call and spun out a 600 s call; a cache hit re-exported gpt2 (~60 s) before
 #    c38c5f0 (now it opens from the recorded export metadata).
