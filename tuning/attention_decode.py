@@ -91,10 +91,6 @@ def decode_shared_bytes(cfg: DecodeConfig, key) -> int:
     return 2 * 4 * cfg.groups * (key.d + 2) + (4 * (key.d + 2) if cfg.split > 1 else 0)
 
 
-def supports_clusters(target) -> bool:
-    """Whether ``target`` is a CUDA arch with thread block clusters and distributed shared memory (sm_90+)."""
-    return cuda_sm_at_least(target, 90)
-
 
 def _limits(target) -> tuple[int, int]:
     threads, smem = 1024, 48 * 1024
@@ -122,7 +118,7 @@ def is_decode_legal(cfg: DecodeConfig, key, target=None) -> bool:
     threads, smem = _limits(target)
     return (key.h_q == key.h_kv and key.d % vec == 0 and _pow2(lanes) and lanes <= 32
             and _pow2(cfg.groups) and cfg.tokens in (1, 2, 4, 8, 16)
-            and (cfg.split == 1 or (cfg.split in (2, 4, 8) and supports_clusters(target)))
+            and (cfg.split == 1 or (cfg.split in (2, 4, 8) and cuda_sm_at_least(target, 90)))  # clusters, DSMEM
             and cfg.split_below >= 0 and (cfg.split > 1 or cfg.split_below == 0)
             and cfg.groups * lanes <= threads and decode_shared_bytes(cfg, key) <= smem)
 
@@ -179,6 +175,8 @@ def make_decode_kernel(cfg: DecodeConfig | None, key, target):  # pylint: disabl
 
     def nsplit(batch):  # CTAs per (sequence, head): an expression of the batch (no let: the host computes the grid)
         return T.if_then_else(batch * H < BELOW, SPLIT, 1) if BELOW > 0 else SPLIT
+
+    merge_loop = T.serial if BELOW > 0 else T.unroll  # the cluster merge's loop: unrolled over a constant split
 
     def dsmem(ptr, rank):  # one fp32 of cluster CTA ``rank``'s shared memory at ``ptr`` (mapa + ld.shared::cluster)
         return T.cuda.func_call("tvm_dsmem_ld_f32", ptr, T.uint32(rank), source_code=DSMEM_LD_SRC, return_type="float32")
@@ -319,12 +317,8 @@ def make_decode_kernel(cfg: DecodeConfig | None, key, target):  # pylint: disabl
                         md_x[1] = st[1]
                 T.cuda.cluster_sync()
                 if cz == 0 and ty == 0:
-                    if BELOW > 0:  # ns is 1 or SPLIT, known at launch
-                        for r in T.serial(1, ns):
-                            cluster_merge(O_x, md_x, o_loc, st, tx, r)
-                    else:
-                        for r in T.unroll(1, SPLIT):
-                            cluster_merge(O_x, md_x, o_loc, st, tx, r)
+                    for r in merge_loop(1, ns):  # (ns: SPLIT, or with BELOW 1 or SPLIT, known at launch)
+                        cluster_merge(O_x, md_x, o_loc, st, tx, r)
                 T.cuda.cluster_sync()
             if ty == 0 and cz == 0:
                 for i in T.unroll(vec):

@@ -5,7 +5,7 @@ every kernel, so kernels of a few µs (a decode step's attention, its GEMVs) can
 Here ``iters`` back-to-back calls are captured in one CUDA graph (TVM pointed at torch's capture stream
 with ``tvm_ffi.use_torch_stream``) and each replay is timed with CUDA events: the kernels' time as a
 whole-step graph runs them. Needs torch with CUDA; :func:`graph_timer_available` says whether it is here.
-Used by ``bench`` (kernel tables, step anatomy) and by the decode attention search.
+Used by ``bench`` (kernel tables, step anatomy) and by the template searches (:func:`kernel_us`).
 """
 
 from __future__ import annotations

@@ -123,7 +123,7 @@ def pdl_pipeline(base: str = "default", mode: str = "trigger") -> str:
     name = f"gpt2k-pdl-{base}" + ("" if mode == "trigger" else f"-{mode}")
     if name in cp.PIPELINE_MAP:
         return name
-    add_pass = add_pdl if mode == "trigger" else add_pdl_wait
+    add_pass = {"trigger": add_pdl, "wait": add_pdl_wait}[mode]
 
     def factory():
         pipeline, fin_host, fin_dev = cp.get_tir_pipeline(base)
