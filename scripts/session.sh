@@ -46,6 +46,7 @@ export PYTHONPATH=/opt/devsite:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export GPT2K_CACHE_DIR=/root/keep/libs
 log() { echo "== $(date +%T) $*"; }
+pb_marker() { case $1 in 1) echo pdl ;; 0) echo nopdl ;; *) echo ${1}pdl ;; esac; }
 for step in "$@"; do
   case $step in
     libs)
@@ -87,8 +88,10 @@ for step in "$@"; do
       # and GPT2K_PDL=1 / GPT2K_PDL=0 (PDL is off by default).
       rm -rf /root/keep/dbold /root/keep/prebuild.*.done && mkdir -p /root/keep/dbold/sm_90 && cp -r databases/sm_90/gpt2-q0f16 /root/keep/dbold/sm_90/
       log prebuild-pdl; mkdir -p "$GPT2K_CACHE_DIR"
-      (GPT2K_PDL=1 python scripts/prebuild_libs.py --variants tuned --database-dir /root/keep/dbold --cache-dir "$GPT2K_CACHE_DIR" > /root/keep/prebuild_pdl.log 2>&1; echo "pdl rc $?" > /root/keep/prebuild.pdl.done) &
-      (GPT2K_PDL=0 python scripts/prebuild_libs.py --variants tuned --database-dir /root/keep/dbold --cache-dir "$GPT2K_CACHE_DIR" > /root/keep/prebuild_nopdl.log 2>&1; echo "nopdl rc $?" > /root/keep/prebuild.nopdl.done) & ;;
+      # PB_MODES: the GPT2K_PDL values to build (default "1 0"); markers pdl (1), nopdl (0), waitpdl (wait)
+      for m in ${PB_MODES:-1 0}; do mk=$(pb_marker $m)
+        (GPT2K_PDL=$m python scripts/prebuild_libs.py --variants tuned --database-dir /root/keep/dbold --cache-dir "$GPT2K_CACHE_DIR" > /root/keep/prebuild_$mk.log 2>&1; echo "$mk rc $?" > /root/keep/prebuild.$mk.done) &
+      done ;;
     prebuild-untuned)
       # the untuned library (no database), in the background; marker prebuild.untuned.done
       rm -f /root/keep/prebuild.untuned.done; mkdir -p "$GPT2K_CACHE_DIR"; log prebuild-untuned
@@ -99,8 +102,9 @@ for step in "$@"; do
       # Bench with DB=/root/keep/dbnew/sm_90/gpt2-q0f16.
       rm -rf /root/keep/dbnew /root/keep/prebuild.new*.done && mkdir -p /root/keep/dbnew/sm_90 && cp -r databases/sm_90/gpt2-q0f16 /root/keep/dbnew/sm_90/
       log prebuild-new; mkdir -p "$GPT2K_CACHE_DIR"
-      (GPT2K_PDL=1 python scripts/prebuild_libs.py --variants tuned --database-dir /root/keep/dbnew --cache-dir "$GPT2K_CACHE_DIR" > /root/keep/prebuild_newpdl.log 2>&1; echo "newpdl rc $?" > /root/keep/prebuild.newpdl.done) &
-      (GPT2K_PDL=0 python scripts/prebuild_libs.py --variants tuned --database-dir /root/keep/dbnew --cache-dir "$GPT2K_CACHE_DIR" > /root/keep/prebuild_newnopdl.log 2>&1; echo "newnopdl rc $?" > /root/keep/prebuild.newnopdl.done) & ;;
+      for m in ${PB_MODES:-1 0}; do mk=new$(pb_marker $m)
+        (GPT2K_PDL=$m python scripts/prebuild_libs.py --variants tuned --database-dir /root/keep/dbnew --cache-dir "$GPT2K_CACHE_DIR" > /root/keep/prebuild_$mk.log 2>&1; echo "$mk rc $?" > /root/keep/prebuild.$mk.done) &
+      done ;;
     wait)
       # waits for the marker files named in WAIT_FOR (default: the two prebuild-pdl builds).
       # never `pgrep -f NAME` here: it matches the device call's own command line (2026-12-07: 10 minutes lost)
