@@ -197,7 +197,11 @@ class GPT2LMHeadModel(nn.Module):
         """``lm_head(ln_f(hidden))`` (b, 1, vocab) fp32: one fused kernel where planned."""
         logits = norm_linear(self.norm_gemv, self.transformer.ln_f, self.transformer.wte, hidden, "none",
                              out_dtype="float32")
-        return logits if logits is not None else self._lm_head(self.transformer.ln_f(hidden))
+        if logits is not None:
+            return logits
+        hidden = self.transformer.ln_f(hidden)
+        logits = plain_lm_head(self.norm_gemv, self.transformer.wte, hidden)  # (the plain template, where planned)
+        return logits if logits is not None else self._lm_head(hidden)
 
     def _decode_logits(self, embeds: Tensor, paged_kv_cache: PagedKVCache, *, positioned: bool = False) -> Tensor:
         """Logits (b, 1, vocab) fp32 of a decode step."""
@@ -468,6 +472,18 @@ def residual_linear(plan: NormGemvPlan | None, linear: nn.Module, h: Tensor, res
                           dtype=str(h.dtype), out_dtype=str(h.dtype), prologue="none")
         return _template_call(plan, key, [h, weight, bias, residual], name=f"gemv_{key.name()}")
     return None
+
+
+def plain_lm_head(plan: NormGemvPlan | None, wte: nn.Module, h: Tensor) -> Tensor | None:
+    """The tied lm_head ``h @ wte^T`` (fp32 logits) on the plain form of :mod:`gpt2_model.norm_gemv`'s
+    tensor-core GEMV (after a standalone ``ln_f``) where ``plan`` names this static decode shape, else None."""
+    b = _one_token_rows(h) if plan is not None else None
+    weight = getattr(wte, "weight", None)
+    if b is None or not isinstance(weight, nn.Parameter):
+        return None
+    key = NormGemvKey(batch=b, k=int(h.shape[2]), n=int(weight.shape[0]), epilogue="none", dtype=str(h.dtype),
+                      out_dtype="float32", prologue="none")
+    return _template_call(plan, key, [h, weight], name=f"gemv_{key.name()}")
 
 
 def gemm_linear(plan: GemmPlan | None, linear: nn.Module, x: Tensor, epilogue: str,

@@ -35,7 +35,9 @@ __all__ = ["EPILOGUES", "MAX_ROWS", "PROLOGUES", "NormGemvConfig", "NormGemvErro
 #: residual[b, n]; then the cast to the output dtype.
 EPILOGUES = ("bias", "bias_gelu", "none", "bias_residual")
 #: What runs before the GEMV: ``norm`` (the layer norm, fused) or ``none`` (the plain linear layer:
-#: with ``bias_residual`` the decode step's c_proj layers, + bias + the residual stream).
+#: with ``bias_residual`` the decode step's c_proj layers, + bias + the residual stream; with ``none``
+#: the tied lm_head after a standalone ``ln_f``, which at larger batches beats re-normalizing the
+#: rows in every block of the fused form).
 PROLOGUES = ("norm", "none")
 MAX_ROWS = 32  # batch rows the kernel takes (their normalized copy lives in 48 KB of shared memory)
 _LANES = 32
@@ -96,8 +98,10 @@ def _key_problem(key: NormGemvKey, *, reference: bool = False) -> str | None:
         return f"epilogue {key.epilogue!r} is not one of {EPILOGUES}"
     if key.prologue not in PROLOGUES:
         return f"prologue {key.prologue!r} is not one of {PROLOGUES}"
-    if (key.epilogue == "bias_residual") != (key.prologue == "none"):
+    if key.epilogue == "bias_residual" and key.prologue != "none":
         return "the residual epilogue goes with the plain prologue only"
+    if key.prologue == "none" and key.epilogue not in ("bias_residual", "none"):
+        return f"the plain prologue takes the residual epilogue or none (the lm_head), not {key.epilogue!r}"
     if reference:  # the plain form takes any shape and float dtype
         return None
     if key.dtype != "float16":
@@ -153,7 +157,8 @@ def norm_gemv_candidates(key: NormGemvKey, *, warps=(2, 4, 8, 16), rows=(1, 2, 4
 
 
 def make_norm_gemv(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float, name: str = "norm_gemv"):
-    """The scheduled PrimFunc ``(x (B,1,K), gamma (K,), beta (K,), W (N,K)[, bias (N,)], out (B,1,N))``.
+    """The scheduled PrimFunc ``(x (B,1,K), gamma (K,), beta (K,), W (N,K)[, bias (N,)], out (B,1,N))``;
+    with the plain prologue ``(x, W, bias, residual, out)`` (``bias_residual``) or ``(x, W, out)``.
 
     Raises
     ------
@@ -239,8 +244,8 @@ def _pieces(key: NormGemvKey, *, eps: float, warps: int, padded_rows: int, swizz
 
     def wrap(body):
         """The PrimFunc around ``body(x, gamma, beta, W, bias, residual, out)``: parameters
-        ``(x, gamma, beta, W[, bias], out)`` with the norm, ``(x, W, bias, residual, out)`` without
-        (a parameter the body never reads is passed as another buffer)."""
+        ``(x, gamma, beta, W[, bias], out)`` with the norm, ``(x, W, bias, residual, out)`` or
+        ``(x, W, out)`` without (a parameter the body never reads is passed as another buffer)."""
         # (the parser reads the annotations' names from this frame's locals)
         B, K, N, dtype, out_dtype = key.batch, key.k, key.n, key.dtype, key.out_dtype  # pylint: disable=redefined-outer-name
         if residual:
@@ -249,6 +254,11 @@ def _pieces(key: NormGemvKey, *, eps: float, warps: int, padded_rows: int, swizz
                      res: T.Buffer((B, 1, N), dtype), out: T.Buffer((B, 1, N), out_dtype)):
                 T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
                 body(x, bias, bias, W, bias, res, out)
+        elif key.prologue == "none":
+            @T.prim_func(s_tir=True)
+            def func(x: T.Buffer((B, 1, K), dtype), W: T.Buffer((N, K), dtype), out: T.Buffer((B, 1, N), out_dtype)):
+                T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+                body(x, W, W, W, W, out, out)
         elif has_bias:
             @T.prim_func(s_tir=True)
             def func(x: T.Buffer((B, 1, K), dtype), gamma: T.Buffer((K,), dtype), beta: T.Buffer((K,), dtype),
@@ -472,8 +482,8 @@ def make_norm_gemv_reference(key: NormGemvKey, *, eps: float, name: str = "norm_
         return v.astype(key.out_dtype)
 
     out = te.compute((B, 1, N), lambda b, z, n: epilogue(y[b, z, n], b, n), name="out")
-    if key.epilogue == "bias_residual":
-        args = [x, w, bias, res, out]
+    if key.prologue == "none":
+        args = [x, w] + ([bias, res] if key.epilogue == "bias_residual" else []) + [out]
     else:
         args = [x, gamma, beta, w] + ([bias] if key.epilogue != "none" else []) + [out]
     return te.create_prim_func(args).with_attr("global_symbol", name)

@@ -39,6 +39,8 @@ EMULATED = {
     # the plain form (the c_proj layers): A fragments from the input rows, + bias + residual
     "mma_plain_b8_fc2": (8, 768, "bias_residual", "float16", 16, 2, True),
     "mma_plain_b20_ragged": (20, 100, "bias_residual", "float16", 4, 1, True),
+    # the plain lm_head (after a standalone ln_f): no bias, fp32 logits, a ragged last block
+    "mma_plain_lmhead_b16_f32_ragged": (16, 1001, "none", "float32", 4, 2, True),
 }
 
 
@@ -46,7 +48,7 @@ EMULATED = {
 @pytest.mark.parametrize("case", sorted(EMULATED))
 def test_emulated_kernel_matches_numpy(case, tmp_path):
     batch, n, epilogue, out_dtype, warps, rows, mma = EMULATED[case]
-    plain = epilogue == "bias_residual"
+    plain = "plain" in case
     key = NormGemvKey(batch, 3072 if case.endswith("fc2") else 768, n, epilogue, "float16", out_dtype,
                       prologue="none" if plain else "norm")
     cfg = NormGemvConfig(warps, rows, mma)
@@ -75,7 +77,7 @@ def test_emulated_kernel_matches_numpy(case, tmp_path):
     y = x @ torch.tensor(inp["w"].astype(np.float32)).T
     if epilogue != "none":
         y = y + torch.tensor(inp["bias"].astype(np.float32))
-    if plain:
+    if epilogue == "bias_residual":
         y = y + torch.tensor(inp["residual"][:, 0].astype(np.float32))
     if epilogue == "bias_gelu":
         y = torch.nn.functional.gelu(y, approximate="tanh")
@@ -109,9 +111,12 @@ def test_search_keys_and_the_pairs_they_must_beat():
     config = get_config("gpt2")
     keys = norm_gemv_keys(config, dtype="float16", batches=[1, 8, 64])
     kinds = [("bias", 2304), ("bias_gelu", 3072), ("none", 50257), ("bias_residual", 768), ("bias_residual", 768)]
-    assert [(k.batch, k.epilogue, k.n) for k in keys] == [(b, e, n) for b in (1, 8) for e, n in kinds]
-    assert keys[2].out_dtype == "float32"  # batch 64: more rows than the kernels take
+    # from batch 8 also the plain lm_head (after a standalone ln_f); batch 64: more rows than the kernels take
+    assert [(k.batch, k.epilogue, k.n) for k in keys] == [(b, e, n) for b in (1, 8) for e, n in kinds] + [
+        (8, "none", 50257)]
+    assert keys[2].out_dtype == "float32" and keys[-1].out_dtype == "float32"
     assert [(k.k, k.prologue) for k in keys[3:5]] == [(768, "none"), (3072, "none")]  # the two c_proj layers
+    assert keys[-1].prologue == "none" and keys[-1].name() == "b8_k768_n50257_none_plain"
     db = Path(__file__).resolve().parents[2] / "databases" / "sm_90" / "gpt2-q0f16"
     pairs = _unfused_kernels(config, quantization="q0f16", target=CUDA, db_dir=db, keys=keys[5:])
     assert set(pairs) == {k.name() for k in keys[5:]}
@@ -210,15 +215,20 @@ def test_fused_model_on_the_cpu_equals_hf(hf_sharded):
     path, hf = hf_sharded
     config = get_config(path)
     keys = [NormGemvKey(b, config.n_embd, n, e, "float32", "float32") for b in (1, 2)
-            for n, e in ((3 * config.n_embd, "bias"), (config.n_inner, "bias_gelu"), (config.vocab_size, "none"))]
+            for n, e in ((3 * config.n_embd, "bias"), (config.n_inner, "bias_gelu"), (config.vocab_size, "none"))
+            if (b, e) != (2, "none")]
     keys += [NormGemvKey(b, k, config.n_embd, "bias_residual", "float32", "float32", prologue="none")
              for b in (1, 2) for k in (config.n_embd, config.n_inner)]  # the two c_proj layers + residual
+    # at b2 the lm_head is the plain form, after the standalone ln_f
+    keys.append(NormGemvKey(2, config.n_embd, config.vocab_size, "none", "float32", "float32", prologue="none"))
     plan = NormGemvPlan({k.name(): NormGemvConfig(1, 1) for k in keys}, reference=True)
     target = make_target("cpu")
     exported = export_model(config, quantization="q0f32", target=target, buckets={"decode": [2]}, norm_gemv=plan)
-    assert _calls(exported.mod, "batch_decode_b2")[1] == 0 and _calls(exported.mod, "batch_decode_b2")[0] > 0
-    assert exported.mod["batch_decode_b2"].script().count("call_tir(cls.gemv_") + exported.mod[
-        "batch_decode_b2"].script().count("call_tir(gemv_") == 2 * config.n_layer
+    # every norm fused but ln_f, which runs alone before the plain lm_head
+    assert _calls(exported.mod, "batch_decode_b2")[1] == 1 and _calls(exported.mod, "batch_decode_b2")[0] > 0
+    b2 = exported.mod["batch_decode_b2"].script()
+    assert b2.count("call_tir(cls.gemv_") + b2.count("call_tir(gemv_") == 2 * config.n_layer + 1
+    assert b2.count("gemv_b2_k{}_n{}_none_plain".format(config.n_embd, config.vocab_size)) == 1
     engine = Engine(exported=exported, executable=build(exported, target=target),
                     params=convert_params(load_hf_params(path, config), exported.scheme), device="cpu")
     prompts = [[5, 17, 300, 2], [7, 1, 2]]
@@ -276,3 +286,26 @@ def test_search_keeps_only_checked_winners_over_the_kernels_they_replace():
     assert out["wins"]["rejected"] == 1
     text = "\n".join(lines)
     assert "stale: best" in text and "not faster" in text and "untimed" in text and "were not timed" in text
+
+
+def test_the_search_keeps_the_faster_lm_head_form():
+    """Both lm_head forms stored for a batch: the fused ln_f + lm_head is weighed against the plain
+    one plus the standalone ln_f (timed with the fused entry's pair); the loser's entry goes."""
+    from tuning.norm_gemv_tune import pick_lm_head  # pylint: disable=import-outside-toplevel
+
+    def entry(us, norm_us=None):
+        pair = {"linear lm_head (tuned)": 30.0} | ({"norm layer_norm (tuned)": norm_us} if norm_us else {})
+        return {"config": {"warps": 4, "rows": 1, "mma": True}, "us": us, "unfused": pair}
+
+    lines = []
+    kernels = {"b32_k768_n50257_none": entry(60.0, norm_us=3.0), "b32_k768_n50257_none_plain": entry(25.0),
+               "b8_k768_n50257_none": entry(27.0, norm_us=2.5), "b8_k768_n50257_none_plain": entry(25.0),
+               "b1_k768_n50257_none": entry(20.0, norm_us=2.0), "b16_k768_n50257_none_plain": entry(24.0)}
+    out = pick_lm_head(kernels, log=lines.append)
+    # b32: 25 + 3 < 60, the plain form wins; b8: 25 + 2.5 > 27, the fused stays; single forms stay
+    assert set(out) == {"b32_k768_n50257_none_plain", "b8_k768_n50257_none", "b1_k768_n50257_none",
+                        "b16_k768_n50257_none_plain"}
+    assert len(lines) == 2 and "fused entry dropped" in lines[0] and "plain entry dropped" in lines[1]
+    # the fused form's ln_f time unknown: the fused form stays
+    out = pick_lm_head({"b32_k768_n50257_none": entry(60.0), "b32_k768_n50257_none_plain": entry(25.0)}, log=lines.append)
+    assert set(out) == {"b32_k768_n50257_none"} and "untimed" in lines[-1]
