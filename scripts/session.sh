@@ -138,7 +138,7 @@ for step in "$@"; do
       # later calls start from the working tree's copy: put back what this machine tuned so far
       for q in q0f16 q4f16_1; do if [ -d /root/keep/db-$q ]; then cp /root/keep/db-$q/* databases/sm_90/gpt2-$q/ && echo "restored db-$q"; fi; done ;;
     profile)
-      log profile; timeout ${PROFILE_LIMIT:-400} python scripts/step_profile.py --out "$OUT" --variants ${PVARIANTS:-untuned,tuned} ${DB:+--database $DB} 2>&1 | grep -v "^USDT\|Warning" | tail -80 ;;
+      log profile; timeout ${PROFILE_LIMIT:-400} python scripts/step_profile.py --out "$OUT" --variants ${PVARIANTS:-untuned,tuned} ${DB:+--database $DB} ${PROFILE_ARGS:-} 2>&1 | grep -v "^USDT\|Warning" | tail -80 ;;
     ncu)
       # Nsight Compute metrics of the tuned library's kernels during a short bench run (no clocks changed:
       # --clock-control none). NCU_BENCH: bench arguments; NCU_FILTER: kernel-name regex; NCU_SKIP/NCU_COUNT.
