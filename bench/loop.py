@@ -16,6 +16,7 @@ import numpy as np
 from .checks import check_prompt, check_variant, first_line, open_tvm_variant, release
 from .config import TORCH_VARIANTS
 from .peers import torch_available
+from .step_kernels import graph_kernels
 from .timing import stats
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def error_row(s, *, status: str = "error", error: str, **kw) -> dict[str, Any]:
 # Measurement
 # ---------------------------------------------------------------------------------------------
 def measure_decode(runner, *, timer, batch: int, prompt_len: int, gen_len: int, repeats: int,
-                   warmup: int) -> dict[str, Any]:
+                   warmup: int, profile_graph: bool = False) -> dict[str, Any]:
     """Time ``gen_len`` decode steps of ``batch`` sequences after a ``prompt_len`` prefill.
 
     One *run* = ``runner.start`` (prefill, untimed) + ``gen_len`` steps issued back to back and
@@ -71,13 +72,14 @@ def measure_decode(runner, *, timer, batch: int, prompt_len: int, gen_len: int, 
         GPU ms/step; per run GPU <= wall by construction) and raw ``samples``.
     """
     run_ms, run_gpu, run_tok, gpu_steps = [], [], [], []
-    graph_ms = None
+    graph_ms = in_graph = None
     for r in range(warmup + repeats):
         runner.start(batch=batch, prompt_len=prompt_len, gen_len=gen_len)
         try:
             t = timer.steps(runner.step, gen_len, stream=getattr(runner, "stream", None))
             if r == warmup + repeats - 1:
                 graph_ms = _replay_ms(runner)
+                in_graph = graph_kernels(runner) if profile_graph and graph_ms is not None else None
         finally:
             runner.stop()
         if r < warmup:
@@ -88,7 +90,8 @@ def measure_decode(runner, *, timer, batch: int, prompt_len: int, gen_len: int, 
             gpu_steps.extend(t.gpu_ms)
             run_gpu.append(float(np.sum(t.gpu_ms)) / gen_len)
     return {"tok_s": stats(run_tok), "ms": stats(run_ms), "gpu_ms": stats(run_gpu) if run_gpu else None,
-            "graph_ms": graph_ms, "samples": {"wall_ms": run_ms, "gpu_ms": gpu_steps or None, "tok_s": run_tok}}
+            "graph_ms": graph_ms, "graph_kernels": in_graph,
+            "samples": {"wall_ms": run_ms, "gpu_ms": gpu_steps or None, "tok_s": run_tok}}
 
 
 def _replay_ms(runner) -> float | None:
@@ -104,7 +107,8 @@ def _replay_ms(runner) -> float | None:
         return None
 
 
-def measure_prefill(runner, *, timer, batch: int, seq_len: int, repeats: int, warmup: int) -> dict[str, Any]:
+def measure_prefill(runner, *, timer, batch: int, seq_len: int, repeats: int, warmup: int,
+                    profile_graph: bool = False) -> dict[str, Any]:
     """Time the prefill of ``batch`` fresh sequences of ``seq_len`` tokens.
 
     Each sample: ``runner.prepare`` (untimed) + ``runner.run`` timed in one pass (wall and, on
@@ -116,13 +120,14 @@ def measure_prefill(runner, *, timer, batch: int, seq_len: int, repeats: int, wa
         Like :func:`measure_decode`; ``ms`` is per prefill of the whole batch.
     """
     wall, gpu = [], []
-    graph_ms = None
+    graph_ms = in_graph = None
     for r in range(warmup + repeats):
         runner.prepare(batch=batch, seq_len=seq_len)
         try:
             t = timer.call(runner.run, stream=getattr(runner, "stream", None))
             if r == warmup + repeats - 1 and batch == 1:
                 graph_ms = _replay_ms(runner)  # one chunk's graph: the whole prefill when it is one chunk
+                in_graph = graph_kernels(runner) if profile_graph and graph_ms is not None else None
         finally:
             runner.cleanup()
         if r >= warmup:
@@ -131,7 +136,7 @@ def measure_prefill(runner, *, timer, batch: int, seq_len: int, repeats: int, wa
                 gpu.append(t.gpu_ms[0])
     tok = [batch * seq_len / (w / 1e3) for w in wall]
     return {"tok_s": stats(tok), "ms": stats(wall), "gpu_ms": stats(gpu) if gpu else None, "graph_ms": graph_ms,
-            "samples": {"wall_ms": wall, "gpu_ms": gpu or None, "tok_s": tok}}
+            "graph_kernels": in_graph, "samples": {"wall_ms": wall, "gpu_ms": gpu or None, "tok_s": tok}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,6 +302,11 @@ def _run_variant(s, variant: str, *, points: list[dict], measure, figures, opts:
         extra: dict[str, Any] = {}
         an = anatomy(variant, p, m, notes) if anatomy is not None else None
         if an is not None:
+            gk = m.get("graph_kernels")
+            if gk is not None:
+                an["graph_kernels"] = gk
+                notes.append(f"in the step's graph: {gk['ms']:.3f} ms of kernels ({gk['launches']:.0f} launches; the KV "
+                             f"cache's {gk['kv_ms']:.3f} ms); wall / in-graph kernels = {an['wall_ms'] / gk['ms']:.2f}x")
             extra.update(anatomy=an, kernels_ms=an.get("kernels_ms"), overhead_ms=an.get("overhead_ms"))
         if m.get("graph_ms") is not None:
             extra["graph_ms"] = m["graph_ms"]
@@ -318,7 +328,8 @@ def _run_variant(s, variant: str, *, points: list[dict], measure, figures, opts:
             + f": {m['tok_s'].median:12.1f} tok/s  {m['ms'].median:9.3f} ms"
             + (f"  gpu {m['gpu_ms'].median:.3f} ms" if m["gpu_ms"] else "")
             + (f"  kernels {extra['kernels_ms']:.3f} ms" if extra.get("kernels_ms") is not None else "")
-            + (f"  graph {extra['graph_ms']:.3f} ms" if extra.get("graph_ms") is not None else ""))
+            + (f"  graph {extra['graph_ms']:.3f} ms" if extra.get("graph_ms") is not None else "")
+            + (f"  in-graph kernels {an['graph_kernels']['ms']:.3f} ms" if an and an.get("graph_kernels") else ""))
     return rows
 
 

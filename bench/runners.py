@@ -55,10 +55,11 @@ class _GraphAware:  # pylint: disable=too-few-public-methods
         """The engine's CUDA stream when it runs whole-step graphs (the timer records there), else None."""
         return self.engine.graphs.stream if self.engine.graphs else None
 
-    def replay_ms(self) -> float | None:
-        """GPU ms of the last step's (prefill: chunk's) whole-step graph replayed alone, else None."""
+    def replay_ms(self, n: int = 20, warmup: int = 3) -> float | None:
+        """GPU ms of the last step's (prefill: chunk's) whole-step graph replayed alone ``n`` times
+        (after ``warmup``), per replay, else None."""
         g = self.engine.graphs
-        return g.replay_ms() if g is not None else None
+        return g.replay_ms(n=n, warmup=warmup) if g is not None else None
 
 
 class TvmDecodeRunner(_GraphAware):

@@ -64,13 +64,15 @@ def _header(result: dict[str, Any]) -> str:
 def format_table(result: dict[str, Any], *, tablefmt: str = "github") -> str:
     """The decode/prefill result table plus notes.
 
-    Columns: variant | test | tok/s | ± | ms/step (wall) | GPU ms | kernels ms | overhead ms |
+    Columns: variant | test | tok/s | ± | ms/step (wall) | GPU ms | graph ms | in-graph kernels ms |
+    kernels ms | overhead ms |
     GB/s (%bw) for decode or TFLOP/s (%pk) for prefill | speedup. Empty columns are dropped.
     A tuned row shows how many of its test's kernels the database tunes (``tuned 5/9``).
     """
     decode = result["command"] == "decode"
-    headers = ["variant", "test", "tok/s", "±", "ms/step" if decode else "ms", "GPU ms", "graph ms", "kernels ms",
-               "overhead ms", "GB/s (%bw)" if decode else "TFLOP/s (%pk)", "speedup"]
+    headers = ["variant", "test", "tok/s", "±", "ms/step" if decode else "ms", "GPU ms", "graph ms",
+               "in-graph kernels ms", "kernels ms", "overhead ms", "GB/s (%bw)" if decode else "TFLOP/s (%pk)",
+               "speedup"]
     body, row_notes = [], []
     for r in result["rows"]:
         variant = r["variant"]
@@ -79,7 +81,7 @@ def format_table(result: dict[str, Any], *, tablefmt: str = "github") -> str:
             variant += f" {tk['tuned']}/{tk['total']}"
         if r["status"] != "ok":
             msg = (r.get("error") or r["status"]).splitlines()[0]
-            body.append([variant, r["test"], r["status"].upper(), "", msg[:60], "", "", "", "", "", ""])
+            body.append([variant, r["test"], r["status"].upper(), "", msg[:60], "", "", "", "", "", "", ""])
             continue
         tok, ms, gms = r["tok_s"], r["ms"], r.get("gpu_ms")
         value, p = (r.get("gb_s"), r.get("pct_bw")) if decode else (r.get("tflops"), r.get("pct_peak"))
@@ -87,6 +89,7 @@ def format_table(result: dict[str, Any], *, tablefmt: str = "github") -> str:
         sp = r.get("speedup_vs_untuned")
         body.append([variant, r["test"], _fmt(tok["median"]), _fmt((tok["p80"] - tok["p20"]) / 2),
                      _fmt(ms["median"], 3), _fmt(gms["median"], 3) if gms else "-", _fmt(r.get("graph_ms"), 3),
+                     _fmt(((r.get("anatomy") or {}).get("graph_kernels") or {}).get("ms"), 3),
                      _fmt(r.get("kernels_ms"), 3), _fmt(r.get("overhead_ms"), 3), perf,
                      f"{sp:.2f}x" if sp is not None else "-"])
         for n in r.get("notes") or []:
@@ -100,6 +103,9 @@ def format_table(result: dict[str, Any], *, tablefmt: str = "github") -> str:
     if "graph ms" in headers:
         legend.append("graph ms = GPU time of one step's whole-step CUDA graph replayed alone (the step's kernels "
                       "back to back, the KV cache's included); ms/step - graph ms = host work the GPU waited for")
+    if "in-graph kernels ms" in headers:
+        legend.append("in-graph kernels ms = the device time of every kernel in that graph's replays (CUPTI), the KV "
+                      "cache's included; graph ms - in-graph kernels ms = gaps between the graph's kernels")
     if "kernels ms" in headers:
         legend.append("kernels ms = the step's kernels timed one by one (graph-timed on CUDA); "
                       "overhead ms = ms/step - kernels ms")

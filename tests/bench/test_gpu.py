@@ -48,6 +48,12 @@ def test_decode_on_cuda(tmp_path, cuda_graph):
         assert r["anatomy"]["method"] == "cuda-graph replay"
         assert 0 < r["kernels_ms"] < r["ms"]["median"]
         assert r["overhead_ms"] == pytest.approx(r["ms"]["median"] - r["kernels_ms"])
+        gk = r["anatomy"].get("graph_kernels")
+        if cuda_graph:  # every kernel of the step's graph, the KV cache's attention among them, inside its time
+            assert gk is not None and 0 < gk["kv_ms"] < gk["ms"] <= r["graph_ms"] * 1.02, gk
+            assert any("batch_decode" in k["kernel"] for k in gk["kernels"]), gk["kernels"]
+        else:
+            assert gk is None
     from bench.tables import format_table
 
     assert "CUDA graphs " + ("on" if cuda_graph else "off") in format_table(res)

@@ -551,3 +551,30 @@ def test_database_hash_covers_the_database_files_but_not_a_leftover_lock(tmp_pat
     assert changed != base
     (db / "untuned.json").write_text("{}")
     assert database_hash(db) != changed
+
+
+def test_step_kernels_summary_splits_the_kv_cache_kernels_out():
+    """The in-graph kernel records of N replays become per-replay figures; the KV cache's kernels
+    (attention, append, q/k/v split) are summed apart; no records is None, not zero."""
+    from bench.step_kernels import summarize
+
+    events = [("norm_gemv_b8_k768_n2304_bias_kernel", 6.0), ("batch_decode_paged_kv_kernel", 4.0),
+              ("tir_kv_cache_transpose_append_kernel", 1.5), ("fused_rope_kernel", 1.0)] * 12
+    events += [("argmax_kernel", 3.0)]
+    out = summarize(events * 2, replays=2)
+    assert out["launches"] == pytest.approx(49)
+    assert out["ms"] == pytest.approx((12 * 12.5 + 3.0) / 1e3)
+    assert out["kv_ms"] == pytest.approx(12 * 6.5 / 1e3)
+    assert out["kernels"][0] == {"kernel": "norm_gemv_b8_k768_n2304_bias_kernel", "calls": 12.0, "us": 72.0}
+    assert summarize([], replays=2) is None and summarize(events, replays=0) is None
+
+
+def test_table_shows_the_in_graph_kernels_column_only_when_measured():
+    from bench.tables import format_table
+
+    doc = _doc([_row("tuned", "tg4@b1", [100.0, 110.0])])
+    assert "in-graph kernels ms" not in format_table(doc)
+    doc["rows"][0]["anatomy"] = {"graph_kernels": {"ms": 0.3456, "kv_ms": 0.1, "launches": 80}}
+    report.validate_result(doc)
+    table = format_table(doc)
+    assert "in-graph kernels ms" in table and "0.346" in table
