@@ -77,15 +77,19 @@ class NormGemvConfig:
     CUDA-core form (``mma=False``): ``warps`` per block, ``rows`` output columns per warp.
     Tensor-core form (``mma=True``, ``mma.sync`` m16n8k16, batch rows padded to 16): ``warps`` split
     the K dimension inside a block (their partial sums meet in shared memory), ``rows`` is the
-    number of 8-column tiles of the block."""
+    number of 8-column tiles of the block; without the norm, ``cluster`` (2 or 4) CTAs of a thread
+    block cluster split K once more (CTA 0 adds the others' sums through distributed shared memory):
+    a 768-column output is only 96 one-tile blocks, too few for a card of 132 SMs."""
 
     warps: int
     rows: int
     mma: bool = False
+    cluster: int = 1  # tensor-core plain form: CTAs of a thread block cluster splitting K further (sm_90+)
 
     def label(self) -> str:
         if self.mma:
-            return f"norm_gemv mma ksplit={self.warps} tiles={self.rows}"
+            return f"norm_gemv mma ksplit={self.warps} tiles={self.rows}" + (
+                f" cluster={self.cluster}" if self.cluster > 1 else "")
         return f"norm_gemv warps={self.warps} rows={self.rows}"
 
 
@@ -128,11 +132,14 @@ def is_norm_gemv_legal(cfg: NormGemvConfig, key: NormGemvKey) -> bool:
     if _key_problem(key) is not None or cfg.rows < 1:
         return False
     if not cfg.mma:
-        return key.prologue == "norm" and cfg.warps in (1, 2, 4, 8, 16) and cfg.rows * key.batch <= _ACC_LIMIT
+        return (key.prologue == "norm" and cfg.cluster == 1 and cfg.warps in (1, 2, 4, 8, 16)
+                and cfg.rows * key.batch <= _ACC_LIMIT)
     mt, ks = _mma_shape(key)
-    if cfg.warps not in (2, 4, 8, 16) or cfg.rows not in (1, 2, 4, 8) or ks % cfg.warps:
+    if cfg.warps not in (2, 4, 8, 16) or cfg.rows not in (1, 2, 4, 8) or ks % (cfg.warps * cfg.cluster):
         return False
-    steps = ks // cfg.warps
+    if cfg.cluster not in (1, 2, 4) or (cfg.cluster > 1 and key.prologue != "none"):
+        return False
+    steps = ks // (cfg.warps * cfg.cluster)
     red_bytes = cfg.warps * mt * 16 * cfg.rows * 8 * 4  # the warps' partial sums
     # (with the norm they reuse the normalized rows' space, else they have their own)
     room = mt * 16 * key.k * 2 if key.prologue == "norm" else _SHARED_LIMIT
@@ -148,11 +155,13 @@ def norm_gemv_problem(cfg: NormGemvConfig, key: NormGemvKey) -> str | None:
     return problem
 
 
-def norm_gemv_candidates(key: NormGemvKey, *, warps=(2, 4, 8, 16), rows=(1, 2, 4), mma_tiles=(1, 2, 4, 8)
-                         ) -> list[NormGemvConfig]:
-    """Every legal configuration of ``key``, both forms (empty when the key itself is unsupported)."""
+def norm_gemv_candidates(key: NormGemvKey, *, warps=(2, 4, 8, 16), rows=(1, 2, 4), mma_tiles=(1, 2, 4, 8),
+                         clusters=(1,)) -> list[NormGemvConfig]:
+    """Every legal configuration of ``key``, both forms (empty when the key itself is unsupported);
+    ``clusters`` above 1 (sm_90+ targets only: thread block clusters) add the plain form's cluster split."""
     cands = [NormGemvConfig(w, r) for w in warps for r in rows] if key.prologue == "norm" else []
-    cands += [NormGemvConfig(w, t, mma=True) for w in warps for t in mma_tiles]
+    cands += [NormGemvConfig(w, t, mma=True, cluster=c) for w in warps for t in mma_tiles for c in clusters
+              if c == 1 or t <= 2]  # (a cluster is for more CTAs: with wide blocks there are few anyway)
     return [c for c in cands if is_norm_gemv_legal(c, key)]
 
 
@@ -344,13 +353,18 @@ def _make_norm_gemv_mma(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float):
     ``mma.sync`` m16n8k16 over its share of K for the block's ``rows`` 8-column tiles (the weight
     fragments loaded from global memory before the norm, in the m16n8k16 B layout), and the warps'
     fp32 partial sums meet in shared memory for the epilogue. Without the norm (``prologue="none"``)
-    the A fragments come straight from the input rows in global memory (zero past the batch)."""
+    the A fragments come straight from the input rows in global memory (zero past the batch), and
+    with ``cluster`` C > 1 the C CTAs of a cluster take K's quarters (halves): each sums its warps'
+    parts into shared memory, CTA 0 adds the others' through distributed shared memory (``mapa`` +
+    ``ld.shared::cluster``) between two cluster barriers and runs the epilogue."""
     from tvm.script import tirx as T  # pylint: disable=import-outside-toplevel
 
+    from .wgmma_gemm import DSMEM_LD_SRC  # pylint: disable=import-outside-toplevel
+
     B, K, N, dtype = key.batch, key.k, key.n, key.dtype
-    W, NT = cfg.warps, cfg.rows
+    W, NT, C = cfg.warps, cfg.rows, cfg.cluster
     MT, KS = _mma_shape(key)
-    SW = KS // W  # K steps per warp
+    SW = KS // (W * C)  # K steps per warp
     NB = NT * 8  # columns per block
     RB = MT * 16  # padded rows
     KV, VEC = K // (_LANES * _VEC), _VEC
@@ -361,83 +375,114 @@ def _make_norm_gemv_mma(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float):
     # shared memory: the normalized rows (norm), or just room for the partial sums (which alias it)
     shared = (RB, K) if norm else (1, W * RB * NB * 2)
 
-    # pylint: disable=invalid-name,unused-variable,too-many-locals
+    def dsmem(ptr, rank):  # one fp32 of cluster CTA ``rank``'s shared memory at ``ptr``
+        return T.cuda.func_call("tvm_dsmem_ld_f32", ptr, T.uint32(rank), source_code=DSMEM_LD_SRC,
+                                return_type="float32")
+
+    # pylint: disable=invalid-name,unused-variable,too-many-locals,too-many-arguments
+    @T.macro
+    def block(x: T.Buffer, gamma: T.Buffer, beta: T.Buffer, Wt: T.Buffer, bias: T.Buffer, res: T.Buffer,
+              out: T.Buffer, bx: T.int32, cz: T.int32, ty: T.int32, tx: T.int32):
+        with T.sblock("norm_gemv_mma"):
+            T.reads()
+            T.writes()
+            xn = T.sblock_alloc_buffer(shared, dtype, scope="shared")
+            part = T.sblock_alloc_buffer((B * NB if C > 1 else 1,), "float32", scope="shared")
+            red = T.decl_buffer((W, RB, NB), "float32", data=xn.data, scope="shared")
+            # fragments as 32-bit registers (two halves each), loaded through 32-bit views
+            xn32 = T.decl_buffer((RB, K // 2), "uint32", data=xn.data, scope="shared")
+            x32 = T.decl_buffer((B, K // 2), "uint32", data=x.data)
+            w32 = T.decl_buffer((N, K // 2), "uint32", data=Wt.data)
+            b_frag = T.sblock_alloc_buffer((SW * NT * 2,), "uint32", scope="local")
+            a_frag = T.sblock_alloc_buffer((MT * 4,), "uint32", scope="local")
+            acc = T.sblock_alloc_buffer((MT * NT * 4,), "float32", scope="local")
+            h_loc = T.sblock_alloc_buffer((KV * VEC,), dtype, scope="local")
+            g_loc = T.sblock_alloc_buffer((KV * VEC,), dtype, scope="local")
+            be_loc = T.sblock_alloc_buffer((KV * VEC,), dtype, scope="local")
+            x_loc = T.sblock_alloc_buffer((KV * VEC,), "float32", scope="local")
+            n_loc = T.sblock_alloc_buffer((VEC,), dtype, scope="local")
+            st = T.sblock_alloc_buffer((3,), "float32", scope="local")
+            v = T.sblock_alloc_buffer((1,), "float32", scope="local")
+            col0: T.let[T.int32] = bx * NB
+            k0: T.let[T.int32] = (cz * W + ty) * SW  # this warp's first K step
+            # 1. this warp's weight fragments (B operand: k pairs of column tx // 4)
+            for s in T.unroll(SW):
+                for t in T.unroll(NT):
+                    for h in T.unroll(2):
+                        if col0 + t * 8 + tx // 4 < N:
+                            b_frag[(s * NT + t) * 2 + h] = w32[col0 + t * 8 + tx // 4, (k0 + s) * 8 + h * 4 + tx % 4]
+                        else:
+                            b_frag[(s * NT + t) * 2 + h] = T.uint32(0)
+            if norm:
+                load_params(gamma, beta, g_loc, be_loc, tx)
+                # 2. the norm of the batch rows into shared memory (rows past the batch: zeros)
+                norm_rows(x, g_loc, be_loc, xn, h_loc, x_loc, n_loc, st, ty, tx)
+                T.tvm_storage_sync("shared")
+            # 3. mma.sync over this warp's K steps
+            for i in T.unroll(MT * NT * 4):
+                acc[i] = T.float32(0)
+            for s in T.unroll(SW):
+                for m in T.unroll(MT):
+                    for i in T.unroll(4):  # A: rows tx // 4 (+8), k pairs tx % 4 (+8)
+                        if norm:  # (swizzled chunks)
+                            a_frag[m * 4 + i] = xn32[m * 16 + tx // 4 + i % 2 * 8, T.bitwise_xor(
+                                (k0 + s) * 2 + i // 2, tx // 4) * 4 + tx % 4]
+                        else:
+                            a_frag[m * 4 + i] = T.if_then_else(
+                                m * 16 + tx // 4 + i % 2 * 8 < B,
+                                x32[T.min(m * 16 + tx // 4 + i % 2 * 8, B - 1), (k0 + s) * 8 + i // 2 * 4 + tx % 4],
+                                T.uint32(0))
+                for m in T.unroll(MT):
+                    for t in T.unroll(NT):
+                        T.evaluate(T.ptx_legacy.mma(
+                            "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
+                            a_frag.data, m * 4, b_frag.data, (s * NT + t) * 2,
+                            acc.data, (m * NT + t) * 4, False, dtype="float32"))
+            # 4. the warps' partial sums meet in shared memory (over the normalized rows)
+            T.tvm_storage_sync("shared")
+            for m in T.unroll(MT):
+                for t in T.unroll(NT):
+                    for i in T.unroll(4):
+                        red[ty, m * 16 + tx // 4 + i // 2 * 8, t * 8 + tx % 4 * 2 + i % 2] = acc[(m * NT + t) * 4 + i]
+            T.tvm_storage_sync("shared")
+            for it in T.serial(out_iters):
+                if (it * W + ty) * _LANES + tx < B * NB:
+                    v[0] = T.float32(0)
+                    for w in T.unroll(W):
+                        v[0] = v[0] + red[w, ((it * W + ty) * _LANES + tx) // NB, ((it * W + ty) * _LANES + tx) % NB]
+                    if C > 1:
+                        part[(it * W + ty) * _LANES + tx] = v[0]
+                    elif col0 + ((it * W + ty) * _LANES + tx) % NB < N:
+                        epilogue(v, 0, bias, res, out, ((it * W + ty) * _LANES + tx) // NB,
+                                 col0 + ((it * W + ty) * _LANES + tx) % NB)
+            if C > 1:
+                # 5. the cluster's CTAs meet: CTA 0 adds the others' sums (read through distributed
+                # shared memory); the second barrier keeps their shared memory alive until it has
+                T.cuda.cluster_sync()
+                if cz == 0:
+                    for it in T.serial(out_iters):
+                        if (it * W + ty) * _LANES + tx < B * NB:
+                            v[0] = part[(it * W + ty) * _LANES + tx]
+                            for r in T.unroll(1, C):
+                                v[0] = v[0] + dsmem(part.access_ptr("r", offset=(it * W + ty) * _LANES + tx), r)
+                            if col0 + ((it * W + ty) * _LANES + tx) % NB < N:
+                                epilogue(v, 0, bias, res, out, ((it * W + ty) * _LANES + tx) // NB,
+                                         col0 + ((it * W + ty) * _LANES + tx) % NB)
+                T.cuda.cluster_sync()
+
     @T.macro
     def body(x: T.Buffer, gamma: T.Buffer, beta: T.Buffer, Wt: T.Buffer, bias: T.Buffer, res: T.Buffer, out: T.Buffer):
-        for bx in T.thread_binding(blocks, thread="blockIdx.x"):
-            for ty in T.thread_binding(W, thread="threadIdx.y"):
-                for tx in T.thread_binding(_LANES, thread="threadIdx.x"):
-                    with T.sblock("norm_gemv_mma"):
-                        T.reads()
-                        T.writes()
-                        xn = T.sblock_alloc_buffer(shared, dtype, scope="shared")
-                        red = T.decl_buffer((W, RB, NB), "float32", data=xn.data, scope="shared")
-                        # fragments as 32-bit registers (two halves each), loaded through 32-bit views
-                        xn32 = T.decl_buffer((RB, K // 2), "uint32", data=xn.data, scope="shared")
-                        x32 = T.decl_buffer((B, K // 2), "uint32", data=x.data)
-                        w32 = T.decl_buffer((N, K // 2), "uint32", data=Wt.data)
-                        b_frag = T.sblock_alloc_buffer((SW * NT * 2,), "uint32", scope="local")
-                        a_frag = T.sblock_alloc_buffer((MT * 4,), "uint32", scope="local")
-                        acc = T.sblock_alloc_buffer((MT * NT * 4,), "float32", scope="local")
-                        h_loc = T.sblock_alloc_buffer((KV * VEC,), dtype, scope="local")
-                        g_loc = T.sblock_alloc_buffer((KV * VEC,), dtype, scope="local")
-                        be_loc = T.sblock_alloc_buffer((KV * VEC,), dtype, scope="local")
-                        x_loc = T.sblock_alloc_buffer((KV * VEC,), "float32", scope="local")
-                        n_loc = T.sblock_alloc_buffer((VEC,), dtype, scope="local")
-                        st = T.sblock_alloc_buffer((3,), "float32", scope="local")
-                        v = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                        col0: T.let[T.int32] = bx * NB
-                        # 1. this warp's weight fragments (B operand: k pairs of column tx // 4)
-                        for s in T.unroll(SW):
-                            for t in T.unroll(NT):
-                                for h in T.unroll(2):
-                                    if col0 + t * 8 + tx // 4 < N:
-                                        b_frag[(s * NT + t) * 2 + h] = w32[
-                                            col0 + t * 8 + tx // 4, (ty * SW + s) * 8 + h * 4 + tx % 4]
-                                    else:
-                                        b_frag[(s * NT + t) * 2 + h] = T.uint32(0)
-                        if norm:
-                            load_params(gamma, beta, g_loc, be_loc, tx)
-                            # 2. the norm of the batch rows into shared memory (rows past the batch: zeros)
-                            norm_rows(x, g_loc, be_loc, xn, h_loc, x_loc, n_loc, st, ty, tx)
-                            T.tvm_storage_sync("shared")
-                        # 3. mma.sync over this warp's K steps
-                        for i in T.unroll(MT * NT * 4):
-                            acc[i] = T.float32(0)
-                        for s in T.unroll(SW):
-                            for m in T.unroll(MT):
-                                for i in T.unroll(4):  # A: rows tx // 4 (+8), k pairs tx % 4 (+8)
-                                    if norm:  # (swizzled chunks)
-                                        a_frag[m * 4 + i] = xn32[m * 16 + tx // 4 + i % 2 * 8, T.bitwise_xor(
-                                            (ty * SW + s) * 2 + i // 2, tx // 4) * 4 + tx % 4]
-                                    else:
-                                        a_frag[m * 4 + i] = T.if_then_else(
-                                            m * 16 + tx // 4 + i % 2 * 8 < B,
-                                            x32[T.min(m * 16 + tx // 4 + i % 2 * 8, B - 1),
-                                                (ty * SW + s) * 8 + i // 2 * 4 + tx % 4], T.uint32(0))
-                            for m in T.unroll(MT):
-                                for t in T.unroll(NT):
-                                    T.evaluate(T.ptx_legacy.mma(
-                                        "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
-                                        a_frag.data, m * 4, b_frag.data, (s * NT + t) * 2,
-                                        acc.data, (m * NT + t) * 4, False, dtype="float32"))
-                        # 4. the warps' partial sums meet in shared memory (over the normalized rows)
-                        T.tvm_storage_sync("shared")
-                        for m in T.unroll(MT):
-                            for t in T.unroll(NT):
-                                for i in T.unroll(4):
-                                    red[ty, m * 16 + tx // 4 + i // 2 * 8, t * 8 + tx % 4 * 2 + i % 2] = acc[
-                                        (m * NT + t) * 4 + i]
-                        T.tvm_storage_sync("shared")
-                        for it in T.serial(out_iters):
-                            if (it * W + ty) * _LANES + tx < B * NB:
-                                v[0] = T.float32(0)
-                                for w in T.unroll(W):
-                                    v[0] = v[0] + red[w, ((it * W + ty) * _LANES + tx) // NB,
-                                                      ((it * W + ty) * _LANES + tx) % NB]
-                                if col0 + ((it * W + ty) * _LANES + tx) % NB < N:
-                                    epilogue(v, 0, bias, res, out, ((it * W + ty) * _LANES + tx) // NB,
-                                             col0 + ((it * W + ty) * _LANES + tx) % NB)
+        if C == 1:
+            for bx in T.thread_binding(blocks, thread="blockIdx.x"):
+                for ty in T.thread_binding(W, thread="threadIdx.y"):
+                    for tx in T.thread_binding(_LANES, thread="threadIdx.x"):
+                        block(x, gamma, beta, Wt, bias, res, out, bx, T.int32(0), ty, tx)
+        else:  # clusters of C consecutive CTAs along x, one per column block
+            for bxc in T.thread_binding(blocks * C, thread="blockIdx.x"):
+                for cz in T.thread_binding(C, thread="clusterCtaIdx.x"):
+                    for ty in T.thread_binding(W, thread="threadIdx.y"):
+                        for tx in T.thread_binding(_LANES, thread="threadIdx.x"):
+                            block(x, gamma, beta, Wt, bias, res, out, bxc // C, cz, ty, tx)
 
     return wrap(body)
 

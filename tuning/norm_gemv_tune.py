@@ -34,7 +34,7 @@ from gpt2_model.norm_gemv import (NormGemvConfig, NormGemvError, NormGemvKey, No
 from .attention import AttentionError, _build_all
 from .dbfiles import NORM_GEMV_FILE, read_json
 from .graph_timer import kernel_us
-from .targets import is_gpu
+from .targets import cuda_sm_at_least, is_gpu
 
 __all__ = ["NORM_GEMV_SCHEMA", "merge_winners", "norm_gemv_keys", "norm_gemv_plan_for", "parse_entry", "read_norm_gemv_plan", "reference_norm_gemv", "tune_norm_gemv"]
 
@@ -205,8 +205,9 @@ def tune_norm_gemv(config, *, dtype: str, target, out_dir: str | os.PathLike, ba
         return read_json(Path(out_dir) / NORM_GEMV_FILE, {}) or {}
     t0 = time.time()
     jobs = []  # (key, cfg, func)
+    clusters = (1, 2, 4) if cuda_sm_at_least(target, 90) else (1,)  # thread block clusters: sm_90+
     for key in keys:
-        for cfg in norm_gemv_candidates(key):
+        for cfg in norm_gemv_candidates(key, clusters=clusters):
             try:
                 jobs.append((key, cfg, make_norm_gemv(cfg, key, eps=eps)))
             except NormGemvError as err:

@@ -309,3 +309,30 @@ def test_the_search_keeps_the_faster_lm_head_form():
     # the fused form's ln_f time unknown: the fused form stays
     out = pick_lm_head({"b32_k768_n50257_none": entry(60.0), "b32_k768_n50257_none_plain": entry(25.0)}, log=lines.append)
     assert set(out) == {"b32_k768_n50257_none"} and "untimed" in lines[-1]
+
+
+def test_cluster_split_is_the_plain_forms_and_sm90s_only():
+    """The plain tensor-core form's cluster split: legal without the norm only, K divisible by the
+    warps of every CTA of the cluster; offered for sm_90 searches; its kernel syncs the cluster and
+    reads the other CTAs' sums through distributed shared memory, and column block bx // C of the
+    grid's x is where it writes (its numerics are checked on the card by the search)."""
+    fc2 = NormGemvKey(32, 3072, 768, "bias_residual", prologue="none")
+    qkv = NormGemvKey(32, 768, 2304, "bias")
+    assert NormGemvConfig(8, 1, True, 4).label() == "norm_gemv mma ksplit=8 tiles=1 cluster=4"
+    from gpt2_model.norm_gemv import is_norm_gemv_legal  # pylint: disable=import-outside-toplevel
+
+    assert is_norm_gemv_legal(NormGemvConfig(8, 1, True, 4), fc2)
+    assert not is_norm_gemv_legal(NormGemvConfig(8, 1, True, 4), qkv)  # the norm needs whole rows
+    assert not is_norm_gemv_legal(NormGemvConfig(16, 1, True, 4), NormGemvKey(8, 768, 768, "bias_residual",
+                                                                              prologue="none"))  # 48 K steps / 64
+    assert not is_norm_gemv_legal(NormGemvConfig(8, 1, False, 2), NormGemvKey(8, 768, 2304, "bias"))
+    assert {c.cluster for c in norm_gemv_candidates(fc2)} == {1}
+    split = [c for c in norm_gemv_candidates(fc2, clusters=(1, 2, 4)) if c.cluster > 1]
+    assert split and all(c.mma and c.rows <= 2 for c in split) and {c.cluster for c in split} == {2, 4}
+    assert all(c.cluster == 1 for c in norm_gemv_candidates(qkv, clusters=(1, 2, 4)))
+    with CUDA:
+        lib = tvm.compile(tvm.IRModule({"main": make_norm_gemv(NormGemvConfig(8, 1, True, 4), fc2, eps=1e-5)}),
+                          target=CUDA)
+    src = lib.mod.imports[0].inspect_source()
+    assert src.count("tvm_builtin_cuda_cluster_sync();") == 2 and "ld.shared::cluster.f32" in src
+    assert "((int)blockIdx.x) >> 2" in src and "tvm_builtin_cluster_ctaid_x()" in src
