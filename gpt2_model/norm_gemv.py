@@ -349,14 +349,11 @@ def _make_norm_gemv_simt(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float):
 
 def _make_norm_gemv_mma(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float):
     """The tensor-core form: the block normalizes the batch rows (padded with zero rows to 16) into
-    shared memory (16-byte chunks XOR-swizzled by row: conflict-free fragment loads), each warp runs
-    ``mma.sync`` m16n8k16 over its share of K for the block's ``rows`` 8-column tiles (the weight
-    fragments loaded from global memory before the norm, in the m16n8k16 B layout), and the warps'
-    fp32 partial sums meet in shared memory for the epilogue. Without the norm (``prologue="none"``)
-    the A fragments come straight from the input rows in global memory (zero past the batch), and
-    with ``cluster`` C > 1 the C CTAs of a cluster take K's quarters (halves): each sums its warps'
-    parts into shared memory, CTA 0 adds the others' through distributed shared memory (``mapa`` +
-    ``ld.shared::cluster``) between two cluster barriers and runs the epilogue."""
+    shared memory (16-byte chunks XOR-swizzled by row), each warp runs ``mma.sync`` m16n8k16 over its
+    share of K for the block's ``rows`` 8-column tiles (weight fragments loaded before the norm), and
+    the warps' fp32 sums meet in shared memory for the epilogue. Without the norm the A fragments come
+    from the input rows in global memory, and with ``cluster`` C > 1 the C CTAs of a cluster split K:
+    CTA 0 adds the others' sums through distributed shared memory between two cluster barriers."""
     from tvm.script import tirx as T  # pylint: disable=import-outside-toplevel
 
     from .wgmma_gemm import DSMEM_LD_SRC  # pylint: disable=import-outside-toplevel
@@ -455,9 +452,7 @@ def _make_norm_gemv_mma(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float):
                     elif col0 + ((it * W + ty) * _LANES + tx) % NB < N:
                         epilogue(v, 0, bias, res, out, ((it * W + ty) * _LANES + tx) // NB,
                                  col0 + ((it * W + ty) * _LANES + tx) % NB)
-            if C > 1:
-                # 5. the cluster's CTAs meet: CTA 0 adds the others' sums (read through distributed
-                # shared memory); the second barrier keeps their shared memory alive until it has
+            if C > 1:  # 5. CTA 0 adds the others' sums; the 2nd barrier keeps their shared memory alive
                 T.cuda.cluster_sync()
                 if cz == 0:
                     for it in T.serial(out_iters):
