@@ -10,6 +10,8 @@ weight (fp32 / fp16 / 4-bit groups) and how it is turned back into a matrix insi
 
 from __future__ import annotations
 
+import dataclasses
+
 from tvm import relax as rx
 from tvm import te, tirx
 from tvm.relax.frontend import nn
@@ -197,11 +199,7 @@ class GPT2LMHeadModel(nn.Module):
         """``lm_head(ln_f(hidden))`` (b, 1, vocab) fp32: one fused kernel where planned."""
         logits = norm_linear(self.norm_gemv, self.transformer.ln_f, self.transformer.wte, hidden, "none",
                              out_dtype="float32")
-        if logits is not None:
-            return logits
-        hidden = self.transformer.ln_f(hidden)
-        logits = plain_lm_head(self.norm_gemv, self.transformer.wte, hidden)  # (the plain template, where planned)
-        return logits if logits is not None else self._lm_head(hidden)
+        return logits if logits is not None else self._lm_head(self.transformer.ln_f(hidden))
 
     def _decode_logits(self, embeds: Tensor, paged_kv_cache: PagedKVCache, *, positioned: bool = False) -> Tensor:
         """Logits (b, 1, vocab) fp32 of a decode step."""
@@ -446,7 +444,8 @@ def _template_call(plan: NormGemvPlan, key: NormGemvKey, args: list, *, name: st
 def norm_linear(plan: NormGemvPlan | None, norm: nn.LayerNorm, linear: nn.Module, x: Tensor, epilogue: str | None,
                 *, out_dtype: str | None = None) -> Tensor | None:
     """``linear(norm(x))`` (+ the epilogue) as one fused kernel (:mod:`gpt2_model.norm_gemv`) where
-    ``plan`` names this static decode shape, else None (the caller runs the two layers).
+    ``plan`` names this static decode shape, or the norm and then that module's plain kernel where the
+    plan names the plain form instead, else None (the caller runs the two layers).
 
     ``linear`` is an unquantized ``nn.Linear`` (its bias per ``epilogue``) or the tied embedding
     (``epilogue="none"``: its table is the weight). Only static shapes of one token per row.
@@ -458,8 +457,15 @@ def norm_linear(plan: NormGemvPlan | None, norm: nn.LayerNorm, linear: nn.Module
         return None  # (quantized layers keep their own kernels)
     key = NormGemvKey(batch=b, k=int(x.shape[2]), n=int(weight.shape[0]), epilogue=epilogue, dtype=str(x.dtype),
                       out_dtype=out_dtype or str(x.dtype))
-    args = [x, norm.weight, norm.bias, weight] + ([bias] if bias is not None else [])
-    return _template_call(plan, key, args, name=f"norm_gemv_{key.name()}", eps=float(norm.eps))
+    tail = [bias] if bias is not None else []
+    fused = _template_call(plan, key, [x, norm.weight, norm.bias, weight] + tail, name=f"norm_gemv_{key.name()}",
+                           eps=float(norm.eps))
+    if fused is not None:
+        return fused
+    plain = dataclasses.replace(key, prologue="none")  # the norm alone, then the plain template's kernel
+    if plan.config_for(plain) is None:
+        return None
+    return _template_call(plan, plain, [norm(x), weight] + tail, name=f"gemv_{plain.name()}")
 
 
 def residual_linear(plan: NormGemvPlan | None, linear: nn.Module, h: Tensor, residual: Tensor) -> Tensor | None:
@@ -472,18 +478,6 @@ def residual_linear(plan: NormGemvPlan | None, linear: nn.Module, h: Tensor, res
                           dtype=str(h.dtype), out_dtype=str(h.dtype), prologue="none")
         return _template_call(plan, key, [h, weight, bias, residual], name=f"gemv_{key.name()}")
     return None
-
-
-def plain_lm_head(plan: NormGemvPlan | None, wte: nn.Module, h: Tensor) -> Tensor | None:
-    """The tied lm_head ``h @ wte^T`` (fp32 logits) on the plain form of :mod:`gpt2_model.norm_gemv`'s
-    tensor-core GEMV (after a standalone ``ln_f``) where ``plan`` names this static decode shape, else None."""
-    b = _one_token_rows(h) if plan is not None else None
-    weight = getattr(wte, "weight", None)
-    if b is None or not isinstance(weight, nn.Parameter):
-        return None
-    key = NormGemvKey(batch=b, k=int(h.shape[2]), n=int(weight.shape[0]), epilogue="none", dtype=str(h.dtype),
-                      out_dtype="float32", prologue="none")
-    return _template_call(plan, key, [h, weight], name=f"gemv_{key.name()}")
 
 
 def gemm_linear(plan: GemmPlan | None, linear: nn.Module, x: Tensor, epilogue: str,

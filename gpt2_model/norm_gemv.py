@@ -12,14 +12,12 @@ the deviations), its output rounded to the activation dtype (what the unfused no
 the dot products accumulated in fp32, bias, GELU (tanh form) and the cast applied to the fp32 sum.
 
 Two forms: the CUDA-core one above, and a tensor-core one (``mma.sync`` m16n8k16 on the rows padded
-to 16, K split over the block's warps), which also serves without the norm for the c_proj layers
-(``prologue="none"``, + bias + residual in the epilogue).
-
-The kernels are written scheduled (``tirx.is_scheduled``: dlight and MetaSchedule leave them
-alone). Their constants (:class:`NormGemvConfig`) are searched on the GPU by
-:mod:`tuning.norm_gemv_tune` against the kernels they replace and stored in the database's
-``norm_gemv.json``; the model uses them only for the static decode shapes that file names
-(:class:`NormGemvPlan`), so an untuned build, or a database without it, is the unfused model exactly.
+to 16, K split over the block's warps and, without the norm, over a cluster's CTAs), which serves
+without the norm (``prologue="none"``) for the c_proj layers (+ bias + residual) and for any linear
+layer after its norm run alone. Written scheduled (``tirx.is_scheduled``); their constants
+(:class:`NormGemvConfig`) are searched on the GPU by :mod:`tuning.norm_gemv_tune` against the kernels
+they replace and stored in the database's ``norm_gemv.json``; the model uses them only for the static
+decode shapes that file names (:class:`NormGemvPlan`): without it, the unfused model exactly.
 """
 
 from __future__ import annotations
@@ -36,8 +34,8 @@ __all__ = ["EPILOGUES", "MAX_ROWS", "PROLOGUES", "NormGemvConfig", "NormGemvErro
 EPILOGUES = ("bias", "bias_gelu", "none", "bias_residual")
 #: What runs before the GEMV: ``norm`` (the layer norm, fused) or ``none`` (the plain linear layer:
 #: with ``bias_residual`` the decode step's c_proj layers, + bias + the residual stream; with ``none``
-#: the tied lm_head after a standalone ``ln_f``, which at larger batches beats re-normalizing the
-#: rows in every block of the fused form).
+#: with the other epilogues the linear layer after a standalone layer norm, which at larger batches
+#: can beat re-normalizing the batch rows in every block of the fused form).
 PROLOGUES = ("norm", "none")
 MAX_ROWS = 32  # batch rows the kernel takes (their normalized copy lives in 48 KB of shared memory)
 _LANES = 32
@@ -104,8 +102,6 @@ def _key_problem(key: NormGemvKey, *, reference: bool = False) -> str | None:
         return f"prologue {key.prologue!r} is not one of {PROLOGUES}"
     if key.epilogue == "bias_residual" and key.prologue != "none":
         return "the residual epilogue goes with the plain prologue only"
-    if key.prologue == "none" and key.epilogue not in ("bias_residual", "none"):
-        return f"the plain prologue takes the residual epilogue or none (the lm_head), not {key.epilogue!r}"
     if reference:  # the plain form takes any shape and float dtype
         return None
     if key.dtype != "float16":
@@ -167,7 +163,7 @@ def norm_gemv_candidates(key: NormGemvKey, *, warps=(2, 4, 8, 16), rows=(1, 2, 4
 
 def make_norm_gemv(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float, name: str = "norm_gemv"):
     """The scheduled PrimFunc ``(x (B,1,K), gamma (K,), beta (K,), W (N,K)[, bias (N,)], out (B,1,N))``;
-    with the plain prologue ``(x, W, bias, residual, out)`` (``bias_residual``) or ``(x, W, out)``.
+    with the plain prologue ``(x, W[, bias[, residual]], out)`` (as the epilogue needs).
 
     Raises
     ------
@@ -253,8 +249,8 @@ def _pieces(key: NormGemvKey, *, eps: float, warps: int, padded_rows: int, swizz
 
     def wrap(body):
         """The PrimFunc around ``body(x, gamma, beta, W, bias, residual, out)``: parameters
-        ``(x, gamma, beta, W[, bias], out)`` with the norm, ``(x, W, bias, residual, out)`` or
-        ``(x, W, out)`` without (a parameter the body never reads is passed as another buffer)."""
+        ``(x, gamma, beta, W[, bias], out)`` with the norm, ``(x, W[, bias[, residual]], out)``
+        without (a parameter the body never reads is passed as another buffer)."""
         # (the parser reads the annotations' names from this frame's locals)
         B, K, N, dtype, out_dtype = key.batch, key.k, key.n, key.dtype, key.out_dtype  # pylint: disable=redefined-outer-name
         if residual:
@@ -263,6 +259,12 @@ def _pieces(key: NormGemvKey, *, eps: float, warps: int, padded_rows: int, swizz
                      res: T.Buffer((B, 1, N), dtype), out: T.Buffer((B, 1, N), out_dtype)):
                 T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
                 body(x, bias, bias, W, bias, res, out)
+        elif key.prologue == "none" and has_bias:
+            @T.prim_func(s_tir=True)
+            def func(x: T.Buffer((B, 1, K), dtype), W: T.Buffer((N, K), dtype), bias: T.Buffer((N,), dtype),
+                     out: T.Buffer((B, 1, N), out_dtype)):
+                T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+                body(x, bias, bias, W, bias, out, out)
         elif key.prologue == "none":
             @T.prim_func(s_tir=True)
             def func(x: T.Buffer((B, 1, K), dtype), W: T.Buffer((N, K), dtype), out: T.Buffer((B, 1, N), out_dtype)):
@@ -523,7 +525,7 @@ def make_norm_gemv_reference(key: NormGemvKey, *, eps: float, name: str = "norm_
 
     out = te.compute((B, 1, N), lambda b, z, n: epilogue(y[b, z, n], b, n), name="out")
     if key.prologue == "none":
-        args = [x, w] + ([bias, res] if key.epilogue == "bias_residual" else []) + [out]
+        args = [x, w] + ([bias] if key.epilogue != "none" else []) + ([res] if key.epilogue == "bias_residual" else []) + [out]
     else:
         args = [x, gamma, beta, w] + ([bias] if key.epilogue != "none" else []) + [out]
     return te.create_prim_func(args).with_attr("global_symbol", name)

@@ -47,13 +47,15 @@ ATOL, RTOL = 2e-3, 1e-2
 #: From this batch on the search also tries the plain lm_head: the fused form normalizes the batch
 #: rows again in each of its ~800 blocks, which at 32 rows cost 3x the weight traffic (H100, 2026-12-07).
 PLAIN_LM_HEAD_FROM = 8
+#: ... and the plain QKV and c_fc layers (after ln_1 / ln_2 alone) from this batch.
+PLAIN_LINEAR_FROM = 16
 
 
 def norm_gemv_keys(config, *, dtype: str, batches: Sequence[int]) -> list[NormGemvKey]:
     """The kernels of a decode step the templates can take, at each batch (those they support): the
     norm + linear pairs, the two c_proj layers with their residual add (plain prologue), and from
-    :data:`PLAIN_LM_HEAD_FROM` rows the plain lm_head (after a standalone ``ln_f``), the fused
-    ``ln_f`` + lm_head's rival: the search keeps the faster of the two (:func:`pick_lm_head`)."""
+    :data:`PLAIN_LM_HEAD_FROM` (:data:`PLAIN_LINEAR_FROM`) rows the plain lm_head (QKV, c_fc) after
+    a standalone layer norm, the fused pair's rival: the search keeps the faster (:func:`pick_plain`)."""
     keys = []
     gelu = config.activation_function in ("gelu_new", "gelu_pytorch_tanh")
     d = config.n_embd
@@ -66,6 +68,10 @@ def norm_gemv_keys(config, *, dtype: str, batches: Sequence[int]) -> list[NormGe
         keys.append(NormGemvKey(b, config.n_inner, d, "bias_residual", dtype, dtype, prologue="none"))  # mlp.c_proj
         if b >= PLAIN_LM_HEAD_FROM:
             keys.append(NormGemvKey(b, d, config.vocab_size, "none", dtype, "float32", prologue="none"))
+        if b >= PLAIN_LINEAR_FROM:  # the layer's own norm + linear pairs, plain after a standalone norm
+            keys.append(NormGemvKey(b, d, 3 * d, "bias", dtype, dtype, prologue="none"))
+            if gelu:
+                keys.append(NormGemvKey(b, d, config.n_inner, "bias_gelu", dtype, dtype, prologue="none"))
     return [k for k in keys if norm_gemv_candidates(k)]
 
 
@@ -102,7 +108,8 @@ def _inputs(key: NormGemvKey, seed: int = 0) -> dict[str, np.ndarray]:
 def _arg_names(key: NormGemvKey) -> tuple[str, ...]:
     """The kernel's inputs in order (its output follows)."""
     if key.prologue == "none":
-        return ("x", "w") + (("bias", "residual") if key.epilogue == "bias_residual" else ())
+        return ("x", "w") + (("bias",) if key.epilogue != "none" else ()) + (
+            ("residual",) if key.epilogue == "bias_residual" else ())
     return ("x", "gamma", "beta", "w") + (("bias",) if key.epilogue != "none" else ())
 
 
@@ -243,7 +250,7 @@ def tune_norm_gemv(config, *, dtype: str, target, out_dir: str | os.PathLike, ba
                               repeat=repeat)
         entry["candidates"].append({"config": asdict(cfg), **res})
     doc = read_json(Path(out_dir) / NORM_GEMV_FILE, {}) or {}
-    kernels = pick_lm_head(merge_winners(dict(doc.get("kernels") or {}), found, base_us, log=log), log=log)
+    kernels = pick_plain(merge_winners(dict(doc.get("kernels") or {}), found, base_us, log=log), log=log)
     doc = {"schema": NORM_GEMV_SCHEMA, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "device": getattr(device, "device_name", None), "eps": eps, "kernels": kernels}
     out = Path(out_dir)
@@ -292,26 +299,26 @@ def merge_winners(kernels: dict, found: dict, base_us: dict, *, log: Callable[[s
     return kernels
 
 
-def pick_lm_head(kernels: dict, *, log: Callable[[str], None] = print) -> dict:
-    """Where a batch has both lm_head forms stored, keep the faster whole and drop the other entry:
-    the fused ``ln_f`` + lm_head against the plain lm_head plus the standalone ``ln_f`` (its time
+def pick_plain(kernels: dict, *, log: Callable[[str], None] = print) -> dict:
+    """Where a norm + linear pair has both forms stored, keep the faster whole and drop the other
+    entry: the fused kernel against the plain linear kernel plus the standalone layer norm (its time
     from the fused entry's timed pair). Without that time the fused form stays (the model takes it
     first anyway)."""
-    for name in [n for n in kernels if n.endswith("_none_plain")]:
+    for name in [n for n in kernels if n.endswith("_plain")]:
         fused = name[: -len("_plain")]
         if fused not in kernels:
-            continue
+            continue  # (the c_proj layers have no fused form)
         norm_us = next((u for w, u in (kernels[fused].get("unfused") or {}).items()
                         if w.startswith("norm ") and u is not None), None)
         fused_us, plain_us = kernels[fused]["us"], kernels[name]["us"]
         if norm_us is not None and plain_us + norm_us < fused_us:
             kernels.pop(fused)
-            log(f"norm+gemv: {name}: ln_f {norm_us:.2f} us + plain lm_head {plain_us:.2f} us beat the fused "
+            log(f"norm+gemv: {name}: norm {norm_us:.2f} us + plain {plain_us:.2f} us beat the fused "
                 f"{fused_us:.2f} us; the fused entry dropped")
         else:
             kernels.pop(name)
-            plain = f"{plain_us:.2f} us + ln_f {norm_us:.2f} us" if norm_us is not None else f"{plain_us:.2f} us + ln_f (untimed)"
-            log(f"norm+gemv: {fused}: fused {fused_us:.2f} us kept over the plain lm_head ({plain}); the plain entry dropped")
+            plain = f"{plain_us:.2f} us + norm " + (f"{norm_us:.2f} us" if norm_us is not None else "(untimed)")
+            log(f"norm+gemv: {fused}: fused {fused_us:.2f} us kept over the plain form ({plain}); the plain entry dropped")
     return kernels
 
 

@@ -82,10 +82,10 @@ def fused_elsewhere(key: GemmKey, norm_gemv_plan) -> bool:
         return False
     from gpt2_model.norm_gemv import NormGemvKey  # pylint: disable=import-outside-toplevel
 
-    plain = key.epilogue == "bias_residual"
-    nk = NormGemvKey(batch=key.m, k=key.k, n=key.n, epilogue=key.epilogue, dtype=key.dtype, out_dtype=key.dtype,
-                     prologue="none" if plain else "norm")
-    return norm_gemv_plan.config_for(nk) is not None
+    forms = ("none",) if key.epilogue == "bias_residual" else ("norm", "none")  # (fused, or the plain after the norm)
+    return any(norm_gemv_plan.config_for(NormGemvKey(batch=key.m, k=key.k, n=key.n, epilogue=key.epilogue,
+                                                     dtype=key.dtype, out_dtype=key.dtype, prologue=p)) is not None
+               for p in forms)
 
 
 def reference_gemm(key: GemmKey, a, w, bias, residual=None) -> np.ndarray:

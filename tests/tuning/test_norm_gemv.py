@@ -41,6 +41,8 @@ EMULATED = {
     "mma_plain_b20_ragged": (20, 100, "bias_residual", "float16", 4, 1, True),
     # the plain lm_head (after a standalone ln_f): no bias, fp32 logits, a ragged last block
     "mma_plain_lmhead_b16_f32_ragged": (16, 1001, "none", "float32", 4, 2, True),
+    # the plain c_fc (after a standalone ln_2): + bias, GELU
+    "mma_plain_gelu_b16": (16, 200, "bias_gelu", "float16", 8, 1, True),
 }
 
 
@@ -117,6 +119,10 @@ def test_search_keys_and_the_pairs_they_must_beat():
     assert keys[2].out_dtype == "float32" and keys[-1].out_dtype == "float32"
     assert [(k.k, k.prologue) for k in keys[3:5]] == [(768, "none"), (3072, "none")]  # the two c_proj layers
     assert keys[-1].prologue == "none" and keys[-1].name() == "b8_k768_n50257_none_plain"
+    # from batch 16 the plain QKV and c_fc too (after ln_1 / ln_2 alone)
+    k16 = norm_gemv_keys(config, dtype="float16", batches=[16])
+    assert [(k.epilogue, k.n, k.prologue) for k in k16[5:]] == [
+        ("none", 50257, "none"), ("bias", 2304, "none"), ("bias_gelu", 3072, "none")]
     db = Path(__file__).resolve().parents[2] / "databases" / "sm_90" / "gpt2-q0f16"
     pairs = _unfused_kernels(config, quantization="q0f16", target=CUDA, db_dir=db, keys=keys[5:])
     assert set(pairs) == {k.name() for k in keys[5:]}
@@ -216,18 +222,19 @@ def test_fused_model_on_the_cpu_equals_hf(hf_sharded):
     config = get_config(path)
     keys = [NormGemvKey(b, config.n_embd, n, e, "float32", "float32") for b in (1, 2)
             for n, e in ((3 * config.n_embd, "bias"), (config.n_inner, "bias_gelu"), (config.vocab_size, "none"))
-            if (b, e) != (2, "none")]
+            if (b, e) not in ((2, "none"), (2, "bias_gelu"))]
     keys += [NormGemvKey(b, k, config.n_embd, "bias_residual", "float32", "float32", prologue="none")
              for b in (1, 2) for k in (config.n_embd, config.n_inner)]  # the two c_proj layers + residual
-    # at b2 the lm_head is the plain form, after the standalone ln_f
+    # at b2 the lm_head and c_fc are the plain form, after the standalone ln_f / ln_2
     keys.append(NormGemvKey(2, config.n_embd, config.vocab_size, "none", "float32", "float32", prologue="none"))
+    keys.append(NormGemvKey(2, config.n_embd, config.n_inner, "bias_gelu", "float32", "float32", prologue="none"))
     plan = NormGemvPlan({k.name(): NormGemvConfig(1, 1) for k in keys}, reference=True)
     target = make_target("cpu")
     exported = export_model(config, quantization="q0f32", target=target, buckets={"decode": [2]}, norm_gemv=plan)
-    # every norm fused but ln_f, which runs alone before the plain lm_head
-    assert _calls(exported.mod, "batch_decode_b2")[1] == 1 and _calls(exported.mod, "batch_decode_b2")[0] > 0
+    # every norm fused but ln_f and ln_2, which run alone before the plain lm_head and c_fc
+    assert _calls(exported.mod, "batch_decode_b2")[1] == 1 + config.n_layer and _calls(exported.mod, "batch_decode_b2")[0] > 0
     b2 = exported.mod["batch_decode_b2"].script()
-    assert b2.count("call_tir(cls.gemv_") + b2.count("call_tir(gemv_") == 2 * config.n_layer + 1
+    assert b2.count("call_tir(cls.gemv_") + b2.count("call_tir(gemv_") == 3 * config.n_layer + 1
     assert b2.count("gemv_b2_k{}_n{}_none_plain".format(config.n_embd, config.vocab_size)) == 1
     engine = Engine(exported=exported, executable=build(exported, target=target),
                     params=convert_params(load_hf_params(path, config), exported.scheme), device="cpu")
@@ -288,10 +295,10 @@ def test_search_keeps_only_checked_winners_over_the_kernels_they_replace():
     assert "stale: best" in text and "not faster" in text and "untimed" in text and "were not timed" in text
 
 
-def test_the_search_keeps_the_faster_lm_head_form():
+def test_the_search_keeps_the_faster_form_of_a_pair():
     """Both lm_head forms stored for a batch: the fused ln_f + lm_head is weighed against the plain
     one plus the standalone ln_f (timed with the fused entry's pair); the loser's entry goes."""
-    from tuning.norm_gemv_tune import pick_lm_head  # pylint: disable=import-outside-toplevel
+    from tuning.norm_gemv_tune import pick_plain  # pylint: disable=import-outside-toplevel
 
     def entry(us, norm_us=None):
         pair = {"linear lm_head (tuned)": 30.0} | ({"norm layer_norm (tuned)": norm_us} if norm_us else {})
@@ -301,13 +308,17 @@ def test_the_search_keeps_the_faster_lm_head_form():
     kernels = {"b32_k768_n50257_none": entry(60.0, norm_us=3.0), "b32_k768_n50257_none_plain": entry(25.0),
                "b8_k768_n50257_none": entry(27.0, norm_us=2.5), "b8_k768_n50257_none_plain": entry(25.0),
                "b1_k768_n50257_none": entry(20.0, norm_us=2.0), "b16_k768_n50257_none_plain": entry(24.0)}
-    out = pick_lm_head(kernels, log=lines.append)
+    out = pick_plain(kernels, log=lines.append)
     # b32: 25 + 3 < 60, the plain form wins; b8: 25 + 2.5 > 27, the fused stays; single forms stay
     assert set(out) == {"b32_k768_n50257_none_plain", "b8_k768_n50257_none", "b1_k768_n50257_none",
                         "b16_k768_n50257_none_plain"}
     assert len(lines) == 2 and "fused entry dropped" in lines[0] and "plain entry dropped" in lines[1]
+    # any norm + linear pair the same way; a plain c_proj (no fused form) always stays
+    out = pick_plain({"b16_k768_n2304_bias": entry(9.0, norm_us=2.0), "b16_k768_n2304_bias_plain": entry(5.0),
+                      "b16_k768_n768_bias_residual_plain": entry(4.0)}, log=lines.append)
+    assert set(out) == {"b16_k768_n2304_bias_plain", "b16_k768_n768_bias_residual_plain"}
     # the fused form's ln_f time unknown: the fused form stays
-    out = pick_lm_head({"b32_k768_n50257_none": entry(60.0), "b32_k768_n50257_none_plain": entry(25.0)}, log=lines.append)
+    out = pick_plain({"b32_k768_n50257_none": entry(60.0), "b32_k768_n50257_none_plain": entry(25.0)}, log=lines.append)
     assert set(out) == {"b32_k768_n50257_none"} and "untimed" in lines[-1]
 
 

@@ -63,6 +63,10 @@ def test_decode_batch_keys_and_what_the_fused_kernels_take():
     assert fused_elsewhere(qkv, plan) and not fused_elsewhere(key, plan)
     assert not fused_elsewhere(GemmKey(32, 2304, 768, "bias"), plan)  # prefill chunks are never fused
     assert not fused_elsewhere(qkv, None)
+    fc1 = GemmKey(16, 3072, 768, "bias_gelu", rows=True)  # the plain form after ln_2 alone takes it too
+    plain = NormGemvPlan({NormGemvKey(batch=16, k=768, n=3072, epilogue="bias_gelu", prologue="none").name():
+                          NormGemvConfig(4, 1, mma=True)}, reference=True)
+    assert fused_elsewhere(fc1, plain) and not fused_elsewhere(GemmKey(32, 3072, 768, "bias_gelu", rows=True), plain)
 
 
 @needs_nvcc
