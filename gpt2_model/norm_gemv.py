@@ -33,9 +33,8 @@ __all__ = ["EPILOGUES", "MAX_ROWS", "PROLOGUES", "NormGemvConfig", "NormGemvErro
 #: residual[b, n]; then the cast to the output dtype.
 EPILOGUES = ("bias", "bias_gelu", "none", "bias_residual")
 #: What runs before the GEMV: ``norm`` (the layer norm, fused) or ``none`` (the plain linear layer:
-#: with ``bias_residual`` the decode step's c_proj layers, + bias + the residual stream; with ``none``
-#: with the other epilogues the linear layer after a standalone layer norm, which at larger batches
-#: can beat re-normalizing the batch rows in every block of the fused form).
+#: the c_proj layers with ``bias_residual``; any other layer after its norm run alone, which at
+#: larger batches can beat re-normalizing the rows in every block of the fused form).
 PROLOGUES = ("norm", "none")
 MAX_ROWS = 32  # batch rows the kernel takes (their normalized copy lives in 48 KB of shared memory)
 _LANES = 32
@@ -179,10 +178,9 @@ def make_norm_gemv(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float, name: s
 
 def _pieces(key: NormGemvKey, *, eps: float, warps: int, padded_rows: int, swizzle: bool = False):
     """What both forms share, as TVMScript macros: the warp butterfly sum, the norm parameters'
-    load, the norm of the batch rows into shared memory (one warp per row; rows from the batch to
-    ``padded_rows`` are zeroed; with ``swizzle`` the 16-byte chunk ``c`` of row ``r`` is stored at
-    chunk ``c ^ (r % 8)``, so the tensor-core form's fragment loads -- 8 rows x 16 bytes -- hit 32
-    different banks), the epilogue of one output value, and the PrimFunc around a body."""
+    load, the norm of the batch rows into shared memory (one warp per row; rows past the batch zeroed;
+    with ``swizzle`` chunk ``c`` of row ``r`` stored at chunk ``c ^ (r % 8)``: conflict-free fragment
+    loads), the epilogue of one output value, and the PrimFunc around a body."""
     from tvm.script import tirx as T  # pylint: disable=import-outside-toplevel
 
     B, K, N, dtype, out_dtype = key.batch, key.k, key.n, key.dtype, key.out_dtype
