@@ -156,7 +156,7 @@ def norm_gemv_candidates(key: NormGemvKey, *, warps=(2, 4, 8, 16), rows=(1, 2, 4
     ``clusters`` above 1 (sm_90+ targets only: thread block clusters) add the plain form's cluster split."""
     cands = [NormGemvConfig(w, r) for w in warps for r in rows] if key.prologue == "norm" else []
     cands += [NormGemvConfig(w, t, mma=True, cluster=c) for w in warps for t in mma_tiles for c in clusters
-              if c == 1 or t <= 2]  # (a cluster is for more CTAs: with wide blocks there are few anyway)
+              if c == 1 or -(-key.n // (8 * t)) < 256]  # (a cluster is for more CTAs where blocks are few)
     return [c for c in cands if is_norm_gemv_legal(c, key)]
 
 

@@ -340,6 +340,9 @@ def test_cluster_split_is_the_plain_forms_and_sm90s_only():
     assert {c.cluster for c in norm_gemv_candidates(fc2)} == {1}
     split = [c for c in norm_gemv_candidates(fc2, clusters=(1, 2, 4)) if c.cluster > 1]
     assert split and all(c.mma and c.rows <= 2 for c in split) and {c.cluster for c in split} == {2, 4}
+    # (only where the blocks are few: not for the lm_head's 50257 columns)
+    lm = NormGemvKey(32, 768, 50257, "none", out_dtype="float32", prologue="none")
+    assert all(c.cluster == 1 for c in norm_gemv_candidates(lm, clusters=(1, 2, 4)))
     assert all(c.cluster == 1 for c in norm_gemv_candidates(qkv, clusters=(1, 2, 4)))
     with CUDA:
         lib = tvm.compile(tvm.IRModule({"main": make_norm_gemv(NormGemvConfig(8, 1, True, 4), fc2, eps=1e-5)}),
