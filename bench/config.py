@@ -134,6 +134,10 @@ class BenchConfig:
     anatomy : bool
         Decode/prefill: also time the step's kernels one by one (graph-timed on CUDA) so the
         rows carry ``kernels_ms`` and ``overhead_ms`` (see ``bench/SCHEMA.md``).
+    graph_kernels : bool
+        Decode/prefill with the anatomy: also replay each TVM step's whole-step graph under
+        ``torch.profiler`` (every kernel in it, the KV cache's included: :mod:`bench.step_kernels`).
+        Off by default: the profiler may slow what runs after it (CUPTI), so use it in its own run.
     torch_threads : int or None
         Intra-op threads of the PyTorch peers on the CPU; ``None``: as many as TVM's thread pool.
     """
@@ -154,6 +158,7 @@ class BenchConfig:
     peak_tflops: float | None = None
     check: bool = True
     anatomy: bool = True
+    graph_kernels: bool = False
     torch_threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -17,6 +17,7 @@ failure is logged and gives ``None``: it never costs the row.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections import defaultdict
 from typing import Any
@@ -61,6 +62,7 @@ def graph_kernels(runner, *, replays: int = REPLAYS) -> dict[str, Any] | None:
     try:
         if not torch.cuda.is_available() or runner.replay_ms(n=3, warmup=1) is None:
             return None
+        os.environ.setdefault("TEARDOWN_CUPTI", "1")  # finalize CUPTI after the profile (CUDA >= 12.6)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             runner.replay_ms(n=replays, warmup=0)
         events = []

@@ -32,7 +32,8 @@ def test_decode_on_cuda(tmp_path, cuda_graph):
     torch = pytest.importorskip("torch")
     assert torch.cuda.is_available(), "a CUDA machine whose torch has no CUDA: the GPU columns cannot be checked"
     cfg = BenchConfig(model="tiny-h64", quantization="q0f16", device="cuda", repeats=2, variants="untuned,torch-eager",
-                      cuda_graph=cuda_graph, database_dir=str(tmp_path / "db"), cache_dir=str(tmp_path / "libs"))
+                      cuda_graph=cuda_graph, database_dir=str(tmp_path / "db"), cache_dir=str(tmp_path / "libs"),
+                      graph_kernels=True)
     res = run_decode(cfg, batch="1,4", prompt_len=8, gen_len=8, log=lambda m: None)
     report.validate_result(res)
     assert all(r["status"] == "ok" for r in res["rows"]), [r["error"] for r in res["rows"]]
