@@ -132,11 +132,12 @@ def run_child(names, results_path):
 
     from gpt2_model import wgmma_build as WB  # pylint: disable=import-outside-toplevel
     from tuning import attention as A  # pylint: disable=import-outside-toplevel
-    from tuning.targets import detect_local_cuda_arch, make_target  # pylint: disable=import-outside-toplevel
+    from gpt2_model.device import detect_cuda_arch  # pylint: disable=import-outside-toplevel
+    from tuning.targets import make_target  # pylint: disable=import-outside-toplevel
 
     WB.install_compile_hook()
     dev = tvm.cuda(0)
-    target = make_target(detect_local_cuda_arch())
+    target = make_target(detect_cuda_arch())
     key = A.AttentionKey(H, H, D, "float16")
     table = kernels()
     data = {}

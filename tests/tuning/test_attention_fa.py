@@ -114,12 +114,12 @@ def test_every_candidate_compiles_for_sm90a_without_spills(sm90, cfg):
 
 
 def _gpu_target():
-    from tuning.targets import detect_local_cuda_arch
+    from gpt2_model.device import detect_cuda_arch
 
     dev = tvm.cuda(0)
     if not dev.exist:
         pytest.skip("no CUDA GPU")
-    arch = detect_local_cuda_arch()
+    arch = detect_cuda_arch()
     if not arch.startswith("sm_90"):
         pytest.skip(f"wgmma needs sm_90, this GPU is {arch}")
     return dev, make_target(arch)

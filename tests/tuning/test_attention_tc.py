@@ -126,12 +126,12 @@ def test_unknown_template_is_one_clear_error(tmp_path, sm90):
                                  TC.TCConfig(2, 32, mma=True)])
 def test_tc_kernel_matches_numpy_on_gpu(cfg):
     """On a CUDA GPU: output and lse of a causal 300-token prefill match NumPy (wmma and mma.sync)."""
-    from tuning.targets import detect_local_cuda_arch
+    from gpt2_model.device import detect_cuda_arch
 
     dev = tvm.cuda(0)
     if not dev.exist:
         pytest.skip("no CUDA GPU")
-    target = make_target(detect_local_cuda_arch())
+    target = make_target(detect_cuda_arch())
     key = A.AttentionKey(4, 4, 64, "float16")
     func = TC.make_tc_ragged_prefill(cfg, key, target)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
