@@ -6,8 +6,9 @@ For each TVM variant and test point the row gets
 ``gpu_ms``       GPU ms per step from CUDA events in the same pass (host not blocked by the timing)
 ``kernels_ms``   the sum over the step's kernels of ``calls x time per call``, each kernel timed on
                  its own as the library runs it: captured in a CUDA graph and replayed on CUDA
-                 (no launch cost, the cuBLAS column's method, ``bench kernels``), TVM's
-                 ``time_evaluator`` on the CPU
+                 (no launch cost, the cuBLAS column's method, ``bench kernels``; a decode step's
+                 kernels rotate over copies of their inputs larger than L2, as in the step, where
+                 each weight is read once), TVM's ``time_evaluator`` on the CPU
 ``overhead_ms``  ``ms - kernels_ms``: host work, launch gaps, synchronous copies, and the kernels
                  the partition does not contain (see below)
 
@@ -57,13 +58,18 @@ class StepAnatomy:
 
     def _time(self, lib, args, task) -> float:
         """Microseconds per call of one compiled kernel."""
+        import itertools
+
         from .kernels import time_kernel
-        from tuning.graph_timer import cuda_graph_us
+        from tuning.graph_timer import cold_copies, cuda_graph_us
 
         s = self.s
         if self.method == "cuda-graph replay":
             fn = lib["main"]
-            return stats(cuda_graph_us(lambda: fn(*args), device=s.device.name, repeats=10, tvm_stream=True)).median
+            # a decode step reads each weight (and each layer's KV) once: its kernels are timed cold
+            sets = itertools.cycle(cold_copies(args) if task.phase == "decode" else [args])
+            return stats(cuda_graph_us(lambda: fn(*next(sets)), device=s.device.name, repeats=10,
+                                       tvm_stream=True)).median
         return stats(time_kernel(lib, args, device=s.device.tvm_device(), repeats=3,
                                  min_repeat_ms=10 if s.device.kind == "cuda" else 1)).median
 

@@ -10,7 +10,15 @@ Used by ``bench`` (kernel tables, step anatomy) and by the template searches (:f
 
 from __future__ import annotations
 
-__all__ = ["TIMERS", "TIMER_ENV", "cuda_graph_us", "graph_timer_available", "kernel_us", "resolve_timer"]
+__all__ = ["COLD_BYTES", "TIMERS", "TIMER_ENV", "cold_copies", "cuda_graph_us", "graph_timer_available", "kernel_us",
+           "resolve_timer"]
+
+#: With ``cold``, the captured calls rotate over copies of the arguments until they span this many
+#: bytes: more than twice a Hopper's L2 (50 MB on an H100, 60 MB on an H200), so each call reads its
+#: inputs from HBM, as a decode step's kernels do (each weight and each layer's KV read once a step).
+#: Timed alone on the same inputs, a 5 MB GEMV runs from L2: 2026-12-07, H100, b8 c_fc2 5.1 µs alone
+#: against 6.4 µs in the step, decode attention 4.5 against 6.4 µs.
+COLD_BYTES = 128 << 20
 
 
 def graph_timer_available() -> bool:
@@ -90,19 +98,46 @@ def resolve_timer(timer: str = "auto", device=None) -> str:
     return timer if cuda else "time_evaluator"
 
 
+def cold_copies(args, *, iters: int = 20, budget: int = COLD_BYTES) -> list[list]:
+    """Argument lists for ``iters`` calls spanning at least ``budget`` bytes where ``iters`` copies can:
+    the first is ``args``, the others copy its tensors on their device (other values shared)."""
+    is_tensor = [hasattr(a, "copyto") and hasattr(a, "shape") for a in args]
+    nbytes = sum(_numel(a.shape) * _itemsize(a.dtype) for a, t in zip(args, is_tensor) if t)
+    n = max(1, min(iters, -(-budget // max(nbytes, 1))))
+    return [list(args)] + [[a.copyto(a.device) if t else a for a, t in zip(args, is_tensor)] for _ in range(n - 1)]
+
+
+def _numel(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= int(d)
+    return out
+
+
+def _itemsize(dtype) -> int:
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    return np.dtype(str(dtype)).itemsize
+
+
 def kernel_us(lib, args, *, device, number: int = 100, repeat: int = 5, timer: str = "auto",
-              entry: str = "main") -> tuple[float, str]:
+              entry: str = "main", cold: bool = False) -> tuple[float, str]:
     """(median µs per call of ``lib[entry](*args)``, the timer used: :func:`resolve_timer`).
 
     ``cuda-graph``: ``repeat`` replays of a graph of 20 back-to-back calls (a host part of the call, such as
-    a TMA descriptor's encoding, runs once, at capture, as in the model's graphs); ``time_evaluator``:
-    ``repeat`` runs of ``number`` calls, each with its launch."""
+    a TMA descriptor's encoding, runs once, at capture, as in the model's graphs); with ``cold`` the calls
+    rotate over copies of the arguments (:func:`cold_copies`), so none finds its inputs in L2.
+    ``time_evaluator``: ``repeat`` runs of ``number`` calls, each with its launch (``cold`` ignored)."""
+    import itertools  # pylint: disable=import-outside-toplevel
+
     import numpy as np  # pylint: disable=import-outside-toplevel
 
     timer = resolve_timer(timer, device)
     if timer == "cuda-graph":
         fn = lib[entry]
-        us = cuda_graph_us(lambda: fn(*args), device=f"cuda:{device.index}", repeats=repeat, tvm_stream=True)
+        sets = itertools.cycle(cold_copies(args) if cold else [args])
+        us = cuda_graph_us(lambda: fn(*next(sets)), device=f"cuda:{device.index}", repeats=repeat,
+                           tvm_stream=True)
         return float(np.median(us)), timer
     te = lib.time_evaluator(entry, device, number=number, repeat=repeat)
     return float(np.median(te(*args).results) * 1e6), timer

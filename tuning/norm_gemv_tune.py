@@ -114,14 +114,16 @@ def _arg_names(key: NormGemvKey) -> tuple[str, ...]:
 
 
 def _check_and_time(lib, key: NormGemvKey, inp: dict, ref: np.ndarray, *, device, number: int, repeat: int) -> dict:
-    return check_and_time(lib, [inp[n] for n in _arg_names(key)], ref, device=device, number=number, repeat=repeat)
+    return check_and_time(lib, [inp[n] for n in _arg_names(key)], ref, device=device, number=number, repeat=repeat,
+                          cold=True)
 
 
 def check_and_time(lib, inputs: list, ref: np.ndarray, *, device, number: int, repeat: int,
-                   atol: float = ATOL, rtol: float = RTOL) -> dict:
+                   atol: float = ATOL, rtol: float = RTOL, cold: bool = False) -> dict:
     """Run a template candidate's ``main`` on ``inputs`` (host arrays) into an output poisoned with
     NaN and compare with ``ref`` (its shape and dtype): ``ok`` when every value is finite and
-    ``|out - ref| <= atol + rtol * |ref|``; a passing candidate is timed (``us``, ``time_evaluator``)."""
+    ``|out - ref| <= atol + rtol * |ref|``; a passing candidate is timed (``us``: :func:`kernel_us`; with
+    ``cold`` its inputs are not left in L2 between calls, as in a decode step)."""
     import tvm  # pylint: disable=import-outside-toplevel
 
     args = [tvm.runtime.tensor(a, device) for a in inputs]
@@ -133,7 +135,7 @@ def check_and_time(lib, inputs: list, ref: np.ndarray, *, device, number: int, r
     err = float(np.max(np.abs(got - want) - rtol * np.abs(want))) if got.size else 0.0
     res = {"ok": bool(np.all(np.isfinite(got))) and err <= atol, "excess_err": err}
     if res["ok"]:
-        res["us"] = kernel_us(lib, [*args, out], device=device, number=number, repeat=repeat)[0]
+        res["us"] = kernel_us(lib, [*args, out], device=device, number=number, repeat=repeat, cold=cold)[0]
     return res
 
 
@@ -185,13 +187,13 @@ def as_tuned_build_runs(task, db, target) -> tuple[str, object] | None:
     return f"{task.kernel} " + ("(tuned)" if rec is not None else "(dlight)"), sch.mod["main"]
 
 
-def _time_kernel(lib, func, *, device, number: int, repeat: int) -> float:
+def _time_kernel(lib, func, *, device, number: int, repeat: int, cold: bool = True) -> float:
     import tvm  # pylint: disable=import-outside-toplevel
 
     from .verify import _random_args  # pylint: disable=import-outside-toplevel
 
     args = [tvm.runtime.tensor(a, device) for a in _random_args(func, np.random.default_rng(0))]
-    return kernel_us(lib, args, device=device, number=number, repeat=repeat)[0]
+    return kernel_us(lib, args, device=device, number=number, repeat=repeat, cold=cold)[0]
 
 
 def tune_norm_gemv(config, *, dtype: str, target, out_dir: str | os.PathLike, batches: Sequence[int],

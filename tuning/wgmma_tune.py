@@ -155,7 +155,7 @@ def _replaced_kernels(config, *, quantization: str, target, db_dir: Path, keys: 
 def _check_and_time(lib, key: GemmKey, inp: dict, ref: np.ndarray, *, device, number: int, repeat: int) -> dict:
     names = ("a", "w", "bias") + (("residual",) if key.epilogue == "bias_residual" else ())
     return check_and_time(lib, [inp[n] for n in names], ref, device=device, number=number, repeat=repeat,
-                          atol=ATOL, rtol=RTOL)
+                          atol=ATOL, rtol=RTOL, cold=key.rows)
 
 
 def tune_wgmma_gemm(config, *, dtype: str, target, out_dir: str | os.PathLike, lengths: Sequence[int] = (),
@@ -187,6 +187,7 @@ def tune_wgmma_gemm(config, *, dtype: str, target, out_dir: str | os.PathLike, l
     jobs = [(k, c) for k in keys for c in gemm_candidates(k)]
     replaced = _replaced_kernels(config, quantization=quantization, target=target, db_dir=out, keys=keys)
     base_funcs = [(name, what, f) for name, pair in replaced.items() for what, f in pair]
+    decode_names = {k.name() for k in keys if k.rows}  # (timed cold: a decode step reads each weight once)
     log(f"wgmma: {len(jobs)} candidates for {len(keys)} GEMMs at chunk lengths "
         f"{sorted({k.m for k in keys if not k.rows})}, decode batches {sorted({k.m for k in keys if k.rows})} "
         f"(+ {len(base_funcs)} partition kernels to beat); building...")
@@ -196,7 +197,8 @@ def tune_wgmma_gemm(config, *, dtype: str, target, out_dir: str | os.PathLike, l
         base_us: dict[str, dict] = {}
         for (name, what, f), path in zip(base_funcs, base_paths):
             base_us.setdefault(name, {})[what] = _time_kernel(
-                tvm.runtime.load_module(path), f, device=device, number=number, repeat=repeat) if path else None
+                tvm.runtime.load_module(path), f, device=device, number=number, repeat=repeat,
+                cold=name in decode_names) if path else None
         failed = [e for _, e in built if e]
         log(f"wgmma: built {len(jobs) - len(failed)}/{len(jobs)} in {time.time() - t0:.0f} s; measuring")
         if failed:

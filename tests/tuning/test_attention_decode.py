@@ -357,3 +357,21 @@ def test_measurement_timer_choice(monkeypatch):
     monkeypatch.setenv(TIMER_ENV, "wall")
     with pytest.raises(ValueError, match="GPT2K_SEARCH_TIMER='wall'"):
         resolve_timer("auto", tvm.cuda(0))
+
+
+def test_cold_copies_span_more_than_l2():
+    """Cold timing's argument sets: the original first, then device copies of every tensor (equal
+    contents, other buffers), other values shared, as many sets as it takes to span the budget (at
+    most one per captured call): a small kernel gets all 20, a 77 MB lm_head weight 2."""
+    from tuning.graph_timer import COLD_BYTES, cold_copies
+
+    w = tvm.runtime.tensor(np.arange(3 * 1024 * 1024, dtype="float16").reshape(3072, 1024))  # 6 MiB
+    x = tvm.runtime.tensor(np.ones((8, 1024), dtype="float16"))
+    sets = cold_copies([x, w, 7])
+    assert COLD_BYTES == 128 << 20 and len(sets) == 20  # 20 x ~6 MiB = 120 MiB: capped at the 20 calls
+    assert sets[0][0] is x and sets[0][1] is w and all(s[2] == 7 for s in sets)
+    np.testing.assert_array_equal(sets[19][1].numpy(), w.numpy())
+    sets[1][1].copyfrom(np.zeros((3072, 1024), "float16"))  # a copy is its own buffer
+    assert sets[0][1].numpy()[1, 1] == 1025 and sets[2][1].numpy()[1, 1] == 1025 and sets[1][1].numpy().max() == 0
+    big = cold_copies([w], budget=13 << 20)  # 13 MiB over 6 MiB a set: 3 sets
+    assert len(big) == 3
