@@ -24,16 +24,19 @@
 #    before sending this one; a call sent later starts a fresh machine (call 1 again, ~1 min charged).
 #  - 2026-12-07: a machine start that finds no machine costs up to 3 device minutes; with less
 #    than ~5 minutes left none starts.
-#  - NEXT SESSION (eleventh), after call 1 (p1); the tenth's tables are bench/results/2026-12-07-h100-c:
-#    call 2: `bash scripts/session.sh env prebuild-pdl && DA_LIMIT=120 bash scripts/session.sh decode-attn;
-#             PHASES=decode BATCHES=1,8,16,32,64 KINDS=norm-gemv,wgmma,attention TUNE_LIMIT=360 bash scripts/session.sh tune`
-#            (decode attention with the graph timer: does a split win once the launch floor is gone? the
-#            norm-gemv / wgmma / decode attention searches on this card, graph-timed; unpack $OUT/db-q0f16.tgz here)
-#    call 3: `bash scripts/session.sh restore prebuild-new && AF_LIMIT=110 bash scripts/session.sh attn-fa;
-#             WAIT_FOR="newnopdl" bash scripts/session.sh wait; DB=/root/keep/dbnew/sm_90/gpt2-q0f16 GPT2K_PDL=0 BD_LIMIT=240
-#             VARIANTS=tuned,torch-compile bash scripts/session.sh bench-decode`  (torch-compile decode needs ~150 s)
-#    call 4: `GPT2K_PDL=wait` A/B (prebuild it first: GPT2K_PDL=wait python scripts/prebuild_libs.py ...), bench
-#            prefill with peers, bench kernels --phase prefill --seq-len 1024 (BK_LIMIT)
+#  - NEXT SESSION (twelfth), after call 1 (p1); the eleventh's decode table is bench/results/2026-12-07-h100-d:
+#    call 2: `bash .devwheels/p2/install.sh; bash scripts/session.sh env; PHASES=decode BATCHES=1,8,16,32
+#             KINDS=norm-gemv,attention TUNE_LIMIT=420 bash scripts/session.sh tune`  (~4 min: the decode searches,
+#             now timed cold; unpack $OUT/db-q0f16.tgz here, drop .tune.lock)
+#    call 3: `bash scripts/session.sh restore; PB_MODES=0 bash scripts/session.sh prebuild-new; WAIT_FOR=newnopdl
+#             WAIT_S=240 bash scripts/session.sh wait; DB=/root/keep/dbnew/sm_90/gpt2-q0f16 GPT2K_PDL=0 BD_LIMIT=270
+#             VARIANTS=tuned,torch-compile bash scripts/session.sh bench-decode; ... TAG=_graphkernels
+#             BENCH_ARGS="--graph-kernels --repeats 2 --no-check" VARIANTS=tuned BD_LIMIT=60 bash scripts/session.sh bench-decode`
+#             (~6 min; the decode table, then every kernel of the step in place)
+#    call 4 (if the budget holds): AF_LIMIT=110 attn-fa; PHASES=decode BATCHES=16,32,64 KINDS=wgmma tune;
+#             GPT2K_PDL=wait A/B
+#  - 2026-12-07 (eleventh session): 6 starts failed (~8 device minutes) before one came at 15:29; the tune of
+#    norm-gemv + decode attention at 4 batches took 3m51s (498 + 49 candidates); prebuild of one library ~2 min.
 #  - 2026-12-07 (tenth session): 8 machine starts failed (15.5 device minutes) before one came at 12:13;
 #    a bench decode with the torch-compile peer at 3 batches needs more than 120 s (the peer compiles per batch).
 #  - 2026-12-07 (ninth session): 4 of 5 machine starts found none (~8 device minutes); a `pgrep -f`

@@ -70,18 +70,19 @@ class DecodeConfig:
     tokens: int  # consecutive tokens per group per iteration (same page)
     split: int = 1  # CTAs of a thread block cluster per (sequence, head), each taking every split-th iteration
     split_below: int = 0  # > 0: split only while batch x heads < split_below (a launch-time choice), else 1 CTA
+    wide: bool = False  # 16-byte loads (8 fp16 values a lane, 8 lanes a 64-wide row) instead of 8-byte ones
 
     def label(self) -> str:
-        text = f"decode groups={self.groups} tokens={self.tokens}"
+        text = f"decode groups={self.groups} tokens={self.tokens}" + (" wide" if self.wide else "")
         if self.split > 1:
             text += f" split={self.split}" + (f" below {self.split_below} blocks" if self.split_below else "")
         return text
 
 
-def _vec_lanes(key) -> tuple[int, int]:
-    """(elements per 8-byte load, lanes per token row)."""
+def _vec_lanes(key, wide: bool = False) -> tuple[int, int]:
+    """(elements per 8-byte load, or 16-byte with ``wide``; lanes per token row)."""
     elem = 2 if "16" in str(key.dtype) else 4
-    vec = 8 // elem
+    vec = (16 if wide else 8) // elem
     return vec, key.d // vec
 
 
@@ -114,7 +115,7 @@ def is_decode_legal(cfg: DecodeConfig, key, target=None) -> bool:
     warp, groups a power of two (tree merge), tokens dividing the page, threads and static shared
     memory within the target's per-block limits; a split (2, 4 or 8 CTAs, a portable cluster) only
     on an sm_90+ CUDA target."""
-    vec, lanes = _vec_lanes(key)
+    vec, lanes = _vec_lanes(key, cfg.wide)
     threads, smem = _limits(target)
     return (key.h_q == key.h_kv and key.d % vec == 0 and _pow2(lanes) and lanes <= 32
             and _pow2(cfg.groups) and cfg.tokens in (1, 2, 4, 8, 16)
@@ -133,10 +134,11 @@ SPLIT_BELOW = 132
 
 def decode_candidates(key, target=None, *, groups: Sequence[int] = (4, 8, 16, 32, 64),
                       tokens: Sequence[int] = (1, 2, 4, 8), splits: Sequence[int] = (2, 4)) -> list:
-    """``None`` (TVM's kernel) first, then the template's legal configurations of the grid, then the
-    cluster-split ones (``splits`` x :data:`SPLIT_SHAPES`, always and below :data:`SPLIT_BELOW` blocks;
+    """``None`` (TVM's kernel) first, then the template's legal configurations of the grid (8-byte
+    loads, then 16-byte ones), then the cluster-split ones (``splits`` x :data:`SPLIT_SHAPES`, always and below :data:`SPLIT_BELOW` blocks;
     sm_90+ only)."""
-    one = [c for g in groups for t in tokens if is_decode_legal(c := DecodeConfig(groups=g, tokens=t), key, target)]
+    one = [c for w in (False, True) for g in groups for t in tokens
+           if is_decode_legal(c := DecodeConfig(groups=g, tokens=t, wide=w), key, target)]
     split = [c for below in (0, SPLIT_BELOW) for s in splits for g, t in SPLIT_SHAPES
              if is_decode_legal(c := DecodeConfig(groups=g, tokens=t, split=s, split_below=below), key, target)]
     return [None] + one + split
@@ -165,7 +167,8 @@ def make_decode_kernel(cfg: DecodeConfig | None, key, target):  # pylint: disabl
     from tvm.script import tirx as T  # pylint: disable=import-outside-toplevel
 
     H, D, dtype = key.h_q, key.d, key.dtype
-    vec, lanes = _vec_lanes(key)
+    vec, lanes = _vec_lanes(key, cfg.wide)
+    ALIGN = 16 if cfg.wide else 8  # bytes of one lane's load
     G, TT, SPLIT, BELOW = cfg.groups, cfg.tokens, cfg.split, cfg.split_below
     per_it = G * TT  # tokens per block iteration
     lane_steps = int(math.log2(lanes))
@@ -366,7 +369,7 @@ def make_decode_kernel(cfg: DecodeConfig | None, key, target):  # pylint: disabl
         length_info = T.match_buffer(var_length_info, (B,), "int32", elem_offset=length_info_elem_offset)
 
         assert rotary_mode == 0, "tuned batch_decode_paged_kv: rotary_mode must be 0 (no RoPE in the kernel)"
-        assert pages_elem_offset % vec == 0, "tuned batch_decode_paged_kv: pages must start 8-byte aligned"
+        assert pages_elem_offset % vec == 0, f"tuned batch_decode_paged_kv: pages must start {ALIGN}-byte aligned"
         # the pages again, at an offset the codegen can prove 8-byte aligned: one vector load per lane
         # and token (a ramp off ``pages_elem_offset`` itself becomes ``vec`` scalar loads)
         pages_v = T.decl_buffer((max_num_pages, 2, H, page_size, D), dtype, data=pages.data,
