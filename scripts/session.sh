@@ -37,6 +37,9 @@
 #             GPT2K_PDL=wait A/B
 #  - 2026-12-07 (eleventh session): 6 starts failed (~8 device minutes) before one came at 15:29; the tune of
 #    norm-gemv + decode attention at 4 batches took 3m51s (498 + 49 candidates); prebuild of one library ~2 min.
+#    A second machine later that day: its start cost 87 s, and the first nvcc builds on a fresh machine are
+#    slow (69 decode attention kernels in 83 s, 49 in 48 s on a warm one): a 105 s tune limit cut the
+#    search before it measured anything. Give a fresh machine's first search 2-3 minutes.
 #  - 2026-12-07 (tenth session): 8 machine starts failed (15.5 device minutes) before one came at 12:13;
 #    a bench decode with the torch-compile peer at 3 batches needs more than 120 s (the peer compiles per batch).
 #  - 2026-12-07 (ninth session): 4 of 5 machine starts found none (~8 device minutes); a `pgrep -f`
