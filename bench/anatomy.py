@@ -175,7 +175,9 @@ def run_notes(s, cfg) -> list[str]:
     elif s.timer.method != "cuda-events":
         notes.append("GPU time needs torch with CUDA (events): wall time only")
     if cfg.anatomy:
-        notes.append(f"kernels = sum of the step's partition kernels, each timed alone; overhead = wall - kernels; "
+        cold = (" (a decode step's cold: inputs rotated over copies larger than L2)"
+                if s.device.kind == "cuda" and s.timer.method == "cuda-events" else "")
+        notes.append(f"kernels = sum of the step's partition kernels, each timed alone{cold}; overhead = wall - kernels; "
                      f"{EXCLUDED} (their time is in the overhead); PyTorch peers: wall and GPU time only")
     else:
         notes.append("step anatomy off (--no-anatomy): no kernel sum or overhead")
