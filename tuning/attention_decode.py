@@ -71,9 +71,11 @@ class DecodeConfig:
     split: int = 1  # CTAs of a thread block cluster per (sequence, head), each taking every split-th iteration
     split_below: int = 0  # > 0: split only while batch x heads < split_below (a launch-time choice), else 1 CTA
     wide: bool = False  # 16-byte loads (8 fp16 values a lane, 8 lanes a 64-wide row) instead of 8-byte ones
+    prefetch: bool = False  # the next iteration's K/V loads issued before this iteration's math
 
     def label(self) -> str:
-        text = f"decode groups={self.groups} tokens={self.tokens}" + (" wide" if self.wide else "")
+        text = (f"decode groups={self.groups} tokens={self.tokens}" + (" wide" if self.wide else "")
+                + (" prefetch" if self.prefetch else ""))
         if self.split > 1:
             text += f" split={self.split}" + (f" below {self.split_below} blocks" if self.split_below else "")
         return text
@@ -135,10 +137,13 @@ SPLIT_BELOW = 132
 def decode_candidates(key, target=None, *, groups: Sequence[int] = (4, 8, 16, 32, 64),
                       tokens: Sequence[int] = (1, 2, 4, 8), splits: Sequence[int] = (2, 4)) -> list:
     """``None`` (TVM's kernel) first, then the template's legal configurations of the grid (8-byte
-    loads, then 16-byte ones), then the cluster-split ones (``splits`` x :data:`SPLIT_SHAPES`, always and below :data:`SPLIT_BELOW` blocks;
+    loads, 16-byte ones, 8-byte ones software-pipelined), then the cluster-split ones (``splits`` x :data:`SPLIT_SHAPES`, always and below :data:`SPLIT_BELOW` blocks;
     sm_90+ only)."""
     one = [c for w in (False, True) for g in groups for t in tokens
            if is_decode_legal(c := DecodeConfig(groups=g, tokens=t, wide=w), key, target)]
+    # software-pipelined: where an iteration takes few tokens, so a context needs several
+    one += [c for g in groups for t in tokens if t <= 4
+            and is_decode_legal(c := DecodeConfig(groups=g, tokens=t, prefetch=True), key, target)]
     split = [c for below in (0, SPLIT_BELOW) for s in splits for g, t in SPLIT_SHAPES
              if is_decode_legal(c := DecodeConfig(groups=g, tokens=t, split=s, split_below=below), key, target)]
     return [None] + one + split
@@ -169,7 +174,7 @@ def make_decode_kernel(cfg: DecodeConfig | None, key, target):  # pylint: disabl
     H, D, dtype = key.h_q, key.d, key.dtype
     vec, lanes = _vec_lanes(key, cfg.wide)
     ALIGN = 16 if cfg.wide else 8  # bytes of one lane's load
-    G, TT, SPLIT, BELOW = cfg.groups, cfg.tokens, cfg.split, cfg.split_below
+    G, TT, SPLIT, BELOW, PREFETCH = cfg.groups, cfg.tokens, cfg.split, cfg.split_below, cfg.prefetch
     per_it = G * TT  # tokens per block iteration
     lane_steps = int(math.log2(lanes))
     merge_steps = int(math.log2(G))
@@ -195,6 +200,18 @@ def make_decode_kernel(cfg: DecodeConfig | None, key, target):  # pylint: disabl
         st[0] = st[2]
         for i in T.unroll(vec):
             o_loc[i] = o_loc[i] * st[3] + dsmem(O_x.access_ptr("r", offset=tx * vec + i), r) * st[4]
+
+    @T.macro
+    def load_kv(pages_v: T.Buffer, pg: T.int32, kv_len: T.int32, t0: T.int32, by: T.int32, tx: T.int32,
+                k_buf: T.Buffer, v_buf: T.Buffer):
+        # the group's TT tokens from t0 (on page pg: TT divides a page) into registers; past the context: zeros
+        for j in T.unroll(TT):
+            if t0 + j < kv_len:
+                k_buf[T.ramp(j * vec, 1, vec)] = pages_v[pg, 0, by, t0 % page_size + j, T.ramp(tx * vec, 1, vec)]
+                v_buf[T.ramp(j * vec, 1, vec)] = pages_v[pg, 1, by, t0 % page_size + j, T.ramp(tx * vec, 1, vec)]
+            else:
+                k_buf[T.ramp(j * vec, 1, vec)] = T.broadcast(T.cast(0, dtype), vec)
+                v_buf[T.ramp(j * vec, 1, vec)] = T.broadcast(T.cast(0, dtype), vec)
 
     @T.macro
     def merge_step(O_src: T.Buffer, md_src: T.Buffer, O_dst: T.Buffer, md_dst: T.Buffer, o_loc: T.Buffer,
@@ -228,6 +245,8 @@ def make_decode_kernel(cfg: DecodeConfig | None, key, target):  # pylint: disabl
             q_loc = T.sblock_alloc_buffer((vec,), "float32", scope="local")
             k_loc = T.sblock_alloc_buffer((TT * vec,), dtype, scope="local")
             v_loc = T.sblock_alloc_buffer((TT * vec,), dtype, scope="local")
+            k_nx = T.sblock_alloc_buffer((TT * vec if PREFETCH else 1,), dtype, scope="local")
+            v_nx = T.sblock_alloc_buffer((TT * vec if PREFETCH else 1,), dtype, scope="local")
             o_loc = T.sblock_alloc_buffer((vec,), "float32", scope="local")
             s_loc = T.sblock_alloc_buffer((TT,), "float32", scope="local")
             st = T.sblock_alloc_buffer((5,), "float32", scope="local")  # m, d, m_new, alpha, beta
@@ -250,20 +269,21 @@ def make_decode_kernel(cfg: DecodeConfig | None, key, target):  # pylint: disabl
             for i in T.unroll(vec):
                 o_loc[i] = T.float32(0)
             # (with a split of ns CTAs, CTA cz of the cluster takes iterations cz, cz + ns, ...)
+            if PREFETCH:  # the first iteration's K/V before the loop; each iteration then loads the next's
+                first: T.let[T.int32] = cz * per_it + ty * TT
+                load_kv(pages_v, T.if_then_else(first < kv_len, page_table_values[page_begin + first // page_size], 0),
+                        kv_len, first, by, tx, k_loc, v_loc)
             for it in T.serial(T.ceildiv(T.ceildiv(kv_len, per_it), ns)):
                 tok0: T.let[T.int32] = (it * ns + cz) * per_it + ty * TT
-                page_no: T.let[T.int32] = T.if_then_else(
-                    tok0 < kv_len, page_table_values[page_begin + tok0 // page_size], 0)
-                # all loads of the iteration first (the page's tail past the context: zeros)
-                for j in T.unroll(TT):
-                    if tok0 + j < kv_len:
-                        k_loc[T.ramp(j * vec, 1, vec)] = pages_v[page_no, 0, by, tok0 % page_size + j,
-                                                                 T.ramp(tx * vec, 1, vec)]
-                        v_loc[T.ramp(j * vec, 1, vec)] = pages_v[page_no, 1, by, tok0 % page_size + j,
-                                                                 T.ramp(tx * vec, 1, vec)]
-                    else:
-                        k_loc[T.ramp(j * vec, 1, vec)] = T.broadcast(T.cast(0, dtype), vec)
-                        v_loc[T.ramp(j * vec, 1, vec)] = T.broadcast(T.cast(0, dtype), vec)
+                if PREFETCH:  # (issued before this iteration's math; past the context: zeros, no load)
+                    nxt: T.let[T.int32] = tok0 + ns * per_it
+                    page_nx: T.let[T.int32] = T.if_then_else(
+                        nxt < kv_len, page_table_values[page_begin + nxt // page_size], 0)
+                    load_kv(pages_v, page_nx, kv_len, nxt, by, tx, k_nx, v_nx)
+                else:  # all loads of the iteration first (the page's tail past the context: zeros)
+                    page_no: T.let[T.int32] = T.if_then_else(
+                        tok0 < kv_len, page_table_values[page_begin + tok0 // page_size], 0)
+                    load_kv(pages_v, page_no, kv_len, tok0, by, tx, k_loc, v_loc)
                 # scores: each lane's share, then a butterfly over the group's lanes
                 for j in T.unroll(TT):
                     s_loc[j] = T.float32(0)
@@ -287,6 +307,10 @@ def make_decode_kernel(cfg: DecodeConfig | None, key, target):  # pylint: disabl
                     for i in T.unroll(vec):
                         o_loc[i] = o_loc[i] + st[4] * T.cast(v_loc[j * vec + i], "float32")
                 st[0] = st[2]
+                if PREFETCH:
+                    for e in T.unroll(TT * vec):
+                        k_loc[e] = k_nx[e]
+                        v_loc[e] = v_nx[e]
             # tree merge of the groups' states (log2(G) steps): at the step of stride s,
             # group g < s takes in group g + s; states ping-pong between two shared slots
             for i in T.unroll(vec):

@@ -57,9 +57,12 @@ def test_candidates_and_legality(sm90):
     cands = D.decode_candidates(GPT2, sm90)
     one = [c for c in cands[1:] if c.split == 1]
     split = [c for c in cands[1:] if c.split > 1]
-    assert cands[0] is None and len(one) == 2 * 5 * 4 and len(split) == 2 * 2 * len(D.SPLIT_SHAPES)
-    # 8-byte loads (16 lanes a 64-wide row) and 16-byte ones (8 lanes: half the threads per group)
-    assert sum(c.wide for c in one) == 20 and not any(c.wide for c in split) and "wide" in one[-1].label()
+    assert cands[0] is None and len(one) == 2 * 5 * 4 + 5 * 3 and len(split) == 2 * 2 * len(D.SPLIT_SHAPES)
+    # 8-byte loads (16 lanes a 64-wide row) and 16-byte ones (8 lanes: half the threads per group), and
+    # software-pipelined 8-byte ones where an iteration takes 1-4 tokens a group
+    assert sum(c.wide for c in one) == 20 and not any(c.wide for c in split) and "wide" in one[39].label()
+    pre = [c for c in one if c.prefetch]
+    assert len(pre) == 15 and all(c.tokens <= 4 and not c.wide for c in pre) and "prefetch" in pre[0].label()
     assert D._vec_lanes(GPT2, True) == (8, 8) and D._vec_lanes(GPT2) == (4, 16)
     assert {c.split_below for c in split} == {0, D.SPLIT_BELOW} and "below 132 blocks" in split[-1].label()
     assert not D.is_decode_legal(D.DecodeConfig(16, 4, 1, 132), GPT2, sm90)  # a threshold without a split
@@ -110,13 +113,15 @@ def test_every_candidate_lowers_for_sm90(sm90):
         # (the pages' view starts at the offset floored to a whole vector: >> 2 for 4 fp16, >> 3 for 8)
         assert "T.Ramp" in text and f"pages_elem_offset >> T.int64({3 if cfg.wide else 2})" in text, cfg
         assert "rotary_mode must be 0" in host.script() and f"{16 if cfg.wide else 8}-byte aligned" in host.script()
+        # a pipelined candidate keeps the next iteration's K/V in a second set of registers
+        assert ("k_nx" in text) == cfg.prefetch, cfg
         # a split runs as a cluster (the launch's clusterCtaIdx tag) merged through distributed shared memory
         assert ("clusterCtaIdx.x" in text and "tvm_dsmem_ld_f32" in text) == (cfg.split > 1), cfg
         # the adaptive split: the host sizes the grid and the cluster from the batch (12 heads: split below 11)
         assert ("T.if_then_else(B < 11, 4, 1)" in host.script()) == (cfg.split == 4 and cfg.split_below == 132), cfg
 
 
-@pytest.mark.slow  # nvcc builds of the 68 candidates (~2-5 min on a loaded 2-core machine)
+@pytest.mark.slow  # nvcc builds of the 83 candidates (~2-5 min on a loaded 2-core machine)
 def test_every_candidate_builds_for_cuda(sm90):
     from tuning.attention import _build_all
 
