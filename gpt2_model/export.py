@@ -48,7 +48,7 @@ def export_model(config: GPT2Config, *, quantization: str, target: Target, debug
     run time (the functions then thread IO effects; :class:`~gpt2_model.runtime.Engine` handles
     that). ``model_cls`` lets a subclass (one with prints, say) be exported the same way.
     ``buckets`` adds static-shape entry points (``batch_decode_b8``, ``prefill_s1024``; see
-    ``GPT2LMHeadModel.get_default_spec``). ``norm_gemv`` (a :class:`~gpt2_model.norm_gemv.NormGemvPlan`,
+    ``GPT2LMHeadModel.get_default_spec``). ``norm_gemv`` (a :class:`~gpt2_model.norm_gemv_plan.NormGemvPlan`,
     CUDA targets) fuses each decode layer norm into the GEMV after it for the static shapes it names;
     ``gemm`` (a :class:`~gpt2_model.wgmma_plan.GemmPlan`) runs the prefill GEMMs of the chunk shapes it
     names on the Hopper wgmma kernel.

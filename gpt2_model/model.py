@@ -20,7 +20,8 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from tvm.target import Target
 
 from .config import GPT2Config
-from .norm_gemv import NormGemvKey, NormGemvPlan
+from .norm_gemv import NormGemvKey
+from .norm_gemv_plan import NormGemvPlan
 from .quantization import QuantScheme, TiedEmbedding, make_embedding, make_linear
 from .step_mark import MARK_FUNC
 from .wgmma_gemm import GemmKey

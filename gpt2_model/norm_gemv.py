@@ -17,7 +17,7 @@ without the norm (``prologue="none"``) for the c_proj layers (+ bias + residual)
 layer after its norm run alone. Written scheduled (``tirx.is_scheduled``); their constants
 (:class:`NormGemvConfig`) are searched on the GPU by :mod:`tuning.norm_gemv_tune` against the kernels
 they replace and stored in the database's ``norm_gemv.json``; the model uses them only for the static
-decode shapes that file names (:class:`NormGemvPlan`): without it, the unfused model exactly.
+decode shapes that file names (:class:`gpt2_model.norm_gemv_plan.NormGemvPlan`): without it, the unfused model exactly.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-__all__ = ["EPILOGUES", "MAX_ROWS", "PROLOGUES", "NormGemvConfig", "NormGemvError", "NormGemvKey", "NormGemvPlan",
-           "is_norm_gemv_legal", "make_norm_gemv", "make_norm_gemv_reference", "norm_gemv_candidates", "norm_gemv_problem", "norm_gemv_shared_bytes"]
+__all__ = ["EPILOGUES", "MAX_ROWS", "PROLOGUES", "NormGemvConfig", "NormGemvError", "NormGemvKey",
+           "is_norm_gemv_legal", "make_norm_gemv", "norm_gemv_candidates", "norm_gemv_problem", "norm_gemv_shared_bytes"]
 
 #: Epilogues after ``sum_k norm(x)[b, k] * W[n, k]`` (fp32): ``bias``: + bias[n]; ``bias_gelu``:
 #: GELU(tanh form) of that; ``none``: nothing (the tied lm_head); ``bias_residual``: + bias[n] +
@@ -82,11 +82,12 @@ class NormGemvConfig:
     rows: int
     mma: bool = False
     cluster: int = 1  # tensor-core plain form: CTAs of a thread block cluster splitting K further (sm_90+)
+    wide: bool = False  # tensor-core form: weight fragments by 16-byte loads (K permuted alike in A and W)
 
     def label(self) -> str:
         if self.mma:
             return f"norm_gemv mma ksplit={self.warps} tiles={self.rows}" + (
-                f" cluster={self.cluster}" if self.cluster > 1 else "")
+                f" cluster={self.cluster}" if self.cluster > 1 else "") + (" wide" if self.wide else "")
         return f"norm_gemv warps={self.warps} rows={self.rows}"
 
 
@@ -127,7 +128,7 @@ def is_norm_gemv_legal(cfg: NormGemvConfig, key: NormGemvKey) -> bool:
     if _key_problem(key) is not None or cfg.rows < 1:
         return False
     if not cfg.mma:
-        return (key.prologue == "norm" and cfg.cluster == 1 and cfg.warps in (1, 2, 4, 8, 16)
+        return (key.prologue == "norm" and cfg.cluster == 1 and not cfg.wide and cfg.warps in (1, 2, 4, 8, 16)
                 and cfg.rows * key.batch <= _ACC_LIMIT)
     mt, ks = _mma_shape(key)
     if cfg.warps not in (2, 4, 8, 16) or cfg.rows not in (1, 2, 4, 8) or ks % (cfg.warps * cfg.cluster):
@@ -135,6 +136,8 @@ def is_norm_gemv_legal(cfg: NormGemvConfig, key: NormGemvKey) -> bool:
     if cfg.cluster not in (1, 2, 4) or (cfg.cluster > 1 and key.prologue != "none"):
         return False
     steps = ks // (cfg.warps * cfg.cluster)
+    if cfg.wide and steps % 4:  # (16-byte loads take 4 K steps' words at once)
+        return False
     red_bytes = cfg.warps * mt * 16 * cfg.rows * 8 * 4  # the warps' partial sums
     # (with the norm they reuse the normalized rows' space, else they have their own)
     room = mt * 16 * key.k * 2 if key.prologue == "norm" else _SHARED_LIMIT
@@ -155,7 +158,8 @@ def norm_gemv_candidates(key: NormGemvKey, *, warps=(2, 4, 8, 16), rows=(1, 2, 4
     """Every legal configuration of ``key``, both forms (empty when the key itself is unsupported);
     ``clusters`` above 1 (sm_90+ targets only: thread block clusters) add the plain form's cluster split."""
     cands = [NormGemvConfig(w, r) for w in warps for r in rows] if key.prologue == "norm" else []
-    cands += [NormGemvConfig(w, t, mma=True, cluster=c) for w in warps for t in mma_tiles for c in clusters
+    cands += [NormGemvConfig(w, t, mma=True, cluster=c, wide=v) for v in (False, True) for w in warps
+              for t in mma_tiles for c in clusters
               if c == 1 or -(-key.n // (8 * t)) < 256]  # (a cluster is for more CTAs where blocks are few)
     return [c for c in cands if is_norm_gemv_legal(c, key)]
 
@@ -359,7 +363,7 @@ def _make_norm_gemv_mma(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float):
     from .wgmma_gemm import DSMEM_LD_SRC  # pylint: disable=import-outside-toplevel
 
     B, K, N, dtype = key.batch, key.k, key.n, key.dtype
-    W, NT, C = cfg.warps, cfg.rows, cfg.cluster
+    W, NT, C, WIDE = cfg.warps, cfg.rows, cfg.cluster, cfg.wide
     MT, KS = _mma_shape(key)
     SW = KS // (W * C)  # K steps per warp
     NB = NT * 8  # columns per block
@@ -371,6 +375,11 @@ def _make_norm_gemv_mma(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float):
     _, load_params, norm_rows, epilogue, wrap = _pieces(key, eps=eps, warps=W, padded_rows=RB, swizzle=True)
     # shared memory: the normalized rows (norm), or just room for the partial sums (which alias it)
     shared = (RB, K) if norm else (1, W * RB * NB * 2)
+
+    def kword(k0, s, h, tx):  # the 32-bit word (k pair) lane tx takes for half h of its K step s
+        if WIDE:  # lane q's words of 4 steps contiguous: q * 8 + (s % 4) * 2 + h in each 32-word chunk
+            return (k0 + s // 4 * 4) * 8 + tx % 4 * 8 + s % 4 * 2 + h
+        return (k0 + s) * 8 + h * 4 + tx % 4
 
     def dsmem(ptr, rank):  # one fp32 of cluster CTA ``rank``'s shared memory at ``ptr``
         return T.cuda.func_call("tvm_dsmem_ld_f32", ptr, T.uint32(rank), source_code=DSMEM_LD_SRC,
@@ -391,6 +400,7 @@ def _make_norm_gemv_mma(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float):
             x32 = T.decl_buffer((B, K // 2), "uint32", data=x.data)
             w32 = T.decl_buffer((N, K // 2), "uint32", data=Wt.data)
             b_frag = T.sblock_alloc_buffer((SW * NT * 2,), "uint32", scope="local")
+            wv = T.sblock_alloc_buffer((8 if WIDE else 1,), "uint32", scope="local")
             a_frag = T.sblock_alloc_buffer((MT * 4,), "uint32", scope="local")
             acc = T.sblock_alloc_buffer((MT * NT * 4,), "float32", scope="local")
             h_loc = T.sblock_alloc_buffer((KV * VEC,), dtype, scope="local")
@@ -402,14 +412,28 @@ def _make_norm_gemv_mma(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float):
             v = T.sblock_alloc_buffer((1,), "float32", scope="local")
             col0: T.let[T.int32] = bx * NB
             k0: T.let[T.int32] = (cz * W + ty) * SW  # this warp's first K step
-            # 1. this warp's weight fragments (B operand: k pairs of column tx // 4)
-            for s in T.unroll(SW):
-                for t in T.unroll(NT):
-                    for h in T.unroll(2):
+            # 1. this warp's weight fragments (B operand: k pairs of column tx // 4; wide: the 8 words a lane
+            # takes from 4 K steps are made contiguous by permuting K alike in A and W, two 16-byte loads)
+            if WIDE:
+                for c in T.unroll(SW // 4):
+                    for t in T.unroll(NT):
                         if col0 + t * 8 + tx // 4 < N:
-                            b_frag[(s * NT + t) * 2 + h] = w32[col0 + t * 8 + tx // 4, (k0 + s) * 8 + h * 4 + tx % 4]
+                            for u in T.unroll(2):
+                                wv[T.ramp(u * 4, 1, 4)] = w32[col0 + t * 8 + tx // 4,
+                                                              T.ramp((k0 + c * 4) * 8 + tx % 4 * 8 + u * 4, 1, 4)]
                         else:
-                            b_frag[(s * NT + t) * 2 + h] = T.uint32(0)
+                            for e in T.unroll(8):
+                                wv[e] = T.uint32(0)
+                        for e in T.unroll(8):
+                            b_frag[((c * 4 + e // 2) * NT + t) * 2 + e % 2] = wv[e]
+            else:
+                for s in T.unroll(SW):
+                    for t in T.unroll(NT):
+                        for h in T.unroll(2):
+                            if col0 + t * 8 + tx // 4 < N:
+                                b_frag[(s * NT + t) * 2 + h] = w32[col0 + t * 8 + tx // 4, kword(k0, s, h, tx)]
+                            else:
+                                b_frag[(s * NT + t) * 2 + h] = T.uint32(0)
             if norm:
                 load_params(gamma, beta, g_loc, be_loc, tx)
                 # 2. the norm of the batch rows into shared memory (rows past the batch: zeros)
@@ -421,13 +445,13 @@ def _make_norm_gemv_mma(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float):
             for s in T.unroll(SW):
                 for m in T.unroll(MT):
                     for i in T.unroll(4):  # A: rows tx // 4 (+8), k pairs tx % 4 (+8)
-                        if norm:  # (swizzled chunks)
+                        if norm:  # (swizzled 16-byte chunks: chunk kword // 4 of the row at chunk ^ (row % 8))
                             a_frag[m * 4 + i] = xn32[m * 16 + tx // 4 + i % 2 * 8, T.bitwise_xor(
-                                (k0 + s) * 2 + i // 2, tx // 4) * 4 + tx % 4]
+                                kword(k0, s, i // 2, tx) // 4, tx // 4) * 4 + kword(k0, s, i // 2, tx) % 4]
                         else:
                             a_frag[m * 4 + i] = T.if_then_else(
                                 m * 16 + tx // 4 + i % 2 * 8 < B,
-                                x32[T.min(m * 16 + tx // 4 + i % 2 * 8, B - 1), (k0 + s) * 8 + i // 2 * 4 + tx % 4],
+                                x32[T.min(m * 16 + tx // 4 + i % 2 * 8, B - 1), kword(k0, s, i // 2, tx)],
                                 T.uint32(0))
                 for m in T.unroll(MT):
                     for t in T.unroll(NT):
@@ -480,71 +504,3 @@ def _make_norm_gemv_mma(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float):
                             block(x, gamma, beta, Wt, bias, res, out, bxc // C, cz, ty, tx)
 
     return wrap(body)
-
-
-def make_norm_gemv_reference(key: NormGemvKey, *, eps: float, name: str = "norm_gemv"):
-    """The same computation and signature as :func:`make_norm_gemv`, unscheduled (plain loops, any
-    target): what a CPU build of a fused model runs, so the model's wiring of the fused call (which
-    norm, which weight, which epilogue) is checked against Hugging Face on a machine without a GPU."""
-    problem = _key_problem(key, reference=True)
-    if problem is not None:
-        raise NormGemvError(f"fused norm + GEMV ({key.label()}): {problem}")
-    from tvm import te, tirx  # pylint: disable=import-outside-toplevel
-
-    B, K, N, f32 = key.batch, key.k, key.n, "float32"
-    x = te.placeholder((B, 1, K), key.dtype, "x")
-    gamma = te.placeholder((K,), key.dtype, "gamma")
-    beta = te.placeholder((K,), key.dtype, "beta")
-    w = te.placeholder((N, K), key.dtype, "W")
-    bias = te.placeholder((N,), key.dtype, "bias")
-    res = te.placeholder((B, 1, N), key.dtype, "res")
-    k1, k2, k3 = (te.reduce_axis((0, K), name=n) for n in ("k1", "k2", "k3"))
-    inv_k = tirx.const(1.0 / K, f32)
-    if key.prologue == "norm":
-        total = te.compute((B,), lambda b: te.sum(x[b, 0, k1].astype(f32), axis=k1), name="total")
-        sq = te.compute((B,), lambda b: te.sum(te.power(x[b, 0, k2].astype(f32) - total[b] * inv_k, 2), axis=k2),
-                        name="sq")
-        xn = te.compute((B, K), lambda b, i: ((x[b, 0, i].astype(f32) - total[b] * inv_k)
-                                              * tirx.rsqrt(sq[b] * inv_k + tirx.const(eps, f32))
-                                              * gamma[i].astype(f32) + beta[i].astype(f32)).astype(key.dtype), name="xn")
-    else:
-        xn = te.compute((B, K), lambda b, i: x[b, 0, i], name="xn")
-    y = te.compute((B, 1, N), lambda b, _, n: te.sum(xn[b, k3].astype(f32) * w[n, k3].astype(f32), axis=k3), name="y")
-
-    def epilogue(v, b, n):
-        if key.epilogue != "none":
-            v = v + bias[n].astype(f32)
-        if key.epilogue == "bias_residual":
-            v = v + res[b, 0, n].astype(f32)
-        if key.epilogue == "bias_gelu":
-            v = tirx.const(0.5, f32) * v * (tirx.const(1, f32) + tirx.tanh(
-                tirx.const(0.7978845608028654, f32) * (v + tirx.const(0.044715, f32) * v * v * v)))
-        return v.astype(key.out_dtype)
-
-    out = te.compute((B, 1, N), lambda b, z, n: epilogue(y[b, z, n], b, n), name="out")
-    if key.prologue == "none":
-        args = [x, w] + ([bias] if key.epilogue != "none" else []) + ([res] if key.epilogue == "bias_residual" else []) + [out]
-    else:
-        args = [x, gamma, beta, w] + ([bias] if key.epilogue != "none" else []) + [out]
-    return te.create_prim_func(args).with_attr("global_symbol", name)
-
-
-@dataclass
-class NormGemvPlan:
-    """Which decode norm+linear pairs a build fuses, and with which constants: ``configs`` maps
-    :meth:`NormGemvKey.name` to a :class:`NormGemvConfig` (from the database's ``norm_gemv.json``).
-    ``reference=True`` (tests): every named pair runs :func:`make_norm_gemv_reference`, on any target."""
-
-    configs: Mapping[str, NormGemvConfig]
-    reference: bool = False
-
-    def config_for(self, key: NormGemvKey) -> NormGemvConfig | None:
-        cfg = self.configs.get(key.name())
-        if cfg is not None and self.reference:
-            return cfg if _key_problem(key, reference=True) is None else None
-        return cfg if cfg is not None and is_norm_gemv_legal(cfg, key) else None
-
-    def make(self, key: NormGemvKey, cfg: NormGemvConfig, *, eps: float, name: str):
-        if self.reference:
-            return make_norm_gemv_reference(key, eps=eps, name=name)
-        return make_norm_gemv(cfg, key, eps=eps, name=name)

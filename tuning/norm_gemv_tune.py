@@ -12,7 +12,7 @@ stored only when it beats that pair; otherwise the build keeps the two kernels. 
 the tensor-core form and this comparison.)
 
 At compile time :func:`read_norm_gemv_plan` turns the file into the
-:class:`~gpt2_model.norm_gemv.NormGemvPlan` the exported model fuses with
+:class:`~gpt2_model.norm_gemv_plan.NormGemvPlan` the exported model fuses with
 (:func:`tuning.compile.build_model`); a database without the file builds the unfused model.
 """
 
@@ -28,8 +28,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from gpt2_model.norm_gemv import (NormGemvConfig, NormGemvError, NormGemvKey, NormGemvPlan, make_norm_gemv,
+from gpt2_model.norm_gemv import (NormGemvConfig, NormGemvError, NormGemvKey, make_norm_gemv,
                                   norm_gemv_candidates, norm_gemv_problem)
+from gpt2_model.norm_gemv_plan import NormGemvPlan
 
 from .attention import AttentionError, _build_all
 from .dbfiles import NORM_GEMV_FILE, read_json

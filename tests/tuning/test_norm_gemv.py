@@ -15,8 +15,9 @@ import tvm
 
 from gpt2_model.config import get_config
 from gpt2_model.export import export_model
-from gpt2_model.norm_gemv import (NormGemvConfig, NormGemvError, NormGemvKey, NormGemvPlan, make_norm_gemv,
-                                  norm_gemv_candidates)
+from gpt2_model.norm_gemv_plan import NormGemvPlan
+from gpt2_model.norm_gemv import (NormGemvConfig, NormGemvError, NormGemvKey, is_norm_gemv_legal,
+                                  make_norm_gemv, norm_gemv_candidates)
 from tuning.norm_gemv_tune import ATOL, RTOL, _inputs, norm_gemv_keys, read_norm_gemv_plan, reference_norm_gemv
 from tuning.targets import make_target
 
@@ -43,17 +44,22 @@ EMULATED = {
     "mma_plain_lmhead_b16_f32_ragged": (16, 1001, "none", "float32", 4, 2, True),
     # the plain c_fc (after a standalone ln_2): + bias, GELU
     "mma_plain_gelu_b16": (16, 200, "bias_gelu", "float16", 8, 1, True),
+    # wide: weight fragments by 16-byte loads, K permuted alike in the rows (from global or shared memory)
+    "mma_plain_b8_fc2_wide": (8, 768, "bias_residual", "float16", 16, 2, True, True),
+    "mma_b17_bias_wide_ragged": (17, 100, "bias", "float16", 4, 2, True, True),
+    "mma_plain_lmhead_b3_f32_wide": (3, 1001, "none", "float32", 4, 2, True, True),
 }
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
 @pytest.mark.parametrize("case", sorted(EMULATED))
 def test_emulated_kernel_matches_numpy(case, tmp_path):
-    batch, n, epilogue, out_dtype, warps, rows, mma = EMULATED[case]
+    batch, n, epilogue, out_dtype, warps, rows, mma, *wide = EMULATED[case]
     plain = "plain" in case
-    key = NormGemvKey(batch, 3072 if case.endswith("fc2") else 768, n, epilogue, "float16", out_dtype,
+    key = NormGemvKey(batch, 3072 if "fc2" in case else 768, n, epilogue, "float16", out_dtype,
                       prologue="none" if plain else "norm")
-    cfg = NormGemvConfig(warps, rows, mma)
+    cfg = NormGemvConfig(warps, rows, mma, wide=bool(wide))
+    assert is_norm_gemv_legal(cfg, key), cfg
     with CUDA:
         lib = tvm.compile(tvm.IRModule({"main": make_norm_gemv(cfg, key, eps=1e-5)}), target=CUDA)
     launch = emulate(lib.mod.imports[0].inspect_source(), tmp_path)
@@ -101,6 +107,10 @@ def test_unsupported_keys_and_configs_are_one_clear_error():
     mma = [c for c in b32 if c.mma]  # weight fragments <= 64 registers, partial sums fit the rows' space
     assert mma and all((48 // c.warps) * c.rows * 2 <= 64 and c.warps * 32 * c.rows * 8 * 4 <= 32 * 768 * 2 for c in mma)
     assert NormGemvConfig(4, 2, mma=True).label() == "norm_gemv mma ksplit=4 tiles=2"
+    # 16-byte weight loads take 4 K steps' words at once: a warp's steps must be a multiple of 4
+    wide = [c for c in b32 if c.wide]
+    assert wide and all(c.mma and (48 // c.warps) % 4 == 0 for c in wide) and wide[0].label().endswith(" wide")
+    assert not is_norm_gemv_legal(NormGemvConfig(8, 1, True, wide=True), NormGemvKey(32, 768, 2304, "bias"))
 
 
 def test_search_keys_and_the_pairs_they_must_beat():
@@ -330,7 +340,6 @@ def test_cluster_split_is_the_plain_forms_and_sm90s_only():
     fc2 = NormGemvKey(32, 3072, 768, "bias_residual", prologue="none")
     qkv = NormGemvKey(32, 768, 2304, "bias")
     assert NormGemvConfig(8, 1, True, 4).label() == "norm_gemv mma ksplit=8 tiles=1 cluster=4"
-    from gpt2_model.norm_gemv import is_norm_gemv_legal  # pylint: disable=import-outside-toplevel
 
     assert is_norm_gemv_legal(NormGemvConfig(8, 1, True, 4), fc2)
     assert not is_norm_gemv_legal(NormGemvConfig(8, 1, True, 4), qkv)  # the norm needs whole rows

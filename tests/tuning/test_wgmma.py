@@ -48,7 +48,8 @@ def test_keys_candidates_and_config_names():
 
 
 def test_decode_batch_keys_and_what_the_fused_kernels_take():
-    from gpt2_model.norm_gemv import NormGemvConfig, NormGemvKey, NormGemvPlan  # pylint: disable=import-outside-toplevel
+    from gpt2_model.norm_gemv import NormGemvConfig, NormGemvKey  # pylint: disable=import-outside-toplevel
+    from gpt2_model.norm_gemv_plan import NormGemvPlan  # pylint: disable=import-outside-toplevel
     from tuning.wgmma_tune import fused_elsewhere  # pylint: disable=import-outside-toplevel
 
     keys = gemm_keys(get_config("gpt2"), dtype="float16", batches=[1, 8, 16, 32, 64])
