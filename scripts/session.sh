@@ -26,8 +26,9 @@
 #    than ~5 minutes left none starts.
 #  - NEXT SESSION (twelfth), after call 1 (p1); the eleventh's decode table is bench/results/2026-12-07-h100-d:
 #    call 2: `bash .devwheels/p2/install.sh; bash scripts/session.sh env; PHASES=decode BATCHES=1,8,16,32
-#             KINDS=norm-gemv,attention TUNE_LIMIT=420 bash scripts/session.sh tune`  (~4 min: the decode searches,
-#             now timed cold; unpack $OUT/db-q0f16.tgz here, drop .tune.lock)
+#             KINDS=norm-gemv,attention TUNE_LIMIT=540 bash scripts/session.sh tune`  (~5-8 min: the decode searches,
+#             now timed cold, 615 norm + GEMV and 83 decode attention candidates with the wide / prefetch forms;
+#             unpack $OUT/db-q0f16.tgz here, drop .tune.lock)
 #    call 3: `bash scripts/session.sh restore; PB_MODES=0 bash scripts/session.sh prebuild-new; WAIT_FOR=newnopdl
 #             WAIT_S=240 bash scripts/session.sh wait; DB=/root/keep/dbnew/sm_90/gpt2-q0f16 GPT2K_PDL=0 BD_LIMIT=270
 #             VARIANTS=tuned,torch-compile bash scripts/session.sh bench-decode; ... TAG=_graphkernels
