@@ -58,18 +58,14 @@ class StepAnatomy:
 
     def _time(self, lib, args, task) -> float:
         """Microseconds per call of one compiled kernel."""
-        import itertools
-
         from .kernels import time_kernel
-        from tuning.graph_timer import cold_copies, cuda_graph_us
+        from tuning.graph_timer import tvm_graph_us
 
         s = self.s
         if self.method == "cuda-graph replay":
-            fn = lib["main"]
             # a decode step reads each weight (and each layer's KV) once: its kernels are timed cold
-            sets = itertools.cycle(cold_copies(args) if task.phase == "decode" else [args])
-            return stats(cuda_graph_us(lambda: fn(*next(sets)), device=s.device.name, repeats=10,
-                                       tvm_stream=True)).median
+            return stats(tvm_graph_us(lib["main"], args, device=s.device.name, repeats=10,
+                                      cold=task.phase == "decode")).median
         return stats(time_kernel(lib, args, device=s.device.tvm_device(), repeats=3,
                                  min_repeat_ms=10 if s.device.kind == "cuda" else 1)).median
 

@@ -236,10 +236,9 @@ def _graph_or_note(lib, args, device_name: str, repeats: int, row: dict) -> list
     if not device_name.startswith("cuda"):
         return None
     try:
-        from tuning.graph_timer import cuda_graph_us
+        from tuning.graph_timer import tvm_graph_us
 
-        fn = lib["main"]
-        return cuda_graph_us(lambda: fn(*args), device=device_name, repeats=repeats, tvm_stream=True)
+        return tvm_graph_us(lib["main"], args, device=device_name, repeats=repeats)
     except ImportError:  # no torch
         return None
     except Exception as e:  # noqa: BLE001 - the graph column is extra; its failure is a note
@@ -294,7 +293,7 @@ def attention_row(s, *, bucket: int, attention: dict | None, repeats: int, log) 
         return None
     from tuning.attention import attention_key, make_prefill_kernel, ragged_prefill_args, reference_causal_attention
 
-    from tuning.graph_timer import cuda_graph_us
+    from tuning.graph_timer import tvm_graph_us
 
     from .peers import sdpa_us
 
@@ -323,8 +322,7 @@ def attention_row(s, *, bucket: int, attention: dict | None, repeats: int, log) 
             te = lib.time_evaluator("main", tdev, number=10, repeat=repeats)
             row["samples"][f"{name}_us"] = [float(x) * 1e6 for x in te(*args, *scalars).results]
             row[f"{name}_us"] = stats(row["samples"][f"{name}_us"]).median
-            g = cuda_graph_us(lambda: fn(*args, *scalars), device=s.device.name, repeats=max(repeats, 10),
-                              tvm_stream=True)
+            g = tvm_graph_us(fn, [*args, *scalars], device=s.device.name, repeats=max(repeats, 10))
             row[f"{name}_graph_us"] = stats(g).median
         row["tuned_record"] = tuned_cfg is not None
         if row["tuned_us"]:

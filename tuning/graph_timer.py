@@ -11,7 +11,7 @@ Used by ``bench`` (kernel tables, step anatomy) and by the template searches (:f
 from __future__ import annotations
 
 __all__ = ["COLD_BYTES", "TIMERS", "TIMER_ENV", "cold_copies", "cuda_graph_us", "graph_timer_available", "kernel_us",
-           "resolve_timer"]
+           "resolve_timer", "tvm_graph_us"]
 
 #: With ``cold``, the captured calls rotate over copies of the arguments until they span this many
 #: bytes: more than twice a Hopper's L2 (50 MB on an H100, 60 MB on an H200), so each call reads its
@@ -107,6 +107,15 @@ def cold_copies(args, *, iters: int = 20, budget: int = COLD_BYTES) -> list[list
     return [list(args)] + [[a.copyto(a.device) if t else a for a, t in zip(args, is_tensor)] for _ in range(n - 1)]
 
 
+def tvm_graph_us(fn, args, *, device: str, repeats: int = 20, cold: bool = False) -> list[float]:
+    """:func:`cuda_graph_us` of the TVM function call ``fn(*args)`` (TVM launching on torch's capture
+    stream); with ``cold`` the captured calls rotate over :func:`cold_copies` of ``args``."""
+    import itertools  # pylint: disable=import-outside-toplevel
+
+    sets = itertools.cycle(cold_copies(args) if cold else [args])
+    return cuda_graph_us(lambda: fn(*next(sets)), device=device, repeats=repeats, tvm_stream=True)
+
+
 def _numel(shape) -> int:
     out = 1
     for d in shape:
@@ -128,16 +137,11 @@ def kernel_us(lib, args, *, device, number: int = 100, repeat: int = 5, timer: s
     a TMA descriptor's encoding, runs once, at capture, as in the model's graphs); with ``cold`` the calls
     rotate over copies of the arguments (:func:`cold_copies`), so none finds its inputs in L2.
     ``time_evaluator``: ``repeat`` runs of ``number`` calls, each with its launch (``cold`` ignored)."""
-    import itertools  # pylint: disable=import-outside-toplevel
-
     import numpy as np  # pylint: disable=import-outside-toplevel
 
     timer = resolve_timer(timer, device)
     if timer == "cuda-graph":
-        fn = lib[entry]
-        sets = itertools.cycle(cold_copies(args) if cold else [args])
-        us = cuda_graph_us(lambda: fn(*next(sets)), device=f"cuda:{device.index}", repeats=repeat,
-                           tvm_stream=True)
+        us = tvm_graph_us(lib[entry], args, device=f"cuda:{device.index}", repeats=repeat, cold=cold)
         return float(np.median(us)), timer
     te = lib.time_evaluator(entry, device, number=number, repeat=repeat)
     return float(np.median(te(*args).results) * 1e6), timer
