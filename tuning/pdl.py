@@ -19,6 +19,10 @@ the previous kernel instead of following it.
   kernel's ``tirx.kernel_launch_params``, so the runtime launches it with ``cuLaunchKernelEx``
   and the PDL attribute (inside a CUDA graph capture this becomes a programmatic edge).
 
+A template kernel that calls :data:`gpt2_model.norm_gemv.PDL_SYNC` (the tensor-core norm + GEMV: its
+weight loads come first, then that call waits for the previous grid and triggers the next) gets the
+launch tag only: its weights are fetched while the previous kernel still runs.
+
 Kernels that are not launched after another kernel (the first of a stream, after a copy) wait on
 nothing: ``griddepcontrol.wait`` returns at once without a programmatic predecessor. Builds for
 CPUs and for CUDA archs below sm_90 never get the pass (:func:`supports_pdl`). It is off by default:
@@ -37,10 +41,12 @@ import os
 import tvm
 from tvm import tirx
 
+from gpt2_model.norm_gemv import PDL_SYNC
+
 from .targets import cuda_sm_at_least
 
-__all__ = ["DYN_SMEM_TAG", "PDL_ENV", "PDL_MODES", "PDL_TAG", "add_pdl", "add_pdl_wait", "pdl_enabled", "pdl_mode",
-           "pdl_pipeline", "supports_pdl"]
+__all__ = ["DYN_SMEM_TAG", "PDL_ENV", "PDL_MODES", "PDL_TAG", "add_pdl", "add_pdl_late", "add_pdl_wait", "pdl_enabled",
+           "pdl_mode", "pdl_pipeline", "supports_pdl"]
 
 #: TVM's launch-parameter tag for PDL (the runtime's spelling, ``programtic``).
 PDL_TAG = "tirx.use_programtic_dependent_launch"
@@ -59,16 +65,21 @@ def supports_pdl(target) -> bool:
 
 #: ``GPT2K_PDL`` values: ``1`` = the trigger (``launch_dependents``) and the wait at each kernel's top;
 #: ``wait`` = the wait only (the dependent grid launches as this one's blocks exit: its launch still
-#: overlaps this grid's tail, but its blocks do not sit beside the running grid); ``0`` / unset: off.
-PDL_MODES = {"1": "trigger", "wait": "wait"}
+#: overlaps this grid's tail, but its blocks do not sit beside the running grid); ``late`` = the wait,
+#: then the trigger (a grid can launch its dependent only once it is itself running, so at most one
+#: grid waits beside the running one: with the trigger first, a waiting grid triggers its own
+#: dependent at once and a whole chain of waiting grids can pile up on the SMs, the suspected cause
+#: of the 2026-12-07 slowdown); ``0`` / unset: off.
+PDL_MODES = {"1": "trigger", "wait": "wait", "late": "late"}
 
 
 def pdl_mode(target) -> str | None:
-    """``"trigger"``, ``"wait"`` or None (off): what ``GPT2K_PDL`` asks for a model build for ``target``
-    (sm_90+ CUDA only). Raises ValueError for a value that is not ``0``, ``1`` or ``wait``."""
+    """``"trigger"``, ``"late"``, ``"wait"`` or None (off): what ``GPT2K_PDL`` asks for a model build for
+    ``target`` (sm_90+ CUDA only). Raises ValueError for a value that is not ``0``, ``1``, ``late`` or ``wait``."""
     value = os.environ.get(PDL_ENV, "0").strip() or "0"
     if value != "0" and value not in PDL_MODES:
-        raise ValueError(f"{PDL_ENV}={value!r}: use 1 (trigger and wait), wait (wait only) or 0 (off)")
+        raise ValueError(f"{PDL_ENV}={value!r}: use 1 (trigger, then wait), late (wait, then trigger), "
+                         "wait (wait only) or 0 (off)")
     return PDL_MODES.get(value) if supports_pdl(target) else None
 
 
@@ -93,7 +104,11 @@ def _with_pdl(func: tirx.PrimFunc, mode: str = "trigger") -> tirx.PrimFunc:
         return func
     at = tags.index(DYN_SMEM_TAG) if DYN_SMEM_TAG in tags else len(tags)
     tags.insert(at, PDL_TAG)
-    top = [_grid_dep("launch_dependents"), _grid_dep("wait")] if mode == "trigger" else [_grid_dep("wait")]
+    if PDL_SYNC in str(func.body):  # a template that waits (and triggers) in its own place: launch tag only
+        return func.with_attr(_LAUNCH_PARAMS, tags)
+    top = {"trigger": [_grid_dep("launch_dependents"), _grid_dep("wait")],
+           "late": [_grid_dep("wait"), _grid_dep("launch_dependents")],
+           "wait": [_grid_dep("wait")]}[mode]
     body = tirx.SeqStmt([*top, func.body])
     return func.with_body(body).with_attr(_LAUNCH_PARAMS, tags)
 
@@ -113,17 +128,20 @@ def _add_pdl(mode: str):
 #: with PDL; :data:`add_pdl_wait`: the wait only.
 add_pdl = _add_pdl("trigger")
 add_pdl_wait = _add_pdl("wait")
+#: The wait, then the trigger (``GPT2K_PDL=late``).
+add_pdl_late = _add_pdl("late")
 
 
 def pdl_pipeline(base: str = "default", mode: str = "trigger") -> str:
     """Register (once) and return the name of ``base`` (a registered TIR pipeline name) with
-    :func:`add_pdl` (``mode="wait"``: :data:`add_pdl_wait`) first among its device finalization passes."""
+    :func:`add_pdl` (``mode="wait"`` / ``"late"``: :data:`add_pdl_wait` / :data:`add_pdl_late`) first among its
+    device finalization passes."""
     from tvm.tirx import compilation_pipeline as cp  # pylint: disable=import-outside-toplevel
 
     name = f"gpt2k-pdl-{base}" + ("" if mode == "trigger" else f"-{mode}")
     if name in cp.PIPELINE_MAP:
         return name
-    add_pass = {"trigger": add_pdl, "wait": add_pdl_wait}[mode]
+    add_pass = {"trigger": add_pdl, "wait": add_pdl_wait, "late": add_pdl_late}[mode]
 
     def factory():
         pipeline, fin_host, fin_dev = cp.get_tir_pipeline(base)

@@ -279,7 +279,7 @@ def test_library_key_changes_with_every_input():
 
 
 def test_library_key_names_the_pdl_mode(monkeypatch):
-    """GPT2K_PDL off, 1 and wait are three libraries on sm_90 (off and 1 keyed False / True, as the
+    """GPT2K_PDL off, 1, wait and late are four libraries on sm_90 (off and 1 keyed False / True, as the
     libraries cached since 2026-12-07); on a CPU target the setting changes nothing."""
     from tuning.engine import target_for
     from tuning.pdl import PDL_ENV
@@ -287,11 +287,11 @@ def test_library_key_names_the_pdl_mode(monkeypatch):
     sm90 = dict(config=get_config("tiny"), quantization="q0f16", target=target_for("cuda", "sm_90"),
                 database_hash=None, cuda_graph=True, code_hash="c")
     keys = {}
-    for value, part in (("0", False), ("1", True), ("wait", "wait")):
+    for value, part in (("0", False), ("1", True), ("wait", "wait"), ("late", "late")):
         monkeypatch.setenv(PDL_ENV, value)
         keys[value], parts = library_key(**sm90)
         assert parts["pdl"] == part
-    assert len(set(keys.values())) == 3
+    assert len(set(keys.values())) == 4
     cpu = dict(sm90, quantization="q0f32", target=target_for("cpu"), cuda_graph=False)
     assert library_key(**cpu)[1]["pdl"] is False  # (still wait from the loop)
 

@@ -52,6 +52,7 @@ static inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 static inline unsigned __pack_half2(half x, half y) {
   unsigned short a, b; std::memcpy(&a, &x, 2); std::memcpy(&b, &y, 2); return ((unsigned)b << 16) | a;
 }
+static inline void gpt2k_pdl_sync() {}  // PDL's wait + trigger (gpt2_model.norm_gemv): one grid here, nothing to wait for
 template <class A, class B> static inline auto max(A a, B b) { return a > b ? a : b; }
 template <class A, class B> static inline auto min(A a, B b) { return a < b ? a : b; }
 struct emu_dim3 { int x, y, z; };

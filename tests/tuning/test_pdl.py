@@ -14,7 +14,8 @@ from tvm import tirx
 
 from gpt2_model.config import get_config
 from gpt2_model.export import export_model
-from tuning.pdl import DYN_SMEM_TAG, PDL_ENV, PDL_TAG, add_pdl, add_pdl_wait, pdl_enabled, pdl_mode, supports_pdl
+from tuning.pdl import (DYN_SMEM_TAG, PDL_ENV, PDL_TAG, add_pdl, add_pdl_late, add_pdl_wait, pdl_enabled, pdl_mode,
+                        supports_pdl)
 from tuning.targets import make_target
 
 _LAUNCH = "tirx.kernel_launch_params"
@@ -45,6 +46,8 @@ def test_supports_pdl_only_on_sm90_and_later(monkeypatch):
     assert pdl_mode(make_target("sm_90")) == "trigger"
     monkeypatch.setenv(PDL_ENV, "wait")
     assert pdl_mode(make_target("sm_90")) == "wait" and pdl_mode(make_target("sm_86")) is None
+    monkeypatch.setenv(PDL_ENV, "late")
+    assert pdl_mode(make_target("sm_90")) == "late" and pdl_mode(make_target("sm_86")) is None
     monkeypatch.setenv(PDL_ENV, "yes")
     with pytest.raises(ValueError, match="GPT2K_PDL='yes': use 1"):
         pdl_mode(make_target("sm_90"))
@@ -68,6 +71,12 @@ def test_pass_tags_device_kernels_and_keeps_dynamic_shared_memory_last():
     assert [str(t) for t in waited["k"].attrs[_LAUNCH]] == ["blockIdx.x", "threadIdx.x", PDL_TAG, DYN_SMEM_TAG]
     assert "wait" in str(waited["k"].body[0]) and "launch_dependents" not in str(waited["k"].body)
     assert str(out["host"].body) == str(mod["host"].body)
+    # the late form: the wait first, then the trigger (a waiting grid never launches its own dependent)
+    late = add_pdl_late(mod)
+    assert [str(t) for t in late["k"].attrs[_LAUNCH]] == ["blockIdx.x", "threadIdx.x", PDL_TAG, DYN_SMEM_TAG]
+    assert ["wait" in str(late["k"].body[0]), "launch_dependents" in str(late["k"].body[1])] == [True, True]
+    assert "launch_dependents" not in str(late["k"].body[0])
+    assert str(late["plain"].body[2]) == str(mod["plain"].body)
 
 
 def _build_tiny(target):
@@ -129,3 +138,33 @@ def test_library_cache_key_depends_on_pdl(monkeypatch):
     monkeypatch.setenv(PDL_ENV, "0")
     off, parts = library_key(**args)
     assert parts["pdl"] is False and off != on
+
+
+def test_norm_gemv_waits_after_its_weight_loads_and_gets_only_the_tag(tmp_path):
+    """The tensor-core norm + GEMV calls PDL_SYNC (wait, then trigger) between its weight loads and its
+    first read of the input; a PDL build adds the launch tag but no wait or trigger of its own, so
+    the kernel's weights are fetched while the previous grid runs. Every PDL mode keeps that place."""
+    from gpt2_model.norm_gemv import PDL_SYNC, NormGemvKey, make_norm_gemv, norm_gemv_candidates
+    from tuning.pdl import pdl_pipeline
+
+    key = NormGemvKey(batch=8, k=768, n=2304, epilogue="bias")
+    cfg = next(c for c in norm_gemv_candidates(key) if c.mma)
+    mod = tvm.IRModule({"norm_gemv": make_norm_gemv(cfg, key, eps=1e-5)})
+    target = make_target("sm_90")
+    for mode in ("trigger", "late", "wait"):
+        lib = tvm.compile(mod, target=target, tir_pipeline=pdl_pipeline("default", mode))
+        src = lib.mod.imports[0].inspect_source()
+        body = next(iter(_kernel_bodies(src).values()))
+        assert "griddepcontrol" not in body.lstrip()[:80], mode  # nothing added at the top
+        kernel = src[src.index("__global__ void __launch_bounds__"):]
+        sync, weights, gamma = kernel.index(PDL_SYNC + "();"), kernel.index("W_ptr)["), kernel.index("gamma_ptr +")
+        assert weights < sync < gamma, mode  # weights first, the wait, then the norm's first read
+        assert kernel.count("griddepcontrol") == 0 and kernel.count(PDL_SYNC) == 1
+        helper = src[src.index(f"void {PDL_SYNC}()"):src.index("__global__")]
+        assert helper.index("griddepcontrol.wait") < helper.index("griddepcontrol.launch_dependents")
+        lib.export_library(str(tmp_path / f"{mode}.so"))
+        assert (tmp_path / f"{mode}.so").read_bytes().count(PDL_TAG.encode()) == 1, mode  # launched with PDL
+    plain = tvm.compile(mod, target=target)  # without PDL: the same call, no launch tag
+    plain.export_library(str(tmp_path / "plain.so"))
+    assert PDL_SYNC in plain.mod.imports[0].inspect_source()
+    assert (tmp_path / "plain.so").read_bytes().count(PDL_TAG.encode()) == 0
