@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-__all__ = ["EPILOGUES", "MAX_ROWS", "PDL_SYNC", "PROLOGUES", "NormGemvConfig", "NormGemvError", "NormGemvKey",
+__all__ = ["EPILOGUES", "MAX_ROWS", "PDL_SYNC", "PDL_SYNC_SRC", "PROLOGUES", "NormGemvConfig", "NormGemvError", "NormGemvKey",
            "is_norm_gemv_legal", "make_norm_gemv", "norm_gemv_candidates", "norm_gemv_problem", "norm_gemv_shared_bytes"]
 
 #: Epilogues after ``sum_k norm(x)[b, k] * W[n, k]`` (fp32): ``bias``: + bias[n]; ``bias_gelu``:
@@ -44,7 +44,7 @@ MAX_ROWS = 32  # batch rows the kernel takes (their normalized copy lives in 48 
 #: grid never launches its own dependent. A kernel launched without PDL passes both at once
 #: (``griddepcontrol.wait`` has no grid to wait for; ``launch_dependents`` has none to launch).
 PDL_SYNC = "gpt2k_pdl_sync"
-_PDL_SYNC_SRC = r"""
+PDL_SYNC_SRC = r"""
 __device__ __forceinline__ void gpt2k_pdl_sync() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -449,7 +449,7 @@ def _make_norm_gemv_mma(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float):
                                 b_frag[(s * NT + t) * 2 + h] = w32[col0 + t * 8 + tx // 4, kword(k0, s, h, tx)]
                             else:
                                 b_frag[(s * NT + t) * 2 + h] = T.uint32(0)
-            T.evaluate(T.cuda.func_call(PDL_SYNC, source_code=_PDL_SYNC_SRC))  # (the weights never wait)
+            T.evaluate(T.cuda.func_call(PDL_SYNC, source_code=PDL_SYNC_SRC))  # (the weights never wait)
             if norm:
                 load_params(gamma, beta, g_loc, be_loc, tx)
                 # 2. the norm of the batch rows into shared memory (rows past the batch: zeros)

@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass
 import tvm
 from tvm.script import tirx as T
 
+from .norm_gemv import PDL_SYNC, PDL_SYNC_SRC
+
 #: The target every kernel here is built for (wgmma needs the "a" variant of sm_90).
 SM90A = {"kind": "cuda", "arch": "sm_90a"}
 #: PrimFunc attribute marking a kernel from this module (value: the config name).
@@ -47,6 +49,14 @@ EPILOGUES = ("none", "bias", "bias_gelu", "bias_residual")
 _GELU_C = 0.7978845608028654  # sqrt(2 / pi)
 _TMA_LOAD_2D = "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
 _CVT_F16X2 = "cvt.rn.f16x2.f32"
+
+# An L2 prefetch of one TMA box (no shared memory, no barrier): the weights before the PDL wait.
+_TMA_PREFETCH_SRC = r"""
+__device__ __forceinline__ void gpt2k_tma_prefetch_2d(unsigned long long map, int x, int y) {
+  asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];"
+               :: "l"(map), "r"(x), "r"(y) : "memory");
+}
+"""
 
 # Register-operand fence (CUTLASS's ``warpgroup_fence_operand``): keeps nvcc from moving reads
 # or writes of an accumulator register across the asynchronous wgmma that owns it.
@@ -425,6 +435,16 @@ def _make(M, N, K, epi: str, cfg: GemmConfig, layout: str):  # noqa: C901 - one 
             T.ptx.fence.mbarrier_init.release.cluster()
         T.ptx.fence.proxy.async_.shared__cta()
         T.cuda.cta_sync()
+        # W never depends on the previous kernel: its K tiles (spread over the M tiles that share them)
+        # go to L2 before the PDL wait (PDL_SYNC: a no-op without PDL), i.e. while the previous grid runs
+        if tid == 0:
+            for kt in range(KT_S):
+                if kt % MT == m_blk:
+                    for kb in range(KB):
+                        T.evaluate(T.cuda.func_call(
+                            "gpt2k_tma_prefetch_2d", T.address_of(W_map), (z * KT_S + kt) * BK + kb * 64,
+                            n_blk * BN, source_code=_TMA_PREFETCH_SRC))
+        T.evaluate(T.cuda.func_call(PDL_SYNC, source_code=PDL_SYNC_SRC))
 
         if WS:
             if wg == PRODUCER_WG:

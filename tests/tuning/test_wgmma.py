@@ -210,11 +210,17 @@ def test_planned_model_on_the_cpu_equals_hf(hf_sharded):
 
 
 @needs_nvcc
-def test_mixed_build_for_sm90_compiles_with_the_scheduled_kernels():
+@pytest.mark.parametrize("pdl", ["0", "late"])
+def test_mixed_build_for_sm90_compiles_with_the_scheduled_kernels(pdl, monkeypatch):
     """A model with real wgmma kernels next to dlight-scheduled ones lowers through the mixed TIR
-    pipeline; its one CUDA module compiles for sm_90a."""
+    pipeline; its one CUDA module compiles for sm_90a. With ``GPT2K_PDL=late`` every kernel waits for
+    its predecessor and then triggers its dependent: at its top, or (the wgmma kernels) after the L2
+    prefetch of its weight tiles, through ``PDL_SYNC``."""
+    from gpt2_model.norm_gemv import PDL_SYNC  # pylint: disable=import-outside-toplevel
     from gpt2_model.wgmma_build import compile_cubin  # pylint: disable=import-outside-toplevel
     from tuning.compile import build  # pylint: disable=import-outside-toplevel
+
+    monkeypatch.setenv("GPT2K_PDL", pdl)
 
     config = get_config("tiny")
     keys = gemm_keys(config, dtype="float16", lengths=[128])
@@ -232,6 +238,18 @@ def test_mixed_build_for_sm90_compiles_with_the_scheduled_kernels():
     assert len(cuda) == 1
     src = cuda[0].inspect_source()
     assert all(f"wgmma_{k.name()}_kernel" in src for k in keys) and "layer_norm" in src
+    defs = list(re.finditer(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\([^;{]*\)\s*\{', src))
+    assert len(defs) > 10
+    for d, nxt in zip(defs, defs[1:] + [None]):
+        kernel = src[d.end():nxt.start() if nxt else len(src)]
+        body = kernel.lstrip()
+        if d.group(1).startswith("wgmma_"):  # the prefetch of W's tiles, then the wait (a no-op without PDL)
+            assert "griddepcontrol" not in kernel and kernel.count(PDL_SYNC + "();") == 1
+            assert kernel.index("gpt2k_tma_prefetch_2d(") < kernel.index(PDL_SYNC) < kernel.index("cp_async_bulk_tensor")
+        else:
+            top = [s.strip() for s in body.split(";")[:2]]
+            want = ["tvm_builtin_ptx_griddepcontrol_wait()", "tvm_builtin_ptx_griddepcontrol_launch_dependents()"]
+            assert (top == want) == (pdl == "late"), kernel[:300]
     _, log = compile_cubin(src)
     assert "error" not in log.lower()
 
