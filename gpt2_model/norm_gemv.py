@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-__all__ = ["EPILOGUES", "MAX_ROWS", "PDL_SYNC", "PDL_SYNC_SRC", "PROLOGUES", "NormGemvConfig", "NormGemvError", "NormGemvKey",
+__all__ = ["EPILOGUES", "MAX_ROWS", "PROLOGUES", "NormGemvConfig", "NormGemvError", "NormGemvKey",
            "is_norm_gemv_legal", "make_norm_gemv", "norm_gemv_candidates", "norm_gemv_problem", "norm_gemv_shared_bytes"]
 
 #: Epilogues after ``sum_k norm(x)[b, k] * W[n, k]`` (fp32): ``bias``: + bias[n]; ``bias_gelu``:
@@ -37,21 +37,6 @@ EPILOGUES = ("bias", "bias_gelu", "none", "bias_residual")
 #: larger batches can beat re-normalizing the rows in every block of the fused form).
 PROLOGUES = ("norm", "none")
 MAX_ROWS = 32  # batch rows the kernel takes (their normalized copy lives in 48 KB of shared memory)
-#: The device function the tensor-core form calls between its weight loads and its first read of
-#: anything an earlier kernel writes: under programmatic dependent launch (``tuning.pdl``, which then
-#: adds no wait of its own to the kernel) the wait for the previous grid and the trigger of the next,
-#: so an early-launched block fetches its weights while the previous kernel still runs, and a waiting
-#: grid never launches its own dependent. A kernel launched without PDL passes both at once
-#: (``griddepcontrol.wait`` has no grid to wait for; ``launch_dependents`` has none to launch).
-PDL_SYNC = "gpt2k_pdl_sync"
-PDL_SYNC_SRC = r"""
-__device__ __forceinline__ void gpt2k_pdl_sync() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-"""
 _LANES = 32
 _VEC = 8  # fp16 elements per 16-byte load
 _SHARED_LIMIT = 48 * 1024
@@ -375,7 +360,7 @@ def _make_norm_gemv_mma(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float):
     CTA 0 adds the others' sums through distributed shared memory between two cluster barriers."""
     from tvm.script import tirx as T  # pylint: disable=import-outside-toplevel
 
-    from .wgmma_gemm import DSMEM_LD_SRC  # pylint: disable=import-outside-toplevel
+    from .wgmma_gemm import DSMEM_LD_SRC, PDL_SYNC, PDL_SYNC_SRC  # pylint: disable=import-outside-toplevel
 
     B, K, N, dtype = key.batch, key.k, key.n, key.dtype
     W, NT, C, WIDE = cfg.warps, cfg.rows, cfg.cluster, cfg.wide

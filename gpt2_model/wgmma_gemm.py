@@ -37,8 +37,6 @@ from dataclasses import asdict, dataclass
 import tvm
 from tvm.script import tirx as T
 
-from .norm_gemv import PDL_SYNC, PDL_SYNC_SRC
-
 #: The target every kernel here is built for (wgmma needs the "a" variant of sm_90).
 SM90A = {"kind": "cuda", "arch": "sm_90a"}
 #: PrimFunc attribute marking a kernel from this module (value: the config name).
@@ -50,6 +48,22 @@ _GELU_C = 0.7978845608028654  # sqrt(2 / pi)
 _TMA_LOAD_2D = "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
 _CVT_F16X2 = "cvt.rn.f16x2.f32"
 
+#: The device function the tensor-core norm + GEMV (:mod:`gpt2_model.norm_gemv`) and this GEMM call
+#: between their weight loads (here: L2 prefetches) and their first read of anything an earlier
+#: kernel writes: under programmatic dependent launch (``tuning.pdl``, which then
+#: adds no wait of its own to the kernel) the wait for the previous grid and the trigger of the next,
+#: so an early-launched block fetches its weights while the previous kernel still runs, and a waiting
+#: grid never launches its own dependent. A kernel launched without PDL passes both at once
+#: (``griddepcontrol.wait`` has no grid to wait for; ``launch_dependents`` has none to launch).
+PDL_SYNC = "gpt2k_pdl_sync"
+PDL_SYNC_SRC = r"""
+__device__ __forceinline__ void gpt2k_pdl_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+"""
 # An L2 prefetch of one TMA box (no shared memory, no barrier): the weights before the PDL wait.
 _TMA_PREFETCH_SRC = r"""
 __device__ __forceinline__ void gpt2k_tma_prefetch_2d(unsigned long long map, int x, int y) {

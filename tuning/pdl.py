@@ -19,9 +19,10 @@ the previous kernel instead of following it.
   kernel's ``tirx.kernel_launch_params``, so the runtime launches it with ``cuLaunchKernelEx``
   and the PDL attribute (inside a CUDA graph capture this becomes a programmatic edge).
 
-A template kernel that calls :data:`gpt2_model.norm_gemv.PDL_SYNC` (the tensor-core norm + GEMV: its
-weight loads come first, then that call waits for the previous grid and triggers the next) gets the
-launch tag only: its weights are fetched while the previous kernel still runs.
+A template kernel that calls :data:`gpt2_model.wgmma_gemm.PDL_SYNC` (the tensor-core norm + GEMV,
+the wgmma GEMM: their weight loads or L2 prefetches come first, then that call waits for the
+previous grid and triggers the next) gets the launch tag only: its weights are fetched while the
+previous kernel still runs.
 
 Kernels that are not launched after another kernel (the first of a stream, after a copy) wait on
 nothing: ``griddepcontrol.wait`` returns at once without a programmatic predecessor. Builds for
@@ -41,7 +42,7 @@ import os
 import tvm
 from tvm import tirx
 
-from gpt2_model.norm_gemv import PDL_SYNC
+from gpt2_model.wgmma_gemm import PDL_SYNC
 
 from .targets import cuda_sm_at_least
 

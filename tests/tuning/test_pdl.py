@@ -144,7 +144,8 @@ def test_norm_gemv_waits_after_its_weight_loads_and_gets_only_the_tag(tmp_path):
     """The tensor-core norm + GEMV calls PDL_SYNC (wait, then trigger) between its weight loads and its
     first read of the input; a PDL build adds the launch tag but no wait or trigger of its own, so
     the kernel's weights are fetched while the previous grid runs. Every PDL mode keeps that place."""
-    from gpt2_model.norm_gemv import PDL_SYNC, NormGemvKey, make_norm_gemv, norm_gemv_candidates
+    from gpt2_model.norm_gemv import NormGemvKey, make_norm_gemv, norm_gemv_candidates
+    from gpt2_model.wgmma_gemm import PDL_SYNC
     from tuning.pdl import pdl_pipeline
 
     key = NormGemvKey(batch=8, k=768, n=2304, epilogue="bias")

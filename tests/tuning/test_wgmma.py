@@ -216,7 +216,7 @@ def test_mixed_build_for_sm90_compiles_with_the_scheduled_kernels(pdl, monkeypat
     pipeline; its one CUDA module compiles for sm_90a. With ``GPT2K_PDL=late`` every kernel waits for
     its predecessor and then triggers its dependent: at its top, or (the wgmma kernels) after the L2
     prefetch of its weight tiles, through ``PDL_SYNC``."""
-    from gpt2_model.norm_gemv import PDL_SYNC  # pylint: disable=import-outside-toplevel
+    from gpt2_model.wgmma_gemm import PDL_SYNC  # pylint: disable=import-outside-toplevel
     from gpt2_model.wgmma_build import compile_cubin  # pylint: disable=import-outside-toplevel
     from tuning.compile import build  # pylint: disable=import-outside-toplevel
 
