@@ -43,7 +43,7 @@ from typing import Sequence
 
 import numpy as np
 
-from gpt2_model.wgmma_gemm import DSMEM_LD_SRC
+from gpt2_model.wgmma_gemm import DSMEM_LD_SRC, PDL_SYNC, PDL_SYNC_SRC
 
 from .targets import cuda_sm_at_least
 
@@ -54,6 +54,14 @@ __all__ = ["DECODE_KERNEL", "DECODE_LSE_ATOL", "DECODE_OUT_RTOL", "MIXED_CASE", 
 
 DECODE_KERNEL = "batch_decode_paged_kv"
 PAGE_SIZE = 16
+_LINE = 128  # bytes of an L2 prefetch
+# One 128-byte line into L2 (``l2``): the K/V of earlier tokens never depend on the previous kernel
+# (only the newest token's, appended by it, do), so under PDL they stream in while that kernel runs.
+_PREFETCH_L2_SRC = r"""
+__device__ __forceinline__ void gpt2k_prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" :: "l"(p));
+}
+"""
 _LOG2E = math.log2(math.e)
 _EMPTY_LSE = -5e4  # TVM's initial softmax max: the lse of a sequence without pages
 
@@ -72,10 +80,11 @@ class DecodeConfig:
     split_below: int = 0  # > 0: split only while batch x heads < split_below (a launch-time choice), else 1 CTA
     wide: bool = False  # 16-byte loads (8 fp16 values a lane, 8 lanes a 64-wide row) instead of 8-byte ones
     prefetch: bool = False  # the next iteration's K/V loads issued before this iteration's math
+    l2: bool = False  # the context's K/V lines prefetched to L2 first, then the PDL wait (PDL_SYNC; sm_90+, unsplit)
 
     def label(self) -> str:
         text = (f"decode groups={self.groups} tokens={self.tokens}" + (" wide" if self.wide else "")
-                + (" prefetch" if self.prefetch else ""))
+                + (" prefetch" if self.prefetch else "") + (" l2" if self.l2 else ""))
         if self.split > 1:
             text += f" split={self.split}" + (f" below {self.split_below} blocks" if self.split_below else "")
         return text
@@ -122,6 +131,7 @@ def is_decode_legal(cfg: DecodeConfig, key, target=None) -> bool:
     return (key.h_q == key.h_kv and key.d % vec == 0 and _pow2(lanes) and lanes <= 32
             and _pow2(cfg.groups) and cfg.tokens in (1, 2, 4, 8, 16)
             and (cfg.split == 1 or (cfg.split in (2, 4, 8) and cuda_sm_at_least(target, 90)))  # clusters, DSMEM
+            and (not cfg.l2 or (cfg.split == 1 and cuda_sm_at_least(target, 90)))  # (PDL: sm_90+)
             and cfg.split_below >= 0 and (cfg.split > 1 or cfg.split_below == 0)
             and cfg.groups * lanes <= threads and decode_shared_bytes(cfg, key) <= smem)
 
@@ -137,13 +147,16 @@ SPLIT_BELOW = 132
 def decode_candidates(key, target=None, *, groups: Sequence[int] = (4, 8, 16, 32, 64),
                       tokens: Sequence[int] = (1, 2, 4, 8), splits: Sequence[int] = (2, 4)) -> list:
     """``None`` (TVM's kernel) first, then the template's legal configurations of the grid (8-byte
-    loads, 16-byte ones, 8-byte ones software-pipelined), then the cluster-split ones (``splits`` x :data:`SPLIT_SHAPES`, always and below :data:`SPLIT_BELOW` blocks;
+    loads, 16-byte ones, 8-byte ones software-pipelined, L2-prefetching ones), then the cluster-split ones (``splits`` x :data:`SPLIT_SHAPES`, always and below :data:`SPLIT_BELOW` blocks;
     sm_90+ only)."""
     one = [c for w in (False, True) for g in groups for t in tokens
            if is_decode_legal(c := DecodeConfig(groups=g, tokens=t, wide=w), key, target)]
     # software-pipelined: where an iteration takes few tokens, so a context needs several
     one += [c for g in groups for t in tokens if t <= 4
             and is_decode_legal(c := DecodeConfig(groups=g, tokens=t, prefetch=True), key, target)]
+    # the context's lines to L2 before the PDL wait: the shapes that won so far (groups 8-32 x 2-4 tokens)
+    one += [c for w in (False, True) for g in groups for t in tokens if 8 <= g <= 32 and 2 <= t <= 4
+            and is_decode_legal(c := DecodeConfig(groups=g, tokens=t, wide=w, l2=True), key, target)]
     split = [c for below in (0, SPLIT_BELOW) for s in splits for g, t in SPLIT_SHAPES
              if is_decode_legal(c := DecodeConfig(groups=g, tokens=t, split=s, split_below=below), key, target)]
     return [None] + one + split
@@ -175,6 +188,9 @@ def make_decode_kernel(cfg: DecodeConfig | None, key, target):  # pylint: disabl
     vec, lanes = _vec_lanes(key, cfg.wide)
     ALIGN = 16 if cfg.wide else 8  # bytes of one lane's load
     G, TT, SPLIT, BELOW, PREFETCH = cfg.groups, cfg.tokens, cfg.split, cfg.split_below, cfg.prefetch
+    L2 = cfg.l2
+    line = _LINE // (2 if "16" in str(dtype) else 4)  # elements of a 128-byte line
+    half_lines = PAGE_SIZE * D // line  # lines of one page's K (or V) rows of one head
     per_it = G * TT  # tokens per block iteration
     lane_steps = int(math.log2(lanes))
     merge_steps = int(math.log2(G))
@@ -262,6 +278,16 @@ def make_decode_kernel(cfg: DecodeConfig | None, key, target):  # pylint: disabl
             kv_len: T.let[T.int32] = T.if_then_else(
                 page_begin != page_end, (page_end - page_begin - 1) * page_size + length_info[bx], 0)
             sc: T.let[T.float32] = sm_scale * T.float32(_LOG2E)
+            if L2:  # every K/V line of the context to L2 (the page table is ready: copied before the step),
+                # then the PDL wait (a no-op without PDL) before the first read the previous kernel writes
+                for i in T.serial(T.ceildiv((page_end - page_begin) * 2 * half_lines, G * lanes)):
+                    idx: T.let[T.int32] = i * (G * lanes) + ty * lanes + tx
+                    if idx < (page_end - page_begin) * 2 * half_lines:
+                        pg: T.let[T.int32] = page_table_values[page_begin + idx // (2 * half_lines)]
+                        T.evaluate(T.cuda.func_call("gpt2k_prefetch_l2", pages_v.access_ptr(
+                            "r", offset=((pg * 2 + idx // half_lines % 2) * H + by) * (page_size * D)
+                            + idx % half_lines * line), source_code=_PREFETCH_L2_SRC))
+                T.evaluate(T.cuda.func_call(PDL_SYNC, source_code=PDL_SYNC_SRC))
             for i in T.unroll(vec):
                 q_loc[i] = T.cast(Q[bx, by, tx * vec + i], "float32") * sc
             st[0] = T.float32(_EMPTY_LSE)

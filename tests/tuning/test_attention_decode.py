@@ -57,10 +57,14 @@ def test_candidates_and_legality(sm90):
     cands = D.decode_candidates(GPT2, sm90)
     one = [c for c in cands[1:] if c.split == 1]
     split = [c for c in cands[1:] if c.split > 1]
-    assert cands[0] is None and len(one) == 2 * 5 * 4 + 5 * 3 and len(split) == 2 * 2 * len(D.SPLIT_SHAPES)
-    # 8-byte loads (16 lanes a 64-wide row) and 16-byte ones (8 lanes: half the threads per group), and
-    # software-pipelined 8-byte ones where an iteration takes 1-4 tokens a group
-    assert sum(c.wide for c in one) == 20 and not any(c.wide for c in split) and "wide" in one[39].label()
+    assert cands[0] is None and len(one) == 2 * 5 * 4 + 5 * 3 + 2 * 3 * 2 and len(split) == 2 * 2 * len(D.SPLIT_SHAPES)
+    # 8-byte loads (16 lanes a 64-wide row) and 16-byte ones (8 lanes: half the threads per group),
+    # software-pipelined 8-byte ones where an iteration takes 1-4 tokens a group, and L2-prefetching
+    # ones of both widths (groups 8-32 x 2-4 tokens)
+    assert sum(c.wide for c in one) == 20 + 6 and not any(c.wide for c in split) and "wide" in one[39].label()
+    l2 = [c for c in one if c.l2]
+    assert len(l2) == 12 and all(8 <= c.groups <= 32 and not c.prefetch for c in l2) and "l2" in l2[0].label()
+    assert not any(c.l2 for c in split) and not D.is_decode_legal(D.DecodeConfig(16, 4, 2, l2=True), GPT2, sm90)
     pre = [c for c in one if c.prefetch]
     assert len(pre) == 15 and all(c.tokens <= 4 and not c.wide for c in pre) and "prefetch" in pre[0].label()
     assert D._vec_lanes(GPT2, True) == (8, 8) and D._vec_lanes(GPT2) == (4, 16)
@@ -71,7 +75,7 @@ def test_candidates_and_legality(sm90):
     assert {c.split for c in split} == {2, 4} and "split=4" in split[-1].label() and "split" not in one[0].label()
     # a cluster split needs sm_90 (clusters, distributed shared memory): none below, nor off CUDA
     sm86 = make_target("sm_86")
-    assert all(c.split == 1 for c in D.decode_candidates(GPT2, sm86)[1:])
+    assert all(c.split == 1 and not c.l2 for c in D.decode_candidates(GPT2, sm86)[1:])  # (l2: PDL's, sm_90+)
     assert not D.is_decode_legal(D.DecodeConfig(16, 4, 4), GPT2, sm86)
     assert not D.is_decode_legal(D.DecodeConfig(16, 4, 4), GPT2, None)
     assert not D.is_decode_legal(D.DecodeConfig(16, 4, 3), GPT2, sm90)  # clusters of 2, 4 or 8
