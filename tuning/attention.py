@@ -56,7 +56,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -65,7 +65,7 @@ import numpy as np
 from .attention_measure import (measure_ragged_prefill, prefill_scalars, ragged_prefill_args,  # noqa: F401 - re-exported
                                 reference_causal_attention, reference_causal_lse)
 from .attention_build import build_all as _build_all
-from .attention_decode import DECODE_KERNEL, DecodeConfig, DecodeError, make_decode_kernel
+from .attention_decode import DECODE_KERNEL, DecodeConfig, DecodeError, is_decode_legal, make_decode_kernel
 from .attention_fa import FAConfig, FAError, fa_candidates, make_fa_ragged_prefill
 from .attention_tc import (TCConfig, TCError, make_tc_ragged_prefill, mma_candidates, tc_candidates,
                            wmma_candidates)
@@ -354,6 +354,7 @@ def apply_attention(mod, db_dir: str | os.PathLike | None, *, key: AttentionKey,
         best, make = stored_best(entry), KERNEL_MAKERS[entry["kernel"]]
         if entry["kernel"] == DECODE_KERNEL:
             default_label = "its own kernel"
+            best = decode_form_for_pdl(best, key, target)
         else:
             default = default_prefill_config(key, target)
             if best == default:
@@ -379,6 +380,19 @@ def apply_attention(mod, db_dir: str | os.PathLike | None, *, key: AttentionKey,
     for line in applied:
         logger.info("tuned attention %s", line)
     return out, applied
+
+
+def decode_form_for_pdl(cfg, key: AttentionKey, target):
+    """The decode attention configuration a build runs for the stored ``cfg``: with programmatic
+    dependent launch on (``GPT2K_PDL``, :func:`tuning.pdl.pdl_mode`) the same constants in the ``l2``
+    form where that is legal (the context's K/V to L2, then the PDL wait: under PDL that overlaps the
+    previous kernel, which the search, timing each kernel alone, cannot see); else ``cfg`` itself."""
+    from .pdl import pdl_mode  # pylint: disable=import-outside-toplevel
+
+    if not isinstance(cfg, DecodeConfig) or cfg.l2 or pdl_mode(target) is None:
+        return cfg
+    l2 = replace(cfg, l2=True)
+    return l2 if is_decode_legal(l2, key, target) else cfg
 
 
 #: A candidate may be at most this much slower than TVM's kernel at any tuned length.

@@ -287,6 +287,18 @@ def test_apply_replaces_the_decode_kernel(tmp_path, sm90, tiny_prepared):
     # ... which a pre-Hopper target cannot build: one clear error, not a kernel that fails at launch
     with pytest.raises(A.AttentionError, match="cannot be built.*not legal"):
         A.apply_attention(mod0, tmp_path, key=TINY_KEY, target=make_target("sm_86"))
+    # under PDL (GPT2K_PDL) an unsplit choice runs in its l2 form (K/V to L2, then the PDL wait); a split one as stored
+    import os
+    from unittest import mock
+
+    for stored, want in (({"groups": 16, "tokens": 4}, "groups=16 tokens=4 l2"), ({"groups": 16, "tokens": 4,
+                                                                                  "split": 4}, "split=4")):
+        (tmp_path / A.ATTENTION_FILE).write_text(json.dumps({"kernels": [_decode_entry(stored)]}))
+        with mock.patch.dict(os.environ, {"GPT2K_PDL": "late"}):
+            _, applied = A.apply_attention(mod0, tmp_path, key=TINY_KEY, target=sm90)
+        assert want in applied[0] and ("l2" in applied[0]) == ("split" not in stored), applied
+        with mock.patch.dict(os.environ, {"GPT2K_PDL": "0"}):
+            assert "l2" not in A.apply_attention(mod0, tmp_path, key=TINY_KEY, target=sm90)[1][0]
     # only a prefill entry (the committed databases): the decode kernel stays TVM's
     (tmp_path / A.ATTENTION_FILE).write_text(json.dumps({"kernels": [_prefill_entry()]}))
     mod, applied = A.apply_attention(mod0, tmp_path, key=TINY_KEY, target=sm90)
