@@ -24,18 +24,16 @@
 #    before sending this one; a call sent later starts a fresh machine (call 1 again, ~1 min charged).
 #  - 2026-12-07: a machine start that finds no machine costs up to 3 device minutes; with less
 #    than ~5 minutes left none starts.
-#  - NEXT SESSION (twelfth), after call 1 (p1); the eleventh's decode table is bench/results/2026-12-07-h100-d:
-#    call 2: `bash .devwheels/p2/install.sh; bash scripts/session.sh env; PHASES=decode BATCHES=1,8,16,32
-#             KINDS=norm-gemv,attention TUNE_LIMIT=540 bash scripts/session.sh tune`  (~5-8 min: the decode searches,
-#             now timed cold, 615 norm + GEMV and 83 decode attention candidates with the wide / prefetch forms;
-#             unpack $OUT/db-q0f16.tgz here, drop .tune.lock)
-#    call 3: `bash scripts/session.sh restore; PB_MODES=0 bash scripts/session.sh prebuild-new; WAIT_FOR=newnopdl
-#             WAIT_S=240 bash scripts/session.sh wait; DB=/root/keep/dbnew/sm_90/gpt2-q0f16 GPT2K_PDL=0 BD_LIMIT=270
-#             VARIANTS=tuned,torch-compile bash scripts/session.sh bench-decode; ... TAG=_graphkernels
-#             BENCH_ARGS="--graph-kernels --repeats 2 --no-check" VARIANTS=tuned BD_LIMIT=60 bash scripts/session.sh bench-decode`
-#             (~6 min; the decode table, then every kernel of the step in place)
-#    call 4 (if the budget holds): AF_LIMIT=110 attn-fa; PHASES=decode BATCHES=16,32,64 KINDS=wgmma tune;
-#             GPT2K_PDL=wait A/B
+#  - TWELFTH SESSION (2026-12-07 evening): the PDL A/B first (GPT2K_PDL=late: the wait, then the trigger; the
+#    norm + GEMV and wgmma kernels fetch / prefetch their weights before the wait, decode attention its KV lines);
+#    call 2: `bash .devwheels/p2/install.sh && export PYTHONPATH=/opt/devsite:$PWD && bash scripts/session.sh env &&
+#             PB_MODES="0 late" bash scripts/session.sh prebuild-pdl && AF_LIMIT=150 bash scripts/session.sh attn-fa;
+#             WAIT_FOR="nopdl latepdl" WAIT_S=150 bash scripts/session.sh wait; for m in 0 late; do GPT2K_PDL=$m
+#             DB=/root/keep/dbold/sm_90/gpt2-q0f16 TAG=_pdl$m VARIANTS=tuned BENCH_ARGS=--no-anatomy BD_LIMIT=90
+#             bash scripts/session.sh bench-decode; done`  (~8 min)
+#    call 3: the decode and prefill tables with the better mode (tuned,torch-compile[,torch-eager]), and the
+#             other mode's prefill (tuned, --no-anatomy)
+#    later: PHASES=decode BATCHES=1,8,32 KINDS=norm-gemv,attention tune (cold timing, wide / prefetch / l2 forms)
 #  - 2026-12-07 (eleventh session): 6 starts failed (~8 device minutes) before one came at 15:29; the tune of
 #    norm-gemv + decode attention at 4 batches took 3m51s (498 + 49 candidates); prebuild of one library ~2 min.
 #    A second machine later that day: its start cost 87 s, and the first nvcc builds on a fresh machine are
