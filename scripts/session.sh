@@ -24,16 +24,21 @@
 #    before sending this one; a call sent later starts a fresh machine (call 1 again, ~1 min charged).
 #  - 2026-12-07: a machine start that finds no machine costs up to 3 device minutes; with less
 #    than ~5 minutes left none starts.
-#  - TWELFTH SESSION (2026-12-07 evening): the PDL A/B first (GPT2K_PDL=late: the wait, then the trigger; the
-#    norm + GEMV and wgmma kernels fetch / prefetch their weights before the wait, decode attention its KV lines);
-#    call 2: `bash .devwheels/p2/install.sh && export PYTHONPATH=/opt/devsite:$PWD && bash scripts/session.sh env &&
-#             PB_MODES="0 late" bash scripts/session.sh prebuild-pdl && AF_LIMIT=150 bash scripts/session.sh attn-fa;
-#             WAIT_FOR="nopdl latepdl" WAIT_S=150 bash scripts/session.sh wait; for m in 0 late; do GPT2K_PDL=$m
-#             DB=/root/keep/dbold/sm_90/gpt2-q0f16 TAG=_pdl$m VARIANTS=tuned BENCH_ARGS=--no-anatomy BD_LIMIT=90
-#             bash scripts/session.sh bench-decode; done`  (~8 min)
-#    call 3: the decode and prefill tables with the better mode (tuned,torch-compile[,torch-eager]), and the
-#             other mode's prefill (tuned, --no-anatomy)
-#    later: PHASES=decode BATCHES=1,8,32 KINDS=norm-gemv,attention tune (cold timing, wide / prefetch / l2 forms)
+#  - NEXT SESSION (thirteenth): the same-card PDL A/B first. Build both libraries HERE (no GPU needed, ~3 min
+#    each on 2 cores, in parallel): `GPT2K_PDL=0 python scripts/prebuild_libs.py --variants tuned --cache-dir .devlibs`
+#    and the same with GPT2K_PDL=late (after the last code change: the key hashes the source). Carry them in their own
+#    call (p1 + tree leave no room in call 1; p2 + tree leave 3.8 MB in the install call):
+#    call 1: p1 copy; call 2 (carry .devlibs): `mkdir -p /root/keep/libs && cp -r .devlibs/. /root/keep/libs/`;
+#    call 3 (carry p2): `bash .devwheels/p2/install.sh && export PYTHONPATH=/opt/devsite:$PWD && for m in late 0 late 0;
+#             do GPT2K_PDL=$m TAG=_pdl${m}_$RANDOM VARIANTS=tuned BENCH_ARGS=--no-anatomy BD_LIMIT=110
+#             bash scripts/session.sh bench-decode; done`  (a process's first library load took 43 s, the second 37 s:
+#             give each bench 110 s; two of each mode, alternating). Then bench prefill the same way (tuned, both modes).
+#    If late wins at b8 and loses at b32 again: find why (bench --graph-kernels under late: which kernels grow).
+#    Then: attn-fa (AF_LIMIT=120), `PHASES=decode BATCHES=1,8,32 KINDS=norm-gemv,attention tune` (cold timing, wide /
+#    prefetch / l2 forms), the README tables (tuned,torch-compile) with the better mode.
+#  - 2026-12-07 (twelfth session): ELEVEN machine starts failed (~23 device minutes); one machine at 19:23 was taken
+#    back mid-call ("for other work") before its first real call finished; the last came at 19:45 with 3 minutes left.
+#    Prebuilt libraries carried from here made a 2-bench call fit in 145 s.
 #  - 2026-12-07 (eleventh session): 6 starts failed (~8 device minutes) before one came at 15:29; the tune of
 #    norm-gemv + decode attention at 4 batches took 3m51s (498 + 49 candidates); prebuild of one library ~2 min.
 #    A second machine later that day: its start cost 87 s, and the first nvcc builds on a fresh machine are
