@@ -208,15 +208,18 @@ def gemm_candidates(key: GemmKey) -> list[GemmConfig]:
     return [c for c in map(parse_config, CANDIDATES) if config_problem(key, c) is None]
 
 
-def make_gemm(key: GemmKey, cfg: GemmConfig, *, name: str = "wgmma_gemm") -> tvm.tirx.PrimFunc:
-    """The model's kernel for ``key``: buffers ``(1, m, k)`` / ``(1, m, n)`` (a prefill chunk)."""
+def make_gemm(key: GemmKey, cfg: GemmConfig, *, name: str = "wgmma_gemm",
+              prefetch_w: bool = False) -> tvm.tirx.PrimFunc:
+    """The model's kernel for ``key``: buffers ``(1, m, k)`` / ``(1, m, n)`` (a prefill chunk); ``prefetch_w``:
+    W's tiles to L2 before the PDL wait (builds with programmatic dependent launch)."""
     problem = config_problem(key, cfg)
     if problem is not None:
         raise ValueError(f"wgmma GEMM {key.name()}: {problem}")
     func = make_wgmma_gemm(key.m, key.n, key.k, epilogue=key.epilogue, batch_dim=not key.rows, rows=key.rows,
                            tile_m=cfg.tile_m,
                            tile_n=cfg.tile_n, tile_k=cfg.tile_k, stages=cfg.stages, consumers=cfg.consumers,
-                           warp_specialized=cfg.warp_specialized, cluster=cfg.cluster, split=cfg.split)
+                           warp_specialized=cfg.warp_specialized, cluster=cfg.cluster, split=cfg.split,
+                           prefetch_w=prefetch_w)
     return func.with_attr("global_symbol", name)
 
 
@@ -259,7 +262,8 @@ def check_config(m: int, n: int, k: int, cfg: GemmConfig) -> None:
 def make_wgmma_gemm(m: int, n: int, k: int, *, bias: bool = True, tile_m: int = 128,
                     tile_n: int = 128, tile_k: int = 64, stages: int = 4, consumers: int = 2,
                     warp_specialized: bool = True, cluster: int = 1, epilogue: str | None = None,
-                    batch_dim: bool = False, split: int = 1, rows: bool = False) -> tvm.tirx.PrimFunc:
+                    batch_dim: bool = False, split: int = 1, rows: bool = False,
+                    prefetch_w: bool = False) -> tvm.tirx.PrimFunc:
     """The TIRx ``PrimFunc`` ``main(A, W[, bias][, R], C)`` computing ``C = epilogue(A @ W^T)``.
 
     ``A[m, k]``, ``W[n, k]``, ``bias[n]``, ``R[m, n]``, ``C[m, n]``, all float16 (fp32
@@ -268,7 +272,9 @@ def make_wgmma_gemm(m: int, n: int, k: int, *, bias: bool = True, tile_m: int = 
     part (TMA descriptor encoding) and a device part, so it can sit in an ``IRModule`` next to
     other kernels; build it with :func:`gpt2_model.wgmma_build.build` (``tir_pipeline="tirx"``,
     target sm_90a) or in a model with :func:`gpt2_model.wgmma_build.register_mixed_pipeline`.
-    Tile constants: see ``GemmConfig``.
+    Tile constants: see ``GemmConfig``. ``prefetch_w``: thread 0 sends W's K tiles to L2 (TMA prefetch)
+    before the PDL wait (:data:`PDL_SYNC`), for builds with programmatic dependent launch, where that
+    overlaps the previous kernel (off: the kernel is as searched).
     """
     epilogue = epilogue or ("bias" if bias else "none")
     if epilogue not in EPILOGUES:
@@ -277,11 +283,12 @@ def make_wgmma_gemm(m: int, n: int, k: int, *, bias: bool = True, tile_m: int = 
     check_config(m, n, k, cfg)
     # "tirx.is_scheduled" keeps relax's default CUDA pipeline (dlight) from rescheduling it;
     # KERNEL_ATTR routes it through the tirx lowering in MIXED_PIPELINE.
-    func = _make(m, n, k, epilogue, cfg, "rows" if rows else "chunk" if batch_dim else "flat")
+    func = _make(m, n, k, epilogue, cfg, "rows" if rows else "chunk" if batch_dim else "flat", prefetch_w)
     return func.with_attrs({"tirx.is_scheduled": True, KERNEL_ATTR: cfg.name})
 
 
-def _make(M, N, K, epi: str, cfg: GemmConfig, layout: str):  # noqa: C901 - one kernel, straight-line
+def _make(M, N, K, epi: str, cfg: GemmConfig, layout: str,  # noqa: C901 - one kernel, straight-line
+          prefetch_w: bool = False):
     has_bias = epi != "none"
     BM, BN, BK, S, NC = cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.stages, cfg.consumers
     WS = cfg.warp_specialized
@@ -449,9 +456,9 @@ def _make(M, N, K, epi: str, cfg: GemmConfig, layout: str):  # noqa: C901 - one 
             T.ptx.fence.mbarrier_init.release.cluster()
         T.ptx.fence.proxy.async_.shared__cta()
         T.cuda.cta_sync()
-        # W never depends on the previous kernel: its K tiles (spread over the M tiles that share them)
-        # go to L2 before the PDL wait (PDL_SYNC: a no-op without PDL), i.e. while the previous grid runs
-        if tid == 0:
+        # W never depends on the previous kernel: with prefetch_w its K tiles (spread over the M tiles that
+        # share them) go to L2 before the PDL wait (PDL_SYNC: a no-op without PDL), while the previous grid runs
+        if prefetch_w and tid == 0:
             for kt in range(KT_S):
                 if kt % MT == m_blk:
                     for kb in range(KB):

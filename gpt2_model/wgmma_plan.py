@@ -56,6 +56,7 @@ class GemmPlan:
 
     configs: Mapping[str, GemmConfig]
     reference: bool = False
+    prefetch_w: bool = False  # W's tiles to L2 before the PDL wait (builds with PDL: tuning.wgmma_tune.gemm_plan_for)
 
     def config_for(self, key: GemmKey) -> GemmConfig | None:
         cfg = self.configs.get(key.name())
@@ -64,7 +65,9 @@ class GemmPlan:
         return cfg if self.reference or config_problem(key, cfg) is None else None
 
     def make(self, key: GemmKey, cfg: GemmConfig, *, name: str):
-        return make_gemm_reference(key, name=name) if self.reference else make_gemm(key, cfg, name=name)
+        if self.reference:
+            return make_gemm_reference(key, name=name)
+        return make_gemm(key, cfg, name=name, prefetch_w=self.prefetch_w)
 
     def find(self, m: int, n: int, k: int, dtype: str = "float16", *,
              rows: bool = False) -> tuple[GemmKey, GemmConfig] | None:

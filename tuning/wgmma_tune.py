@@ -17,6 +17,8 @@ At compile time :func:`gemm_plan_for` turns the file into the
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import time
@@ -251,5 +253,9 @@ def read_gemm_plan(db_dir: str | os.PathLike | None) -> GemmPlan | None:
 
 
 def gemm_plan_for(db_dir: str | os.PathLike | None, target) -> GemmPlan | None:
-    """The plan a build for ``target`` with the database at ``db_dir`` uses (sm_90 CUDA targets only)."""
-    return read_gemm_plan(db_dir) if db_dir is not None and wgmma_arch(target) else None
+    """The plan a build for ``target`` with the database at ``db_dir`` uses (sm_90 CUDA targets only); with
+    programmatic dependent launch on (``GPT2K_PDL``) its kernels prefetch their weights before the wait."""
+    from .pdl import pdl_enabled  # pylint: disable=import-outside-toplevel
+
+    plan = read_gemm_plan(db_dir) if db_dir is not None and wgmma_arch(target) else None
+    return dataclasses.replace(plan, prefetch_w=True) if plan is not None and pdl_enabled(target) else plan

@@ -225,7 +225,7 @@ def test_mixed_build_for_sm90_compiles_with_the_scheduled_kernels(pdl, monkeypat
     config = get_config("tiny")
     keys = gemm_keys(config, dtype="float16", lengths=[128])
     assert len(keys) == 4
-    plan = GemmPlan({k.name(): parse_config("64x64x64s6c1nows") for k in keys})
+    plan = GemmPlan({k.name(): parse_config("64x64x64s6c1nows") for k in keys}, prefetch_w=pdl == "late")
     exported = export_model(config, quantization="q0f16", target=CUDA, buckets={"prefill": [128]}, gemm=plan)
     exe = build(exported, target=CUDA)
 
@@ -243,9 +243,11 @@ def test_mixed_build_for_sm90_compiles_with_the_scheduled_kernels(pdl, monkeypat
     for d, nxt in zip(defs, defs[1:] + [None]):
         kernel = src[d.end():nxt.start() if nxt else len(src)]
         body = kernel.lstrip()
-        if d.group(1).startswith("wgmma_"):  # the prefetch of W's tiles, then the wait (a no-op without PDL)
+        if d.group(1).startswith("wgmma_"):  # (under PDL) the prefetch of W's tiles, then the wait (a no-op without)
             assert "griddepcontrol" not in kernel and kernel.count(PDL_SYNC + "();") == 1
-            assert kernel.index("gpt2k_tma_prefetch_2d(") < kernel.index(PDL_SYNC) < kernel.index("cp_async_bulk_tensor")
+            assert kernel.index(PDL_SYNC) < kernel.index("cp_async_bulk_tensor")
+            assert ("gpt2k_tma_prefetch_2d(" in kernel) == (pdl == "late")
+            assert pdl != "late" or kernel.index("gpt2k_tma_prefetch_2d(") < kernel.index(PDL_SYNC)
         else:
             top = [s.strip() for s in body.split(";")[:2]]
             want = ["tvm_builtin_ptx_griddepcontrol_wait()", "tvm_builtin_ptx_griddepcontrol_launch_dependents()"]
@@ -254,7 +256,7 @@ def test_mixed_build_for_sm90_compiles_with_the_scheduled_kernels(pdl, monkeypat
     assert "error" not in log.lower()
 
 
-def test_plan_reading_skips_bad_entries(tmp_path, caplog):
+def test_plan_reading_skips_bad_entries(tmp_path, caplog, monkeypatch):
     good = GemmKey(512, 2304, 768, "bias")
     doc = {"kernels": {
         good.name(): {"key": {"m": 512, "n": 2304, "k": 768, "epilogue": "bias"},
@@ -270,7 +272,11 @@ def test_plan_reading_skips_bad_entries(tmp_path, caplog):
         plan = read_gemm_plan(tmp_path)
     assert set(plan.configs) == {good.name()} and plan.config_for(good) == parse_config("128x128x64s4c2ws")
     assert "not multiples of the tile" in caplog.text and "holds the key of" in caplog.text
-    assert gemm_plan_for(tmp_path, CUDA) == plan
+    monkeypatch.setenv("GPT2K_PDL", "0")
+    assert gemm_plan_for(tmp_path, CUDA) == plan and not plan.prefetch_w
+    monkeypatch.setenv("GPT2K_PDL", "late")  # a PDL build: the same choices, weights prefetched before the wait
+    assert gemm_plan_for(tmp_path, CUDA).prefetch_w and gemm_plan_for(tmp_path, CUDA).configs == plan.configs
+    monkeypatch.setenv("GPT2K_PDL", "0")
     assert gemm_plan_for(tmp_path, make_target("sm_80")) is None and gemm_plan_for(tmp_path, make_target("cpu")) is None
     assert read_gemm_plan(tmp_path / "missing") is None
     (tmp_path / "wgmma_gemm.json").write_text("{not json")
