@@ -280,9 +280,10 @@ def make_decode_kernel(cfg: DecodeConfig | None, key, target):  # pylint: disabl
             sc: T.let[T.float32] = sm_scale * T.float32(_LOG2E)
             if L2:  # every K/V line of the context to L2 (the page table is ready: copied before the step),
                 # then the PDL wait (a no-op without PDL) before the first read the previous kernel writes
-                for i in T.serial(T.ceildiv((page_end - page_begin) * 2 * half_lines, G * lanes)):
+                n_lines: T.let[T.int32] = (page_end - page_begin) * 2 * half_lines
+                for i in T.serial(T.ceildiv(n_lines, G * lanes)):
                     idx: T.let[T.int32] = i * (G * lanes) + ty * lanes + tx
-                    if idx < (page_end - page_begin) * 2 * half_lines:
+                    if idx < n_lines:
                         pg: T.let[T.int32] = page_table_values[page_begin + idx // (2 * half_lines)]
                         T.evaluate(T.cuda.func_call("gpt2k_prefetch_l2", pages_v.access_ptr(
                             "r", offset=((pg * 2 + idx // half_lines % 2) * H + by) * (page_size * D)

@@ -96,6 +96,10 @@ def _grid_dep(action: str) -> tirx.Stmt:
     return tirx.Evaluate(call)
 
 
+#: What each mode puts at the top of a kernel, in order.
+_TOP = {"trigger": ("launch_dependents", "wait"), "late": ("wait", "launch_dependents"), "wait": ("wait",)}
+
+
 def _with_pdl(func: tirx.PrimFunc, mode: str = "trigger") -> tirx.PrimFunc:
     attrs = func.attrs
     if attrs is None or int(attrs.get("calling_conv", 0)) != _DEVICE_KERNEL_LAUNCH:
@@ -107,10 +111,7 @@ def _with_pdl(func: tirx.PrimFunc, mode: str = "trigger") -> tirx.PrimFunc:
     tags.insert(at, PDL_TAG)
     if PDL_SYNC in str(func.body):  # a template that waits (and triggers) in its own place: launch tag only
         return func.with_attr(_LAUNCH_PARAMS, tags)
-    top = {"trigger": [_grid_dep("launch_dependents"), _grid_dep("wait")],
-           "late": [_grid_dep("wait"), _grid_dep("launch_dependents")],
-           "wait": [_grid_dep("wait")]}[mode]
-    body = tirx.SeqStmt([*top, func.body])
+    body = tirx.SeqStmt([*(_grid_dep(action) for action in _TOP[mode]), func.body])
     return func.with_body(body).with_attr(_LAUNCH_PARAMS, tags)
 
 
@@ -127,10 +128,11 @@ def _add_pdl(mode: str):
 
 #: Every device kernel of a module waits for its predecessor grid (after the trigger) and is launched
 #: with PDL; :data:`add_pdl_wait`: the wait only.
-add_pdl = _add_pdl("trigger")
-add_pdl_wait = _add_pdl("wait")
+_PASSES = {mode: _add_pdl(mode) for mode in _TOP}
+add_pdl = _PASSES["trigger"]
+add_pdl_wait = _PASSES["wait"]
 #: The wait, then the trigger (``GPT2K_PDL=late``).
-add_pdl_late = _add_pdl("late")
+add_pdl_late = _PASSES["late"]
 
 
 def pdl_pipeline(base: str = "default", mode: str = "trigger") -> str:
@@ -142,7 +144,7 @@ def pdl_pipeline(base: str = "default", mode: str = "trigger") -> str:
     name = f"gpt2k-pdl-{base}" + ("" if mode == "trigger" else f"-{mode}")
     if name in cp.PIPELINE_MAP:
         return name
-    add_pass = {"trigger": add_pdl, "wait": add_pdl_wait, "late": add_pdl_late}[mode]
+    add_pass = _PASSES[mode]
 
     def factory():
         pipeline, fin_host, fin_dev = cp.get_tir_pipeline(base)

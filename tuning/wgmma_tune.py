@@ -18,7 +18,6 @@ At compile time :func:`gemm_plan_for` turns the file into the
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import os
 import time
