@@ -118,7 +118,8 @@ def open_tvm_variant(s, variant: str, *, cuda_graph: bool, cache_dir, max_batch:
                         max_total_seq_len=max(max_tokens, s.config.context_window_size))
     info = dict(built.info)
     log(f"{variant}: library {'from cache' if info['cache_hit'] else 'built'} "
-        f"({info['build_s']:.1f} s build, {time.perf_counter() - t0:.1f} s total) {info['library']}")
+        f"({info['build_s']:.1f} s build, {time.perf_counter() - t0:.1f} s total; load: "
+        + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in info.get("load_parts", {}).items()) + f") {info['library']}")
     engine = built.engine
     seq = engine.add_sequence()
     try:
