@@ -90,8 +90,8 @@ def _add_common(p: argparse.ArgumentParser, *, variants: bool = True) -> None:
                             "overhead = wall - kernels)")
         g.add_argument("--graph-kernels", action="store_true",
                        help="also profile each TVM step's whole-step CUDA graph (torch.profiler): every kernel in "
-                            "it, the KV cache's included, and the gaps between them. Its own run: the profiler "
-                            "may slow what is timed after it")
+                            "it, the KV cache's included, and the gaps between them (with or without --no-anatomy, which only "
+                            "skips timing each kernel alone). Its own run: the profiler may slow what is timed after it")
         g.add_argument("--torch-threads", type=int, default=None, metavar="N",
                        help="intra-op threads of the PyTorch peers on the CPU. Default: TVM's thread-pool size")
     m = p.add_argument_group("measurement")

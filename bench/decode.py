@@ -87,7 +87,7 @@ def run_decode(cfg: BenchConfig, *, batch=(8,), prompt_len=(128,), gen_len: int 
     def measure(runner, p):
         return measure_decode(runner, timer=s.timer, batch=p["batch"], prompt_len=p["prompt_len"],
                               gen_len=gen_len, repeats=cfg.repeats, warmup=cfg.warmup,
-                              profile_graph=cfg.anatomy and cfg.graph_kernels)
+                              profile_graph=cfg.graph_kernels)
 
     def figures(runner, p, m):
         nbytes = decode_bytes(weight_bytes=runner.weight_bytes, kv_bytes_per_token=runner.kv_bytes_per_token,

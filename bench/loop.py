@@ -301,12 +301,13 @@ def _run_variant(s, variant: str, *, points: list[dict], measure, figures, opts:
         notes = fig.pop("notes", [])
         extra: dict[str, Any] = {}
         an = anatomy(variant, p, m, notes) if anatomy is not None else None
+        gk = m.get("graph_kernels")
+        if gk is not None:  # (--graph-kernels, with or without the kernels-alone anatomy)
+            an = an if an is not None else {}
+            an["graph_kernels"] = gk
+            notes.append(f"in the step's graph: {gk['ms']:.3f} ms of kernels ({gk['launches']:.0f} launches; the KV "
+                         f"cache's {gk['kv_ms']:.3f} ms); wall / in-graph kernels = {m['ms'].median / gk['ms']:.2f}x")
         if an is not None:
-            gk = m.get("graph_kernels")
-            if gk is not None:
-                an["graph_kernels"] = gk
-                notes.append(f"in the step's graph: {gk['ms']:.3f} ms of kernels ({gk['launches']:.0f} launches; the KV "
-                             f"cache's {gk['kv_ms']:.3f} ms); wall / in-graph kernels = {an['wall_ms'] / gk['ms']:.2f}x")
             extra.update(anatomy=an, kernels_ms=an.get("kernels_ms"), overhead_ms=an.get("overhead_ms"))
         if m.get("graph_ms") is not None:
             extra["graph_ms"] = m["graph_ms"]

@@ -79,7 +79,7 @@ def run_prefill(cfg: BenchConfig, *, seq_len=(128, 512, 1024), batch=(1,),
     def measure(runner, p):
         return measure_prefill(runner, timer=s.timer, batch=p["batch"], seq_len=p["seq_len"],
                                repeats=cfg.repeats, warmup=cfg.warmup,
-                              profile_graph=cfg.anatomy and cfg.graph_kernels)
+                              profile_graph=cfg.graph_kernels)
 
     def figures(runner, p, m):
         flops = prefill_flops(s.config, batch=p["batch"], seq_len=p["seq_len"])
