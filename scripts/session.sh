@@ -24,6 +24,9 @@
 #    before sending this one; a call sent later starts a fresh machine (call 1 again, ~1 min charged).
 #  - 2026-12-07: a machine start that finds no machine costs up to 3 device minutes; with less
 #    than ~5 minutes left none starts.
+#  - 2026-12-07 (thirteenth session): the tree (9.5 MB) + pack.sh's p1 (60.8 MB) passed 64 MiB: split p1's part in two
+#    (`split -b 52m -d tvm.part.00 tvm.sub.` -> p1/tvm.part.00 + p1b/tvm.part.01) and carry p1b with .devlibs in
+#    call 2 (`cp .devwheels/p1b/* /root/keep/p1/`): install.sh joins /root/keep/p1/tvm.part.* then p2's part.
 #  - NEXT SESSION (thirteenth): the same-card PDL A/B first. Build both libraries HERE (no GPU needed, ~3 min
 #    each on 2 cores, in parallel): `GPT2K_PDL=0 python scripts/prebuild_libs.py --variants tuned --cache-dir .devlibs`
 #    and the same with GPT2K_PDL=late (after the last code change: the key hashes the source). Carry them in their own
