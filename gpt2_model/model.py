@@ -97,29 +97,38 @@ class GPT2Block(nn.Module):
         self.gemm: GemmPlan | None = None  # prefill chunk shapes whose GEMMs run the wgmma kernel
 
     def forward(self, x: Tensor, kv_cache: PagedKVCache) -> Tensor:
-        qkv = norm_linear(self.norm_gemv, self.ln_1, self.attn.c_attn, x, "bias")
+        qkv = fused_norm_linear(self.norm_gemv, self.ln_1, self.attn.c_attn, x, "bias")
         if qkv is None:
             h = self.ln_1(x)
-            qkv = gemm_linear(self.gemm, self.attn.c_attn, h, "bias")
+            qkv = self._template_linear(self.attn.c_attn, h, "bias")
             if qkv is None:
                 qkv = self.attn.c_attn(h)
         a = self.attn.attend(qkv, kv_cache)
         x = self._residual_out(self.attn.c_proj, a, x)
-        h = norm_linear(self.norm_gemv, self.ln_2, self.mlp.c_fc, x, self.mlp.fusable_epilogue)
+        epilogue = self.mlp.fusable_epilogue
+        h = fused_norm_linear(self.norm_gemv, self.ln_2, self.mlp.c_fc, x, epilogue)
         if h is None:
             n = self.ln_2(x)
-            epilogue = self.mlp.fusable_epilogue
-            h = gemm_linear(self.gemm, self.mlp.c_fc, n, epilogue) if epilogue is not None else None
+            h = self._template_linear(self.mlp.c_fc, n, epilogue) if epilogue is not None else None
             if h is None:
                 h = self.mlp.activate(self.mlp.c_fc(n))
         return self._residual_out(self.mlp.c_proj, h, x)
 
+    def _template_linear(self, linear: nn.Module, h: Tensor, epilogue: str) -> Tensor | None:
+        """``epilogue(linear(h))`` on a template kernel: the wgmma kernel where ``gemm`` names the shape (a
+        prefill chunk, or a decode batch whose wgmma entry was stored only after it beat the kernel the
+        build ran before, the norm + GEMV template's plain kernel included), else that plain kernel where
+        ``norm_gemv`` names it; None: the layer's own kernels."""
+        out = gemm_linear(self.gemm, linear, h, epilogue)
+        return out if out is not None else plain_linear(self.norm_gemv, linear, h, epilogue)
+
     def _residual_out(self, linear: nn.Module, h: Tensor, residual: Tensor) -> Tensor:
-        """``residual + linear(h)``: the fused decode template where ``norm_gemv`` names the shape, else
-        the wgmma kernel where ``gemm`` does, else the layer and the add (fused by the partition)."""
-        out = residual_linear(self.norm_gemv, linear, h, residual)
+        """``residual + linear(h)``: the wgmma kernel where ``gemm`` names the shape, else the decode
+        template's plain kernel where ``norm_gemv`` does (see :meth:`_template_linear`), else the layer
+        and the add (fused by the partition)."""
+        out = gemm_linear(self.gemm, linear, h, "bias_residual", residual=residual)
         if out is None:
-            out = gemm_linear(self.gemm, linear, h, "bias_residual", residual=residual)
+            out = residual_linear(self.norm_gemv, linear, h, residual)
         return out if out is not None else residual + linear(h)
 
 
@@ -442,31 +451,60 @@ def _template_call(plan: NormGemvPlan, key: NormGemvKey, args: list, *, name: st
                            out=Tensor.placeholder((key.batch, 1, key.n), key.out_dtype))
 
 
-def norm_linear(plan: NormGemvPlan | None, norm: nn.LayerNorm, linear: nn.Module, x: Tensor, epilogue: str | None,
-                *, out_dtype: str | None = None) -> Tensor | None:
-    """``linear(norm(x))`` (+ the epilogue) as one fused kernel (:mod:`gpt2_model.norm_gemv`) where
-    ``plan`` names this static decode shape, or the norm and then that module's plain kernel where the
-    plan names the plain form instead, else None (the caller runs the two layers).
-
-    ``linear`` is an unquantized ``nn.Linear`` (its bias per ``epilogue``) or the tied embedding
-    (``epilogue="none"``: its table is the weight). Only static shapes of one token per row.
-    """
+def _norm_gemv_key(plan: NormGemvPlan | None, linear: nn.Module, x: Tensor, epilogue: str | None,
+                   out_dtype: str | None, prologue: str) -> NormGemvKey | None:
+    """The template's key for ``linear`` on ``x`` (static one-token rows, an unquantized weight, the bias
+    as ``epilogue`` needs), or None when the template cannot take it."""
     b = _one_token_rows(x) if plan is not None and epilogue is not None else None
     weight = getattr(linear, "weight", None)
     bias = getattr(linear, "bias", None) if epilogue != "none" else None
     if b is None or not isinstance(weight, nn.Parameter) or (epilogue != "none") != (bias is not None):
         return None  # (quantized layers keep their own kernels)
-    key = NormGemvKey(batch=b, k=int(x.shape[2]), n=int(weight.shape[0]), epilogue=epilogue, dtype=str(x.dtype),
-                      out_dtype=out_dtype or str(x.dtype))
-    tail = [bias] if bias is not None else []
-    fused = _template_call(plan, key, [x, norm.weight, norm.bias, weight] + tail, name=f"norm_gemv_{key.name()}",
-                           eps=float(norm.eps))
+    return NormGemvKey(batch=b, k=int(x.shape[2]), n=int(weight.shape[0]), epilogue=epilogue, dtype=str(x.dtype),
+                       out_dtype=out_dtype or str(x.dtype), prologue=prologue)
+
+
+def _linear_tail(linear: nn.Module, epilogue: str) -> list:
+    return [linear.bias] if epilogue != "none" else []
+
+
+def fused_norm_linear(plan: NormGemvPlan | None, norm: nn.LayerNorm, linear: nn.Module, x: Tensor,
+                      epilogue: str | None, *, out_dtype: str | None = None) -> Tensor | None:
+    """``linear(norm(x))`` (+ the epilogue) as one fused kernel (:mod:`gpt2_model.norm_gemv`) where
+    ``plan`` names this static decode shape in its fused form, else None.
+
+    ``linear`` is an unquantized ``nn.Linear`` (its bias per ``epilogue``) or the tied embedding
+    (``epilogue="none"``: its table is the weight). Only static shapes of one token per row.
+    """
+    key = _norm_gemv_key(plan, linear, x, epilogue, out_dtype, "norm")
+    if key is None:
+        return None
+    return _template_call(plan, key, [x, norm.weight, norm.bias, linear.weight] + _linear_tail(linear, epilogue),
+                          name=f"norm_gemv_{key.name()}", eps=float(norm.eps))
+
+
+def plain_linear(plan: NormGemvPlan | None, linear: nn.Module, h: Tensor, epilogue: str | None,
+                 *, out_dtype: str | None = None) -> Tensor | None:
+    """``linear(h)`` (+ the epilogue) on the norm + GEMV template's plain kernel (no norm: ``h`` is
+    normalized already) where ``plan`` names this static decode shape in that form, else None."""
+    key = _norm_gemv_key(plan, linear, h, epilogue, out_dtype, "none")
+    if key is None:
+        return None
+    return _template_call(plan, key, [h, linear.weight] + _linear_tail(linear, epilogue), name=f"gemv_{key.name()}")
+
+
+def norm_linear(plan: NormGemvPlan | None, norm: nn.LayerNorm, linear: nn.Module, x: Tensor, epilogue: str | None,
+                *, out_dtype: str | None = None) -> Tensor | None:
+    """``linear(norm(x))`` (+ the epilogue): the fused kernel (:func:`fused_norm_linear`) where ``plan``
+    names this static decode shape, or the norm and then the template's plain kernel where the plan names
+    the plain form instead (:func:`plain_linear`), else None (the caller runs the two layers)."""
+    fused = fused_norm_linear(plan, norm, linear, x, epilogue, out_dtype=out_dtype)
     if fused is not None:
         return fused
-    plain = dataclasses.replace(key, prologue="none")  # the norm alone, then the plain template's kernel
-    if plan.config_for(plain) is None:
-        return None
-    return _template_call(plan, plain, [norm(x), weight] + tail, name=f"gemv_{plain.name()}")
+    plain = _norm_gemv_key(plan, linear, x, epilogue, out_dtype, "none")
+    if plain is None or plan.config_for(plain) is None:
+        return None  # (no norm kernel emitted for nothing)
+    return plain_linear(plan, linear, norm(x), epilogue, out_dtype=out_dtype)
 
 
 def residual_linear(plan: NormGemvPlan | None, linear: nn.Module, h: Tensor, residual: Tensor) -> Tensor | None:

@@ -203,9 +203,22 @@ def config_problem(key: GemmKey, cfg: GemmConfig) -> str | None:
     return None
 
 
+#: Added for decode batches (``rows`` keys: one 64-row tile, a weight-bound GEMM): narrow tiles split
+#: over K, so that the weights stream through more CTAs (b32 768 x 3072: 64 x 48 tiles are 16 CTAs,
+#: 64 x 16 split 8 ways 384; 768 x 768 in 64 x 16 split 4 ways: 192).
+DECODE_CANDIDATES = ("64x16x64s4c1wsk4", "64x16x64s6c1wsk8", "64x24x64s6c1wsk8", "64x32x64s4c1wsk2",
+                     "64x32x64s4c1wsk4", "64x32x64s6c1wsk8", "64x48x64s4c1wsk2", "64x48x64s4c1wsk4",
+                     "64x64x64s4c1wsk2", "64x64x64s4c1wsk4", "64x64x64s6c1wsk8")
+
+
 def gemm_candidates(key: GemmKey) -> list[GemmConfig]:
-    """Every legal configuration of :data:`CANDIDATES` for ``key``."""
-    return [c for c in map(parse_config, CANDIDATES) if config_problem(key, c) is None]
+    """Every legal configuration of :data:`CANDIDATES` (and, for a decode batch, :data:`DECODE_CANDIDATES`)
+    for ``key``."""
+    names = CANDIDATES + (DECODE_CANDIDATES if key.rows else ())
+    cands = [c for c in map(parse_config, names) if config_problem(key, c) is None]
+    if key.rows and key.m <= 64:  # (one 64-row tile holds the batch: 128-row tiles only compute padding)
+        cands = [c for c in cands if c.tile_m == 64]
+    return cands
 
 
 def make_gemm(key: GemmKey, cfg: GemmConfig, *, name: str = "wgmma_gemm",

@@ -40,7 +40,7 @@ from .norm_gemv_tune import (_time_kernel, as_tuned_build_runs, check_and_time, 
 from .targets import arch_of, is_gpu
 
 __all__ = ["MIN_DECODE_ROWS", "WGMMA_SCHEMA", "fused_elsewhere", "gemm_keys", "gemm_plan_for", "parse_gemm_entry",
-           "read_gemm_plan", "reference_gemm", "tune_wgmma_gemm", "wgmma_arch"]
+           "plain_elsewhere", "read_gemm_plan", "reference_gemm", "tune_wgmma_gemm", "wgmma_arch"]
 
 WGMMA_SCHEMA = "gpt2k-wgmma-gemm/1"
 #: |out - ref| <= ATOL + RTOL * |ref| (fp16 output; fp32 sums over K <= 3072 in another order)
@@ -76,17 +76,31 @@ def gemm_keys(config, *, dtype: str, lengths: Sequence[int] = (), batches: Seque
     return [k for k in keys if gemm_candidates(k)]
 
 
-def fused_elsewhere(key: GemmKey, norm_gemv_plan) -> bool:
-    """Whether the build runs this decode GEMM in the fused norm + GEMV template instead (the model
-    tries ``norm_gemv.json`` first): searching it here would store an entry the model never uses."""
-    if not key.rows or norm_gemv_plan is None:
-        return False
+def _norm_gemv_key(key: GemmKey, prologue: str):
     from gpt2_model.norm_gemv import NormGemvKey  # pylint: disable=import-outside-toplevel
 
-    forms = ("none",) if key.epilogue == "bias_residual" else ("norm", "none")  # (fused, or the plain after the norm)
-    return any(norm_gemv_plan.config_for(NormGemvKey(batch=key.m, k=key.k, n=key.n, epilogue=key.epilogue,
-                                                     dtype=key.dtype, out_dtype=key.dtype, prologue=p)) is not None
-               for p in forms)
+    return NormGemvKey(batch=key.m, k=key.k, n=key.n, epilogue=key.epilogue, dtype=key.dtype, out_dtype=key.dtype,
+                       prologue=prologue)
+
+
+def fused_elsewhere(key: GemmKey, norm_gemv_plan) -> bool:
+    """Whether the build runs this decode GEMM with its layer norm fused in (the norm + GEMV template's
+    ``norm`` form): the wgmma kernel would need the norm as a kernel of its own, so it is not searched.
+    A decode GEMM the template runs in its plain form (no norm) is searched, against that kernel
+    (:func:`plain_elsewhere`), and the model takes the wgmma kernel where it was stored."""
+    if not key.rows or norm_gemv_plan is None or key.epilogue == "bias_residual":
+        return False
+    return norm_gemv_plan.config_for(_norm_gemv_key(key, "norm")) is not None
+
+
+def plain_elsewhere(key: GemmKey, norm_gemv_plan):
+    """``(NormGemvKey, NormGemvConfig)`` of the norm + GEMV template's plain kernel that runs this decode
+    GEMM in the build now, or None: the kernel a wgmma candidate must beat to be stored."""
+    if not key.rows or norm_gemv_plan is None:
+        return None
+    nkey = _norm_gemv_key(key, "none")
+    cfg = norm_gemv_plan.config_for(nkey)
+    return (nkey, cfg) if cfg is not None else None
 
 
 def reference_gemm(key: GemmKey, a, w, bias, residual=None) -> np.ndarray:
@@ -130,17 +144,28 @@ def _build_candidates(jobs: list[tuple[GemmKey, GemmConfig]], folder: Path, work
         return list(pool.map(_build_one, args))
 
 
-def _replaced_kernels(config, *, quantization: str, target, db_dir: Path, keys: Sequence[GemmKey]) -> dict:
-    """Per key name: ``[("linear <kernel> (tuned|dlight)", PrimFunc)]``: the bucket's partition kernel of
-    that GEMM (epilogue fused; the prefill chunk's, or the decode batch's for ``rows`` keys), scheduled as
-    the tuned build schedules it."""
+def _replaced_kernels(config, *, quantization: str, target, db_dir: Path, keys: Sequence[GemmKey],
+                      norm_gemv_plan=None) -> dict:
+    """Per key name: ``[(what, PrimFunc)]``, the kernel the build runs for that GEMM now: the norm + GEMV
+    template's plain kernel where ``norm_gemv_plan`` names it (decode keys, :func:`plain_elsewhere`), else
+    the bucket's partition kernel of that GEMM (epilogue fused; the prefill chunk's, or the decode batch's
+    for ``rows`` keys), scheduled as the tuned build schedules it."""
     from .database import TunedDatabase  # pylint: disable=import-outside-toplevel
     from .partition import partition  # pylint: disable=import-outside-toplevel
 
+    out = {}
+    for key in keys:
+        plain = plain_elsewhere(key, norm_gemv_plan)
+        if plain is not None:
+            nkey, cfg = plain
+            out[key.name()] = [(f"gemv {nkey.name()} ({cfg.label()})",
+                                norm_gemv_plan.make(nkey, cfg, eps=float(config.layer_norm_epsilon), name="main"))]
+    keys = [k for k in keys if k.name() not in out]
+    if not keys:
+        return out
     buckets = {"prefill": sorted({k.m for k in keys if not k.rows}), "decode": sorted({k.m for k in keys if k.rows})}
     tasks = partition(config, quantization=quantization, target=target, buckets={p: v for p, v in buckets.items() if v})
     db = TunedDatabase.open(db_dir, target=target).ms if (db_dir / "meta.json").is_file() else None
-    out = {}
     for key in keys:
         phase = "decode" if key.rows else "prefill"
         task = next((t for t in tasks if t.phase == phase and t.bucket == key.m and t.kind in ("gemm", "gemv")
@@ -163,9 +188,10 @@ def tune_wgmma_gemm(config, *, dtype: str, target, out_dir: str | os.PathLike, l
                     batches: Sequence[int] = (), quantization: str = "q0f16", device=None, workers: int | None = None,
                     number: int = 100, repeat: int = 5, log: Callable[[str], None] = print) -> dict:
     """Search the wgmma GEMMs of the prefill chunk ``lengths`` and of the decode ``batches`` (from
-    :data:`MIN_DECODE_ROWS`; those the database's fused norm + GEMV kernels already run are left out) on
-    the local GPU (sm_90); merge the winners (checked, and faster than the partition kernel they
-    replace) into ``out_dir/wgmma_gemm.json``. Returns the file's content."""
+    :data:`MIN_DECODE_ROWS`; those the database's fused norm + GEMV kernels run with their layer norm are
+    left out) on the local GPU (sm_90); merge the winners (checked, and faster than the kernel they
+    replace: the partition kernel, or the norm + GEMV template's plain kernel where the database runs
+    that GEMM in it) into ``out_dir/wgmma_gemm.json``. Returns the file's content."""
     import tempfile  # pylint: disable=import-outside-toplevel
 
     import tvm  # pylint: disable=import-outside-toplevel
@@ -186,7 +212,8 @@ def tune_wgmma_gemm(config, *, dtype: str, target, out_dir: str | os.PathLike, l
         return read_json(out / WGMMA_GEMM_FILE, {}) or {}
     t0 = time.time()
     jobs = [(k, c) for k in keys for c in gemm_candidates(k)]
-    replaced = _replaced_kernels(config, quantization=quantization, target=target, db_dir=out, keys=keys)
+    replaced = _replaced_kernels(config, quantization=quantization, target=target, db_dir=out, keys=keys,
+                                 norm_gemv_plan=fused)
     base_funcs = [(name, what, f) for name, pair in replaced.items() for what, f in pair]
     decode_names = {k.name() for k in keys if k.rows}  # (timed cold: a decode step reads each weight once)
     log(f"wgmma: {len(jobs)} candidates for {len(keys)} GEMMs at chunk lengths "

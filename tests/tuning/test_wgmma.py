@@ -20,7 +20,7 @@ from gpt2_model.wgmma_gemm import (CANDIDATES, EPILOGUES, GemmConfig, GemmKey, c
                                    make_gemm, parse_config)
 from gpt2_model.wgmma_plan import GemmPlan, make_gemm_reference
 from tuning.targets import make_target
-from tuning.wgmma_tune import gemm_keys, gemm_plan_for, read_gemm_plan, reference_gemm
+from tuning.wgmma_tune import gemm_keys, gemm_plan_for, plain_elsewhere, read_gemm_plan, reference_gemm
 
 CUDA = make_target("sm_90")
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (CUDA toolkit) to compile")
@@ -64,10 +64,69 @@ def test_decode_batch_keys_and_what_the_fused_kernels_take():
     assert fused_elsewhere(qkv, plan) and not fused_elsewhere(key, plan)
     assert not fused_elsewhere(GemmKey(32, 2304, 768, "bias"), plan)  # prefill chunks are never fused
     assert not fused_elsewhere(qkv, None)
-    fc1 = GemmKey(16, 3072, 768, "bias_gelu", rows=True)  # the plain form after ln_2 alone takes it too
-    plain = NormGemvPlan({NormGemvKey(batch=16, k=768, n=3072, epilogue="bias_gelu", prologue="none").name():
-                          NormGemvConfig(4, 1, mma=True)}, reference=True)
-    assert fused_elsewhere(fc1, plain) and not fused_elsewhere(GemmKey(32, 3072, 768, "bias_gelu", rows=True), plain)
+    # a GEMM the template runs in its plain form (after ln_2 alone, or c_proj + residual) is searched
+    # against that kernel: the wgmma kernel needs no fused norm to take it
+    fc1 = GemmKey(16, 3072, 768, "bias_gelu", rows=True)
+    plain_key = NormGemvKey(batch=16, k=768, n=3072, epilogue="bias_gelu", prologue="none")
+    plain = NormGemvPlan({plain_key.name(): NormGemvConfig(4, 1, mma=True)}, reference=True)
+    assert not fused_elsewhere(fc1, plain)
+    assert plain_elsewhere(fc1, plain) == (plain_key, NormGemvConfig(4, 1, mma=True))
+    assert plain_elsewhere(GemmKey(32, 3072, 768, "bias_gelu", rows=True), plain) is None
+    assert plain_elsewhere(GemmKey(16, 3072, 768, "bias_gelu"), plain) is None  # a prefill chunk
+    assert plain_elsewhere(qkv, plan) is None  # (the fused form is not a plain kernel)
+
+
+def test_decode_keys_get_narrow_split_k_tiles_of_one_row_tile():
+    dec = gemm_candidates(GemmKey(32, 768, 3072, "bias_residual", rows=True))
+    assert all(c.tile_m == 64 for c in dec)  # the batch fits one 64-row tile
+    assert {"64x16x64s6c1wsk8", "64x24x64s6c1wsk8"} <= {c.label() for c in dec}
+    assert not any(c.tile_n < 48 for c in gemm_candidates(GemmKey(128, 768, 3072, "bias_residual")))  # prefill
+
+
+def test_the_search_races_a_decode_gemm_against_the_plain_template_kernel_the_build_runs(tmp_path):
+    """Where the database's norm + GEMV plan runs a decode GEMM in its plain kernel, that kernel is what a
+    wgmma candidate must beat (not the partition kernel it replaced before)."""
+    from gpt2_model.norm_gemv import NormGemvConfig, NormGemvKey  # pylint: disable=import-outside-toplevel
+    from gpt2_model.norm_gemv_plan import NormGemvPlan  # pylint: disable=import-outside-toplevel
+    from tuning.tasks import buffer_params  # pylint: disable=import-outside-toplevel
+    from tuning.wgmma_tune import _replaced_kernels  # pylint: disable=import-outside-toplevel
+
+    key = GemmKey(32, 768, 3072, "bias_residual", rows=True)
+    nkey = NormGemvKey(batch=32, k=3072, n=768, epilogue="bias_residual", prologue="none")
+    plan = NormGemvPlan({nkey.name(): NormGemvConfig(4, 2, mma=True, cluster=4)})
+    got = _replaced_kernels(get_config("gpt2"), quantization="q0f16", target=CUDA, db_dir=tmp_path, keys=[key],
+                            norm_gemv_plan=plan)
+    assert list(got) == [key.name()] and len(got[key.name()]) == 1
+    what, func = got[key.name()][0]
+    assert what.startswith(f"gemv {nkey.name()}") and "cluster=4" in what
+    assert [tuple(int(d) for d in shape) for _, shape, _ in buffer_params(func)] == \
+        [(32, 1, 3072), (768, 3072), (768,), (32, 1, 768), (32, 1, 768)]  # x, W, bias, residual, out
+
+
+def test_model_takes_a_decode_gemm_on_wgmma_before_the_plain_template_kernel():
+    """Both plans name b32's GEMMs: the fused norm + QKV stays (the wgmma kernel has no norm), the three
+    others run on wgmma, whose entries were stored only by beating the plain kernel."""
+    from gpt2_model.norm_gemv import NormGemvConfig, NormGemvKey  # pylint: disable=import-outside-toplevel
+    from gpt2_model.norm_gemv_plan import NormGemvPlan  # pylint: disable=import-outside-toplevel
+
+    config = get_config("gpt2")
+    d, inner = config.n_embd, config.n_inner
+    nkeys = [NormGemvKey(32, d, 3 * d, "bias"), NormGemvKey(32, d, inner, "bias_gelu", prologue="none"),
+             NormGemvKey(32, d, d, "bias_residual", prologue="none"),
+             NormGemvKey(32, inner, d, "bias_residual", prologue="none")]
+    ngv = NormGemvPlan({k.name(): NormGemvConfig(4, 1) if k.prologue == "norm" else
+                        NormGemvConfig(8, 1, mma=True, cluster=4 if k.k == inner else 1) for k in nkeys})
+    assert all(ngv.config_for(k) is not None for k in nkeys)
+    gemm = GemmPlan({k.name(): parse_config("64x32x64s4c1wsk2") for k in gemm_keys(config, dtype="float16",
+                                                                                     batches=[32])})
+    ex = export_model(config, quantization="q0f16", target=CUDA, buckets={"decode": [32]}, gemm=gemm, norm_gemv=ngv)
+    b32 = ex.mod["batch_decode_b32"].script()
+    assert _wgmma_calls(ex.mod, "batch_decode_b32") == 3 * config.n_layer
+    assert len(re.findall(r"call_tir\((?:cls\.)?norm_gemv_b32_k768_n2304_bias", b32)) == config.n_layer
+    assert not re.search(r"call_tir\((?:cls\.)?gemv_b32", b32)  # no plain kernel left
+    only_ngv = export_model(config, quantization="q0f16", target=CUDA, buckets={"decode": [32]}, norm_gemv=ngv)
+    assert len(re.findall(r"call_tir\((?:cls\.)?gemv_b32", only_ngv.mod["batch_decode_b32"].script())) == \
+        3 * config.n_layer  # without the wgmma plan: the plain kernels, as before
 
 
 @needs_nvcc
