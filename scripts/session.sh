@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Steps run on the GPU machine (device tool), each with its own time limit; results under $OUT.
 #   bash scripts/session.sh STEP [STEP ...]
-# Steps: libs env prebuild-pdl prebuild-untuned prebuild-new wait decode-attn attn-fa host-profile rpc-gpu gputests gputests-extra gputests-new gputests-graph gputests-norm decode-check mma-check peer-diag bench-decode bench-prefill bench-kernels tune restore profile ncu hidden-host wgmma-check wgmma-model
+# Steps: libs env load-profile prebuild-pdl prebuild-untuned prebuild-new wait decode-attn attn-fa host-profile rpc-gpu gputests gputests-extra gputests-new gputests-graph gputests-norm decode-check mma-check peer-diag bench-decode bench-prefill bench-kernels tune restore profile ncu hidden-host wgmma-check wgmma-model
 # (settings through environment variables)
 # Plan a session's device time (30 min, start-ups included; lessons of 2026-12-02):
 #  - build the TVM libraries here first, after the last code change (the cache key hashes the
@@ -24,6 +24,16 @@
 #    before sending this one; a call sent later starts a fresh machine (call 1 again, ~1 min charged).
 #  - 2026-12-07: a machine start that finds no machine costs up to 3 device minutes; with less
 #    than ~5 minutes left none starts.
+#  - NEXT SESSION (fourteenth): the database changed at 23:29 (hash 9fec1bb114c9: graph-timed wgmma prefill tiles);
+#    nothing has benched it. Prebuild HERE (PDL off): `python scripts/prebuild_libs.py --variants tuned --cache-dir .devlibs`
+#    (~2.5 min; a build on the device took > 215 s), carry it with p1b in call 2 (the split below), and in call 3
+#    run `rm -rf .devwheels/p1 .devwheels/p1b` BEFORE install.sh (call 1's carried p1 stays in the device's tree and
+#    install.sh would take that truncated p1: "OSError: [Errno 22] Invalid argument", 2026-12-07).
+#    Then: `VARIANTS=tuned,torch-compile,torch-eager bench-prefill` (README's prefill table, BP_LIMIT=300) and
+#    `VARIANTS=tuned,torch-compile BATCH_LIST=1,8,32 bench-decode` (README's decode table, BD_LIMIT=300);
+#    `load-profile` (34 s per library load); attn-fa (AF_LIMIT=120); the b32 wgmma decode entry (its search stored
+#    64x32 k4 c_fc2 at 9.19 vs 9.44 us, removed unrun: re-search and bench together).
+#  - 2026-12-07 (thirteenth session): the same-card PDL A/B is done (late: b8 -3%, b32 +19%; PDL stays off).
 #  - 2026-12-07 (thirteenth session): the tree (9.5 MB) + pack.sh's p1 (60.8 MB) passed 64 MiB: split p1's part in two
 #    (`split -b 52m -d tvm.part.00 tvm.sub.` -> p1/tvm.part.00 + p1b/tvm.part.01) and carry p1b with .devlibs in
 #    call 2 (`cp .devwheels/p1b/* /root/keep/p1/`): install.sh joins /root/keep/p1/tvm.part.* then p2's part.
@@ -133,6 +143,11 @@ for step in "$@"; do
     wgmma-check)
       # the wgmma GEMM alone vs cuBLAS (scripts/wgmma_check.py; WC_ARGS e.g. --shapes 1024x2304x768 --configs ...)
       log wgmma-check; timeout ${WC_LIMIT:-200} python scripts/wgmma_check.py --out "$OUT" ${WC_ARGS:-} 2>&1 | grep -v Warning | tail -25 ;;
+    load-profile)
+      # where tvm.runtime.load_module of a cached library spends its 34 s (2026-12-07, H100): cProfile of the load,
+      # then the first function lookup; LIB defaults to the first library in the cache
+      log load-profile; lib=${LIB:-$(ls -d $GPT2K_CACHE_DIR/*/lib.so | head -1)}; ls -la "$lib"
+      timeout ${LP_LIMIT:-120} python -c "import cProfile, pstats, sys, time, tvm; t = time.perf_counter(); pr = cProfile.Profile(); pr.enable(); m = tvm.runtime.load_module(sys.argv[1]); pr.disable(); print('load_module', round(time.perf_counter() - t, 2), 's'); pstats.Stats(pr).sort_stats('cumulative').print_stats(12); t = time.perf_counter(); d = tvm.cuda(0); print('imports', [getattr(i, 'kind', type(i).__name__) for i in getattr(m, 'imports', [])]); print('after', round(time.perf_counter() - t, 2), 's')" "$lib" 2>&1 | grep -v Warning | tail -40 | tee "$OUT/load_profile.txt" ;;
     wgmma-model)
       # a tiny model with wgmma prefill GEMMs vs without, built and run on the card (scripts/wgmma_model_check.py)
       log wgmma-model; timeout ${WM_LIMIT:-180} python scripts/wgmma_model_check.py --out "$OUT" 2>&1 | grep -v Warning | tail -6 ;;
