@@ -165,22 +165,8 @@ class GemmKey:
         return (self.m, 1, self.n) if self.rows else (1, self.m, self.n)
 
 
-#: The constants searched per key (:func:`gemm_candidates`): the configurations measured on an H100
-#: (2026-12-07), smaller tiles for short chunks, and tiles whose CTA count fills the card's 132 SMs
-#: in one wave (1024 x 2304 in 128 x 144 tiles, 1024 x 768 in 64 x 96, 512 x 2304 in 64 x 144: 128
-#: CTAs each), and split-K tiles for the K = 3072 / 768 GEMMs of short chunks (128 x 768 x 3072 in
-#: 64 x 96 tiles: 16 CTAs, 64 with 4 splits). Written
-#: ``{tile_m}x{tile_n}x{tile_k}s{stages}c{consumers}{ws|nows}[k{split}]``.
-CANDIDATES = ("128x128x64s4c2ws", "128x192x64s4c2ws", "128x256x64s4c2ws", "128x128x64s4c2nows",
-              "64x128x64s5c1ws", "128x64x64s6c2ws", "64x64x64s6c1nows", "64x64x64s8c1ws",
-              "64x192x64s4c1ws", "64x256x64s4c1ws", "128x96x64s5c2ws", "128x144x64s5c2ws",
-              "64x144x64s6c1ws", "64x96x64s6c1ws", "64x48x64s8c1ws", "64x72x64s8c1ws",
-              "64x96x64s4c1wsk2", "64x96x64s4c1wsk4", "64x128x64s4c1wsk4", "64x128x64s4c1wsk8",
-              "64x64x64s4c1nowsk4")
-
-
 def parse_config(text: str) -> GemmConfig:
-    """``GemmConfig`` of a name like ``128x192x64s4c2ws`` (see :data:`CANDIDATES`)."""
+    """``GemmConfig`` of a name like ``128x192x64s4c2ws`` (the search's :data:`tuning.wgmma_tune.CANDIDATES`)."""
     import re  # pylint: disable=import-outside-toplevel
 
     mt = re.match(r"^(\d+)x(\d+)x(\d+)s(\d+)c(\d+)(ws|nows)(?:k(\d+))?$", text.strip())
@@ -201,24 +187,6 @@ def config_problem(key: GemmKey, cfg: GemmConfig) -> str | None:
     except ValueError as err:
         return str(err)
     return None
-
-
-#: Added for decode batches (``rows`` keys: one 64-row tile, a weight-bound GEMM): narrow tiles split
-#: over K, so that the weights stream through more CTAs (b32 768 x 3072: 64 x 48 tiles are 16 CTAs,
-#: 64 x 16 split 8 ways 384; 768 x 768 in 64 x 16 split 4 ways: 192).
-DECODE_CANDIDATES = ("64x16x64s4c1wsk4", "64x16x64s6c1wsk8", "64x24x64s6c1wsk8", "64x32x64s4c1wsk2",
-                     "64x32x64s4c1wsk4", "64x32x64s6c1wsk8", "64x48x64s4c1wsk2", "64x48x64s4c1wsk4",
-                     "64x64x64s4c1wsk2", "64x64x64s4c1wsk4", "64x64x64s6c1wsk8")
-
-
-def gemm_candidates(key: GemmKey) -> list[GemmConfig]:
-    """Every legal configuration of :data:`CANDIDATES` (and, for a decode batch, :data:`DECODE_CANDIDATES`)
-    for ``key``."""
-    names = CANDIDATES + (DECODE_CANDIDATES if key.rows else ())
-    cands = [c for c in map(parse_config, names) if config_problem(key, c) is None]
-    if key.rows and key.m <= 64:  # (one 64-row tile holds the batch: 128-row tiles only compute padding)
-        cands = [c for c in cands if c.tile_m == 64]
-    return cands
 
 
 def make_gemm(key: GemmKey, cfg: GemmConfig, *, name: str = "wgmma_gemm",

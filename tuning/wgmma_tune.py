@@ -3,7 +3,7 @@
 For every prefill chunk bucket, and every decode batch bucket of 16 rows or more (the skinny GEMMs of
 issue 11 item 4; those the fused norm + GEMV kernels already run are left out), the four GEMMs of a layer (QKV + bias, attention c_proj + bias +
 residual, ``c_fc`` + bias + GELU, MLP c_proj + bias + residual) get the template's candidate
-constants (:data:`gpt2_model.wgmma_gemm.CANDIDATES`: tile M/N/K, pipeline stages, consumer
+constants (:data:`CANDIDATES`: tile M/N/K, pipeline stages, consumer
 warpgroups, producer warp specialization) built in parallel for ``sm_90a``, each checked on the
 local GPU against NumPy (the output poisoned with NaN first) and timed with ``time_evaluator``.
 The partition kernel it would replace is timed the same way, scheduled as the tuned build
@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from gpt2_model.wgmma_build import install_compile_hook
-from gpt2_model.wgmma_gemm import SM90A, GemmConfig, GemmKey, config_problem, gemm_candidates, make_gemm
+from gpt2_model.wgmma_gemm import SM90A, GemmConfig, GemmKey, config_problem, make_gemm, parse_config
 from gpt2_model.wgmma_plan import GemmPlan
 
 from .attention import AttentionError, _build_all
@@ -39,12 +39,44 @@ from .norm_gemv_tune import (_time_kernel, as_tuned_build_runs, check_and_time, 
                              read_plan)
 from .targets import arch_of, is_gpu
 
-__all__ = ["MIN_DECODE_ROWS", "WGMMA_SCHEMA", "fused_elsewhere", "gemm_keys", "gemm_plan_for", "parse_gemm_entry",
-           "plain_elsewhere", "read_gemm_plan", "reference_gemm", "tune_wgmma_gemm", "wgmma_arch"]
+__all__ = ["CANDIDATES", "DECODE_CANDIDATES", "MIN_DECODE_ROWS", "WGMMA_SCHEMA", "fused_elsewhere", "gemm_candidates",
+           "gemm_keys", "gemm_plan_for", "parse_gemm_entry", "plain_elsewhere", "read_gemm_plan", "reference_gemm", "tune_wgmma_gemm", "wgmma_arch"]
 
 WGMMA_SCHEMA = "gpt2k-wgmma-gemm/1"
 #: |out - ref| <= ATOL + RTOL * |ref| (fp16 output; fp32 sums over K <= 3072 in another order)
 ATOL, RTOL = 2e-3, 1e-2
+
+
+#: The constants searched per key (:func:`gemm_candidates`): the configurations measured on an H100
+#: (2026-12-07), smaller tiles for short chunks, and tiles whose CTA count fills the card's 132 SMs
+#: in one wave (1024 x 2304 in 128 x 144 tiles, 1024 x 768 in 64 x 96, 512 x 2304 in 64 x 144: 128
+#: CTAs each), and split-K tiles for the K = 3072 / 768 GEMMs of short chunks (128 x 768 x 3072 in
+#: 64 x 96 tiles: 16 CTAs, 64 with 4 splits). Written
+#: ``{tile_m}x{tile_n}x{tile_k}s{stages}c{consumers}{ws|nows}[k{split}]``.
+CANDIDATES = ("128x128x64s4c2ws", "128x192x64s4c2ws", "128x256x64s4c2ws", "128x128x64s4c2nows",
+              "64x128x64s5c1ws", "128x64x64s6c2ws", "64x64x64s6c1nows", "64x64x64s8c1ws",
+              "64x192x64s4c1ws", "64x256x64s4c1ws", "128x96x64s5c2ws", "128x144x64s5c2ws",
+              "64x144x64s6c1ws", "64x96x64s6c1ws", "64x48x64s8c1ws", "64x72x64s8c1ws",
+              "64x96x64s4c1wsk2", "64x96x64s4c1wsk4", "64x128x64s4c1wsk4", "64x128x64s4c1wsk8",
+              "64x64x64s4c1nowsk4")
+
+
+#: Added for decode batches (``rows`` keys: one 64-row tile, a weight-bound GEMM): narrow tiles split
+#: over K, so that the weights stream through more CTAs (b32 768 x 3072: 64 x 48 tiles are 16 CTAs,
+#: 64 x 16 split 8 ways 384; 768 x 768 in 64 x 16 split 4 ways: 192).
+DECODE_CANDIDATES = ("64x16x64s4c1wsk4", "64x16x64s6c1wsk8", "64x24x64s6c1wsk8", "64x32x64s4c1wsk2",
+                     "64x32x64s4c1wsk4", "64x32x64s6c1wsk8", "64x48x64s4c1wsk2", "64x48x64s4c1wsk4",
+                     "64x64x64s4c1wsk2", "64x64x64s4c1wsk4", "64x64x64s6c1wsk8")
+
+
+def gemm_candidates(key: GemmKey) -> list[GemmConfig]:
+    """Every legal configuration of :data:`CANDIDATES` (and, for a decode batch, :data:`DECODE_CANDIDATES`)
+    for ``key``."""
+    names = CANDIDATES + (DECODE_CANDIDATES if key.rows else ())
+    cands = [c for c in map(parse_config, names) if config_problem(key, c) is None]
+    if key.rows and key.m <= 64:  # (one 64-row tile holds the batch: 128-row tiles only compute padding)
+        cands = [c for c in cands if c.tile_m == 64]
+    return cands
 
 
 def wgmma_arch(target) -> bool:

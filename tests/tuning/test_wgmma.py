@@ -16,11 +16,11 @@ import tvm
 
 from gpt2_model.config import get_config
 from gpt2_model.export import export_model
-from gpt2_model.wgmma_gemm import (CANDIDATES, EPILOGUES, GemmConfig, GemmKey, config_problem, gemm_candidates,
-                                   make_gemm, parse_config)
+from gpt2_model.wgmma_gemm import EPILOGUES, GemmConfig, GemmKey, config_problem, make_gemm, parse_config
 from gpt2_model.wgmma_plan import GemmPlan, make_gemm_reference
 from tuning.targets import make_target
-from tuning.wgmma_tune import gemm_keys, gemm_plan_for, plain_elsewhere, read_gemm_plan, reference_gemm
+from tuning.wgmma_tune import (CANDIDATES, gemm_candidates, gemm_keys, gemm_plan_for, plain_elsewhere, read_gemm_plan,
+                               reference_gemm)
 
 CUDA = make_target("sm_90")
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (CUDA toolkit) to compile")
