@@ -10,7 +10,6 @@ weight (fp32 / fp16 / 4-bit groups) and how it is turned back into a matrix insi
 
 from __future__ import annotations
 
-import dataclasses
 
 from tvm import relax as rx
 from tvm import te, tirx
@@ -510,13 +509,10 @@ def norm_linear(plan: NormGemvPlan | None, norm: nn.LayerNorm, linear: nn.Module
 def residual_linear(plan: NormGemvPlan | None, linear: nn.Module, h: Tensor, residual: Tensor) -> Tensor | None:
     """``residual + linear(h)`` as one kernel of :mod:`gpt2_model.norm_gemv` (its tensor-core GEMV with
     the bias and residual in the epilogue) where ``plan`` names this static decode shape, else None."""
-    b = _one_token_rows(h) if plan is not None else None
-    weight, bias = getattr(linear, "weight", None), getattr(linear, "bias", None)
-    if b is not None and isinstance(weight, nn.Parameter) and bias is not None:
-        key = NormGemvKey(batch=b, k=int(h.shape[2]), n=int(weight.shape[0]), epilogue="bias_residual",
-                          dtype=str(h.dtype), out_dtype=str(h.dtype), prologue="none")
-        return _template_call(plan, key, [h, weight, bias, residual], name=f"gemv_{key.name()}")
-    return None
+    key = _norm_gemv_key(plan, linear, h, "bias_residual", None, "none")
+    if key is None:
+        return None
+    return _template_call(plan, key, [h, linear.weight, linear.bias, residual], name=f"gemv_{key.name()}")
 
 
 def gemm_linear(plan: GemmPlan | None, linear: nn.Module, x: Tensor, epilogue: str,

@@ -1,14 +1,17 @@
 """The Hopper wgmma GEMM search (:mod:`gpt2_model.wgmma_gemm`), stored in ``wgmma_gemm.json`` (issue 13 item 2).
 
 For every prefill chunk bucket, and every decode batch bucket of 16 rows or more (the skinny GEMMs of
-issue 11 item 4; those the fused norm + GEMV kernels already run are left out), the four GEMMs of a layer (QKV + bias, attention c_proj + bias +
-residual, ``c_fc`` + bias + GELU, MLP c_proj + bias + residual) get the template's candidate
-constants (:data:`CANDIDATES`: tile M/N/K, pipeline stages, consumer
-warpgroups, producer warp specialization) built in parallel for ``sm_90a``, each checked on the
-local GPU against NumPy (the output poisoned with NaN first) and timed with ``time_evaluator``.
-The partition kernel it would replace is timed the same way, scheduled as the tuned build
-schedules it (the database's record, else dlight); the fastest checked candidate is stored only
-when it beats that kernel. A candidate that fails to build or to check is logged and never stored.
+issue 11 item 4; those the fused norm + GEMV kernels run with their layer norm are left out), the four
+GEMMs of a layer (QKV + bias, attention c_proj + bias + residual, ``c_fc`` + bias + GELU, MLP c_proj +
+bias + residual) get the template's candidate constants (:data:`CANDIDATES`, plus
+:data:`DECODE_CANDIDATES` for decode batches: tile M/N/K, pipeline stages, consumer warpgroups,
+producer warp specialization, split-K) built in parallel for ``sm_90a``, each checked on the local GPU
+against NumPy (the output poisoned with NaN first) and timed (:func:`tuning.graph_timer.kernel_us`:
+CUDA-graph replays where torch has CUDA; decode batches cold). The kernel it would replace is timed the
+same way: the partition kernel scheduled as the tuned build schedules it (the database's record, else
+dlight), or the norm + GEMV template's plain kernel where the database runs the GEMM there
+(:func:`plain_elsewhere`); the fastest checked candidate is stored only when it beats that kernel. A
+candidate that fails to build or to check is logged and never stored.
 
 At compile time :func:`gemm_plan_for` turns the file into the
 :class:`~gpt2_model.wgmma_plan.GemmPlan` the exported model uses for those prefill shapes
@@ -40,7 +43,8 @@ from .norm_gemv_tune import (_time_kernel, as_tuned_build_runs, check_and_time, 
 from .targets import arch_of, is_gpu
 
 __all__ = ["CANDIDATES", "DECODE_CANDIDATES", "MIN_DECODE_ROWS", "WGMMA_SCHEMA", "fused_elsewhere", "gemm_candidates",
-           "gemm_keys", "gemm_plan_for", "parse_gemm_entry", "plain_elsewhere", "read_gemm_plan", "reference_gemm", "tune_wgmma_gemm", "wgmma_arch"]
+           "gemm_keys", "gemm_plan_for", "parse_gemm_entry", "plain_elsewhere", "read_gemm_plan", "reference_gemm",
+           "tune_wgmma_gemm", "wgmma_arch"]
 
 WGMMA_SCHEMA = "gpt2k-wgmma-gemm/1"
 #: |out - ref| <= ATOL + RTOL * |ref| (fp16 output; fp32 sums over K <= 3072 in another order)
@@ -120,7 +124,7 @@ def fused_elsewhere(key: GemmKey, norm_gemv_plan) -> bool:
     ``norm`` form): the wgmma kernel would need the norm as a kernel of its own, so it is not searched.
     A decode GEMM the template runs in its plain form (no norm) is searched, against that kernel
     (:func:`plain_elsewhere`), and the model takes the wgmma kernel where it was stored."""
-    if not key.rows or norm_gemv_plan is None or key.epilogue == "bias_residual":
+    if not key.rows or norm_gemv_plan is None:
         return False
     return norm_gemv_plan.config_for(_norm_gemv_key(key, "norm")) is not None
 
