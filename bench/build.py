@@ -260,12 +260,16 @@ def _build_library(*, config, quantization: str, target, database: DatabaseInfo 
     """Build through ``tuning.compile.build_model`` and export to ``out``; returns what a later
     load needs to rebuild the matching ``ExportedModel`` (the bucket entry points) plus the
     tuning coverage lines."""
+    from gpt2_model.cuda_binary import precompile
     from tuning.compile import build_model
 
     res = build_model(config, quantization=quantization, target=target,
                       database=database.path if database else None, cuda_graph=cuda_graph)
     res.executable.export_library(str(out))
-    return {"buckets": {k: [int(v) for v in vals] for k, vals in (res.buckets or {}).items()},
+    # the CUDA source compiled now, beside the library, instead of at every load (gpt2_model.cuda_binary)
+    cuda_binary = precompile(res.executable, out, target)
+    return {"cuda_binary": cuda_binary,
+            "buckets": {k: [int(v) for v in vals] for k, vals in (res.buckets or {}).items()},
             "export_metadata": res.exported.metadata,  # a later load opens the library without re-exporting
             "coverage": res.coverage.lines() if res.coverage is not None else None,
             "coverage_buckets": ({k: list(v) for k, v in res.coverage.per_bucket.items()}
@@ -351,8 +355,7 @@ def load_engine(*, config, quantization: str, device: str, target, params_fp32: 
     -------
     BuiltEngine
     """
-    import tvm
-
+    from gpt2_model import cuda_binary
     from gpt2_model.export import export_model, exported_info
     from gpt2_model.quantization import convert_params
     from gpt2_model.runtime import Engine
@@ -370,8 +373,10 @@ def load_engine(*, config, quantization: str, device: str, target, params_fp32: 
         exported = export_model(config, quantization=quantization, target=target, buckets=meta.get("buckets") or None,
                                 **template_plans(database.path if database is not None else None, target))
     t0 = time.perf_counter()
-    module = tvm.runtime.load_module(str(lib))
+    before = cuda_binary.stats()
+    module = cuda_binary.load_module(lib)
     t_module = time.perf_counter()
+    after = cuda_binary.stats()
     params = convert_params(params_fp32, exported.scheme)
     t_params = time.perf_counter()
     kwargs = {}
@@ -383,8 +388,10 @@ def load_engine(*, config, quantization: str, device: str, target, params_fp32: 
                     cuda_graph=cuda_graph, **kwargs)
     t_engine = time.perf_counter()
     load_s = t_engine - t0
-    # where a load goes (a cache hit took 34 s on an H100, 2026-12-07: not yet explained)
-    load_parts = {"module_s": t_module - t0, "params_s": t_params - t_module, "engine_s": t_engine - t_params}
+    # where a load goes (34 s in module_s on an H100, 2026-12-07: NVRTC compiling the library's CUDA source);
+    # cubins: sources served precompiled from the library's sidecar, compiled: sources compiled at this load
+    load_parts = {"module_s": t_module - t0, "params_s": t_params - t_module, "engine_s": t_engine - t_params,
+                  "cubins": after["hits"] - before["hits"], "compiled": after["misses"] - before["misses"]}
     info = {
         "key": key,
         "library": str(lib),

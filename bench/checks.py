@@ -97,6 +97,13 @@ def check_variant(s, variant: str, logits: np.ndarray, *, fallback: np.ndarray |
     return res
 
 
+def _cuda_binaries(parts: dict) -> str:
+    """How the library's CUDA code came to the load (gpt2_model.cuda_binary): precompiled, or compiled then."""
+    if parts.get("cubins") or parts.get("compiled"):
+        return f"; CUDA sources: {parts.get('cubins', 0)} precompiled, {parts.get('compiled', 0)} compiled at load"
+    return ""
+
+
 def open_tvm_variant(s, variant: str, *, cuda_graph: bool, cache_dir, max_batch: int, max_tokens: int,
                      check: bool, untuned_logits: np.ndarray | None, log) -> tuple[Any, dict[str, Any], np.ndarray]:
     """Build-or-load the engine of ``untuned``/``tuned`` and run the pre-timing check.
@@ -119,7 +126,8 @@ def open_tvm_variant(s, variant: str, *, cuda_graph: bool, cache_dir, max_batch:
     info = dict(built.info)
     log(f"{variant}: library {'from cache' if info['cache_hit'] else 'built'} "
         f"({info['build_s']:.1f} s build, {time.perf_counter() - t0:.1f} s total; load: "
-        + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in info.get("load_parts", {}).items()) + f") {info['library']}")
+        + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in info.get("load_parts", {}).items() if k.endswith("_s"))
+        + _cuda_binaries(info.get("load_parts", {})) + f") {info['library']}")
     engine = built.engine
     seq = engine.add_sequence()
     try:

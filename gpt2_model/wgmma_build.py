@@ -1,8 +1,8 @@
 """Building the Hopper wgmma kernels (:mod:`gpt2_model.wgmma_gemm`): sm_90a compilation and a mixed TIR pipeline.
 
-* :func:`install_compile_hook`: TVM compiles CUDA source through ``tvm_callback_cuda_compile``, at
-  build time or, for a library built on a machine without CUDA, when it is loaded; wgmma and
-  setmaxnreg exist on ``sm_90a`` only, so source holding them is compiled for it.
+* :func:`install_compile_hook`: TVM compiles CUDA source through ``tvm_callback_cuda_compile`` when
+  a library is loaded; wgmma and setmaxnreg exist on ``sm_90a`` only, so source holding them is
+  compiled for it, and a library's precompiled cubins (:mod:`gpt2_model.cuda_binary`) are served first.
 * :func:`register_mixed_pipeline`: one ``tvm.compile`` uses one TIR pipeline, and neither the tirx
   one nor the default s_tir one accepts the other kind of PrimFunc: a model with these kernels next
   to its scheduled s_tir kernels is lowered by this pipeline (each function by its own kind's).
@@ -16,6 +16,7 @@ import os
 
 import tvm
 
+from .cuda_binary import install_compile_hook  # noqa: F401 (the load callback lives there; re-exported)
 from .wgmma_gemm import KERNEL_ATTR, SM90A
 
 __all__ = ["MIXED_PIPELINE", "build", "compile_cubin", "cuda_source", "has_wgmma_kernels", "install_compile_hook",
@@ -133,54 +134,6 @@ def register_mixed_pipeline() -> str:
 
     cp.register_tir_pipeline(MIXED_PIPELINE, factory)
     return MIXED_PIPELINE
-
-
-#: What in generated CUDA needs an arch-specific ("a") target: wgmma and setmaxnreg exist on sm_90a only.
-_ARCH_A_MARKERS = ("wgmma.", "setmaxnreg.")
-_HOOK = {"installed": False}
-
-
-def _arch_a(code_arch: str | None) -> str | None:
-    """``sm_90a`` for an sm_90 arch (from the build target, else the local GPU), else None."""
-    arch = code_arch
-    if arch is None:
-        dev = tvm.cuda(0)
-        if dev.exist:
-            arch = "sm_" + dev.compute_version.replace(".", "")
-    if arch and arch.startswith("sm_90"):
-        return "sm_90a"
-    return None
-
-
-def install_compile_hook() -> None:
-    """Make TVM compile CUDA source that holds these kernels for ``sm_90a`` (idempotent).
-
-    TVM compiles a module's CUDA source through the ``tvm_callback_cuda_compile`` callback, at
-    build time (with the build's target current) or, for a library built on a machine without CUDA,
-    when the library is loaded (for the local GPU's arch, ``sm_90``). Either way wgmma and setmaxnreg
-    need ``sm_90a``: this wraps the callback so that source containing them is compiled for
-    ``sm_90a`` (the same hardware: an sm_90a binary runs on H100/H200 only, as an sm_90 one does);
-    every other source goes to TVM's callback unchanged.
-    """
-    if _HOOK["installed"]:
-        return
-    import tvm_ffi  # pylint: disable=import-outside-toplevel
-    from tvm.support import nvcc  # pylint: disable=import-outside-toplevel
-
-    original = nvcc.tvm_callback_cuda_compile
-
-    def compile_hook(code, *_):
-        if any(m in code for m in _ARCH_A_MARKERS):
-            current = tvm.target.Target.current(allow_none=True)
-            arch = _arch_a(getattr(current, "arch", None) if current is not None else None)
-            if arch is not None:
-                if os.environ.get("TVM_CUDA_COMPILE_MODE", "nvrtc").lower() == "nvcc":
-                    return nvcc.compile_cuda(code, target_format="fatbin", arch=arch, compiler="nvcc")
-                return nvcc.compile_cuda(code, target_format="cubin", arch=arch, compiler="nvrtc")
-        return original(code)
-
-    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_hook, override=True)
-    _HOOK["installed"] = True
 
 
 def has_wgmma_kernels(mod: tvm.IRModule) -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 import tvm
 
 from .config import GPT2Config, get_config, model_name
+from .cuda_binary import load_module
 from .export import export_model
 from .loader import detect_source
 from .quantization import QuantizationError, get_scheme
@@ -112,7 +113,7 @@ def load_engine(dist: str | Path, *, model_lib: str | Path, device: str = "cpu",
     params = load_params(dist_dir)
     if not Path(model_lib).is_file():
         raise WorkflowError(f"no compiled library at {model_lib}: run `gpt2k compile` first")
-    executable = tvm.runtime.load_module(str(model_lib))
+    executable = load_module(model_lib)  # with its precompiled cubins (gpt2_model.cuda_binary)
     side_path = Path(str(model_lib) + ".json")
     buckets = json.loads(side_path.read_text()).get("buckets", {}) if side_path.is_file() else {}
     # Parameter order/shapes do not depend on the target: export once for the spec and buckets.

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from gpt2_model.config import get_config
+from gpt2_model.cuda_binary import precompile
 from gpt2_model.debug.chat import is_hf_dir
 from gpt2_model.debug.chat import load_engine as load_debug_engine
 from gpt2_model.export import export_model
@@ -79,12 +80,13 @@ def compile_model(  # pylint: disable=too-many-arguments
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     result.executable.export_library(str(output))
+    cuda_binary = precompile(result.executable, output, target)  # the CUDA source compiled now, not at each load
     # Sidecar: what the loader needs to know about the library (its bucket entry points).
     side = {"target": str(target.kind.name), "arch": target.attrs.get("arch", "") if target.kind.name == "cuda" else "",
             "quantization": chat["quantization"], "database": str(db) if db else None,
             "buckets": result.buckets,
             "coverage": result.coverage.lines() if result.coverage else None,
-            "attention": result.attention}
+            "attention": result.attention, "cuda_binary": cuda_binary}
     Path(str(output) + ".json").write_text(json.dumps(side, indent=1, default=str))
     if result.coverage:
         for line in result.coverage.lines():

@@ -12,6 +12,7 @@ import numpy as np
 import tvm
 
 from ..config import get_config
+from ..cuda_binary import load_module
 from ..export import export_model
 from ..loader import load_hf_params
 from ..quantization import convert_params
@@ -75,7 +76,7 @@ def load_engine(
     quantization = quantization or side.get("quantization") or "q0f32"
     exported = export_model(config, quantization=quantization, target=tvm.target.Target({"kind": "llvm"}),
                             buckets=side.get("buckets") or None)
-    return Engine(exported=exported, executable=tvm.runtime.load_module(str(lib)),
+    return Engine(exported=exported, executable=load_module(lib),
                   params=convert_params(params, exported.scheme), device=device)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 from bench.build import library_key
@@ -34,6 +35,12 @@ def test_prebuilt_library_is_the_entry_bench_looks_up(tmp_path, capsys):
     assert (entry / "lib.so").stat().st_size > 0
     meta = json.loads((entry / "meta.json").read_text())
     assert meta["cuda_graph"] is True and meta["target"] == parts["target"] and meta["buckets"]
+    # its CUDA source compiled here, beside it (the GPU then compiles nothing at load: gpt2_model.cuda_binary)
+    if shutil.which("nvcc") is not None:
+        (cubin,) = meta["cuda_binary"]["cubins"]
+        assert (entry / "lib.so.cubin" / cubin).read_bytes()[:4] == b"\x7fELF" and cubin.endswith("-sm_90.cubin")
+    else:
+        assert "no nvcc" in meta["cuda_binary"]["skipped"]
     assert script.main(args) == 0
     assert "untuned: already there" in capsys.readouterr().out
     assert [p.name for p in tmp_path.iterdir()] == [key]
