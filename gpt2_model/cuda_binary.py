@@ -1,10 +1,12 @@
 """CUDA binaries compiled when a library is built, so that loading it compiles nothing.
 
-TVM 0.27's wheel has no CUDA in its compiler library: every CUDA library it builds, on a GPU
-machine or not, holds the generated CUDA C++ (one source for all kernels), and the CUDA runtime
-compiles that source with NVRTC each time the library is loaded, through the
-``tvm_callback_cuda_compile`` callback. For the tuned gpt2 library that was 34 s of every bench
-process's start-up on an H100 (2026-12-07: ``build.load_parts.module_s``).
+TVM 0.27 compiles a library's CUDA C++ (one source for all its kernels) when it is built only where
+the CUDA runtime is present (``CUDAModuleCreateWithFallback``: the ``tvm_callback_cuda_compile``
+callback, at build). A library built on a machine without CUDA (this project's CPU machines, which
+prebuild the GPU's libraries) holds the source instead, and the CUDA runtime compiles it, with
+NVRTC through that same callback, each time the library is loaded: for the tuned gpt2 library that
+was 34 s of every bench process's start-up on an H100 (2026-12-07: ``build.load_parts.module_s``),
+against 0.6 s for a library built on the card.
 
 Here the source is compiled once, when the library is exported (:func:`precompile`): nvcc, through
 TVM's own ``compile_cuda`` (the options of its NVRTC path: ``--use_fast_math``, TVM's ptxas flags),
@@ -14,7 +16,8 @@ source holding wgmma or setmaxnreg), into ``<library>.cubin/<sha256 of the sourc
 (:func:`install_compile_hook`) then returns the cubin whose source hash and
 arch match (:func:`find_cubin`) and compiles as before when none does (another GPU, no nvcc at
 build time, a library from before this): a cubin is only ever used for exactly the source and arch
-it was compiled from.
+it was compiled from. A library built where the CUDA runtime is present already holds its binary:
+:func:`precompile` then makes no sidecar.
 """
 
 from __future__ import annotations
@@ -103,6 +106,15 @@ def _cuda_modules(mod) -> list:
     return out
 
 
+def _compiled_at_build() -> bool:
+    """Whether TVM's codegen compiled the CUDA source itself (``CUDAModuleCreateWithFallback``: the CUDA
+    runtime's module factory registered and no ``TVM_COMPILE_FORCE_FALLBACK``)."""
+    import tvm_ffi  # pylint: disable=import-outside-toplevel
+
+    forced = os.environ.get("TVM_COMPILE_FORCE_FALLBACK", "").strip().lower() not in ("", "0", "false", "off")
+    return not forced and tvm_ffi.get_global_func("ffi.Module.create.cuda", allow_missing=True) is not None
+
+
 def precompile(executable, lib: str | Path, target) -> dict:
     """Compile the CUDA source of ``executable`` (a relax ``VMExecutable`` or a runtime module) into
     ``lib``'s sidecar; returns what happened (JSON-ready): ``{"cubins": [...], "arch": ..., "s": ...}``
@@ -110,6 +122,8 @@ def precompile(executable, lib: str | Path, target) -> dict:
     load compiles the source as without a sidecar."""
     if target.kind.name != "cuda":
         return {"skipped": f"{target.kind.name} target"}
+    if _compiled_at_build():
+        return {"skipped": "compiled when built (the CUDA runtime is present): the library holds its binary"}
     if shutil.which("nvcc") is None:
         return {"skipped": "no nvcc on PATH: the GPU compiles the source when the library is loaded"}
     from tvm.support import nvcc  # pylint: disable=import-outside-toplevel
@@ -159,9 +173,9 @@ def install_compile_hook() -> None:
     """The load callback: a library's precompiled cubins first, and source holding wgmma or setmaxnreg
     (:mod:`gpt2_model.wgmma_gemm`, the flash-attention template) compiled for ``sm_90a`` (idempotent).
 
-    TVM 0.27 compiles a module's CUDA source through the ``tvm_callback_cuda_compile`` callback when
-    the library is loaded (its wheel's compiler library has no CUDA: libraries hold source), for the
-    local GPU's arch (``sm_90``). wgmma and setmaxnreg need ``sm_90a``: this wraps the callback so that
+    TVM 0.27 compiles a module's CUDA source through the ``tvm_callback_cuda_compile`` callback, at
+    build time where the CUDA runtime is present, else when the library is loaded, for the target's
+    or the local GPU's arch (``sm_90``). wgmma and setmaxnreg need ``sm_90a``: this wraps the callback so that
     source containing them is compiled for ``sm_90a`` (the same hardware: an sm_90a binary runs on
     H100/H200 only, as an sm_90 one does); every other source goes to TVM's callback unchanged. First,
     though, a cubin that :func:`precompile` made from exactly this source for this arch, in the sidecar

@@ -24,15 +24,23 @@
 #    before sending this one; a call sent later starts a fresh machine (call 1 again, ~1 min charged).
 #  - 2026-12-07: a machine start that finds no machine costs up to 3 device minutes; with less
 #    than ~5 minutes left none starts.
-#  - NEXT SESSION (fourteenth): the database changed at 23:29 (hash 9fec1bb114c9: graph-timed wgmma prefill tiles);
-#    nothing has benched it. Prebuild HERE (PDL off): `python scripts/prebuild_libs.py --variants tuned --cache-dir .devlibs`
-#    (~2.5 min; a build on the device took > 215 s), carry it with p1b in call 2 (the split below), and in call 3
-#    run `rm -rf .devwheels/p1 .devwheels/p1b` BEFORE install.sh (call 1's carried p1 stays in the device's tree and
-#    install.sh would take that truncated p1: "OSError: [Errno 22] Invalid argument", 2026-12-07).
-#    Then: `VARIANTS=tuned,torch-compile,torch-eager bench-prefill` (README's prefill table, BP_LIMIT=300) and
-#    `VARIANTS=tuned,torch-compile BATCH_LIST=1,8,32 bench-decode` (README's decode table, BD_LIMIT=300);
-#    `load-profile` (34 s per library load); attn-fa (AF_LIMIT=120); the b32 wgmma decode entry (its search stored
-#    64x32 k4 c_fc2 at 9.19 vs 9.44 us, removed unrun: re-search and bench together).
+#  - NEXT SESSION (fifteenth; the fourteenth got no machine: 4 failed starts, then loans paused): nothing has benched
+#    database 9fec1bb114c9 yet. Prebuild HERE (PDL off): `python scripts/prebuild_libs.py --variants tuned --cache-dir .devlibs`
+#    (~2.5 min + ~20 s of nvcc: since 092e559 a library carries its CUDA precompiled in lib.so.cubin/, which the
+#    `libs` step copies with it; check the bench log's "CUDA sources: 1 precompiled, 0 compiled at load" and
+#    load_parts.module_s, 34 s before), split p1 as below (call 1 p1; call 2 p1b + .devlibs; call 3 p2, starting with
+#    `rm -rf .devwheels/p1 .devwheels/p1b`). Then, in this order:
+#    1. `VARIANTS=tuned,torch-compile,torch-eager BP_LIMIT=240 bench-prefill` (README's prefill table);
+#    2. `VARIANTS=tuned,torch-compile BATCH_LIST=1,8,32 BD_LIMIT=240 bench-decode` (README's decode table);
+#    3. `PHASES=decode BATCHES=1,8,16,32 KINDS=norm-gemv,attention TUNE_LIMIT=420 tune`: the norm + GEMV "wide"
+#       forms (117 candidates, 16-byte weight loads) and the decode attention "wide" / "prefetch" forms (35) were
+#       written after the last search (15:34 on 2026-12-07) and have never run on a card; then unpack
+#       $OUT/db-q0f16.tgz here, prebuild again, bench decode (tuned, torch-compile) in a later call;
+#    4. attn-fa (AF_LIMIT=150): the wgmma flash-attention prefill template has never run on a card; if it passes and
+#       beats the stored mma.sync kernel (37.2 us at 1024), `PHASES=prefill CHUNKS=128,512,1024 KINDS=attention
+#       ATT_TEMPLATES=tc,mma,fa tune` stores it (prefill 1024's attention is ~450 of its ~1300 us);
+#    5. ncu of the b32 decode kernels (NCU_BENCH="decode --batch 32 --gen-len 8" NCU_FILTER="gemv_b32|norm_gemv_b32|
+#       batch_decode_paged_kv" NCU_SKIP=61 NCU_COUNT=61): why ~650 GB/s.
 #  - 2026-12-07 (thirteenth session): the same-card PDL A/B is done (late: b8 -3%, b32 +19%; PDL stays off).
 #  - 2026-12-07 (thirteenth session): the tree (9.5 MB) + pack.sh's p1 (60.8 MB) passed 64 MiB: split p1's part in two
 #    (`split -b 52m -d tvm.part.00 tvm.sub.` -> p1/tvm.part.00 + p1b/tvm.part.01) and carry p1b with .devlibs in

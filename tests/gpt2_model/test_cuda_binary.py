@@ -41,6 +41,7 @@ def test_the_load_arch_is_the_one_the_load_hook_compiles_for():
 
 @needs_nvcc
 def test_precompiled_cubin_is_served_for_its_source_and_arch_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(cuda_binary, "_compiled_at_build", lambda: False)  # (as on a machine without CUDA)
     exe, lib, target = _cuda_lib(tmp_path)
     info = cuda_binary.precompile(exe, lib, target)
     assert "skipped" not in info, info
@@ -69,14 +70,20 @@ def test_precompiled_cubin_is_served_for_its_source_and_arch_only(tmp_path, monk
 def test_nothing_to_precompile_is_said_not_raised(tmp_path, monkeypatch):
     llvm = tvm.target.Target({"kind": "llvm"})
     assert cuda_binary.precompile(None, tmp_path / "lib.so", llvm) == {"skipped": "llvm target"}
+    monkeypatch.setattr(cuda_binary, "_compiled_at_build", lambda: False)
     monkeypatch.setattr(cuda_binary.shutil, "which", lambda _name: None)
     cuda = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
     assert "no nvcc" in cuda_binary.precompile(None, tmp_path / "lib.so", cuda)["skipped"]
     assert not cuda_binary.sidecar_dir(tmp_path / "lib.so").exists()
+    # built where the CUDA runtime is present: TVM compiled the source itself, nothing to add
+    monkeypatch.setattr(cuda_binary.shutil, "which", lambda _name: "/usr/bin/nvcc")
+    monkeypatch.setattr(cuda_binary, "_compiled_at_build", lambda: True)
+    assert "holds its binary" in cuda_binary.precompile(None, tmp_path / "lib.so", cuda)["skipped"]
+    assert not cuda_binary.sidecar_dir(tmp_path / "lib.so").exists()
 
 
 @needs_nvcc
-def test_a_failed_compile_leaves_no_sidecar_and_says_why(tmp_path, caplog):
+def test_a_failed_compile_leaves_no_sidecar_and_says_why(tmp_path, caplog, monkeypatch):
     class Broken:  # a CUDA module whose source nvcc rejects
         kind, imports = "cuda", []
 
@@ -84,6 +91,7 @@ def test_a_failed_compile_leaves_no_sidecar_and_says_why(tmp_path, caplog):
         def inspect_source():
             return "this is not CUDA"
 
+    monkeypatch.setattr(cuda_binary, "_compiled_at_build", lambda: False)
     cuda = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
     info = cuda_binary.precompile(Broken(), tmp_path / "lib.so", cuda)
     assert info["skipped"].startswith("nvcc failed")
