@@ -22,6 +22,7 @@ decode shapes that file names (:class:`gpt2_model.norm_gemv_plan.NormGemvPlan`):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -176,8 +177,16 @@ def make_norm_gemv(cfg: NormGemvConfig, key: NormGemvKey, *, eps: float, name: s
     problem = norm_gemv_problem(cfg, key)
     if problem is not None:
         raise NormGemvError(f"fused norm + GEMV ({key.label()}): {problem}")
+    return _scheduled(cfg, key, float(eps)).with_attr("global_symbol", name)
+
+
+@functools.lru_cache(maxsize=1024)
+def _scheduled(cfg: NormGemvConfig, key: NormGemvKey, eps: float):
+    """One kernel per (configuration, key, eps) and process: parsing the TVMScript is what costs (~0.3 s a
+    kernel on 2 cores), and a gpt2 export asks for the same ~20 kernels at every layer of every entry
+    point (331 calls: most of a library build's time before this). PrimFuncs are immutable: sharing is safe."""
     make = _make_norm_gemv_mma if cfg.mma else _make_norm_gemv_simt
-    return make(cfg, key, eps=eps).with_attr("global_symbol", name)
+    return make(cfg, key, eps=eps)
 
 
 def _pieces(key: NormGemvKey, *, eps: float, warps: int, padded_rows: int, swizzle: bool = False):

@@ -32,6 +32,7 @@ only, one TIR pipeline per ``tvm.compile``, CUDA source compiled at load on CPU-
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import tvm
@@ -196,12 +197,17 @@ def make_gemm(key: GemmKey, cfg: GemmConfig, *, name: str = "wgmma_gemm",
     problem = config_problem(key, cfg)
     if problem is not None:
         raise ValueError(f"wgmma GEMM {key.name()}: {problem}")
-    func = make_wgmma_gemm(key.m, key.n, key.k, epilogue=key.epilogue, batch_dim=not key.rows, rows=key.rows,
-                           tile_m=cfg.tile_m,
-                           tile_n=cfg.tile_n, tile_k=cfg.tile_k, stages=cfg.stages, consumers=cfg.consumers,
-                           warp_specialized=cfg.warp_specialized, cluster=cfg.cluster, split=cfg.split,
-                           prefetch_w=prefetch_w)
-    return func.with_attr("global_symbol", name)
+    return _gemm_func(key, cfg, bool(prefetch_w)).with_attr("global_symbol", name)
+
+
+@functools.lru_cache(maxsize=512)
+def _gemm_func(key: GemmKey, cfg: GemmConfig, prefetch_w: bool) -> tvm.tirx.PrimFunc:
+    """One kernel per (key, configuration, prefetch) and process: a gpt2 export asks for the same dozen
+    kernels at every layer of every entry point (288 calls), and parsing the TVMScript is what costs."""
+    return make_wgmma_gemm(key.m, key.n, key.k, epilogue=key.epilogue, batch_dim=not key.rows, rows=key.rows,
+                           tile_m=cfg.tile_m, tile_n=cfg.tile_n, tile_k=cfg.tile_k, stages=cfg.stages,
+                           consumers=cfg.consumers, warp_specialized=cfg.warp_specialized, cluster=cfg.cluster,
+                           split=cfg.split, prefetch_w=prefetch_w)
 
 
 def check_config(m: int, n: int, k: int, cfg: GemmConfig) -> None:

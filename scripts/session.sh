@@ -26,7 +26,7 @@
 #    than ~5 minutes left none starts.
 #  - NEXT SESSION (fifteenth; the fourteenth got no machine: 4 failed starts, then loans paused): nothing has benched
 #    database 9fec1bb114c9 yet. Prebuild HERE (PDL off): `python scripts/prebuild_libs.py --variants tuned --cache-dir .devlibs`
-#    (~2.5 min + ~20 s of nvcc: since 092e559 a library carries its CUDA precompiled in lib.so.cubin/, which the
+#    (~52 s with ~17 s of nvcc since the template kernels are parsed once per build; since 092e559 a library carries its CUDA precompiled in lib.so.cubin/, which the
 #    `libs` step copies with it; check the bench log's "CUDA sources: 1 precompiled, 0 compiled at load" and
 #    load_parts.module_s, 34 s before), split p1 as below (call 1 p1; call 2 p1b + .devlibs; call 3 p2, starting with
 #    `rm -rf .devwheels/p1 .devwheels/p1b`). Then, in this order:

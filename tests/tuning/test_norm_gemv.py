@@ -12,6 +12,7 @@ import shutil
 import numpy as np
 import pytest
 import tvm
+import tvm_ffi
 
 from gpt2_model.config import get_config
 from gpt2_model.export import export_model
@@ -90,6 +91,21 @@ def test_emulated_kernel_matches_numpy(case, tmp_path):
     if epilogue == "bias_gelu":
         y = torch.nn.functional.gelu(y, approximate="tanh")
     np.testing.assert_allclose(ref[:, 0].astype(np.float32), y.numpy(), rtol=1e-2, atol=2e-3)
+
+
+def test_a_kernel_is_made_once_per_process_and_named_per_call():
+    from gpt2_model.norm_gemv import _scheduled
+
+    key, cfg = NormGemvKey(8, 768, 2304, "bias"), NormGemvConfig(8, 4, mma=True)
+    before = _scheduled.cache_info().hits
+    a = make_norm_gemv(cfg, key, eps=1e-5, name="qkv_a")
+    b = make_norm_gemv(cfg, key, eps=1e-5, name="qkv_b")
+    assert _scheduled.cache_info().hits >= before + 1  # (the second call parsed nothing)
+    assert (a.attrs["global_symbol"], b.attrs["global_symbol"]) == ("qkv_a", "qkv_b")
+    assert tvm_ffi.structural_equal(a.with_attr("global_symbol", "x"), b.with_attr("global_symbol", "x"))
+    # another eps is another kernel
+    c = make_norm_gemv(cfg, key, eps=1e-6, name="qkv_a")
+    assert not tvm_ffi.structural_equal(a, c)
 
 
 def test_unsupported_keys_and_configs_are_one_clear_error():

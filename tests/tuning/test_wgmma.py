@@ -13,6 +13,7 @@ import shutil
 import numpy as np
 import pytest
 import tvm
+import tvm_ffi
 
 from gpt2_model.config import get_config
 from gpt2_model.export import export_model
@@ -144,6 +145,19 @@ def test_every_epilogue_compiles_for_sm90a_without_spills(epilogue):
     _, log = compile_cubin(src)
     summary = ptxas_summary(log)
     assert summary.get("registers", 0) > 0 and summary.get("spill_bytes", 0) == 0, log
+
+
+def test_a_gemm_kernel_is_made_once_per_process_and_named_per_call():
+    from gpt2_model.wgmma_gemm import _gemm_func
+
+    key, cfg = GemmKey(128, 2304, 768, "bias"), parse_config("64x48x64s8c1ws")
+    before = _gemm_func.cache_info().hits
+    a = make_gemm(key, cfg, name="qkv_a")
+    b = make_gemm(key, cfg, name="qkv_b")
+    assert _gemm_func.cache_info().hits >= before + 1
+    assert (a.attrs["global_symbol"], b.attrs["global_symbol"]) == ("qkv_a", "qkv_b")
+    assert tvm_ffi.structural_equal(a.with_attr("global_symbol", "x"), b.with_attr("global_symbol", "x"))
+    assert not tvm_ffi.structural_equal(a, make_gemm(key, cfg, name="qkv_a", prefetch_w=True))
 
 
 def test_split_k_configs_are_checked():
