@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import os
-
 import tvm
 
 from .cuda_binary import install_compile_hook  # noqa: F401 (the load callback lives there; re-exported)

@@ -65,6 +65,7 @@ import numpy as np
 from .attention_measure import (measure_ragged_prefill, prefill_scalars, ragged_prefill_args,  # noqa: F401 - re-exported
                                 reference_causal_attention, reference_causal_lse)
 from .attention_build import build_all as _build_all
+from .attention_build import make_candidates as _make_candidates
 from .attention_decode import DECODE_KERNEL, DecodeConfig, DecodeError, is_decode_legal, make_decode_kernel
 from .attention_fa import FAConfig, FAError, fa_candidates, make_fa_ragged_prefill
 from .attention_tc import (TCConfig, TCError, make_tc_ragged_prefill, mma_candidates, tc_candidates,
@@ -451,13 +452,9 @@ def tune_attention(config, *, dtype: str, target, out_dir: str | os.PathLike, le
         cands.insert(0, default)
     lengths = sorted({int(n) for n in lengths})
     t0 = time.time()
-    funcs, kept = [], []
-    for c in cands:
-        try:
-            funcs.append(make_prefill_kernel(c, key, target))
-            kept.append(c)
-        except (AttentionError, TCError, FAError) as err:
-            logger.info("%s", err)
+    made = _make_candidates(make_prefill_kernel, [(c, key, target) for c in cands],
+                            expected=(AttentionError, TCError, FAError), workers=workers)
+    kept, funcs = [cands[i] for i, _ in made], [f for _, f in made]
     log(f"attention: {len(kept)} candidates of {RAGGED_PREFILL} for {key.label()} (TVM's: {default.label()}), "
         f"timed at {lengths}; building...")
     paths, errors = _build_all(funcs, target, workers=workers)

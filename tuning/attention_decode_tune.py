@@ -18,6 +18,7 @@ import numpy as np
 
 from .attention import (ATTENTION_FILE, MAX_REGRESSION, AttentionError, _build_all, _score, _write_entry,
                         attention_key)
+from .attention_build import make_candidates
 from .attention_decode import (DECODE_KERNEL, DECODE_LSE_ATOL, DECODE_OUT_RTOL, MIXED_CASE, DecodeConfig, DecodeError,
                                DecodeInputs, decode_candidates, decode_cases, make_decode_kernel, paged_decode_args)
 
@@ -59,13 +60,9 @@ def tune_decode_attention(config, *, dtype: str, target, out_dir: str | os.PathL
     cands = [None] + [c for c in (candidates if candidates is not None else decode_candidates(key, target))
                       if c is not None]
     t0 = time.time()
-    funcs, kept = [], []
-    for c in cands:
-        try:
-            funcs.append(make_decode_kernel(c, key, target))
-            kept.append(c)
-        except DecodeError as err:
-            logger.info("%s", err)
+    made = make_candidates(make_decode_kernel, [(c, key, target) for c in cands], expected=(DecodeError,),
+                           workers=workers)
+    kept, funcs = [cands[i] for i, _ in made], [f for _, f in made]
     batches = sorted({int(b) for b in batches})
     contexts = sorted({int(n) for n in contexts})
     timed = decode_cases(batches, contexts)

@@ -33,6 +33,7 @@ from gpt2_model.norm_gemv import (NormGemvConfig, NormGemvError, NormGemvKey, ma
 from gpt2_model.norm_gemv_plan import NormGemvPlan
 
 from .attention import AttentionError, _build_all
+from .attention_build import make_candidates
 from .dbfiles import NORM_GEMV_FILE, read_json
 from .graph_timer import kernel_us
 from .targets import cuda_sm_at_least, is_gpu
@@ -216,12 +217,9 @@ def tune_norm_gemv(config, *, dtype: str, target, out_dir: str | os.PathLike, ba
     t0 = time.time()
     jobs = []  # (key, cfg, func)
     clusters = (1, 2, 4) if cuda_sm_at_least(target, 90) else (1,)  # thread block clusters: sm_90+
-    for key in keys:
-        for cfg in norm_gemv_candidates(key, clusters=clusters):
-            try:
-                jobs.append((key, cfg, make_norm_gemv(cfg, key, eps=eps)))
-            except NormGemvError as err:
-                logger.info("%s", err)
+    pairs = [(cfg, key) for key in keys for cfg in norm_gemv_candidates(key, clusters=clusters)]
+    made = make_candidates(make_norm_gemv, pairs, expected=(NormGemvError,), workers=workers, eps=eps)
+    jobs += [(pairs[i][1], pairs[i][0], func) for i, func in made]
     quantization = quantization or ("q0f16" if dtype == "float16" else "q0f32")
     unfused = _unfused_kernels(config, quantization=quantization, target=target, db_dir=Path(out_dir), keys=keys)
     base_funcs = [(name, what, f) for name, pair in unfused.items() for what, f in pair]

@@ -108,6 +108,22 @@ def test_a_kernel_is_made_once_per_process_and_named_per_call():
     assert not tvm_ffi.structural_equal(a, c)
 
 
+def test_candidates_made_in_worker_processes_equal_the_ones_made_here():
+    from tuning.attention_build import PARALLEL_FROM, make_all
+
+    keys = (NormGemvKey(8, 768, 3072, "bias_gelu"), NormGemvKey(16, 3072, 768, "bias_residual", prologue="none"))
+    jobs = [(cfg, key) for key in keys for cfg in norm_gemv_candidates(key)][:PARALLEL_FROM]
+    jobs.append((NormGemvConfig(3, 1, mma=True), keys[0]))  # 3 warps: not a legal configuration
+    assert len(jobs) > PARALLEL_FROM  # (so the pool, not this process, makes them)
+    made = make_all(make_norm_gemv, jobs, workers=2, eps=1e-5)
+    assert len(made) == len(jobs)
+    for (cfg, key), (func, err) in zip(jobs[:-1], made[:-1]):
+        assert err is None, err
+        assert tvm_ffi.structural_equal(func, make_norm_gemv(cfg, key, eps=1e-5)), cfg.label()
+    func, err = made[-1]  # the failure comes back in its place, as the exception the maker raised
+    assert func is None and isinstance(err, NormGemvError) and "not legal" in str(err)
+
+
 def test_unsupported_keys_and_configs_are_one_clear_error():
     with pytest.raises(NormGemvError, match="batch 33"):
         make_norm_gemv(NormGemvConfig(4, 1), NormGemvKey(33, 768, 2304, "bias"), eps=1e-5)
