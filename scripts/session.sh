@@ -34,8 +34,10 @@
 #    2. `VARIANTS=tuned,torch-compile BATCH_LIST=1,8,32 BD_LIMIT=240 bench-decode` (README's decode table);
 #    3. `PHASES=decode BATCHES=1,8,16,32 KINDS=norm-gemv,attention TUNE_LIMIT=420 tune`: the norm + GEMV "wide"
 #       forms (117 candidates, 16-byte weight loads) and the decode attention "wide" / "prefetch" forms (35) were
-#       written after the last search (15:34 on 2026-12-07) and have never run on a card; then unpack
-#       $OUT/db-q0f16.tgz here, prebuild again, bench decode (tuned, torch-compile) in a later call;
+#       written after the last search (15:34 on 2026-12-07) and have never run on a card (candidates are now
+#       parsed in worker processes: compare "built N/N in S s" with 158 s); then `bench-decode` (tuned,
+#       torch-compile) in the same call: the device builds the new library (~1-2 min now, 215+ s before the
+#       template kernels were parsed once per build); unpack $OUT/db-q0f16.tgz here afterwards;
 #    4. attn-fa (AF_LIMIT=150): the wgmma flash-attention prefill template has never run on a card; if it passes and
 #       beats the stored mma.sync kernel (37.2 us at 1024), `PHASES=prefill CHUNKS=128,512,1024 KINDS=attention
 #       ATT_TEMPLATES=tc,mma,fa tune` stores it (prefill 1024's attention is ~450 of its ~1300 us);
