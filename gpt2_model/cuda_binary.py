@@ -106,6 +106,12 @@ def _cuda_modules(mod) -> list:
     return out
 
 
+def _clear(side: Path) -> None:
+    if side.is_dir():
+        for old in side.glob("*" + SUFFIX):
+            old.unlink()
+
+
 def _compiled_at_build() -> bool:
     """Whether TVM's codegen compiled the CUDA source itself (``CUDAModuleCreateWithFallback``: the CUDA
     runtime's module factory registered and no ``TVM_COMPILE_FORCE_FALLBACK``)."""
@@ -120,6 +126,7 @@ def precompile(executable, lib: str | Path, target) -> dict:
     ``lib``'s sidecar; returns what happened (JSON-ready): ``{"cubins": [...], "arch": ..., "s": ...}``
     or ``{"skipped": why}``. A failed compile is logged and skipped: the library still works, and its
     load compiles the source as without a sidecar."""
+    _clear(sidecar_dir(lib))  # (a library rebuilt at the same path: its old cubins would only be dead weight)
     if target.kind.name != "cuda":
         return {"skipped": f"{target.kind.name} target"}
     if _compiled_at_build():

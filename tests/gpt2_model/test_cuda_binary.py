@@ -43,12 +43,16 @@ def test_the_load_arch_is_the_one_the_load_hook_compiles_for():
 def test_precompiled_cubin_is_served_for_its_source_and_arch_only(tmp_path, monkeypatch):
     monkeypatch.setattr(cuda_binary, "_compiled_at_build", lambda: False)  # (as on a machine without CUDA)
     exe, lib, target = _cuda_lib(tmp_path)
+    stale = cuda_binary.sidecar_dir(lib) / cuda_binary.cubin_name("an earlier build's source", "sm_90")
+    stale.parent.mkdir()
+    stale.write_bytes(b"old")
     info = cuda_binary.precompile(exe, lib, target)
     assert "skipped" not in info, info
     (name,) = info["cubins"]
     cubin = cuda_binary.sidecar_dir(lib) / name
     data = cubin.read_bytes()
     assert data[:4] == b"\x7fELF" and name.endswith("-sm_90.cubin")
+    assert sorted(p.name for p in cubin.parent.iterdir()) == [name]  # the earlier build's cubin is gone
     source = exe.mod.imports[0].inspect_source()
     assert source.encode() in lib.read_bytes()  # what the CUDA runtime hands the callback at load
 
