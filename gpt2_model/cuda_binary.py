@@ -31,7 +31,7 @@ from pathlib import Path
 
 import tvm
 
-__all__ = ["ARCH_A_MARKERS", "SUFFIX", "arch_a", "cubin_name", "find_cubin", "install_compile_hook", "load_arch", "load_module",
+__all__ = ["ARCH_A_MARKERS", "SUFFIX", "cubin_name", "find_cubin", "install_compile_hook", "load_arch", "load_module",
            "precompile", "register", "sidecar_dir", "stats"]
 
 logger = logging.getLogger(__name__)
@@ -40,19 +40,10 @@ logger = logging.getLogger(__name__)
 ARCH_A_MARKERS = ("wgmma.", "setmaxnreg.")
 #: The sidecar directory of a library: ``lib.so`` -> ``lib.so.cubin/``.
 SUFFIX = ".cubin"
+_EXT = ".cubin"  # a cubin file in it
 _DIRS: list[Path] = []  # sidecar directories of the libraries loaded through load_module
 _STATS = {"hits": 0, "misses": 0}
 _HOOK = {"installed": False}
-
-
-def arch_a(code_arch: str | None) -> str | None:
-    """``sm_90a`` for an sm_90 arch (from the build target, else the local GPU), else None."""
-    arch = code_arch
-    if arch is None:
-        arch = _local_arch()
-    if arch and arch.startswith("sm_90"):
-        return "sm_90a"
-    return None
 
 
 def _local_arch() -> str | None:
@@ -64,13 +55,13 @@ def load_arch(code: str, target_arch: str | None) -> str | None:
     """The arch a load compiles ``code`` for: ``target_arch`` (else the local GPU's), ``sm_90a`` where
     the source needs it (:data:`ARCH_A_MARKERS`); None when neither is known."""
     arch = target_arch or _local_arch()
-    if arch and any(m in code for m in ARCH_A_MARKERS):
-        return arch_a(arch) or arch
+    if arch and arch.startswith("sm_90") and any(m in code for m in ARCH_A_MARKERS):
+        return "sm_90a"
     return arch
 
 
 def cubin_name(code: str, arch: str) -> str:
-    return f"{hashlib.sha256(code.encode()).hexdigest()}-{arch}.cubin"
+    return f"{hashlib.sha256(code.encode()).hexdigest()}-{arch}{_EXT}"
 
 
 def sidecar_dir(lib: str | Path) -> Path:
@@ -108,7 +99,7 @@ def _cuda_modules(mod) -> list:
 
 def _clear(side: Path) -> None:
     if side.is_dir():
-        for old in side.glob("*" + SUFFIX):
+        for old in side.glob("*" + _EXT):
             old.unlink()
 
 
@@ -123,7 +114,7 @@ def _compiled_at_build() -> bool:
 
 def precompile(executable, lib: str | Path, target) -> dict:
     """Compile the CUDA source of ``executable`` (a relax ``VMExecutable`` or a runtime module) into
-    ``lib``'s sidecar; returns what happened (JSON-ready): ``{"cubins": [...], "arch": ..., "s": ...}``
+    ``lib``'s sidecar; returns what happened (JSON-ready): ``{"cubins": [...], "s": ..., "compiler": "nvcc"}``
     or ``{"skipped": why}``. A failed compile is logged and skipped: the library still works, and its
     load compiles the source as without a sidecar."""
     _clear(sidecar_dir(lib))  # (a library rebuilt at the same path: its old cubins would only be dead weight)
@@ -159,14 +150,11 @@ def precompile(executable, lib: str | Path, target) -> dict:
     return {"cubins": done, "s": round(time.perf_counter() - t0, 1), "compiler": "nvcc"}
 
 
-def register(lib: str | Path) -> bool:
-    """Make ``lib``'s sidecar cubins (if it has any) available to the load callback; whether it has."""
+def register(lib: str | Path) -> None:
+    """Make ``lib``'s sidecar cubins (if it has any) available to the load callback."""
     side = sidecar_dir(lib)
-    if not side.is_dir():
-        return False
-    if side not in _DIRS:
+    if side.is_dir() and side not in _DIRS:
         _DIRS.append(side)
-    return True
 
 
 def load_module(lib: str | Path):
@@ -197,16 +185,14 @@ def install_compile_hook() -> None:
 
     def compile_hook(code, *_):
         current = tvm.target.Target.current(allow_none=True)
-        target_arch = getattr(current, "arch", None) if current is not None else None
-        binary = find_cubin(code, load_arch(code, target_arch))
+        arch = load_arch(code, getattr(current, "arch", None) if current is not None else None)
+        binary = find_cubin(code, arch)
         if binary is not None:
             return binary
-        if any(m in code for m in ARCH_A_MARKERS):
-            arch = arch_a(target_arch)
-            if arch is not None:
-                if os.environ.get("TVM_CUDA_COMPILE_MODE", "nvrtc").lower() == "nvcc":
-                    return nvcc.compile_cuda(code, target_format="fatbin", arch=arch, compiler="nvcc")
-                return nvcc.compile_cuda(code, target_format="cubin", arch=arch, compiler="nvrtc")
+        if arch == "sm_90a" and any(m in code for m in ARCH_A_MARKERS):  # (TVM's own callback would pick sm_90)
+            if os.environ.get("TVM_CUDA_COMPILE_MODE", "nvrtc").lower() == "nvcc":
+                return nvcc.compile_cuda(code, target_format="fatbin", arch=arch, compiler="nvcc")
+            return nvcc.compile_cuda(code, target_format="cubin", arch=arch, compiler="nvrtc")
         return original(code)
 
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_hook, override=True)
